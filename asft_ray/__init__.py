@@ -1,0 +1,3 @@
+"""asft-ray: adaptive sparse fine-tuning of large language models on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,93 @@
+"""Typed run configuration, validated when it is built.
+
+Every check that can be done without loading the model happens here, so bad
+input fails in well under a second with one clear line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from asft_ray.errors import AsftError
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "fisher")
+CALIBRATED_METHODS = ("wanda", "sparsegpt", "taylor", "fisher")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Where zeros may go: anywhere (`unstructured`) or N non-zeros in every M inputs (`N:M`)."""
+
+    kind: str  # "unstructured" or "nm"
+    n: int = 0  # kept weights per group (N:M only)
+    m: int = 0  # group size (N:M only)
+
+    @staticmethod
+    def parse(text: str) -> "Pattern":
+        if text == "unstructured":
+            return Pattern("unstructured")
+        match = re.fullmatch(r"(\d+):(\d+)", text)
+        if not match:
+            raise AsftError(f"unknown pattern {text!r}: use 'unstructured' or N:M such as '2:4'")
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise AsftError(f"pattern {text!r}: need 0 < N < M")
+        return Pattern("nm", n, m)
+
+    @property
+    def implied_sparsity(self) -> float | None:
+        return 1 - self.n / self.m if self.kind == "nm" else None
+
+    def __str__(self) -> str:
+        return "unstructured" if self.kind == "unstructured" else f"{self.n}:{self.m}"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """One one-shot pruning run: `asft prune` builds this from its flags."""
+
+    model: str
+    method: str
+    sparsity: float
+    out: str
+    pattern: str = "unstructured"
+    nsamples: int = 32
+    seqlen: int = 2048
+    seed: int = 0
+    data_dir: str | None = None  # None: ASFT_DATA_DIR, then ../shared/data, then the hub
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    overwrite: bool = False  # replace an --out that holds a different run
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise AsftError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        pattern = Pattern.parse(self.pattern)
+        if not 0.0 <= self.sparsity < 1.0:
+            raise AsftError(f"sparsity {self.sparsity} is outside [0, 1)")
+        implied = pattern.implied_sparsity
+        if implied is not None and abs(self.sparsity - implied) > 1e-9:
+            raise AsftError(f"pattern {pattern} implies sparsity {implied:g}, but sparsity {self.sparsity:g} was asked")
+        if self.nsamples < 1:
+            raise AsftError(f"nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen < 2:
+            raise AsftError(f"seqlen must be at least 2, got {self.seqlen}")
+        if not self.out:
+            raise AsftError("--out is required")
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return Pattern.parse(self.pattern)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """The inputs that decide the result: two runs with equal identity give equal models."""
+        d = self.to_dict()
+        d.pop("device")
+        d.pop("overwrite")
+        d["out"] = str(Path(self.out).resolve())
+        return d

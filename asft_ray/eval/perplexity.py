@@ -1,0 +1,44 @@
+"""Perplexity with the protocol of the pruning papers (SparseGPT, Wanda).
+
+The text is tokenized once, cut into non-overlapping windows of `seqlen` tokens,
+and ppl = exp(mean over windows of the window's mean next-token NLL).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from asft_ray.errors import AsftError
+from asft_ray.progress import progress
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, show_progress: bool = True) -> dict:
+    ids = ids.reshape(-1)
+    windows = ids.numel() // seqlen
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows < 1:
+        raise AsftError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    window_nll = []
+    for w in progress(range(windows), "ppl windows", show_progress):
+        x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)
+        logits = model(input_ids=x, use_cache=False).logits
+        loss = F.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="mean")
+        window_nll.append(float(loss))
+    mean_nll = math.fsum(window_nll) / windows
+    return {
+        "ppl": math.exp(mean_nll),
+        "mean_nll": mean_nll,
+        "windows": windows,
+        "tokens": windows * seqlen,
+        "seqlen": seqlen,
+        "seconds": time.perf_counter() - start,
+        "window_nll": window_nll,
+    }

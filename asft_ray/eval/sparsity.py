@@ -1,0 +1,26 @@
+"""Measured sparsity: the fraction of exactly-zero weights in the decoder layers' linears."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from asft_ray.models import decoder_layers, prunable_linears
+
+
+def linear_sparsity(linears: dict[str, nn.Linear]) -> dict:
+    zeros = {name: int((lin.weight == 0).sum()) for name, lin in linears.items()}
+    sizes = {name: lin.weight.numel() for name, lin in linears.items()}
+    return {
+        "sparsity": sum(zeros.values()) / sum(sizes.values()),
+        "zeros": sum(zeros.values()),
+        "weights": sum(sizes.values()),
+        "linears": {name: zeros[name] / sizes[name] for name in linears},
+    }
+
+
+def model_sparsity(model: nn.Module) -> dict:
+    """{"total": fraction over all prunable weights, "layers": [fraction per decoder layer]}."""
+    per_layer = [linear_sparsity(prunable_linears(layer)) for layer in decoder_layers(model)]
+    zeros = sum(r["zeros"] for r in per_layer)
+    weights = sum(r["weights"] for r in per_layer)
+    return {"total": zeros / weights, "prunable_weights": weights, "layers": [r["sparsity"] for r in per_layer]}

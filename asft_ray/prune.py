@@ -1,0 +1,62 @@
+"""The one-shot pruning recipe: load -> calibrate -> prune -> save. A plain function over a PruneConfig."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+import asft_ray
+from asft_ray.artifacts import RUN_FILE, atomic_output_dir, check_output_dir, read_run, write_json_atomic
+from asft_ray.config import CALIBRATED_METHODS, PruneConfig
+from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration
+from asft_ray.eval.sparsity import model_sparsity
+from asft_ray.models import load_model, save_model
+from asft_ray.pruning.engine import check_pattern_fits, prune_model
+
+
+def run_prune(cfg: PruneConfig, show_progress: bool = True) -> dict:
+    """Prune `cfg.model` and write it to `cfg.out` (atomically) with `asft_run.json`. Returns that record.
+
+    If `cfg.out` already holds this exact run, nothing is recomputed.
+    """
+    if check_output_dir(cfg.out, cfg.identity(), cfg.overwrite):
+        return {**read_run(cfg.out), "reused": True}
+    timings = {}
+    start = time.perf_counter()
+    calibrated = cfg.method in CALIBRATED_METHODS
+    data_dir = resolve_data_dir(cfg.data_dir) if calibrated else None
+
+    model, tokenizer = load_model(cfg.model, cfg.device)
+    check_pattern_fits(model, cfg.parsed_pattern)
+    timings["load_s"] = time.perf_counter() - start
+
+    calib_ids = None
+    if calibrated:
+        t = time.perf_counter()
+        calib_ids = sample_calibration(c4_documents(data_dir), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+        timings["calibration_data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    layers = prune_model(model, cfg.method, cfg.parsed_pattern, cfg.sparsity, calib_ids, show_progress)
+    timings["prune_s"] = time.perf_counter() - t
+
+    record = {
+        "inputs": cfg.identity(),
+        "data_dir": data_dir,
+        "calibration_tokens": 0 if calib_ids is None else int(calib_ids.numel()),
+        "sparsity": model_sparsity(model),
+        "layers": layers,
+        "timings": timings,
+        "device": str(next(model.parameters()).device),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"asft_ray": asft_ray.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    t = time.perf_counter()
+    with atomic_output_dir(cfg.out) as tmp:
+        save_model(model, tokenizer, tmp)
+        timings["save_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - start
+        write_json_atomic(tmp / RUN_FILE, record)
+    return record

@@ -1,0 +1,178 @@
+"""The pruning loop, separate from the methods (as in the SparseGPT/Wanda reference code).
+
+* `magnitude` needs no data: every linear is pruned on its own.
+* `wanda`, `sparsegpt`: layer by layer. Capture the inputs of decoder layer 0; for each
+  layer, run the calibration inputs through it to collect input statistics, prune its
+  linears, then run the inputs through the *pruned* layer to get the next layer's inputs.
+* `taylor`, `fisher`: gradients of the causal-LM loss of the dense model over the
+  calibration set (one forward+backward per sample), then every linear is pruned.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from asft_ray.config import Pattern
+from asft_ray.errors import AsftError
+from asft_ray.eval.sparsity import linear_sparsity
+from asft_ray.models import decoder_layers, prunable_linears
+from asft_ray.progress import progress
+from asft_ray.pruning.masks import make_mask
+from asft_ray.pruning.stats import LayerInputStats
+from asft_ray.scoring import fisher_scores, magnitude_scores, sparsegpt, taylor_scores, wanda_scores
+
+
+def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: float, **stats) -> torch.Tensor:
+    """The pruned weight of one linear. `stats` holds what the method needs:
+    sq_norms (wanda), hessian (sparsegpt), grad_sum (taylor), grad_sq_sum (fisher)."""
+    if method == "sparsegpt":
+        return sparsegpt.prune(weight, stats["hessian"], sparsity, pattern)
+    if method == "magnitude":
+        scores = magnitude_scores(weight)
+    elif method == "wanda":
+        scores = wanda_scores(weight, stats["sq_norms"])
+    elif method == "taylor":
+        scores = taylor_scores(weight, stats["grad_sum"])
+    elif method == "fisher":
+        scores = fisher_scores(weight, stats["grad_sq_sum"])
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    # Magnitude compares weights across the whole matrix; the others within each output row (as Wanda does).
+    keep = make_mask(scores, pattern, sparsity, per_row=method != "magnitude")
+    return weight * keep
+
+
+class _Captured(Exception):
+    def __init__(self, args, kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+def capture_layer0_inputs(model: nn.Module, calib_ids: torch.Tensor) -> tuple[list[torch.Tensor], tuple, dict]:
+    """Hidden states entering decoder layer 0 for each calibration sample, plus the other
+    arguments the model passes its layers (rotary embeddings, masks, positions)."""
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+
+    def stop(module, args, kwargs):
+        raise _Captured(args, kwargs)
+
+    inputs, extra_args, layer_kwargs = [], (), {}
+    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for ids in calib_ids:
+            try:
+                model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
+            except _Captured as captured:
+                hidden = captured.args[0] if captured.args else captured.kwargs.pop("hidden_states")
+                inputs.append(hidden.detach())
+                extra_args, layer_kwargs = captured.args[1:], captured.kwargs
+    finally:
+        handle.remove()
+    return inputs, extra_args, layer_kwargs
+
+
+def _run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = layer(x, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def _prune_layerwise(model, calib_ids, method, pattern, sparsity, show_progress) -> list[dict]:
+    inputs, args, kwargs = capture_layer0_inputs(model, calib_ids)
+    report = []
+    for index, layer in enumerate(progress(decoder_layers(model), f"{method} layers", show_progress)):
+        start = time.perf_counter()
+        linears = prunable_linears(layer)
+        with LayerInputStats(linears, hessian=method == "sparsegpt") as stats:
+            for x in inputs:
+                stats.begin_sample()
+                _run_layer(layer, x, args, kwargs)
+        for name, linear in linears.items():
+            needed = {"hessian": stats.hessian(name)} if method == "sparsegpt" else {"sq_norms": stats.sq_norm(name)}
+            linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity, **needed)
+        del stats
+        inputs = [_run_layer(layer, x, args, kwargs) for x in inputs]
+        report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(linears)})
+    return report
+
+
+def gradient_sums(model: nn.Module, calib_ids: torch.Tensor, show_progress: bool = True) -> dict:
+    """Sum over calibration samples of dL/dW and (dL/dW)^2 for every decoder linear, in float64.
+
+    Returns {(layer_index, linear_name): (grad_sum, grad_sq_sum)}."""
+    device = next(model.parameters()).device
+    weights = {
+        (i, name): linear.weight
+        for i, layer in enumerate(decoder_layers(model))
+        for name, linear in prunable_linears(layer).items()
+    }
+    wanted = {id(w) for w in weights.values()}
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    sums = {key: (torch.zeros_like(w, dtype=torch.float64), torch.zeros_like(w, dtype=torch.float64)) for key, w in weights.items()}
+    try:
+        for ids in progress(calib_ids, "gradients", show_progress):
+            ids = ids.unsqueeze(0).to(device)
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            for key, w in weights.items():
+                g = w.grad.double()
+                sums[key][0].add_(g)
+                sums[key][1].add_(g * g)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+    return sums
+
+
+@torch.no_grad()
+def _prune_each_linear(model, method, pattern, sparsity, grads=None) -> list[dict]:
+    report = []
+    for index, layer in enumerate(decoder_layers(model)):
+        start = time.perf_counter()
+        linears = prunable_linears(layer)
+        for name, linear in linears.items():
+            needed = {}
+            if grads is not None:
+                needed = {"grad_sum": grads[(index, name)][0], "grad_sq_sum": grads[(index, name)][1]}
+            linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity, **needed)
+        report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(linears)})
+    return report
+
+
+def check_pattern_fits(model: nn.Module, pattern: Pattern) -> None:
+    """N:M groups run along each linear's inputs, so every input width must be a multiple of M."""
+    if pattern.kind != "nm":
+        return
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, linear in prunable_linears(layer).items():
+            if linear.in_features % pattern.m:
+                raise AsftError(
+                    f"pattern {pattern} does not fit layer {index} {name}: input width {linear.in_features} "
+                    f"is not a multiple of {pattern.m}"
+                )
+
+
+def prune_model(
+    model: nn.Module,
+    method: str,
+    pattern: Pattern,
+    sparsity: float,
+    calib_ids: torch.Tensor | None = None,
+    show_progress: bool = True,
+) -> list[dict]:
+    """Prune every linear in the decoder layers in place. Returns one report row per layer."""
+    check_pattern_fits(model, pattern)
+    if method == "magnitude":
+        return _prune_each_linear(model, method, pattern, sparsity)
+    if calib_ids is None:
+        raise ValueError(f"method {method!r} needs calibration data")
+    if method in ("wanda", "sparsegpt"):
+        return _prune_layerwise(model, calib_ids, method, pattern, sparsity, show_progress)
+    grads = gradient_sums(model, calib_ids, show_progress)
+    return _prune_each_linear(model, method, pattern, sparsity, grads)

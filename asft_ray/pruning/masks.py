@@ -1,0 +1,51 @@
+"""Masks from scores. A mask is a bool tensor shaped like the weight: True = keep.
+
+Lowest scores are pruned. Ties are broken by position (stable sort), so the same
+scores always give the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from asft_ray.config import Pattern
+from asft_ray.errors import AsftError
+
+
+def prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask over the last dim of `scores` that drops the k lowest entries of every row."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        order = torch.sort(scores, dim=-1, stable=True).indices
+        keep.scatter_(-1, order[..., :k], False)
+    return keep
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = True) -> torch.Tensor:
+    """Prune `sparsity` of the weights: exactly int(cols*s) per output row, or int(numel*s) per matrix."""
+    if per_row:
+        return prune_lowest(scores, int(scores.shape[1] * sparsity))
+    flat = prune_lowest(scores.reshape(1, -1), int(scores.numel() * sparsity))
+    return flat.reshape(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M: in every row, each group of m consecutive inputs keeps its n highest scores."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise AsftError(f"pattern {n}:{m} needs the input width to be a multiple of {m}, got {cols}")
+    groups = scores.reshape(rows, cols // m, m)
+    return prune_lowest(groups, m - n).reshape(rows, cols)
+
+
+def make_mask(scores: torch.Tensor, pattern: Pattern, sparsity: float, per_row: bool = True) -> torch.Tensor:
+    if pattern.kind == "nm":
+        return nm_mask(scores, pattern.n, pattern.m)
+    return unstructured_mask(scores, sparsity, per_row)
+
+
+def is_valid_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of m consecutive inputs in every row has at most n non-zeros."""
+    rows, cols = weight.shape
+    nonzero = (weight != 0).reshape(rows, cols // m, m).sum(-1)
+    return bool((nonzero <= n).all())

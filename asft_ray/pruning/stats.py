@@ -1,0 +1,65 @@
+"""Input statistics of a decoder layer's linears, summed over calibration tokens in float64.
+
+Linears fed the very same tensor (q/k/v, gate/up) share one accumulator, so each
+statistic is computed once per distinct input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LayerInputStats:
+    """Forward hooks that add up, per linear input: sum_t x_t^2 (Wanda) and optionally sum_t x_t x_t^T (SparseGPT)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], hessian: bool):
+        self.linears = linears
+        self.want_hessian = hessian
+        self.sq_norms: dict[str, torch.Tensor] = {}
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.source: dict[str, str] = {}  # linear name -> name of the linear whose accumulator it shares
+        self._seen: list[tuple[torch.Tensor, str]] = []
+        self._handles: list = []
+
+    def __enter__(self) -> "LayerInputStats":
+        for name, linear in self.linears.items():
+            self._handles.append(linear.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def begin_sample(self) -> None:
+        """Call before each forward pass: inputs are matched by identity within one pass only."""
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            for seen_x, seen_name in self._seen:
+                if seen_x is x:
+                    self.source[name] = seen_name
+                    return
+            self._seen.append((x, name))
+            self.source[name] = name
+            self.add(name, x)
+
+        return hook
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        sq = x.pow(2).sum(0, dtype=torch.float64)
+        self.sq_norms[name] = self.sq_norms[name] + sq if name in self.sq_norms else sq
+        if self.want_hessian:
+            gram = (x.T @ x).double()
+            self.hessians[name] = self.hessians[name] + gram if name in self.hessians else gram
+
+    def sq_norm(self, name: str) -> torch.Tensor:
+        return self.sq_norms[self.source[name]]
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.hessians[self.source[name]]

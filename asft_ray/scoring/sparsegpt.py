@@ -1,0 +1,64 @@
+"""SparseGPT (Frantar & Alistarh 2023): OBS pruning with the weight update, column block by block.
+
+`prune(W, H, ...)` takes one Linear's weight [rows, cols] and H = sum_tokens x x^T [cols, cols]
+and returns the pruned, updated weight. It follows the reference implementation
+(blocked, dampened, adaptive mask per block of 128 columns), with one difference: the
+number of weights pruned per block is exact (k lowest), not a `<=` threshold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from asft_ray.config import Pattern
+from asft_ray.pruning.masks import prune_lowest
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*I)^-1; zeroes weight columns whose input is always zero."""
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    weight[:, dead] = 0
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    H = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    return torch.linalg.cholesky(H, upper=True)
+
+
+def prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    Hinv = inverse_hessian_cholesky(hessian, W, percdamp).to(W.dtype)
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        # saliency w^2 / [H^-1]_jj^2 decides the mask; pruned = True
+        if pattern.kind == "unstructured":
+            saliency = W1**2 / d.unsqueeze(0) ** 2
+            pruned = ~prune_lowest(saliency.reshape(1, -1), int(saliency.numel() * sparsity)).reshape(W1.shape)
+        else:
+            pruned = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if pattern.kind == "nm" and i % pattern.m == 0:
+                saliency = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].unsqueeze(0) ** 2
+                pruned[:, i : i + pattern.m] = ~prune_lowest(saliency, pattern.m - pattern.n)
+            w = W1[:, i]
+            q = torch.where(pruned[:, i], torch.zeros_like(w), w)
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W.to(weight.dtype)

@@ -1,0 +1,154 @@
+"""Foundation benchmark: one-shot pruning of smollm2-135m, quick (8w/16w) and full WikiText-2 ppl.
+
+Runs the real CLI (`asft prune` on the embedded Ray cluster, then `asft eval`) for each
+row, appends one JSON line per finished row to benchmarks/results/foundation.jsonl
+(rows already there are skipped, so the script resumes), and prints a Markdown table.
+
+    python benchmarks/foundation.py                 # everything, in priority order
+    python benchmarks/foundation.py --only wanda-unstructured --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "foundation.jsonl"
+RUNS = ROOT / "runs" / "bench"
+MODEL = "smollm2-135m"
+
+# (method, pattern) in the order they run; "full" rows evaluate all 148 windows.
+ROWS = [
+    ("dense", "-"),
+    ("magnitude", "unstructured"),
+    ("magnitude", "2:4"),
+    ("wanda", "unstructured"),
+    ("sparsegpt", "unstructured"),
+    ("wanda", "2:4"),
+    ("sparsegpt", "2:4"),
+    ("taylor", "unstructured"),
+    ("fisher", "unstructured"),
+    ("dense", "full"),
+    ("best50", "full"),
+    ("taylor", "2:4"),
+    ("fisher", "2:4"),
+]
+
+
+def asft(*args: str) -> str:
+    cmd = [sys.executable, "-m", "asft_ray.cli", *args]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    return proc.stdout
+
+
+def done_rows() -> dict:
+    if not RESULTS.exists():
+        return {}
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return {r["key"]: r for r in rows}
+
+
+def evaluate(model: str, windows: int | None) -> dict:
+    args = ["eval", "--model", model, "--seqlen", "2048", "--json", "--no-progress"]
+    if windows:
+        args += ["--max-windows", str(windows)]
+    return json.loads(asft(*args).strip().splitlines()[-1])
+
+
+def ppl_of_first(result: dict, n: int) -> float:
+    nll = result["window_nll"][:n]
+    return math.exp(math.fsum(nll) / len(nll))
+
+
+def run_row(method: str, pattern: str, nsamples: int, done: dict) -> dict:
+    if method == "dense" and pattern == "-":
+        model, prune = MODEL, None
+    elif pattern == "full":
+        if method == "dense":
+            model, prune = MODEL, None
+        else:  # the best 50 % unstructured quick-protocol row
+            quick = [r for k, r in done.items() if r["pattern"] == "unstructured" and r["method"] != "dense"]
+            best = min(quick, key=lambda r: r["ppl_16w"])
+            model, prune = best["model_dir"], None
+            method = f"{best['method']} (best 50 %)"
+    else:
+        out = RUNS / f"{method}-{pattern.replace(':', 'of')}"
+        args = ["prune", "--model", MODEL, "--method", method, "--pattern", pattern, "--nsamples", str(nsamples),
+                "--seqlen", "2048", "--out", str(out), "--no-progress"]
+        if pattern == "unstructured":
+            args += ["--sparsity", "0.5"]
+        asft(*args)
+        model, prune = str(out), json.loads((out / "asft_run.json").read_text())
+    result = evaluate(model, None if pattern == "full" else 16)
+    row = {
+        "method": method,
+        "pattern": pattern,
+        "model_dir": model,
+        "nsamples": nsamples if prune and method != "magnitude" else 0,
+        "sparsity": result["sparsity"],
+        "windows": result["windows"],
+        "eval_s": result["seconds"],
+        "prune_s": prune["timings"]["prune_s"] if prune else None,
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {platform.node()}",
+    }
+    if pattern == "full":
+        row["ppl_full"] = result["ppl"]
+    else:
+        row["ppl_8w"] = ppl_of_first(result, 8)
+        row["ppl_16w"] = result["ppl"]
+    return row
+
+
+def table(done: dict) -> str:
+    lines = [
+        "| method | pattern | sparsity | ppl 8w | ppl 16w | ppl full | prune time (s) | eval time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x, fmt):
+        return "" if x is None else format(x, fmt)
+
+    for r in done.values():
+        lines.append(
+            f"| {r['method']} | {r['pattern']} | {r['sparsity']:.4f} | {f(r.get('ppl_8w'), '.3f')} | "
+            f"{f(r.get('ppl_16w'), '.3f')} | {f(r.get('ppl_full'), '.3f')} | {f(r.get('prune_s'), '.0f')} | "
+            f"{r['eval_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--only", nargs="*", help="keys such as wanda-unstructured or dense-full")
+    parser.add_argument("--table", action="store_true", help="only print the table of finished rows")
+    args = parser.parse_args()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        for method, pattern in ROWS:
+            key = f"{method}-{pattern}"
+            if key in done_rows() or (args.only and key not in args.only):
+                continue
+            start = time.perf_counter()
+            row = {"key": key, **run_row(method, pattern, args.nsamples, done_rows())}
+            row["wall_s"] = time.perf_counter() - start
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    print(table(done_rows()))
+
+
+if __name__ == "__main__":
+    main()
