@@ -12,21 +12,32 @@ from asft_ray.config import Pattern
 from asft_ray.errors import AsftError
 
 
-def prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask over the last dim of `scores` that drops the k lowest entries of every row."""
+def prune_lowest(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Keep-mask over the last dim of `scores` that drops the k lowest entries of every row.
+
+    `k` is one count for all rows, or a tensor with one count per row."""
     keep = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(scores, dim=-1, stable=True).indices
-        keep.scatter_(-1, order[..., :k], False)
+    order = torch.sort(scores, dim=-1, stable=True).indices
+    k = torch.as_tensor(k, device=scores.device)
+    positions = torch.arange(scores.shape[-1], device=scores.device)
+    keep.scatter_(-1, order, (positions >= k.unsqueeze(-1)).expand_as(scores))
     return keep
 
 
+def rows_share(total: int, rows: int) -> torch.Tensor:
+    """Split `total` pruned weights over `rows` rows as evenly as possible (first rows take the remainder)."""
+    counts = torch.full((rows,), total // rows, dtype=torch.long)
+    counts[: total % rows] += 1
+    return counts
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = True) -> torch.Tensor:
-    """Prune `sparsity` of the weights: exactly int(cols*s) per output row, or int(numel*s) per matrix."""
+    """Prune exactly round(numel * s) weights: spread evenly over output rows (within one of
+    cols * s per row), or the globally lowest of the matrix."""
+    total = round(scores.numel() * sparsity)
     if per_row:
-        return prune_lowest(scores, int(scores.shape[1] * sparsity))
-    flat = prune_lowest(scores.reshape(1, -1), int(scores.numel() * sparsity))
-    return flat.reshape(scores.shape)
+        return prune_lowest(scores, rows_share(total, scores.shape[0]))
+    return prune_lowest(scores.reshape(1, -1), total).reshape(scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

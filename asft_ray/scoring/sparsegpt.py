@@ -46,7 +46,7 @@ def prune(
         # saliency w^2 / [H^-1]_jj^2 decides the mask; pruned = True
         if pattern.kind == "unstructured":
             saliency = W1**2 / d.unsqueeze(0) ** 2
-            pruned = ~prune_lowest(saliency.reshape(1, -1), int(saliency.numel() * sparsity)).reshape(W1.shape)
+            pruned = ~prune_lowest(saliency.reshape(1, -1), round(saliency.numel() * sparsity)).reshape(W1.shape)
         else:
             pruned = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny random-init Llama with a small BPE tokenizer (fast, offline).
+
+Tiny models test mechanics only; quality claims come from benchmarks on the real model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def build_tokenizer(vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (SHARED_DATA / "wikitext-2-raw" / "valid.txt").read_text(encoding="utf-8")[:200_000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ġ", model_max_length=10**9)
+
+
+def build_tiny_llama(vocab_size: int = 512, seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.config.use_cache = False
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return str(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, data_dir) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    model = build_tiny_llama(vocab_size=len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_model():
+    return build_tiny_llama()
+
+
+@pytest.fixture
+def calib_ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 512, (4, 64), generator=g)

@@ -1,0 +1,113 @@
+import copy
+
+import pytest
+import torch
+
+from asft_ray.config import Pattern
+from asft_ray.errors import AsftError
+from asft_ray.eval.sparsity import model_sparsity
+from asft_ray.models import decoder_layers, prunable_linears
+from asft_ray.pruning.engine import _run_layer, capture_layer0_inputs, gradient_sums, prune_model
+from asft_ray.pruning.masks import is_valid_nm
+
+METHODS = ["magnitude", "wanda", "sparsegpt", "taylor", "fisher"]
+
+
+@torch.no_grad()
+def test_running_captured_inputs_through_the_layers_reproduces_the_model(tiny_model, calib_ids):
+    """The engine must pass each layer exactly what the model does (rotary embeddings, masks)."""
+    inputs, args, kwargs = capture_layer0_inputs(tiny_model, calib_ids)
+    hidden = []
+    captured = []
+    handle = tiny_model.model.norm.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    for ids in calib_ids:
+        tiny_model(input_ids=ids.unsqueeze(0))
+    handle.remove()
+    for x in inputs:
+        for layer in decoder_layers(tiny_model):
+            x = _run_layer(layer, x, args, kwargs)
+        hidden.append(x)
+    for mine, theirs in zip(hidden, captured):
+        assert torch.allclose(mine, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_unstructured_sparsity_is_exact_in_every_linear(tiny_model, calib_ids, method, sparsity):
+    report = prune_model(tiny_model, method, Pattern.parse("unstructured"), sparsity, calib_ids, show_progress=False)
+    assert len(report) == 2
+    for layer in decoder_layers(tiny_model):
+        for name, linear in prunable_linears(layer).items():
+            w = linear.weight
+            zeros = int((w == 0).sum())
+            rows, cols = w.shape
+            if method == "sparsegpt":  # exact per block of 128 columns: at most half an element off per block
+                assert abs(zeros - w.numel() * sparsity) <= 0.5 * ((cols + 127) // 128), name
+            else:
+                assert zeros == round(w.numel() * sparsity), name
+            if method not in ("magnitude", "sparsegpt"):  # compared per row: within one element of cols * s
+                assert torch.all(((w == 0).sum(1) - cols * sparsity).abs() < 1), name
+    assert model_sparsity(tiny_model)["total"] == pytest.approx(sparsity, abs=1e-3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_nm_groups_are_valid_in_every_linear(tiny_model, calib_ids, method, pattern):
+    pat = Pattern.parse(pattern)
+    prune_model(tiny_model, method, pat, 0.5, calib_ids, show_progress=False)
+    for layer in decoder_layers(tiny_model):
+        for name, linear in prunable_linears(layer).items():
+            assert is_valid_nm(linear.weight, pat.n, pat.m), name
+            assert int((linear.weight == 0).sum()) == linear.weight.numel() // 2
+
+
+def test_embeddings_norms_and_lm_head_are_untouched(tiny_model, calib_ids):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    prune_model(tiny_model, "wanda", Pattern.parse("unstructured"), 0.5, calib_ids, show_progress=False)
+    after = tiny_model.state_dict()
+    for key in before:
+        if "layers." in key and key.endswith("proj.weight"):
+            assert not torch.equal(before[key], after[key]), key
+        else:
+            assert torch.equal(before[key], after[key]), key
+
+
+def test_wanda_differs_from_magnitude_because_it_uses_the_activations(tiny_model, calib_ids):
+    other = copy.deepcopy(tiny_model)
+    prune_model(tiny_model, "wanda", Pattern.parse("unstructured"), 0.5, calib_ids, show_progress=False)
+    prune_model(other, "magnitude", Pattern.parse("unstructured"), 0.5, calib_ids, show_progress=False)
+    w1 = decoder_layers(tiny_model)[0].self_attn.q_proj.weight
+    w2 = decoder_layers(other)[0].self_attn.q_proj.weight
+    assert not torch.equal(w1 == 0, w2 == 0)
+
+
+def test_pruning_is_deterministic(tiny_model, calib_ids):
+    other = copy.deepcopy(tiny_model)
+    for m in (tiny_model, other):
+        prune_model(m, "sparsegpt", Pattern.parse("unstructured"), 0.5, calib_ids, show_progress=False)
+    for (k, a), (_, b) in zip(tiny_model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_gradient_sums_match_autograd_on_the_summed_loss(tiny_model, calib_ids):
+    sums = gradient_sums(tiny_model, calib_ids[:2], show_progress=False)
+    tiny_model.zero_grad()
+    total = sum(tiny_model(input_ids=i[None], labels=i[None]).loss for i in calib_ids[:2])
+    total.backward()
+    w = decoder_layers(tiny_model)[1].mlp.down_proj.weight
+    assert torch.allclose(sums[(1, "mlp.down_proj")][0].float(), w.grad, atol=1e-6)
+    assert all(p.requires_grad for p in tiny_model.parameters())  # flags restored
+
+
+def test_nm_that_does_not_divide_the_width_fails_before_any_work(tiny_model, calib_ids):
+    with pytest.raises(AsftError, match="not a multiple of 3"):
+        prune_model(tiny_model, "wanda", Pattern.parse("1:3"), 2 / 3, calib_ids, show_progress=False)
+    assert model_sparsity(tiny_model)["total"] == 0.0
+
+
+def test_a_model_without_a_layer_stack_is_a_clear_error():
+    class NoLayers(torch.nn.Module):
+        config = type("C", (), {"num_hidden_layers": 2})()
+
+    with pytest.raises(AsftError, match="unsupported model"):
+        decoder_layers(NoLayers())
