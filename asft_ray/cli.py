@@ -86,7 +86,7 @@ def _prune(args) -> None:
 
     from asft_ray.distributed.runner import prune_on_ray
 
-    record = prune_on_ray(cfg, address=args.address)
+    record = prune_on_ray(cfg, address=args.address, show_progress=not args.no_progress)
     if args.json:
         print(json.dumps(record, indent=2, sort_keys=True))
     else:
@@ -111,7 +111,7 @@ def _eval(args) -> None:
     from asft_ray.data import resolve_data_dir
 
     resolve_data_dir(args.data_dir)
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_model(args.model, args.device, show_progress=not args.no_progress)
     ids = wikitext2_ids(tokenizer, args.split, args.data_dir)
     result = perplexity(model, ids, args.seqlen, args.max_windows, show_progress=not args.no_progress)
     sparsity = model_sparsity(model)

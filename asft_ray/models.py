@@ -72,7 +72,7 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float32):
+def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float32, show_progress: bool = True):
     """Load (model, tokenizer) in eval mode, float weights, KV cache off. Never runs remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -82,6 +82,8 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     hf_logging.set_verbosity_error()
+    if not show_progress:
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)

@@ -28,7 +28,7 @@ def run_prune(cfg: PruneConfig, show_progress: bool = True) -> dict:
     calibrated = cfg.method in CALIBRATED_METHODS
     data_dir = resolve_data_dir(cfg.data_dir) if calibrated else None
 
-    model, tokenizer = load_model(cfg.model, cfg.device)
+    model, tokenizer = load_model(cfg.model, cfg.device, show_progress=show_progress)
     check_pattern_fits(model, cfg.parsed_pattern)
     timings["load_s"] = time.perf_counter() - start
 

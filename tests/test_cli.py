@@ -1,0 +1,106 @@
+"""The `asft` command end to end on a tiny model, through the embedded Ray cluster."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from asft_ray.eval.sparsity import model_sparsity
+from asft_ray.models import load_model
+
+
+def asft(*args, env=None, timeout=600):
+    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "asft_ray.cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+
+
+def assert_one_line_error(proc, pattern):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("asft: error:") and pattern in lines[-1], proc.stderr
+    assert sum(line.startswith("asft: error:") for line in lines) == 1
+
+
+def tree_snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_prune_then_eval_then_refuse_then_overwrite(tiny_model_dir, tmp_path):
+    out = tmp_path / "pruned"
+    base = ["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--nsamples", "2", "--seqlen", "64",
+            "--out", str(out), "--no-progress"]
+    proc = asft(*base, "--sparsity", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((out / "asft_run.json").read_text())
+    assert run["sparsity"]["total"] == pytest.approx(0.5, abs=1e-4)
+    assert len(run["layers"]) == 2 and run["calibration_tokens"] == 128
+    assert {"load_s", "prune_s", "save_s", "total_s"} <= set(run["timings"])
+
+    model, _ = load_model(str(out), device="cpu")
+    assert model_sparsity(model)["total"] == pytest.approx(0.5, abs=1e-4)
+
+    proc = asft("eval", "--model", str(out), "--seqlen", "64", "--max-windows", "3", "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["windows"] == 3 and result["tokens"] == 192
+    assert result["sparsity"] == pytest.approx(0.5, abs=1e-4) and result["ppl"] > 1
+
+    # the same run again: nothing to do; a different run: refused, and nothing written is lost
+    before = tree_snapshot(out)
+    proc = asft(*base, "--sparsity", "0.5")
+    assert proc.returncode == 0 and "already holds this run" in proc.stdout
+    assert_one_line_error(asft(*base, "--sparsity", "0.6"), "already holds a different run")
+    assert tree_snapshot(out) == before
+
+    proc = asft(*base, "--sparsity", "0.6", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "asft_run.json").read_text())["sparsity"]["total"] == pytest.approx(0.6, abs=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temporary folders left behind
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "no-such-model", "--method", "wanda", "--sparsity", "0.5"], "unknown model"),
+        (["--method", "obs-magic", "--sparsity", "0.5"], "unknown method 'obs-magic'"),
+        (["--method", "wanda", "--sparsity", "1.0"], "outside [0, 1)"),
+        (["--method", "wanda", "--sparsity", "-0.1"], "outside [0, 1)"),
+        (["--method", "wanda", "--sparsity", "0.3", "--pattern", "2:4"], "implies sparsity 0.5"),
+        (["--method", "wanda", "--pattern", "5:4"], "need 0 < N < M"),
+        (["--method", "wanda", "--sparsity", "0.5", "--data-dir", "/no/such/dir"], "data dir '/no/such/dir' does not exist"),
+        (["--method", "wanda"], "--sparsity is required"),
+    ],
+)
+def test_bad_prune_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, args, message):
+    if "--model" not in args:
+        args = ["--model", str(tiny_model_dir), *args]
+    proc = asft("prune", *args, "--out", str(tmp_path / "out"), timeout=120)
+    assert_one_line_error(proc, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nm_that_does_not_divide_the_width_is_one_line(tiny_model_dir, tmp_path):
+    proc = asft("prune", "--model", str(tiny_model_dir), "--method", "magnitude", "--pattern", "1:3",
+                "--out", str(tmp_path / "out"), "--no-progress")
+    assert_one_line_error(proc, "is not a multiple of 3")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_holding_other_files_is_refused(tiny_model_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = asft("prune", "--model", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5",
+                "--out", str(tmp_path))
+    assert_one_line_error(proc, "already holds other files")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_eval_bad_input(tiny_model_dir):
+    assert_one_line_error(asft("eval", "--model", "nope/nope-nope", env={"HF_HUB_OFFLINE": "1"}), "could not load model")
+    assert_one_line_error(asft("eval", "--model", str(tiny_model_dir), "--max-windows", "0"), "--max-windows")
+    assert_one_line_error(asft("eval", "--model", str(tiny_model_dir), "--task", "mmlu"), "invalid choice")
