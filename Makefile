@@ -5,7 +5,6 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.asft-installed
 TORCH   ?= torch==2.13.0
-DEMO_OUT ?= runs/demo
 
 .PHONY: install test test-slow demo bench clean
 
@@ -28,7 +27,9 @@ test-slow: $(STAMP)
 # Prune SmolLM2-135M with Wanda to 50 % on the embedded Ray cluster, then compare
 # perplexity (first 4 WikiText-2 test windows) of the dense and the pruned model.
 demo: $(STAMP)
-	bash benchmarks/demo.sh $(DEMO_OUT)
+	$(BIN)/asft prune --config configs/demo.yaml
+	$(BIN)/asft eval --model smollm2-135m --max-windows 4
+	$(BIN)/asft eval --model runs/demo/smollm2-wanda50 --max-windows 4
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py

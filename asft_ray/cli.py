@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from asft_ray.config import METHODS, PruneConfig
+from asft_ray.config import METHODS, PruneConfig, load_yaml
 from asft_ray.errors import AsftError
 
 
@@ -22,15 +22,16 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prune", help="one-shot prune a causal LM and save it")
-    p.add_argument("--model", required=True, help="alias (smollm2-135m), HF model dir, .gguf file or hub id")
-    p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    p.add_argument("--config", help="YAML file with any of the settings below (flags override it)")
+    p.add_argument("--model", help="alias (smollm2-135m), HF model dir, .gguf file or hub id")
+    p.add_argument("--method", help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--sparsity", type=float, help="fraction of decoder-linear weights to remove (implied by N:M)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (papers: 128)")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an --out that holds a different run")
+    p.add_argument("--pattern", help="unstructured (default), 2:4, 4:8 or any N:M")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default 32; papers: 128)")
+    p.add_argument("--seqlen", type=int, help="calibration window length (default 2048)")
+    p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
+    p.add_argument("--out", help="output model directory")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an --out that holds a different run")
     _add_common(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded one)")
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
@@ -54,28 +55,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _prune(args) -> None:
     from asft_ray.artifacts import check_output_dir
-    from asft_ray.config import Pattern
     from asft_ray.data import resolve_data_dir
     from asft_ray.models import resolve_model
 
-    sparsity = args.sparsity
-    if sparsity is None:
-        sparsity = Pattern.parse(args.pattern).implied_sparsity
-        if sparsity is None:
-            raise AsftError("--sparsity is required for unstructured pruning")
-    cfg = PruneConfig(
-        model=args.model,
-        method=args.method,
-        sparsity=sparsity,
-        pattern=args.pattern,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        out=args.out,
-        data_dir=args.data_dir,
-        device=args.device,
-        overwrite=args.overwrite,
-    )
+    values = load_yaml(args.config) if args.config else {}
+    for key in ("model", "method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "out", "data_dir", "overwrite"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.device != "auto" or "device" not in values:
+        values["device"] = args.device
+    cfg = PruneConfig.from_dict(values, source=args.config or "flags")
     # Fail fast, before Ray starts, on everything that can be checked without the model.
     resolve_model(cfg.model)
     if cfg.method != "magnitude":

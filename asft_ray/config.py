@@ -77,6 +77,29 @@ class PruneConfig:
         if not self.out:
             raise AsftError("--out is required")
 
+    @staticmethod
+    def from_dict(values: dict, source: str = "config") -> "PruneConfig":
+        """Build from a mapping (a YAML file, job arguments); unknown keys are an error."""
+        if not isinstance(values, dict):
+            raise AsftError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(PruneConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise AsftError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = dict(values)
+        if values.get("sparsity") is None:
+            implied = Pattern.parse(str(values.get("pattern", "unstructured"))).implied_sparsity
+            if implied is None:
+                raise AsftError(f"{source}: sparsity is required for unstructured pruning")
+            values["sparsity"] = implied
+        missing = sorted(k for k in ("model", "method", "out") if not values.get(k))
+        if missing:
+            raise AsftError(f"{source}: missing required key(s) {', '.join(missing)}")
+        try:
+            return PruneConfig(**values)
+        except TypeError as err:
+            raise AsftError(f"{source}: {err}") from err
+
     @property
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
@@ -91,3 +114,19 @@ class PruneConfig:
         d.pop("overwrite")
         d["out"] = str(Path(self.out).resolve())
         return d
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML run config, with a one-line error for a missing or malformed file."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except OSError as err:
+        raise AsftError(f"cannot read config {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise AsftError(f"config {path} is not valid YAML{where}") from err
+    return values if values is not None else {}

@@ -74,7 +74,7 @@ def test_prune_then_eval_then_refuse_then_overwrite(tiny_model_dir, tmp_path):
         (["--method", "wanda", "--sparsity", "0.3", "--pattern", "2:4"], "implies sparsity 0.5"),
         (["--method", "wanda", "--pattern", "5:4"], "need 0 < N < M"),
         (["--method", "wanda", "--sparsity", "0.5", "--data-dir", "/no/such/dir"], "data dir '/no/such/dir' does not exist"),
-        (["--method", "wanda"], "--sparsity is required"),
+        (["--method", "wanda"], "sparsity is required"),
     ],
 )
 def test_bad_prune_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, args, message):
@@ -104,3 +104,22 @@ def test_eval_bad_input(tiny_model_dir):
     assert_one_line_error(asft("eval", "--model", "nope/nope-nope", env={"HF_HUB_OFFLINE": "1"}), "could not load model")
     assert_one_line_error(asft("eval", "--model", str(tiny_model_dir), "--max-windows", "0"), "--max-windows")
     assert_one_line_error(asft("eval", "--model", str(tiny_model_dir), "--task", "mmlu"), "invalid choice")
+
+
+def test_yaml_config_errors_are_one_line(tiny_model_dir, tmp_path):
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text(f"model: {tiny_model_dir}\nmethod: wanda\nsparsity: 0.5\nout: {tmp_path / 'o'}\nlr: 3\n")
+    assert_one_line_error(asft("prune", "--config", str(bad_key)), "unknown key(s) lr")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    assert_one_line_error(asft("prune", "--config", str(broken)), "is not valid YAML")
+    assert_one_line_error(asft("prune", "--config", str(tmp_path / "none.yaml")), "cannot read config")
+
+
+def test_demo_config_is_valid():
+    from asft_ray.config import PruneConfig, load_yaml
+
+    from tests.conftest import REPO
+
+    cfg = PruneConfig.from_dict(load_yaml(str(REPO / "configs" / "demo.yaml")))
+    assert cfg.model == "smollm2-135m" and cfg.method == "wanda" and cfg.sparsity == 0.5
