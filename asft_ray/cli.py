@@ -30,6 +30,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, help="calibration windows (default 32; papers: 128)")
     p.add_argument("--seqlen", type=int, help="calibration window length (default 2048)")
     p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
+    p.add_argument("--prune-lm-head", action="store_true", default=None,
+                   help="also prune lm_head (untied from the input embeddings, which stay dense)")
     p.add_argument("--out", help="output model directory")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an --out that holds a different run")
     _add_common(p)
@@ -59,7 +61,8 @@ def _prune(args) -> None:
     from asft_ray.models import resolve_model
 
     values = load_yaml(args.config) if args.config else {}
-    for key in ("model", "method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "out", "data_dir", "overwrite"):
+    for key in ("model", "method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "out", "data_dir", "overwrite",
+                "prune_lm_head"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.device != "auto" or "device" not in values:

@@ -57,6 +57,7 @@ class PruneConfig:
     nsamples: int = 32
     seqlen: int = 2048
     seed: int = 0
+    prune_lm_head: bool = False  # embeddings, norms and lm_head are kept dense unless asked
     data_dir: str | None = None  # None: ASFT_DATA_DIR, then ../shared/data, then the hub
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     overwrite: bool = False  # replace an --out that holds a different run

@@ -29,7 +29,7 @@ def run_prune(cfg: PruneConfig, show_progress: bool = True) -> dict:
     data_dir = resolve_data_dir(cfg.data_dir) if calibrated else None
 
     model, tokenizer = load_model(cfg.model, cfg.device, show_progress=show_progress)
-    check_pattern_fits(model, cfg.parsed_pattern)
+    check_pattern_fits(model, cfg.parsed_pattern, cfg.prune_lm_head)
     timings["load_s"] = time.perf_counter() - start
 
     calib_ids = None
@@ -39,7 +39,9 @@ def run_prune(cfg: PruneConfig, show_progress: bool = True) -> dict:
         timings["calibration_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    layers = prune_model(model, cfg.method, cfg.parsed_pattern, cfg.sparsity, calib_ids, show_progress)
+    layers = prune_model(
+        model, cfg.method, cfg.parsed_pattern, cfg.sparsity, calib_ids, show_progress, cfg.prune_lm_head
+    )
     timings["prune_s"] = time.perf_counter() - t
 
     record = {

@@ -111,3 +111,21 @@ def test_a_model_without_a_layer_stack_is_a_clear_error():
 
     with pytest.raises(AsftError, match="unsupported model"):
         decoder_layers(NoLayers())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prune_lm_head_unties_it_and_leaves_embeddings_dense(tiny_model, calib_ids, method, tmp_path):
+    from asft_ray.models import save_model
+    from transformers import LlamaForCausalLM
+
+    embed_before = tiny_model.model.embed_tokens.weight.clone()
+    report = prune_model(tiny_model, method, Pattern.parse("unstructured"), 0.5, calib_ids, False, prune_lm_head=True)
+    assert report[-1]["layer"] == "lm_head"
+    assert model_sparsity(tiny_model)["lm_head"] == pytest.approx(0.5, abs=1e-3)
+    assert torch.equal(tiny_model.model.embed_tokens.weight, embed_before)
+    save_model(tiny_model, None, tmp_path)
+    again = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(again.lm_head.weight, tiny_model.lm_head.weight)
+    assert torch.equal(again.model.embed_tokens.weight, embed_before)
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=calib_ids).logits, tiny_model(input_ids=calib_ids).logits)

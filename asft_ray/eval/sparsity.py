@@ -19,8 +19,15 @@ def linear_sparsity(linears: dict[str, nn.Linear]) -> dict:
 
 
 def model_sparsity(model: nn.Module) -> dict:
-    """{"total": fraction over all prunable weights, "layers": [fraction per decoder layer]}."""
+    """{"total": fraction over the decoder layers' linears, "layers": [fraction per decoder layer],
+    "lm_head": fraction of the output projection (pruned only when asked)}."""
     per_layer = [linear_sparsity(prunable_linears(layer)) for layer in decoder_layers(model)]
     zeros = sum(r["zeros"] for r in per_layer)
     weights = sum(r["weights"] for r in per_layer)
-    return {"total": zeros / weights, "prunable_weights": weights, "layers": [r["sparsity"] for r in per_layer]}
+    head = model.get_output_embeddings()
+    return {
+        "total": zeros / weights,
+        "prunable_weights": weights,
+        "layers": [r["sparsity"] for r in per_layer],
+        "lm_head": float((head.weight == 0).float().mean()) if head is not None else None,
+    }

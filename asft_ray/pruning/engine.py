@@ -79,8 +79,29 @@ def _run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> 
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def untie_lm_head(model: nn.Module) -> nn.Linear:
+    """The output projection as a weight of its own, so pruning it leaves the input embeddings dense."""
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(head, nn.Linear):
+        raise AsftError(f"{type(model).__name__} has no linear lm_head to prune")
+    if head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+        model.all_tied_weights_keys = {}
+    return head
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    norm = getattr(model.base_model, "norm", None)
+    if norm is None:
+        raise AsftError(f"pruning lm_head needs the final norm (base_model.norm), which {type(model).__name__} lacks")
+    return norm
+
+
 @torch.no_grad()
-def _prune_layerwise(model, calib_ids, method, pattern, sparsity, show_progress) -> list[dict]:
+def _prune_layerwise(model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head=False) -> list[dict]:
     inputs, args, kwargs = capture_layer0_inputs(model, calib_ids)
     report = []
     for index, layer in enumerate(progress(decoder_layers(model), f"{method} layers", show_progress)):
@@ -96,19 +117,30 @@ def _prune_layerwise(model, calib_ids, method, pattern, sparsity, show_progress)
         del stats
         inputs = [_run_layer(layer, x, args, kwargs) for x in inputs]
         report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(linears)})
+    if prune_lm_head:
+        start = time.perf_counter()
+        head, norm = untie_lm_head(model), _final_norm(model)
+        stats = LayerInputStats({"lm_head": head}, hessian=method == "sparsegpt")
+        for x in inputs:
+            stats.add("lm_head", norm(x))
+        needed = {"hessian": stats.hessian("lm_head")} if method == "sparsegpt" else {"sq_norms": stats.sq_norm("lm_head")}
+        head.weight.data = prune_weight(method, head.weight.data, pattern, sparsity, **needed)
+        report.append({"layer": "lm_head", "seconds": time.perf_counter() - start, **linear_sparsity({"lm_head": head})})
     return report
 
 
-def gradient_sums(model: nn.Module, calib_ids: torch.Tensor, show_progress: bool = True) -> dict:
+def gradient_sums(model: nn.Module, calib_ids: torch.Tensor, show_progress: bool = True, lm_head: bool = False) -> dict:
     """Sum over calibration samples of dL/dW and (dL/dW)^2 for every decoder linear, in float64.
 
-    Returns {(layer_index, linear_name): (grad_sum, grad_sq_sum)}."""
+    Returns {(layer_index, linear_name): (grad_sum, grad_sq_sum)}; ("lm_head", "lm_head") too if asked."""
     device = next(model.parameters()).device
     weights = {
         (i, name): linear.weight
         for i, layer in enumerate(decoder_layers(model))
         for name, linear in prunable_linears(layer).items()
     }
+    if lm_head:
+        weights[("lm_head", "lm_head")] = untie_lm_head(model).weight
     wanted = {id(w) for w in weights.values()}
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -131,11 +163,13 @@ def gradient_sums(model: nn.Module, calib_ids: torch.Tensor, show_progress: bool
 
 
 @torch.no_grad()
-def _prune_each_linear(model, method, pattern, sparsity, grads=None) -> list[dict]:
+def _prune_each_linear(model, method, pattern, sparsity, grads=None, prune_lm_head=False) -> list[dict]:
+    groups = list(enumerate(prunable_linears(layer) for layer in decoder_layers(model)))
+    if prune_lm_head:
+        groups.append(("lm_head", {"lm_head": untie_lm_head(model)}))
     report = []
-    for index, layer in enumerate(decoder_layers(model)):
+    for index, linears in groups:
         start = time.perf_counter()
-        linears = prunable_linears(layer)
         for name, linear in linears.items():
             needed = {}
             if grads is not None:
@@ -145,12 +179,15 @@ def _prune_each_linear(model, method, pattern, sparsity, grads=None) -> list[dic
     return report
 
 
-def check_pattern_fits(model: nn.Module, pattern: Pattern) -> None:
+def check_pattern_fits(model: nn.Module, pattern: Pattern, prune_lm_head: bool = False) -> None:
     """N:M groups run along each linear's inputs, so every input width must be a multiple of M."""
     if pattern.kind != "nm":
         return
-    for index, layer in enumerate(decoder_layers(model)):
-        for name, linear in prunable_linears(layer).items():
+    groups = [(i, prunable_linears(layer)) for i, layer in enumerate(decoder_layers(model))]
+    if prune_lm_head:
+        groups.append(("lm_head", {"lm_head": model.get_output_embeddings()}))
+    for index, linears in groups:
+        for name, linear in linears.items():
             if linear.in_features % pattern.m:
                 raise AsftError(
                     f"pattern {pattern} does not fit layer {index} {name}: input width {linear.in_features} "
@@ -165,14 +202,16 @@ def prune_model(
     sparsity: float,
     calib_ids: torch.Tensor | None = None,
     show_progress: bool = True,
+    prune_lm_head: bool = False,
 ) -> list[dict]:
-    """Prune every linear in the decoder layers in place. Returns one report row per layer."""
-    check_pattern_fits(model, pattern)
+    """Prune every linear in the decoder layers in place (and lm_head if asked, untied from the
+    input embeddings). Returns one report row per layer."""
+    check_pattern_fits(model, pattern, prune_lm_head)
     if method == "magnitude":
-        return _prune_each_linear(model, method, pattern, sparsity)
+        return _prune_each_linear(model, method, pattern, sparsity, prune_lm_head=prune_lm_head)
     if calib_ids is None:
         raise ValueError(f"method {method!r} needs calibration data")
     if method in ("wanda", "sparsegpt"):
-        return _prune_layerwise(model, calib_ids, method, pattern, sparsity, show_progress)
-    grads = gradient_sums(model, calib_ids, show_progress)
-    return _prune_each_linear(model, method, pattern, sparsity, grads)
+        return _prune_layerwise(model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head)
+    grads = gradient_sums(model, calib_ids, show_progress, lm_head=prune_lm_head)
+    return _prune_each_linear(model, method, pattern, sparsity, grads, prune_lm_head)

@@ -45,12 +45,12 @@ class LayerInputStats:
                     self.source[name] = seen_name
                     return
             self._seen.append((x, name))
-            self.source[name] = name
             self.add(name, x)
 
         return hook
 
     def add(self, name: str, x: torch.Tensor) -> None:
+        self.source.setdefault(name, name)
         x = x.detach().reshape(-1, x.shape[-1]).float()
         sq = x.pow(2).sum(0, dtype=torch.float64)
         self.sq_norms[name] = self.sq_norms[name] + sq if name in self.sq_norms else sq
