@@ -129,3 +129,37 @@ def test_prune_lm_head_unties_it_and_leaves_embeddings_dense(tiny_model, calib_i
     assert torch.equal(again.model.embed_tokens.weight, embed_before)
     with torch.no_grad():
         assert torch.equal(again(input_ids=calib_ids).logits, tiny_model(input_ids=calib_ids).logits)
+
+
+def _tiny_other(kind: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "opt":
+        cfg = tf.OPTConfig(vocab_size=512, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                           word_embed_proj_dim=64, max_position_embeddings=128)
+        return tf.OPTForCausalLM(cfg).eval()
+    cfg = tf.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return tf.Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["opt", "qwen2"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_other_architectures_with_a_layer_modulelist_work(kind, method, calib_ids):
+    model = _tiny_other(kind)
+    inputs, args, kwargs = capture_layer0_inputs(model, calib_ids[:1])
+    with torch.no_grad():
+        x = inputs[0]
+        for layer in decoder_layers(model):
+            x = _run_layer(layer, x, args, kwargs)
+        final = model(input_ids=calib_ids[:1], output_hidden_states=True).hidden_states[-1]
+    if kind == "qwen2":  # Qwen2's last hidden state is after the final norm
+        x = model.model.norm(x)
+    else:
+        x = model.model.decoder.final_layer_norm(x)
+    assert torch.allclose(x, final, atol=1e-5)
+    prune_model(model, method, Pattern.parse("2:4"), 0.5, calib_ids, show_progress=False)
+    for layer in decoder_layers(model):
+        for name, linear in prunable_linears(layer).items():
+            assert is_valid_nm(linear.weight, 2, 4), name
