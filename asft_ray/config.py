@@ -61,6 +61,10 @@ class PruneConfig:
     data_dir: str | None = None  # None: ASFT_DATA_DIR, then ../shared/data, then the hub
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     overwrite: bool = False  # replace an --out that holds a different run
+    workers: int = 0  # scoring actors for wanda/sparsegpt; 0 = score inside the one pruning actor
+    worker_cpus: float = 1
+    worker_gpus: float = 0
+    worker_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -77,6 +81,8 @@ class PruneConfig:
             raise AsftError(f"seqlen must be at least 2, got {self.seqlen}")
         if not self.out:
             raise AsftError("--out is required")
+        if self.workers < 0 or self.worker_cpus <= 0 or self.worker_gpus < 0:
+            raise AsftError("workers must be >= 0, worker_cpus > 0 and worker_gpus >= 0")
 
     @staticmethod
     def from_dict(values: dict, source: str = "config") -> "PruneConfig":
@@ -111,8 +117,8 @@ class PruneConfig:
     def identity(self) -> dict:
         """The inputs that decide the result: two runs with equal identity give equal models."""
         d = self.to_dict()
-        d.pop("device")
-        d.pop("overwrite")
+        for key in ("device", "overwrite", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb"):
+            d.pop(key)  # where and how it runs, not what it computes
         d["out"] = str(Path(self.out).resolve())
         return d
 

@@ -13,13 +13,14 @@ from asft_ray.config import CALIBRATED_METHODS, PruneConfig
 from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration
 from asft_ray.eval.sparsity import model_sparsity
 from asft_ray.models import load_model, save_model
-from asft_ray.pruning.engine import check_pattern_fits, prune_model
+from asft_ray.pruning.engine import LocalRunner, check_pattern_fits, prune_model
 
 
-def run_prune(cfg: PruneConfig, show_progress: bool = True) -> dict:
+def run_prune(cfg: PruneConfig, show_progress: bool = True, make_runner=LocalRunner) -> dict:
     """Prune `cfg.model` and write it to `cfg.out` (atomically) with `asft_run.json`. Returns that record.
 
-    If `cfg.out` already holds this exact run, nothing is recomputed.
+    If `cfg.out` already holds this exact run, nothing is recomputed. `make_runner` says where
+    calibration activations are pushed through the layers (see pruning.engine.LocalRunner).
     """
     if check_output_dir(cfg.out, cfg.identity(), cfg.overwrite):
         return {**read_run(cfg.out), "reused": True}
@@ -40,7 +41,7 @@ def run_prune(cfg: PruneConfig, show_progress: bool = True) -> dict:
 
     t = time.perf_counter()
     layers = prune_model(
-        model, cfg.method, cfg.parsed_pattern, cfg.sparsity, calib_ids, show_progress, cfg.prune_lm_head
+        model, cfg.method, cfg.parsed_pattern, cfg.sparsity, calib_ids, show_progress, cfg.prune_lm_head, make_runner
     )
     timings["prune_s"] = time.perf_counter() - t
 

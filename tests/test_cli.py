@@ -123,3 +123,25 @@ def test_demo_config_is_valid():
 
     cfg = PruneConfig.from_dict(load_yaml(str(REPO / "configs" / "demo.yaml")))
     assert cfg.model == "smollm2-135m" and cfg.method == "wanda" and cfg.sparsity == 0.5
+
+
+def test_cli_with_two_scoring_workers_matches_one(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"w{n}"
+        proc = asft("prune", "--model", str(tiny_model_dir), "--method", "sparsegpt", "--sparsity", "0.5",
+                    "--nsamples", "8", "--seqlen", "32", "--workers", str(n), "--out", str(out), "--no-progress")
+        assert proc.returncode == 0, proc.stderr
+        outs[n] = load_file(out / "model.safetensors")
+    for key in outs[1]:
+        assert torch.equal(outs[1][key], outs[2][key]), key
+
+
+def test_more_workers_than_cpus_is_a_clear_error(tiny_model_dir, tmp_path):
+    proc = asft("prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--nsamples", "2",
+                "--seqlen", "32", "--workers", "8", "--worker-cpus", "1", "--out", str(tmp_path / "o"), "--no-progress",
+                env={"ASFT_PLACEMENT_TIMEOUT_S": "5"})
+    assert_one_line_error(proc, "scoring workers could be placed")
+    assert not (tmp_path / "o").exists()

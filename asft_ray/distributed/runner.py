@@ -27,9 +27,13 @@ def init_ray(address: str | None = None) -> bool:
     return True
 
 
+SHARDED_METHODS = ("wanda", "sparsegpt")  # taylor/fisher gradients still run in the pruning actor
+
+
 @ray.remote
 class PruneWorker:
-    """Runs one pruning recipe with `threads` torch threads."""
+    """Runs one pruning recipe with `threads` torch threads; with cfg.workers > 0 it starts
+    that many scoring actors and only orchestrates them (and applies the masks)."""
 
     def __init__(self, threads: int):
         import torch
@@ -37,9 +41,19 @@ class PruneWorker:
         torch.set_num_threads(threads)
 
     def run(self, cfg: dict, show_progress: bool) -> dict:
+        from asft_ray.distributed.sharded import WorkerResources, sharded_runner_factory, start_workers
         from asft_ray.prune import run_prune
 
-        return run_prune(PruneConfig(**cfg), show_progress)
+        cfg = PruneConfig(**cfg)
+        if not (cfg.workers and cfg.method in SHARDED_METHODS):
+            return run_prune(cfg, show_progress)
+        memory = int(cfg.worker_memory_gb * 2**30) if cfg.worker_memory_gb else None
+        workers = start_workers(cfg.workers, WorkerResources(cfg.worker_cpus, cfg.worker_gpus, memory))
+        try:
+            return run_prune(cfg, show_progress, sharded_runner_factory(workers))
+        finally:
+            for worker in workers:
+                ray.kill(worker)
 
 
 def _unwrap(err: Exception) -> Exception:
@@ -52,7 +66,9 @@ def prune_on_ray(
 ) -> dict:
     owned = init_ray(address)
     cpus = num_cpus or max(1, int(ray.available_resources().get("CPU", 1)))
-    worker = PruneWorker.options(num_cpus=cpus).remote(cpus)
+    # with scoring actors, the coordinator reserves no CPU so that they can be placed
+    reserved = 0 if cfg.workers and cfg.method in SHARDED_METHODS else cpus
+    worker = PruneWorker.options(num_cpus=reserved).remote(cpus)
     try:
         return ray.get(worker.run.remote(cfg.to_dict(), show_progress))
     except ray.exceptions.RayTaskError as err:

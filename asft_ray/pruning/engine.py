@@ -21,7 +21,7 @@ from asft_ray.eval.sparsity import linear_sparsity
 from asft_ray.models import decoder_layers, prunable_linears
 from asft_ray.progress import progress
 from asft_ray.pruning.masks import make_mask
-from asft_ray.pruning.stats import LayerInputStats
+from asft_ray.pruning.stats import InputStats, LayerInputStats, sum_in_order
 from asft_ray.scoring import fisher_scores, magnitude_scores, sparsegpt, taylor_scores, wanda_scores
 
 
@@ -100,31 +100,76 @@ def _final_norm(model: nn.Module) -> nn.Module:
     return norm
 
 
+CHUNK_SIZE = 4  # calibration samples per unit of work; statistics are reduced per chunk, in chunk order
+
+
 @torch.no_grad()
-def _prune_layerwise(model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head=False) -> list[dict]:
-    inputs, args, kwargs = capture_layer0_inputs(model, calib_ids)
+def chunk_stats(layer: nn.Module, chunk: list[torch.Tensor], args: tuple, kwargs: dict, hessian: bool) -> InputStats:
+    """Input statistics of `layer`'s linears over one chunk of calibration samples."""
+    with LayerInputStats(prunable_linears(layer), hessian) as stats:
+        for x in chunk:
+            stats.begin_sample()
+            _run_layer(layer, x, args, kwargs)
+    return stats.result()
+
+
+@torch.no_grad()
+def chunk_forward(layer: nn.Module, chunk: list[torch.Tensor], args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The layer's outputs for one chunk: the next layer's inputs."""
+    return [_run_layer(layer, x, args, kwargs) for x in chunk]
+
+
+def split_chunks(inputs: list, chunk_size: int = CHUNK_SIZE) -> list[list]:
+    return [inputs[i : i + chunk_size] for i in range(0, len(inputs), chunk_size)]
+
+
+class LocalRunner:
+    """Runs the calibration activations through layers in this process, chunk by chunk.
+
+    `ShardedRunner` (asft_ray.distributed) does the same with the chunks spread over Ray
+    actors; both sum statistics per chunk in chunk order, so they agree."""
+
+    def __init__(self, inputs: list[torch.Tensor], args: tuple, kwargs: dict, chunk_size: int = CHUNK_SIZE):
+        self.chunks = split_chunks(inputs, chunk_size)
+        self.args, self.kwargs = args, kwargs
+
+    def collect(self, layer: nn.Module, hessian: bool) -> InputStats:
+        return sum_in_order([chunk_stats(layer, c, self.args, self.kwargs, hessian) for c in self.chunks])
+
+    def advance(self, layer: nn.Module) -> None:
+        self.chunks = [chunk_forward(layer, c, self.args, self.kwargs) for c in self.chunks]
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [x for chunk in self.chunks for x in chunk]
+
+
+def _needed_stats(method: str, stats: InputStats, name: str) -> dict:
+    return {"hessian": stats.hessian(name)} if method == "sparsegpt" else {"sq_norms": stats.sq_norm(name)}
+
+
+@torch.no_grad()
+def _prune_layerwise(
+    model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head=False, make_runner=LocalRunner
+) -> list[dict]:
+    runner = make_runner(*capture_layer0_inputs(model, calib_ids))
     report = []
     for index, layer in enumerate(progress(decoder_layers(model), f"{method} layers", show_progress)):
         start = time.perf_counter()
         linears = prunable_linears(layer)
-        with LayerInputStats(linears, hessian=method == "sparsegpt") as stats:
-            for x in inputs:
-                stats.begin_sample()
-                _run_layer(layer, x, args, kwargs)
+        stats = runner.collect(layer, hessian=method == "sparsegpt")
         for name, linear in linears.items():
-            needed = {"hessian": stats.hessian(name)} if method == "sparsegpt" else {"sq_norms": stats.sq_norm(name)}
-            linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity, **needed)
+            linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity, **_needed_stats(method, stats, name))
         del stats
-        inputs = [_run_layer(layer, x, args, kwargs) for x in inputs]
+        runner.advance(layer)
         report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(linears)})
     if prune_lm_head:
         start = time.perf_counter()
         head, norm = untie_lm_head(model), _final_norm(model)
-        stats = LayerInputStats({"lm_head": head}, hessian=method == "sparsegpt")
-        for x in inputs:
-            stats.add("lm_head", norm(x))
-        needed = {"hessian": stats.hessian("lm_head")} if method == "sparsegpt" else {"sq_norms": stats.sq_norm("lm_head")}
-        head.weight.data = prune_weight(method, head.weight.data, pattern, sparsity, **needed)
+        collector = LayerInputStats({"lm_head": head}, hessian=method == "sparsegpt")
+        for x in runner.outputs():
+            collector.add("lm_head", norm(x))
+        stats = collector.result()
+        head.weight.data = prune_weight(method, head.weight.data, pattern, sparsity, **_needed_stats(method, stats, "lm_head"))
         report.append({"layer": "lm_head", "seconds": time.perf_counter() - start, **linear_sparsity({"lm_head": head})})
     return report
 
@@ -203,15 +248,19 @@ def prune_model(
     calib_ids: torch.Tensor | None = None,
     show_progress: bool = True,
     prune_lm_head: bool = False,
+    make_runner=LocalRunner,
 ) -> list[dict]:
     """Prune every linear in the decoder layers in place (and lm_head if asked, untied from the
-    input embeddings). Returns one report row per layer."""
+    input embeddings). Returns one report row per layer.
+
+    `make_runner(inputs, args, kwargs)` decides where calibration activations live and are
+    pushed through layers (wanda, sparsegpt): here (LocalRunner) or on Ray actors."""
     check_pattern_fits(model, pattern, prune_lm_head)
     if method == "magnitude":
         return _prune_each_linear(model, method, pattern, sparsity, prune_lm_head=prune_lm_head)
     if calib_ids is None:
         raise ValueError(f"method {method!r} needs calibration data")
     if method in ("wanda", "sparsegpt"):
-        return _prune_layerwise(model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head)
+        return _prune_layerwise(model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head, make_runner)
     grads = gradient_sums(model, calib_ids, show_progress, lm_head=prune_lm_head)
     return _prune_each_linear(model, method, pattern, sparsity, grads, prune_lm_head)

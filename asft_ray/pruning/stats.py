@@ -6,8 +6,45 @@ statistic is computed once per distinct input.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
+
+
+@dataclass
+class InputStats:
+    """Summed input statistics of one layer's linears (plain data: picklable, addable)."""
+
+    source: dict[str, str] = field(default_factory=dict)  # linear -> linear whose accumulator it shares
+    sq_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def sq_norm(self, name: str) -> torch.Tensor:
+        return self.sq_norms[self.source[name]]
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.hessians[self.source[name]]
+
+    def __add__(self, other: "InputStats") -> "InputStats":
+        return InputStats(
+            {**self.source, **other.source},
+            _add_dicts(self.sq_norms, other.sq_norms),
+            _add_dicts(self.hessians, other.hessians),
+        )
+
+
+def _add_dicts(a: dict, b: dict) -> dict:
+    return {k: a[k] + b[k] if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+
+
+def sum_in_order(parts: list[InputStats]) -> InputStats:
+    """Add partial statistics left to right. A fixed order keeps float64 sums bit-identical
+    however the parts were spread over workers."""
+    total = InputStats()
+    for part in parts:
+        total = total + part
+    return total
 
 
 class LayerInputStats:
@@ -58,8 +95,5 @@ class LayerInputStats:
             gram = (x.T @ x).double()
             self.hessians[name] = self.hessians[name] + gram if name in self.hessians else gram
 
-    def sq_norm(self, name: str) -> torch.Tensor:
-        return self.sq_norms[self.source[name]]
-
-    def hessian(self, name: str) -> torch.Tensor:
-        return self.hessians[self.source[name]]
+    def result(self) -> InputStats:
+        return InputStats(dict(self.source), dict(self.sq_norms), dict(self.hessians))
