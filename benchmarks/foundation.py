@@ -25,22 +25,27 @@ RESULTS = ROOT / "benchmarks" / "results" / "foundation.jsonl"
 RUNS = ROOT / "runs" / "bench"
 MODEL = "smollm2-135m"
 
-# (method, pattern) in the order they run; "full" rows evaluate all 148 windows.
+# (method, pattern, nsamples) in the order they run; "full" rows evaluate all 148 windows.
 ROWS = [
-    ("dense", "-"),
-    ("magnitude", "unstructured"),
-    ("magnitude", "2:4"),
-    ("wanda", "unstructured"),
-    ("sparsegpt", "unstructured"),
-    ("wanda", "2:4"),
-    ("sparsegpt", "2:4"),
-    ("taylor", "unstructured"),
-    ("fisher", "unstructured"),
-    ("dense", "full"),
-    ("best50", "full"),
-    ("taylor", "2:4"),
-    ("fisher", "2:4"),
+    ("dense", "-", 0),
+    ("magnitude", "unstructured", 0),
+    ("magnitude", "2:4", 0),
+    ("wanda", "unstructured", 32),
+    ("sparsegpt", "unstructured", 32),
+    ("wanda", "2:4", 32),
+    ("sparsegpt", "2:4", 32),
+    ("taylor", "unstructured", 32),
+    ("fisher", "unstructured", 32),
+    ("dense", "full", 0),
+    ("best50", "full", 0),
+    ("wanda", "unstructured", 128),
+    ("taylor", "2:4", 32),
+    ("fisher", "2:4", 32),
 ]
+
+
+def row_key(method: str, pattern: str, nsamples: int) -> str:
+    return f"{method}-{pattern}" + (f"-n{nsamples}" if nsamples not in (0, 32) else "")
 
 
 def asft(*args: str) -> str:
@@ -78,12 +83,12 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict) -> dict:
         if method == "dense":
             model, prune = MODEL, None
         else:  # the best 50 % unstructured quick-protocol row
-            quick = [r for k, r in done.items() if r["pattern"] == "unstructured" and r["method"] != "dense"]
+            quick = [r for r in done.values() if r["pattern"] == "unstructured" and r["nsamples"] == 32]
             best = min(quick, key=lambda r: r["ppl_16w"])
             model, prune = best["model_dir"], None
             method = f"{best['method']} (best 50 %)"
     else:
-        out = RUNS / f"{method}-{pattern.replace(':', 'of')}"
+        out = RUNS / f"{method}-{pattern.replace(':', 'of')}-n{nsamples}"
         args = ["prune", "--model", MODEL, "--method", method, "--pattern", pattern, "--nsamples", str(nsamples),
                 "--seqlen", "2048", "--out", str(out), "--no-progress"]
         if pattern == "unstructured":
@@ -95,7 +100,7 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict) -> dict:
         "method": method,
         "pattern": pattern,
         "model_dir": model,
-        "nsamples": nsamples if prune and method != "magnitude" else 0,
+        "nsamples": nsamples,
         "sparsity": result["sparsity"],
         "windows": result["windows"],
         "eval_s": result["seconds"],
@@ -113,8 +118,8 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict) -> dict:
 
 def table(done: dict) -> str:
     lines = [
-        "| method | pattern | sparsity | ppl 8w | ppl 16w | ppl full | prune time (s) | eval time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | pattern | nsamples | sparsity | ppl 8w | ppl 16w | ppl full | prune time (s) | eval time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(x, fmt):
@@ -122,7 +127,7 @@ def table(done: dict) -> str:
 
     for r in done.values():
         lines.append(
-            f"| {r['method']} | {r['pattern']} | {r['sparsity']:.4f} | {f(r.get('ppl_8w'), '.3f')} | "
+            f"| {r['method']} | {r['pattern']} | {r['nsamples']} | {r['sparsity']:.4f} | {f(r.get('ppl_8w'), '.3f')} | "
             f"{f(r.get('ppl_16w'), '.3f')} | {f(r.get('ppl_full'), '.3f')} | {f(r.get('prune_s'), '.0f')} | "
             f"{r['eval_s']:.0f} |"
         )
@@ -131,18 +136,17 @@ def table(done: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--only", nargs="*", help="keys such as wanda-unstructured or dense-full")
     parser.add_argument("--table", action="store_true", help="only print the table of finished rows")
     args = parser.parse_args()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     if not args.table:
-        for method, pattern in ROWS:
-            key = f"{method}-{pattern}"
+        for method, pattern, nsamples in ROWS:
+            key = row_key(method, pattern, nsamples)
             if key in done_rows() or (args.only and key not in args.only):
                 continue
             start = time.perf_counter()
-            row = {"key": key, **run_row(method, pattern, args.nsamples, done_rows())}
+            row = {"key": key, **run_row(method, pattern, nsamples, done_rows())}
             row["wall_s"] = time.perf_counter() - start
             with RESULTS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
