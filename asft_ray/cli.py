@@ -38,6 +38,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-memory-gb", type=float, help="memory Ray reserves per scoring actor")
     p.add_argument("--out", help="output model directory")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an --out that holds a different run")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue a killed wanda/sparsegpt run after its last finished layer")
     _add_common(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded one)")
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
@@ -65,7 +67,7 @@ def _prune(args) -> None:
     from asft_ray.models import resolve_model
 
     values = load_yaml(args.config) if args.config else {}
-    for key in ("model", "method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "out", "data_dir", "overwrite",
+    for key in ("model", "method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "out", "data_dir", "overwrite", "resume",
                 "prune_lm_head", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)

@@ -61,6 +61,7 @@ class PruneConfig:
     data_dir: str | None = None  # None: ASFT_DATA_DIR, then ../shared/data, then the hub
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     overwrite: bool = False  # replace an --out that holds a different run
+    resume: bool = False  # continue a killed wanda/sparsegpt run after its last finished layer
     workers: int = 0  # scoring actors for wanda/sparsegpt; 0 = score inside the one pruning actor
     worker_cpus: float = 1
     worker_gpus: float = 0
@@ -117,7 +118,7 @@ class PruneConfig:
     def identity(self) -> dict:
         """The inputs that decide the result: two runs with equal identity give equal models."""
         d = self.to_dict()
-        for key in ("device", "overwrite", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb"):
+        for key in ("device", "overwrite", "resume", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb"):
             d.pop(key)  # where and how it runs, not what it computes
         d["out"] = str(Path(self.out).resolve())
         return d

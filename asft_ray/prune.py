@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -13,7 +14,10 @@ from asft_ray.config import CALIBRATED_METHODS, PruneConfig
 from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration
 from asft_ray.eval.sparsity import model_sparsity
 from asft_ray.models import load_model, save_model
+from asft_ray.pruning.checkpoint import LayerCheckpoint
 from asft_ray.pruning.engine import LocalRunner, check_pattern_fits, prune_model
+
+LAYERWISE_METHODS = ("wanda", "sparsegpt")
 
 
 def run_prune(cfg: PruneConfig, show_progress: bool = True, make_runner=LocalRunner) -> dict:
@@ -40,8 +44,13 @@ def run_prune(cfg: PruneConfig, show_progress: bool = True, make_runner=LocalRun
         timings["calibration_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    checkpoint, resumed = None, 0
+    if cfg.method in LAYERWISE_METHODS:
+        checkpoint = LayerCheckpoint(partial_dir(cfg.out), cfg.identity(), cfg.resume)
+        resumed = len(checkpoint.completed())
     layers = prune_model(
-        model, cfg.method, cfg.parsed_pattern, cfg.sparsity, calib_ids, show_progress, cfg.prune_lm_head, make_runner
+        model, cfg.method, cfg.parsed_pattern, cfg.sparsity, calib_ids, show_progress, cfg.prune_lm_head, make_runner,
+        checkpoint,
     )
     timings["prune_s"] = time.perf_counter() - t
 
@@ -51,6 +60,7 @@ def run_prune(cfg: PruneConfig, show_progress: bool = True, make_runner=LocalRun
         "calibration_tokens": 0 if calib_ids is None else int(calib_ids.numel()),
         "sparsity": model_sparsity(model),
         "layers": layers,
+        "resumed_layers": resumed,
         "timings": timings,
         "device": str(next(model.parameters()).device),
         "torch_threads": torch.get_num_threads(),
@@ -62,4 +72,12 @@ def run_prune(cfg: PruneConfig, show_progress: bool = True, make_runner=LocalRun
         timings["save_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - start
         write_json_atomic(tmp / RUN_FILE, record)
+    if checkpoint:
+        checkpoint.remove()
     return record
+
+
+def partial_dir(out: str) -> Path:
+    """Where a run's per-layer checkpoints live until its output is complete."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial")

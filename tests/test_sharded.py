@@ -59,3 +59,41 @@ def test_one_and_two_workers_give_identical_weights(local_ray, tiny_model, calib
 def test_more_workers_than_the_cluster_can_place_fails_with_the_missing_resource(local_ray):
     with pytest.raises(AsftError, match=r"lacks resources, asked 6 CPU \(cluster has 2\)"):
         start_workers(3, WorkerResources(cpus=2), timeout_s=3)
+
+
+def test_a_worker_killed_mid_layer_is_restarted_and_the_result_is_unchanged(local_ray, tiny_model, calib8):
+    import os
+    import signal
+
+    from asft_ray.distributed.sharded import ShardedRunner
+
+    class KillingRunner(ShardedRunner):
+        """Submits layer 1's statistics tasks, then kills worker 0 by pid before collecting them."""
+
+        layers_seen = 0
+
+        def collect(self, layer, hessian):
+            KillingRunner.layers_seen += 1
+            if KillingRunner.layers_seen != 2:
+                return super().collect(layer, hessian)
+            layer_ref = ray.put(layer)
+            parts = [self._worker(k).stats.remote(layer_ref, c, self.context, hessian) for k, c in enumerate(self.chunks)]
+            os.kill(ray.get(self.workers[0].ready.remote()), signal.SIGKILL)
+            from asft_ray.pruning.stats import sum_in_order
+
+            return sum_in_order(ray.get(parts))
+
+    workers = start_workers(2, WorkerResources(cpus=1))
+    try:
+        pid_before = ray.get(workers[0].ready.remote())
+        reference = pruned_weights(tiny_model, "sparsegpt", calib8, workers)
+        model = copy.deepcopy(tiny_model)
+        prune_model(model, "sparsegpt", Pattern.parse("unstructured"), 0.5, calib8, show_progress=False,
+                    make_runner=lambda *a: KillingRunner(workers, *a))
+        assert ray.get(workers[0].ready.remote()) != pid_before  # it really died and came back
+    finally:
+        for w in workers:
+            ray.kill(w)
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, lin in prunable_linears(layer).items():
+            assert torch.equal(lin.weight, reference[f"{i}.{name}"]), (i, name)

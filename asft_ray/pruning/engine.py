@@ -149,11 +149,18 @@ def _needed_stats(method: str, stats: InputStats, name: str) -> dict:
 
 @torch.no_grad()
 def _prune_layerwise(
-    model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head=False, make_runner=LocalRunner
+    model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head=False, make_runner=LocalRunner,
+    checkpoint=None,
 ) -> list[dict]:
     runner = make_runner(*capture_layer0_inputs(model, calib_ids))
-    report = []
-    for index, layer in enumerate(progress(decoder_layers(model), f"{method} layers", show_progress)):
+    layers = decoder_layers(model)
+    report = checkpoint.completed() if checkpoint else []
+    for index in range(len(report)):  # resume: restore finished layers and push the inputs through them
+        checkpoint.load_layer(index, layers[index])
+        runner.advance(layers[index])
+    for index, layer in enumerate(progress(layers, f"{method} layers", show_progress)):
+        if index < len(report):
+            continue
         start = time.perf_counter()
         linears = prunable_linears(layer)
         stats = runner.collect(layer, hessian=method == "sparsegpt")
@@ -162,6 +169,8 @@ def _prune_layerwise(
         del stats
         runner.advance(layer)
         report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(linears)})
+        if checkpoint:
+            checkpoint.save_layer(index, layer, report[-1])
     if prune_lm_head:
         start = time.perf_counter()
         head, norm = untie_lm_head(model), _final_norm(model)
@@ -249,18 +258,23 @@ def prune_model(
     show_progress: bool = True,
     prune_lm_head: bool = False,
     make_runner=LocalRunner,
+    checkpoint=None,
 ) -> list[dict]:
     """Prune every linear in the decoder layers in place (and lm_head if asked, untied from the
     input embeddings). Returns one report row per layer.
 
     `make_runner(inputs, args, kwargs)` decides where calibration activations live and are
-    pushed through layers (wanda, sparsegpt): here (LocalRunner) or on Ray actors."""
+    pushed through layers (wanda, sparsegpt): here (LocalRunner) or on Ray actors.
+    `checkpoint` (a pruning.checkpoint.LayerCheckpoint) saves each finished layer of the
+    layer-wise methods and restores finished layers when resuming."""
     check_pattern_fits(model, pattern, prune_lm_head)
     if method == "magnitude":
         return _prune_each_linear(model, method, pattern, sparsity, prune_lm_head=prune_lm_head)
     if calib_ids is None:
         raise ValueError(f"method {method!r} needs calibration data")
     if method in ("wanda", "sparsegpt"):
-        return _prune_layerwise(model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head, make_runner)
+        return _prune_layerwise(
+            model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head, make_runner, checkpoint
+        )
     grads = gradient_sums(model, calib_ids, show_progress, lm_head=prune_lm_head)
     return _prune_each_linear(model, method, pattern, sparsity, grads, prune_lm_head)
