@@ -44,6 +44,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded one)")
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
 
+    j = sub.add_parser("submit", help="submit a prune config as a Ray job to a cluster")
+    j.add_argument("config", help="YAML run config (same keys as `asft prune`)")
+    j.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="job server, e.g. http://127.0.0.1:8265")
+    j.add_argument("--no-wait", action="store_true", help="return once submitted")
+    j.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the job")
+
     e = sub.add_parser("eval", help="perplexity and sparsity of a model")
     e.add_argument("--model", required=True)
     e.add_argument("--task", default="wikitext2", choices=["wikitext2"])
@@ -95,6 +101,15 @@ def _prune(args) -> None:
         )
 
 
+def _submit(args) -> None:
+    from asft_ray.distributed.submit import submit
+
+    if not args.address:
+        raise AsftError("--address (or $RAY_ADDRESS) is required, e.g. http://127.0.0.1:8265")
+    result = submit(args.config, args.address, wait=not args.no_wait, timeout_s=args.timeout)
+    print(f"job {result['job_id']}: {result['status']}")
+
+
 def _eval(args) -> None:
     from asft_ray.data import wikitext2_ids
     from asft_ray.eval.perplexity import perplexity
@@ -134,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        {"prune": _prune, "eval": _eval}[args.command](args)
+        {"prune": _prune, "submit": _submit, "eval": _eval}[args.command](args)
     except AsftError as err:
         print(f"asft: error: {err}", file=sys.stderr)
         return 2
