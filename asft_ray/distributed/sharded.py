@@ -54,6 +54,9 @@ class ScoringWorker:
     def ready(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def stats(self, layer, chunk, context, hessian: bool) -> InputStats:
         args, kwargs = context
         return chunk_stats(layer.to(self.device), [x.to(self.device) for x in chunk], args, kwargs, hessian)
