@@ -32,6 +32,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
     p.add_argument("--prune-lm-head", action="store_true", default=None,
                    help="also prune lm_head (untied from the input embeddings, which stay dense)")
+    p.add_argument("--stream", action="store_true", default=None,
+                   help="never hold the whole model: stream decoder layers from safetensors (wanda, sparsegpt)")
     p.add_argument("--workers", type=int, help="Ray scoring actors for wanda/sparsegpt (default 0: in one actor)")
     p.add_argument("--worker-cpus", type=float, help="CPUs per scoring actor (default 1)")
     p.add_argument("--worker-gpus", type=float, help="GPUs per scoring actor (default 0)")
@@ -74,7 +76,7 @@ def _prune(args) -> None:
 
     values = load_yaml(args.config) if args.config else {}
     for key in ("model", "method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "out", "data_dir", "overwrite", "resume",
-                "prune_lm_head", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb"):
+                "prune_lm_head", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.device != "auto" or "device" not in values:

@@ -62,6 +62,7 @@ class PruneConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     overwrite: bool = False  # replace an --out that holds a different run
     resume: bool = False  # continue a killed wanda/sparsegpt run after its last finished layer
+    stream: bool = False  # read/prune/write one decoder layer at a time from safetensors (wanda, sparsegpt)
     workers: int = 0  # scoring actors for wanda/sparsegpt; 0 = score inside the one pruning actor
     worker_cpus: float = 1
     worker_gpus: float = 0
@@ -82,6 +83,8 @@ class PruneConfig:
             raise AsftError(f"seqlen must be at least 2, got {self.seqlen}")
         if not self.out:
             raise AsftError("--out is required")
+        if self.stream and self.method not in ("wanda", "sparsegpt"):
+            raise AsftError(f"layer streaming works with wanda and sparsegpt, not {self.method}")
         if self.workers < 0 or self.worker_cpus <= 0 or self.worker_gpus < 0:
             raise AsftError("workers must be >= 0, worker_cpus > 0 and worker_gpus >= 0")
 
@@ -118,7 +121,7 @@ class PruneConfig:
     def identity(self) -> dict:
         """The inputs that decide the result: two runs with equal identity give equal models."""
         d = self.to_dict()
-        for key in ("device", "overwrite", "resume", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb"):
+        for key in ("device", "overwrite", "resume", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb"):
             d.pop(key)  # where and how it runs, not what it computes
         d["out"] = str(Path(self.out).resolve())
         return d

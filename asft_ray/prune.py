@@ -12,10 +12,12 @@ import asft_ray
 from asft_ray.artifacts import RUN_FILE, atomic_output_dir, check_output_dir, read_run, write_json_atomic
 from asft_ray.config import CALIBRATED_METHODS, PruneConfig
 from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration
-from asft_ray.eval.sparsity import model_sparsity
-from asft_ray.models import load_model, save_model
+from asft_ray.errors import AsftError
+from asft_ray.eval.sparsity import model_sparsity, sparsity_from_report
+from asft_ray.models import load_model, resolve_model, save_model
 from asft_ray.pruning.checkpoint import LayerCheckpoint
 from asft_ray.pruning.engine import LocalRunner, check_pattern_fits, prune_model
+from asft_ray.pruning.streaming import StreamedLayers, build_skeleton
 
 LAYERWISE_METHODS = ("wanda", "sparsegpt")
 
@@ -33,7 +35,10 @@ def run_prune(cfg: PruneConfig, show_progress: bool = True, make_runner=LocalRun
     calibrated = cfg.method in CALIBRATED_METHODS
     data_dir = resolve_data_dir(cfg.data_dir) if calibrated else None
 
-    model, tokenizer = load_model(cfg.model, cfg.device, show_progress=show_progress)
+    if cfg.stream:
+        model, tokenizer, reader = _load_skeleton(cfg.model)
+    else:
+        model, tokenizer = load_model(cfg.model, cfg.device, show_progress=show_progress)
     check_pattern_fits(model, cfg.parsed_pattern, cfg.prune_lm_head)
     timings["load_s"] = time.perf_counter() - start
 
@@ -43,38 +48,56 @@ def run_prune(cfg: PruneConfig, show_progress: bool = True, make_runner=LocalRun
         calib_ids = sample_calibration(c4_documents(data_dir), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
         timings["calibration_data_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
     checkpoint, resumed = None, 0
     if cfg.method in LAYERWISE_METHODS:
         checkpoint = LayerCheckpoint(partial_dir(cfg.out), cfg.identity(), cfg.resume)
         resumed = len(checkpoint.completed())
-    layers = prune_model(
-        model, cfg.method, cfg.parsed_pattern, cfg.sparsity, calib_ids, show_progress, cfg.prune_lm_head, make_runner,
-        checkpoint,
-    )
-    timings["prune_s"] = time.perf_counter() - t
-
-    record = {
-        "inputs": cfg.identity(),
-        "data_dir": data_dir,
-        "calibration_tokens": 0 if calib_ids is None else int(calib_ids.numel()),
-        "sparsity": model_sparsity(model),
-        "layers": layers,
-        "resumed_layers": resumed,
-        "timings": timings,
-        "device": str(next(model.parameters()).device),
-        "torch_threads": torch.get_num_threads(),
-        "versions": {"asft_ray": asft_ray.__version__, "torch": torch.__version__, "python": platform.python_version()},
-    }
-    t = time.perf_counter()
+    # A streamed model is written layer by layer while it is pruned, so all of it happens
+    # inside the atomic output folder.
     with atomic_output_dir(cfg.out) as tmp:
-        save_model(model, tokenizer, tmp)
+        t = time.perf_counter()
+        layer_store = StreamedLayers(model, reader, tmp) if cfg.stream else None
+        layers = prune_model(
+            model, cfg.method, cfg.parsed_pattern, cfg.sparsity, calib_ids, show_progress, cfg.prune_lm_head,
+            make_runner, checkpoint, layer_store,
+        )
+        timings["prune_s"] = time.perf_counter() - t
+        record = {
+            "inputs": cfg.identity(),
+            "data_dir": data_dir,
+            "calibration_tokens": 0 if calib_ids is None else int(calib_ids.numel()),
+            "sparsity": sparsity_from_report(layers) if cfg.stream else model_sparsity(model),
+            "layers": layers,
+            "resumed_layers": resumed,
+            "timings": timings,
+            "device": str(next(model.parameters()).device),
+            "torch_threads": torch.get_num_threads(),
+            "versions": {"asft_ray": asft_ray.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        }
+        t = time.perf_counter()
+        if cfg.stream:
+            layer_store.finish(model)
+            model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        else:
+            save_model(model, tokenizer, tmp)
         timings["save_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - start
         write_json_atomic(tmp / RUN_FILE, record)
     if checkpoint:
         checkpoint.remove()
     return record
+
+
+def _load_skeleton(spec: str):
+    """(meta-device model with its non-layer parts loaded, tokenizer, shard reader) for streaming."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(spec)
+    if source.gguf_file or source.is_hub:
+        raise AsftError(f"layer streaming needs a local model directory with safetensors, not {spec!r}")
+    model, reader = build_skeleton(Path(source.location))
+    return model, AutoTokenizer.from_pretrained(source.location, trust_remote_code=False), reader
 
 
 def partial_dir(out: str) -> Path:

@@ -31,3 +31,18 @@ def model_sparsity(model: nn.Module) -> dict:
         "layers": [r["sparsity"] for r in per_layer],
         "lm_head": float((head.weight == 0).float().mean()) if head is not None else None,
     }
+
+
+def sparsity_from_report(rows: list[dict]) -> dict:
+    """model_sparsity's totals from the engine's per-layer report (for streamed models, whose
+    layers are no longer in memory)."""
+    layers = [r for r in rows if r["layer"] != "lm_head"]
+    head = [r for r in rows if r["layer"] == "lm_head"]
+    zeros = sum(r["zeros"] for r in layers)
+    weights = sum(r["weights"] for r in layers)
+    return {
+        "total": zeros / weights,
+        "prunable_weights": weights,
+        "layers": [r["sparsity"] for r in layers],
+        "lm_head": head[0]["sparsity"] if head else None,
+    }

@@ -143,6 +143,19 @@ class LocalRunner:
         return [x for chunk in self.chunks for x in chunk]
 
 
+class ResidentLayers:
+    """Layers that already live in the model: nothing to load before pruning or write after.
+
+    `pruning.streaming.StreamedLayers` has the same two methods and reads each layer from
+    safetensors shards just before it is pruned, then writes it out and frees it."""
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        pass
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        pass
+
+
 def _needed_stats(method: str, stats: InputStats, name: str) -> dict:
     return {"hessian": stats.hessian(name)} if method == "sparsegpt" else {"sq_norms": stats.sq_norm(name)}
 
@@ -150,18 +163,22 @@ def _needed_stats(method: str, stats: InputStats, name: str) -> dict:
 @torch.no_grad()
 def _prune_layerwise(
     model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head=False, make_runner=LocalRunner,
-    checkpoint=None,
+    checkpoint=None, layer_store=None,
 ) -> list[dict]:
+    layer_store = layer_store or ResidentLayers()
     runner = make_runner(*capture_layer0_inputs(model, calib_ids))
     layers = decoder_layers(model)
     report = checkpoint.completed() if checkpoint else []
     for index in range(len(report)):  # resume: restore finished layers and push the inputs through them
+        layer_store.load(index, layers[index])
         checkpoint.load_layer(index, layers[index])
         runner.advance(layers[index])
+        layer_store.release(index, layers[index])
     for index, layer in enumerate(progress(layers, f"{method} layers", show_progress)):
         if index < len(report):
             continue
         start = time.perf_counter()
+        layer_store.load(index, layer)
         linears = prunable_linears(layer)
         stats = runner.collect(layer, hessian=method == "sparsegpt")
         for name, linear in linears.items():
@@ -171,6 +188,7 @@ def _prune_layerwise(
         report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(linears)})
         if checkpoint:
             checkpoint.save_layer(index, layer, report[-1])
+        layer_store.release(index, layer)
     if prune_lm_head:
         start = time.perf_counter()
         head, norm = untie_lm_head(model), _final_norm(model)
@@ -259,6 +277,7 @@ def prune_model(
     prune_lm_head: bool = False,
     make_runner=LocalRunner,
     checkpoint=None,
+    layer_store=None,
 ) -> list[dict]:
     """Prune every linear in the decoder layers in place (and lm_head if asked, untied from the
     input embeddings). Returns one report row per layer.
@@ -266,7 +285,9 @@ def prune_model(
     `make_runner(inputs, args, kwargs)` decides where calibration activations live and are
     pushed through layers (wanda, sparsegpt): here (LocalRunner) or on Ray actors.
     `checkpoint` (a pruning.checkpoint.LayerCheckpoint) saves each finished layer of the
-    layer-wise methods and restores finished layers when resuming."""
+    layer-wise methods and restores finished layers when resuming. `layer_store` (wanda,
+    sparsegpt) loads each layer just before it is pruned and writes/frees it after; default:
+    the layers are resident in `model`."""
     check_pattern_fits(model, pattern, prune_lm_head)
     if method == "magnitude":
         return _prune_each_linear(model, method, pattern, sparsity, prune_lm_head=prune_lm_head)
@@ -274,7 +295,8 @@ def prune_model(
         raise ValueError(f"method {method!r} needs calibration data")
     if method in ("wanda", "sparsegpt"):
         return _prune_layerwise(
-            model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head, make_runner, checkpoint
+            model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head, make_runner, checkpoint,
+            layer_store,
         )
     grads = gradient_sums(model, calib_ids, show_progress, lm_head=prune_lm_head)
     return _prune_each_linear(model, method, pattern, sparsity, grads, prune_lm_head)

@@ -1,0 +1,137 @@
+"""Layer streaming: prune a model that is never fully in memory.
+
+The model is built on the `meta` device (no storage). Only the parts outside the decoder
+layers (embeddings, final norm, lm_head, rotary tables) are materialised. Each decoder
+layer is read from the safetensors shards (memory-mapped) just before it is pruned, written
+to its own output shard right after, and returned to `meta`. Peak memory: the non-layer
+parts, one layer, and the calibration activations (which a ShardedRunner keeps in Ray's
+object store instead of this process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from asft_ray.errors import AsftError
+from asft_ray.models import decoder_layers
+
+INDEX = "model.safetensors.index.json"
+
+
+class SafetensorsReader:
+    """Tensors by name across a model folder's safetensors shards, opened memory-mapped."""
+
+    def __init__(self, folder: Path):
+        folder = Path(folder)
+        if (folder / INDEX).is_file():
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise AsftError(f"layer streaming needs safetensors weights in {folder} (model.safetensors or {INDEX})")
+        self.weight_map = weight_map
+        self._files = {name: safe_open(folder / name, "pt") for name in sorted(set(weight_map.values()))}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._files[self.weight_map[key]].get_tensor(key)
+
+    def keys_under(self, prefix: str) -> list[str]:
+        return [k for k in self.weight_map if k.startswith(prefix)]
+
+
+def layers_prefix(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    return next(name for name, m in model.named_modules() if m is layers)
+
+
+def build_skeleton(folder: Path):
+    """The model with no weights in memory; only the modules outside the decoder layers are filled in."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    config.use_cache = False
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    reader = SafetensorsReader(folder)
+    _materialise_outside_layers(model, reader)
+    return model, reader
+
+
+def _materialise_outside_layers(model: nn.Module, reader: SafetensorsReader) -> None:
+    inside = {id(m) for m in decoder_layers(model).modules()}
+    for module_name, module in list(model.named_modules()):
+        if id(module) in inside:
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            key = f"{module_name}.{name}" if module_name else name
+            if key in reader:
+                module._parameters[name] = nn.Parameter(reader.get(key).float(), requires_grad=False)
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                fresh = type(module)(config=model.config)
+                parent_name, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
+            else:
+                raise AsftError(f"cannot stream {type(model).__name__}: buffer of {module_name} is not in the checkpoint")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    prefix = layers_prefix(model) + "."
+    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
+    if missing:
+        raise AsftError(f"the checkpoint lacks {missing[0]} ({len(missing)} tensors outside the layers missing)")
+
+
+class StreamedLayers:
+    """engine layer_store: load layer i from the source shards, write it to its own output shard, free it."""
+
+    def __init__(self, model: nn.Module, reader: SafetensorsReader, out_dir: Path):
+        self.reader = reader
+        self.prefix = layers_prefix(model)
+        self.out_dir = Path(out_dir)
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        layer.to_empty(device="cpu")
+        prefix = f"{self.prefix}.{index}."
+        state = {k[len(prefix) :]: self.reader.get(k).float() for k in self.reader.keys_under(prefix)}
+        layer.load_state_dict(state, strict=True)
+
+    def _write(self, tensors: dict[str, torch.Tensor], filename: str) -> None:
+        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        tmp = self.out_dir / f".{filename}.tmp"
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, self.out_dir / filename)
+        for key, value in tensors.items():
+            self.weight_map[key] = filename
+            self.total_size += value.numel() * value.element_size()
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        prefix = f"{self.prefix}.{index}."
+        self._write({prefix + k: v for k, v in layer.state_dict().items()}, f"model-layer-{index:05d}.safetensors")
+        layer.to("meta")
+
+    def finish(self, model: nn.Module) -> None:
+        """Write everything outside the decoder layers, and the shard index transformers reads."""
+        inside = {id(p) for p in decoder_layers(model).parameters()}
+        rest, seen = {}, set()
+        for key, param in model.named_parameters(remove_duplicate=False):
+            if id(param) in inside or id(param) in seen:
+                continue  # tied weights are saved once, as the checkpoint had them
+            seen.add(id(param))
+            rest[key] = param
+        self._write(rest, "model-rest.safetensors")
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))

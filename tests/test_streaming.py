@@ -1,0 +1,51 @@
+"""Layer streaming gives the same pruned model as pruning it in memory."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from asft_ray.config import PruneConfig
+from asft_ray.errors import AsftError
+from asft_ray.prune import run_prune
+
+
+@pytest.fixture(scope="module")
+def sharded_model_dir(tmp_path_factory):
+    from tests.conftest import build_tiny_llama, build_tokenizer
+
+    folder = tmp_path_factory.mktemp("sharded")
+    tokenizer = build_tokenizer()
+    model = build_tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=3)
+    model.save_pretrained(folder, max_shard_size="200KB")  # several shards, layers split across them
+    tokenizer.save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
+def test_streamed_equals_in_memory(sharded_model_dir, tmp_path, data_dir, method, pattern):
+    def cfg(out, stream):
+        return PruneConfig(model=str(sharded_model_dir), method=method, pattern=pattern, sparsity=0.5, nsamples=4,
+                           seqlen=32, out=str(tmp_path / out), data_dir=data_dir, device="cpu", stream=stream)
+
+    resident = run_prune(cfg("resident", False), show_progress=False)
+    streamed = run_prune(cfg("streamed", True), show_progress=False)
+    assert streamed["sparsity"]["total"] == pytest.approx(resident["sparsity"]["total"])
+    assert streamed["sparsity"]["layers"] == resident["sparsity"]["layers"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "resident").eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    ids = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_streaming_refuses_what_it_cannot_stream(tmp_path):
+    with pytest.raises(AsftError, match="works with wanda and sparsegpt"):
+        PruneConfig(model="x", method="magnitude", sparsity=0.5, out=str(tmp_path), stream=True)
+    cfg = PruneConfig(model="smollm2-135m", method="wanda", sparsity=0.5, out=str(tmp_path / "o"), stream=True)
+    with pytest.raises(AsftError, match="needs a local model directory with safetensors"):
+        run_prune(cfg, show_progress=False)
