@@ -1,0 +1,58 @@
+"""How sensitive is one-shot Wanda on SmolLM2-135M to float rounding in its statistics?
+
+Runs Wanda (32 x 2048 C4 windows, seed 0) twice in one process: with asft-ray's float64
+sums, and with the reference code's float32 running mean of ||x||^2 (WrappedGPT.add_batch),
+then evaluates the first 16 WikiText-2 test windows. The masks can only differ through
+rounding, so the ppl gap measures how much rounding alone moves the result.
+
+    python benchmarks/wanda_sensitivity.py [--pattern 2:4]
+"""
+
+import argparse
+import copy
+import json
+
+import torch
+
+from asft_ray.config import Pattern
+from asft_ray.data import c4_documents, sample_calibration, wikitext2_ids
+from asft_ray.eval.perplexity import perplexity
+from asft_ray.models import load_model
+from asft_ray.pruning import stats as stats_module
+from asft_ray.pruning.engine import LocalRunner, prune_model
+
+
+def reference_float32_add(self, name, x):
+    """WrappedGPT.add_batch: scaler_row *= n/(n+1); n += 1; scaler_row += ||x_j||^2 / n (float32)."""
+    self.source.setdefault(name, name)
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    n = self.sq_norms.get(name + "#n", 0)
+    row = self.sq_norms.get(name, torch.zeros(x.shape[-1]))
+    row = row * (n / (n + 1)) + torch.norm(x.t(), p=2, dim=1) ** 2 / (n + 1)
+    self.sq_norms[name], self.sq_norms[name + "#n"] = row, n + 1
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pattern", default="2:4")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model, tok = load_model("smollm2-135m", device="cpu", show_progress=False)
+    calib = sample_calibration(c4_documents(), tok, 32, 2048, 0)
+    ids = wikitext2_ids(tok)
+    dense = copy.deepcopy(model.state_dict())
+    pattern = Pattern.parse(args.pattern)
+    results = {}
+    for variant in ("float64-sums", "reference-float32-running-mean"):
+        model.load_state_dict(dense)
+        if variant.startswith("reference"):
+            stats_module.LayerInputStats.add = reference_float32_add
+        # one chunk holding every sample: the statistics are accumulated sample by sample, as in the reference
+        prune_model(model, "wanda", pattern, 0.5, calib, show_progress=False,
+                    make_runner=lambda *a: LocalRunner(*a, chunk_size=len(calib)))
+        results[variant] = perplexity(model, ids, 2048, max_windows=16, show_progress=False)["ppl"]
+        print(json.dumps({"pattern": args.pattern, "variant": variant, "ppl_16w": results[variant]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
