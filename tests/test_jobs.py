@@ -77,3 +77,18 @@ def test_submit_to_an_unreachable_address_is_one_line(tmp_path):
     config.write_text("model: smollm2-135m\nmethod: magnitude\nsparsity: 0.5\nout: x\n")
     proc = asft("submit", str(config), "--address", f"http://127.0.0.1:{free_port()}", timeout=120)
     assert_one_line_error(proc, "could not reach the Ray job server")
+
+
+def test_plain_ray_job_submit_with_the_module_entrypoint(ray_head, tiny_model_dir, tmp_path, data_dir):
+    out = tmp_path / "plain-job"
+    config = tmp_path / "job.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nmethod: magnitude\nsparsity: 0.3\nout: {out}\n")
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]}
+    proc = subprocess.run(
+        [ray_bin, "job", "submit", "--address", ray_head, "--", "python", "-m", "asft_ray.jobs.prune", str(config)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "succeeded" in (proc.stdout + proc.stderr).lower()
+    assert json.loads((out / "asft_run.json").read_text())["sparsity"]["total"] == pytest.approx(0.3, abs=1e-3)
