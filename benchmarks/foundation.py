@@ -45,6 +45,18 @@ ROWS = [
 ]
 
 
+# ../shared/ANCHORS.md: locuslab/wanda reference code on this kind of machine, nsamples 32, seed 0 (8w, 16w ppl).
+REFERENCE = {
+    ("dense", "-"): (19.134, 20.713),
+    ("magnitude", "unstructured"): (414.947, 465.618),
+    ("wanda", "unstructured"): (42.040, 45.102),
+    ("sparsegpt", "unstructured"): (39.830, 42.499),
+    ("magnitude", "2:4"): (1677.642, 1937.691),
+    ("wanda", "2:4"): (159.526, 169.375),
+    ("sparsegpt", "2:4"): (83.741, 84.781),
+}
+
+
 def row_key(method: str, pattern: str, nsamples: int) -> str:
     return f"{method}-{pattern}" + (f"-n{nsamples}" if nsamples not in (0, 32) else "")
 
@@ -119,18 +131,23 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict) -> dict:
 
 def table(done: dict) -> str:
     lines = [
-        "| method | pattern | nsamples | sparsity | ppl 8w | ppl 16w | ppl full | prune time (s) | eval time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | pattern | nsamples | sparsity | ppl 8w | ppl 16w | reference 8w / 16w | 16w vs reference "
+        "| ppl full | prune time (s) | eval time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(x, fmt):
         return "" if x is None else format(x, fmt)
 
     for r in done.values():
+        ref = REFERENCE.get((r["method"], r["pattern"]))
+        versus = ""
+        if ref and r.get("ppl_16w"):
+            versus = f"{100 * (r['ppl_16w'] / ref[1] - 1):+.1f} %"
         lines.append(
             f"| {r['method']} | {r['pattern']} | {r['nsamples']} | {r['sparsity']:.4f} | {f(r.get('ppl_8w'), '.3f')} | "
-            f"{f(r.get('ppl_16w'), '.3f')} | {f(r.get('ppl_full'), '.3f')} | {f(r.get('prune_s'), '.0f')} | "
-            f"{r['eval_s']:.0f} |"
+            f"{f(r.get('ppl_16w'), '.3f')} | {f'{ref[0]} / {ref[1]}' if ref else ''} | {versus} | "
+            f"{f(r.get('ppl_full'), '.3f')} | {f(r.get('prune_s'), '.0f')} | {r['eval_s']:.0f} |"
         )
     return "\n".join(lines)
 
