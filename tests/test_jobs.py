@@ -23,7 +23,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     gcs, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # the head (and so every job's `python`) runs from this virtualenv, as it would on a real cluster node
+    venv_bin = os.path.dirname(sys.executable)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
     env.pop("RAY_ADDRESS", None)
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     head = subprocess.Popen(
@@ -84,7 +87,7 @@ def test_plain_ray_job_submit_with_the_module_entrypoint(ray_head, tiny_model_di
     config = tmp_path / "job.yaml"
     config.write_text(f"model: {tiny_model_dir}\nmethod: magnitude\nsparsity: 0.3\nout: {out}\n")
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run(
         [ray_bin, "job", "submit", "--address", ray_head, "--", "python", "-m", "asft_ray.jobs.prune", str(config)],
         capture_output=True, text=True, env=env, timeout=300,
