@@ -12,21 +12,17 @@ benchmarks/results/memory.jsonl.
 """
 
 import argparse
-import json
-import platform
 import shutil
 import sys
 import threading
 import time
-from datetime import date
 from pathlib import Path
 
 import psutil
 import torch
+from results_io import append_row
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.conftest's tokenizer builder
-
-RESULTS = Path(__file__).resolve().parent / "results" / "memory.jsonl"
 
 
 class PeakRss:
@@ -117,17 +113,12 @@ def main():
         role = "driver" if pid == psutil.Process().pid else name
         by_role[f"{role} [{pid}]"] = peak
     top = dict(sorted(by_role.items(), key=lambda kv: -kv[1])[:8])
-    row = {
-        "benchmark": "memory_streaming", "date": date.today().isoformat(), "machine": platform.node(),
+    append_row("memory_streaming", {
         "params": params, "weight_bytes": weight_bytes, "build_s": build_s, "prune_s": prune_s,
         "nsamples": opts.nsamples, "seqlen": opts.seqlen, "workers": 2,
         "peak_rss_bytes": top, "max_peak_fraction_of_weights": max(by_role.values()) / weight_bytes,
         "sparsity_reported": record["sparsity"]["total"], "sparsity_reloaded": reloaded,
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps(row, indent=2))
+    })
 
 
 if __name__ == "__main__":

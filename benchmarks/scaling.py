@@ -9,21 +9,16 @@ benchmarks/results/scaling.jsonl. Run it on an otherwise idle machine.
 """
 
 import argparse
-import json
-import platform
 import time
-from datetime import date
-from pathlib import Path
 
 import ray
 import torch
+from results_io import append_row
 
 from asft_ray.data import c4_documents, sample_calibration
 from asft_ray.distributed.sharded import ShardedRunner, WorkerResources, start_workers
 from asft_ray.models import decoder_layers, load_model
 from asft_ray.pruning.engine import capture_layer0_inputs
-
-RESULTS = Path(__file__).resolve().parent / "results" / "scaling.jsonl"
 
 
 def time_workers(n, model, inputs, args, kwargs, layers):
@@ -62,15 +57,10 @@ def main():
         for n in (1, 2):
             seconds[n].append(time_workers(n, model, inputs, args, kwargs, opts.layers))
     best = {n: min(s) for n, s in seconds.items()}
-    row = {
-        "benchmark": "scaling", "date": date.today().isoformat(), "machine": platform.node(),
+    append_row("scaling", {
         "layers": opts.layers, "nsamples": opts.nsamples, "seqlen": opts.seqlen, "seconds": seconds,
         "tokens_per_s": {n: tokens / s for n, s in best.items()}, "speedup_2_vs_1": best[1] / best[2],
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps(row, indent=2))
+    })
 
 
 if __name__ == "__main__":

@@ -10,12 +10,9 @@ rounding, so the ppl gap measures how much rounding alone moves the result.
 
 import argparse
 import copy
-import json
-import platform
-from datetime import date
-from pathlib import Path
 
 import torch
+from results_io import append_row
 
 from asft_ray.config import Pattern
 from asft_ray.data import c4_documents, sample_calibration, wikitext2_ids
@@ -23,9 +20,6 @@ from asft_ray.eval.perplexity import perplexity
 from asft_ray.models import load_model
 from asft_ray.pruning import stats as stats_module
 from asft_ray.pruning.engine import LocalRunner, prune_model
-
-
-RESULTS = Path(__file__).resolve().parent / "results" / "wanda_sensitivity.jsonl"
 
 
 def reference_float32_add(self, name, x):
@@ -57,11 +51,8 @@ def main():
         prune_model(model, "wanda", pattern, 0.5, calib, show_progress=False,
                     make_runner=lambda *a: LocalRunner(*a, chunk_size=len(calib)))
         results[variant] = perplexity(model, ids, 2048, max_windows=16, show_progress=False)["ppl"]
-        row = {"pattern": args.pattern, "variant": variant, "ppl_16w": results[variant], "nsamples": 32,
-               "date": date.today().isoformat(), "machine": platform.node()}
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        append_row("wanda_sensitivity", {"pattern": args.pattern, "variant": variant, "ppl_16w": results[variant],
+                                         "nsamples": 32})
 
 
 if __name__ == "__main__":
