@@ -34,7 +34,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="also prune lm_head (untied from the input embeddings, which stay dense)")
     p.add_argument("--stream", action="store_true", default=None,
                    help="never hold the whole model: stream decoder layers from safetensors (wanda, sparsegpt)")
-    p.add_argument("--workers", type=int, help="Ray scoring actors for wanda/sparsegpt (default 0: in one actor)")
+    p.add_argument("--workers", type=int, help="Ray scoring actors (default 0: score inside the one pruning actor)")
     p.add_argument("--worker-cpus", type=float, help="CPUs per scoring actor (default 1)")
     p.add_argument("--worker-gpus", type=float, help="GPUs per scoring actor (default 0)")
     p.add_argument("--worker-memory-gb", type=float, help="memory Ray reserves per scoring actor")

@@ -63,7 +63,7 @@ class PruneConfig:
     overwrite: bool = False  # replace an --out that holds a different run
     resume: bool = False  # continue a killed wanda/sparsegpt run after its last finished layer
     stream: bool = False  # read/prune/write one decoder layer at a time from safetensors (wanda, sparsegpt)
-    workers: int = 0  # scoring actors for wanda/sparsegpt; 0 = score inside the one pruning actor
+    workers: int = 0  # scoring actors (statistics or gradients); 0 = score inside the one pruning actor
     worker_cpus: float = 1
     worker_gpus: float = 0
     worker_memory_gb: float | None = None

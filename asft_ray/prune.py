@@ -16,17 +16,20 @@ from asft_ray.errors import AsftError
 from asft_ray.eval.sparsity import model_sparsity, sparsity_from_report
 from asft_ray.models import load_model, resolve_model, save_model
 from asft_ray.pruning.checkpoint import LayerCheckpoint
-from asft_ray.pruning.engine import LocalRunner, check_pattern_fits, prune_model
+from asft_ray.pruning.engine import LocalRunner, check_pattern_fits, chunked_gradient_sums, prune_model
 from asft_ray.pruning.streaming import StreamedLayers, build_skeleton
 
 LAYERWISE_METHODS = ("wanda", "sparsegpt")
 
 
-def run_prune(cfg: PruneConfig, show_progress: bool = True, make_runner=LocalRunner) -> dict:
+def run_prune(
+    cfg: PruneConfig, show_progress: bool = True, make_runner=LocalRunner, sum_gradients=chunked_gradient_sums
+) -> dict:
     """Prune `cfg.model` and write it to `cfg.out` (atomically) with `asft_run.json`. Returns that record.
 
     If `cfg.out` already holds this exact run, nothing is recomputed. `make_runner` says where
-    calibration activations are pushed through the layers (see pruning.engine.LocalRunner).
+    calibration activations are pushed through the layers (see pruning.engine.LocalRunner),
+    `sum_gradients` where Taylor/Fisher gradients are computed.
     """
     if check_output_dir(cfg.out, cfg.identity(), cfg.overwrite):
         return {**read_run(cfg.out), "reused": True}
@@ -59,7 +62,7 @@ def run_prune(cfg: PruneConfig, show_progress: bool = True, make_runner=LocalRun
         layer_store = StreamedLayers(model, reader, tmp) if cfg.stream else None
         layers = prune_model(
             model, cfg.method, cfg.parsed_pattern, cfg.sparsity, calib_ids, show_progress, cfg.prune_lm_head,
-            make_runner, checkpoint, layer_store,
+            make_runner, checkpoint, layer_store, sum_gradients,
         )
         timings["prune_s"] = time.perf_counter() - t
         record = {

@@ -97,3 +97,26 @@ def test_a_worker_killed_mid_layer_is_restarted_and_the_result_is_unchanged(loca
     for i, layer in enumerate(decoder_layers(model)):
         for name, lin in prunable_linears(layer).items():
             assert torch.equal(lin.weight, reference[f"{i}.{name}"]), (i, name)
+
+
+@pytest.mark.parametrize("method", ["taylor", "fisher"])
+def test_gradient_methods_shard_with_identical_results(local_ray, tiny_model, calib8, method):
+    from asft_ray.distributed.sharded import sharded_gradient_sums
+
+    results = {}
+    for n in (1, 2):
+        workers = start_workers(n, WorkerResources(cpus=1))
+        try:
+            model = copy.deepcopy(tiny_model)
+            prune_model(model, method, Pattern.parse("unstructured"), 0.5, calib8, show_progress=False,
+                        sum_gradients=sharded_gradient_sums(workers))
+            results[n] = {k: v.clone() for k, v in model.state_dict().items()}
+        finally:
+            for w in workers:
+                ray.kill(w)
+    local = copy.deepcopy(tiny_model)
+    prune_model(local, method, Pattern.parse("unstructured"), 0.5, calib8, show_progress=False)
+    for key in results[1]:
+        assert torch.equal(results[1][key], results[2][key]), key
+        agree = (results[1][key] == 0) == (local.state_dict()[key] == 0)
+        assert agree.float().mean() > 0.999, key

@@ -27,7 +27,7 @@ def init_ray(address: str | None = None) -> bool:
     return True
 
 
-SHARDED_METHODS = ("wanda", "sparsegpt")  # taylor/fisher gradients still run in the pruning actor
+SHARDED_METHODS = ("wanda", "sparsegpt", "taylor", "fisher")
 
 
 @ray.remote
@@ -41,7 +41,12 @@ class PruneWorker:
         torch.set_num_threads(threads)
 
     def run(self, cfg: dict, show_progress: bool) -> dict:
-        from asft_ray.distributed.sharded import WorkerResources, sharded_runner_factory, start_workers
+        from asft_ray.distributed.sharded import (
+            WorkerResources,
+            sharded_gradient_sums,
+            sharded_runner_factory,
+            start_workers,
+        )
         from asft_ray.prune import run_prune
 
         cfg = PruneConfig(**cfg)
@@ -50,7 +55,7 @@ class PruneWorker:
         memory = int(cfg.worker_memory_gb * 2**30) if cfg.worker_memory_gb else None
         workers = start_workers(cfg.workers, WorkerResources(cfg.worker_cpus, cfg.worker_gpus, memory))
         try:
-            return run_prune(cfg, show_progress, sharded_runner_factory(workers))
+            return run_prune(cfg, show_progress, sharded_runner_factory(workers), sharded_gradient_sums(workers))
         finally:
             for worker in workers:
                 ray.kill(worker)

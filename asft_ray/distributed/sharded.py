@@ -24,7 +24,15 @@ import ray
 import torch
 
 from asft_ray.errors import AsftError
-from asft_ray.pruning.engine import CHUNK_SIZE, chunk_forward, chunk_stats, split_chunks
+from asft_ray.pruning.engine import (
+    CHUNK_SIZE,
+    add_gradient_sums,
+    chunk_forward,
+    chunk_stats,
+    gradient_sums,
+    split_chunks,
+    untie_lm_head,
+)
 from asft_ray.pruning.stats import InputStats, sum_in_order
 
 
@@ -60,6 +68,10 @@ class ScoringWorker:
     def stats(self, layer, chunk, context, hessian: bool) -> InputStats:
         args, kwargs = context
         return chunk_stats(layer.to(self.device), [x.to(self.device) for x in chunk], args, kwargs, hessian)
+
+    def gradients(self, model, ids: torch.Tensor, lm_head: bool) -> dict:
+        sums = gradient_sums(model.to(self.device), ids.to(self.device), show_progress=False, lm_head=lm_head)
+        return {key: (g.cpu(), g2.cpu()) for key, (g, g2) in sums.items()}
 
     def forward(self, layer, chunk, context) -> list[torch.Tensor]:
         args, kwargs = context
@@ -128,3 +140,23 @@ def sharded_runner_factory(workers: list, chunk_size: int = CHUNK_SIZE):
         return ShardedRunner(workers, inputs, args, kwargs, chunk_size)
 
     return make
+
+
+def sharded_gradient_sums(workers: list, chunk_size: int = CHUNK_SIZE):
+    """A `sum_gradients` for engine.prune_model: each worker holds a copy of the model and
+    returns the float64 gradient sums of its chunks; the driver adds them in chunk order."""
+
+    def compute(model, calib_ids: torch.Tensor, show_progress: bool = True, lm_head: bool = False) -> dict:
+        if lm_head:
+            untie_lm_head(model)  # before the copy is shipped, so the workers see the same parameters
+        model_ref = ray.put(model)
+        parts = [
+            workers[k % len(workers)].gradients.remote(model_ref, chunk, lm_head)
+            for k, chunk in enumerate(calib_ids.split(chunk_size))
+        ]
+        total = None
+        for part in parts:  # fetched one at a time, in chunk order
+            total = add_gradient_sums(total, ray.get(part))
+        return total
+
+    return compute

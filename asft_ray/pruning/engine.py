@@ -234,6 +234,22 @@ def gradient_sums(model: nn.Module, calib_ids: torch.Tensor, show_progress: bool
     return sums
 
 
+def add_gradient_sums(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return b
+    return {key: (a[key][0] + b[key][0], a[key][1] + b[key][1]) for key in a}
+
+
+def chunked_gradient_sums(model: nn.Module, calib_ids: torch.Tensor, show_progress: bool = True,
+                          lm_head: bool = False, chunk_size: int = CHUNK_SIZE) -> dict:
+    """gradient_sums over fixed chunks of samples, added in chunk order: exactly what the
+    sharded version (asft_ray.distributed.sharded) computes with any number of workers."""
+    total = None
+    for chunk in progress(calib_ids.split(chunk_size), "gradient chunks", show_progress):
+        total = add_gradient_sums(total, gradient_sums(model, chunk, False, lm_head))
+    return total
+
+
 @torch.no_grad()
 def _prune_each_linear(model, method, pattern, sparsity, grads=None, prune_lm_head=False) -> list[dict]:
     groups = list(enumerate(prunable_linears(layer) for layer in decoder_layers(model)))
@@ -278,6 +294,7 @@ def prune_model(
     make_runner=LocalRunner,
     checkpoint=None,
     layer_store=None,
+    sum_gradients=chunked_gradient_sums,
 ) -> list[dict]:
     """Prune every linear in the decoder layers in place (and lm_head if asked, untied from the
     input embeddings). Returns one report row per layer.
@@ -287,7 +304,8 @@ def prune_model(
     `checkpoint` (a pruning.checkpoint.LayerCheckpoint) saves each finished layer of the
     layer-wise methods and restores finished layers when resuming. `layer_store` (wanda,
     sparsegpt) loads each layer just before it is pruned and writes/frees it after; default:
-    the layers are resident in `model`."""
+    the layers are resident in `model`. `sum_gradients` (taylor, fisher) computes the summed
+    gradients: here chunk by chunk, or on Ray actors."""
     check_pattern_fits(model, pattern, prune_lm_head)
     if method == "magnitude":
         return _prune_each_linear(model, method, pattern, sparsity, prune_lm_head=prune_lm_head)
@@ -298,5 +316,5 @@ def prune_model(
             model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head, make_runner, checkpoint,
             layer_store,
         )
-    grads = gradient_sums(model, calib_ids, show_progress, lm_head=prune_lm_head)
+    grads = sum_gradients(model, calib_ids, show_progress, lm_head=prune_lm_head)
     return _prune_each_linear(model, method, pattern, sparsity, grads, prune_lm_head)
