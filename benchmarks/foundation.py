@@ -38,8 +38,8 @@ ROWS = [
     ("fisher", "unstructured", 32),
     ("dense", "full", 0),
     ("best50", "full", 0),
-    ("wanda", "unstructured", 128),
     ("wanda", "2:4", 128),
+    ("wanda", "unstructured", 128),
     ("taylor", "2:4", 32),
     ("fisher", "2:4", 32),
 ]
