@@ -9,7 +9,7 @@ import os
 
 import ray
 
-from asft_ray.config import PruneConfig
+from asft_ray.config import CALIBRATED_METHODS, PruneConfig
 from asft_ray.errors import AsftError
 
 
@@ -25,9 +25,6 @@ def init_ray(address: str | None = None) -> bool:
     except ConnectionError as err:
         raise AsftError(f"could not reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {err}") from err
     return True
-
-
-SHARDED_METHODS = ("wanda", "sparsegpt", "taylor", "fisher")
 
 
 @ray.remote
@@ -50,7 +47,7 @@ class PruneWorker:
         from asft_ray.prune import run_prune
 
         cfg = PruneConfig(**cfg)
-        if not (cfg.workers and cfg.method in SHARDED_METHODS):
+        if not (cfg.workers and cfg.method in CALIBRATED_METHODS):
             return run_prune(cfg, show_progress)
         memory = int(cfg.worker_memory_gb * 2**30) if cfg.worker_memory_gb else None
         workers = start_workers(cfg.workers, WorkerResources(cfg.worker_cpus, cfg.worker_gpus, memory))
@@ -72,14 +69,15 @@ def prune_on_ray(
     owned = init_ray(address)
     cpus = num_cpus or max(1, int(ray.available_resources().get("CPU", 1)))
     # with scoring actors, the coordinator reserves no CPU so that they can be placed
-    reserved = 0 if cfg.workers and cfg.method in SHARDED_METHODS else cpus
+    reserved = 0 if cfg.workers and cfg.method in CALIBRATED_METHODS else cpus
     worker = PruneWorker.options(num_cpus=reserved).remote(cpus)
     try:
         return ray.get(worker.run.remote(cfg.to_dict(), show_progress))
     except ray.exceptions.RayTaskError as err:
         raise _unwrap(err) from None
     except ray.exceptions.ActorDiedError as err:
-        raise AsftError(f"the pruning worker died ({str(err).strip().splitlines()[0]})") from None
+        hint = "; the node ran low on memory" if "memory" in str(err).lower() else ""
+        raise AsftError(f"the pruning worker died ({str(err).strip().splitlines()[0]}{hint})") from None
     finally:
         ray.kill(worker)
         if owned:  # also flushes the worker's last log lines before our caller prints anything
