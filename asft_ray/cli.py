@@ -113,7 +113,7 @@ def _submit(args) -> None:
 
 
 def _eval(args) -> None:
-    from asft_ray.data import wikitext2_ids
+    from asft_ray.data import resolve_data_dir, wikitext2_ids
     from asft_ray.eval.perplexity import perplexity
     from asft_ray.eval.sparsity import model_sparsity
     from asft_ray.models import load_model, resolve_model
@@ -123,8 +123,6 @@ def _eval(args) -> None:
     if args.max_windows is not None and args.max_windows < 1:
         raise AsftError(f"--max-windows must be at least 1, got {args.max_windows}")
     resolve_model(args.model)
-    from asft_ray.data import resolve_data_dir
-
     resolve_data_dir(args.data_dir)
     model, tokenizer = load_model(args.model, args.device, show_progress=not args.no_progress)
     ids = wikitext2_ids(tokenizer, args.split, args.data_dir)
