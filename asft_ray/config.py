@@ -67,6 +67,7 @@ class PruneConfig:
     worker_cpus: float = 1
     worker_gpus: float = 0
     worker_memory_gb: float | None = None
+    schedule: str | dict = "uniform"  # per-layer sparsity: uniform, owl, ramp, a mapping or a YAML file (asft_ray.schedules)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -87,6 +88,15 @@ class PruneConfig:
             raise AsftError(f"layer streaming works with wanda and sparsegpt, not {self.method}")
         if self.workers < 0 or self.worker_cpus <= 0 or self.worker_gpus < 0:
             raise AsftError("workers must be >= 0, worker_cpus > 0 and worker_gpus >= 0")
+        spec = self.schedule_spec  # parses (and reads a schedule file) now, so errors come before any work
+        if spec.name != "uniform" or spec.group_offsets or spec.attn_offset:
+            if pattern.kind == "nm":
+                raise AsftError(f"a per-layer schedule needs unstructured pruning; pattern {pattern} fixes every layer's sparsity")
+            if self.stream and spec.name == "owl":
+                raise AsftError("the owl schedule needs a pass over the dense model and does not work with --stream yet")
+        from asft_ray.schedules import check_reachable
+
+        check_reachable(spec, self.sparsity)
 
     @staticmethod
     def from_dict(values: dict, source: str = "config") -> "PruneConfig":
@@ -115,6 +125,19 @@ class PruneConfig:
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
 
+    @property
+    def schedule_spec(self):
+        from asft_ray.schedules import ScheduleSpec
+
+        return ScheduleSpec.parse(self.schedule)
+
+    @property
+    def is_uniform(self) -> bool:
+        from asft_ray.schedules import ScheduleSpec
+
+        spec = self.schedule_spec
+        return spec == ScheduleSpec(min_sparsity=spec.min_sparsity, max_sparsity=spec.max_sparsity)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -124,6 +147,9 @@ class PruneConfig:
         for key in ("device", "overwrite", "resume", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb"):
             d.pop(key)  # where and how it runs, not what it computes
         d["out"] = str(Path(self.out).resolve())
+        d["schedule"] = self.schedule_spec.to_dict()  # the content, not the file name
+        if self.is_uniform:
+            d.pop("schedule")  # one ratio for every layer, as before schedules existed
         return d
 
 

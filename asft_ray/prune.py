@@ -16,8 +16,16 @@ from asft_ray.errors import AsftError
 from asft_ray.eval.sparsity import model_sparsity, sparsity_from_report
 from asft_ray.models import load_model, resolve_model, save_model
 from asft_ray.pruning.checkpoint import LayerCheckpoint
-from asft_ray.pruning.engine import LocalRunner, check_pattern_fits, chunked_gradient_sums, prune_model
+from asft_ray.pruning.engine import (
+    LocalRunner,
+    capture_layer0_inputs,
+    check_pattern_fits,
+    chunked_gradient_sums,
+    prune_model,
+)
 from asft_ray.pruning.streaming import StreamedLayers, build_skeleton
+from asft_ray.schedules import achieved_sparsity, build_schedule, linear_sizes
+from asft_ray.schedules.owl import layer_outlier_ratios
 
 LAYERWISE_METHODS = ("wanda", "sparsegpt")
 
@@ -35,7 +43,8 @@ def run_prune(
         return {**read_run(cfg.out), "reused": True}
     timings = {}
     start = time.perf_counter()
-    calibrated = cfg.method in CALIBRATED_METHODS
+    spec = cfg.schedule_spec
+    calibrated = cfg.method in CALIBRATED_METHODS or spec.name == "owl"
     data_dir = resolve_data_dir(cfg.data_dir) if calibrated else None
 
     if cfg.stream:
@@ -51,6 +60,10 @@ def run_prune(
         calib_ids = sample_calibration(c4_documents(data_dir), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
         timings["calibration_data_s"] = time.perf_counter() - t
 
+    t = time.perf_counter()
+    sparsity, schedule = plan_sparsity(cfg, model, calib_ids, make_runner, show_progress)
+    timings["schedule_s"] = time.perf_counter() - t
+
     checkpoint, resumed = None, 0
     if cfg.method in LAYERWISE_METHODS:
         checkpoint = LayerCheckpoint(partial_dir(cfg.out), cfg.identity(), cfg.resume)
@@ -61,7 +74,7 @@ def run_prune(
         t = time.perf_counter()
         layer_store = StreamedLayers(model, reader, tmp) if cfg.stream else None
         layers = prune_model(
-            model, cfg.method, cfg.parsed_pattern, cfg.sparsity, calib_ids, show_progress, cfg.prune_lm_head,
+            model, cfg.method, cfg.parsed_pattern, sparsity, calib_ids, show_progress, cfg.prune_lm_head,
             make_runner, checkpoint, layer_store, sum_gradients,
         )
         timings["prune_s"] = time.perf_counter() - t
@@ -71,6 +84,7 @@ def run_prune(
             "calibration_tokens": 0 if calib_ids is None else int(calib_ids.numel()),
             "sparsity": sparsity_from_report(layers) if cfg.stream else model_sparsity(model),
             "layers": layers,
+            "schedule": schedule,
             "resumed_layers": resumed,
             "timings": timings,
             "device": str(next(model.parameters()).device),
@@ -90,6 +104,26 @@ def run_prune(
     if checkpoint:
         checkpoint.remove()
     return record
+
+
+def plan_sparsity(cfg: PruneConfig, model, calib_ids, make_runner=LocalRunner, show_progress: bool = True,
+                  outliers: dict | None = None, floor: dict | None = None):
+    """(what the engine prunes to: cfg.sparsity or a per-layer plan, the schedule's record for asft_run.json).
+
+    The owl schedule first measures the dense model's outlier ratios (one calibration pass)
+    unless `outliers` are given."""
+    spec = cfg.schedule_spec
+    if cfg.is_uniform and floor is None:
+        return cfg.sparsity, {"spec": spec.to_dict(), "target": cfg.sparsity}
+    if spec.name == "owl" and outliers is None:
+        outliers = layer_outlier_ratios(model, make_runner(*capture_layer0_inputs(model, calib_ids)),
+                                        show_progress=show_progress)
+    plan = build_schedule(spec, model, cfg.sparsity, outliers, floor)
+    record = {"spec": spec.to_dict(), "target": cfg.sparsity, "achieved": achieved_sparsity(
+        {(i, n): s for i, row in plan.items() for n, s in row.items()}, linear_sizes(model)),
+        "layers": [plan[i] for i in sorted(plan)], "outliers": outliers}
+    plan["lm_head"] = {"lm_head": cfg.sparsity}
+    return plan, record
 
 
 def _load_skeleton(spec: str):

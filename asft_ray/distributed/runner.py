@@ -20,8 +20,12 @@ def init_ray(address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    options = {}
+    store_gb = os.environ.get("ASFT_OBJECT_STORE_GB")  # an embedded cluster's shared-memory object store (Ray spills beyond it)
+    if store_gb and not (address or os.environ.get("RAY_ADDRESS")):
+        options["object_store_memory"] = int(float(store_gb) * 2**30)
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="ERROR")
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="ERROR", **options)
     except ConnectionError as err:
         raise AsftError(f"could not reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {err}") from err
     return True
@@ -38,24 +42,36 @@ class PruneWorker:
         torch.set_num_threads(threads)
 
     def run(self, cfg: dict, show_progress: bool) -> dict:
-        from asft_ray.distributed.sharded import (
-            WorkerResources,
-            sharded_gradient_sums,
-            sharded_runner_factory,
-            start_workers,
-        )
         from asft_ray.prune import run_prune
 
         cfg = PruneConfig(**cfg)
-        if not (cfg.workers and cfg.method in CALIBRATED_METHODS):
-            return run_prune(cfg, show_progress)
-        memory = int(cfg.worker_memory_gb * 2**30) if cfg.worker_memory_gb else None
-        workers = start_workers(cfg.workers, WorkerResources(cfg.worker_cpus, cfg.worker_gpus, memory))
-        try:
-            return run_prune(cfg, show_progress, sharded_runner_factory(workers), sharded_gradient_sums(workers))
-        finally:
-            for worker in workers:
-                ray.kill(worker)
+        return _with_scoring_workers(cfg, lambda *where: run_prune(cfg, show_progress, *where))
+
+    def staged(self, values: dict, show_progress: bool) -> dict:
+        from asft_ray.staged import StagedConfig, run_staged
+
+        cfg = StagedConfig.from_dict(values)
+        return _with_scoring_workers(cfg.prune, lambda *where: run_staged(cfg, show_progress, *where))
+
+
+def _with_scoring_workers(cfg: PruneConfig, recipe):
+    """recipe() in this process, or recipe(make_runner, sum_gradients) on cfg.workers scoring actors."""
+    from asft_ray.distributed.sharded import (
+        WorkerResources,
+        sharded_gradient_sums,
+        sharded_runner_factory,
+        start_workers,
+    )
+
+    if not (cfg.workers and cfg.method in CALIBRATED_METHODS):
+        return recipe()
+    memory = int(cfg.worker_memory_gb * 2**30) if cfg.worker_memory_gb else None
+    workers = start_workers(cfg.workers, WorkerResources(cfg.worker_cpus, cfg.worker_gpus, memory))
+    try:
+        return recipe(sharded_runner_factory(workers), sharded_gradient_sums(workers))
+    finally:
+        for worker in workers:
+            ray.kill(worker)
 
 
 def _unwrap(err: Exception) -> Exception:
@@ -66,13 +82,24 @@ def _unwrap(err: Exception) -> Exception:
 def prune_on_ray(
     cfg: PruneConfig, address: str | None = None, num_cpus: int | None = None, show_progress: bool = True
 ) -> dict:
+    return _on_ray(cfg, "run", cfg.to_dict(), address, num_cpus, show_progress)
+
+
+def staged_on_ray(values: dict, address: str | None = None, show_progress: bool = True) -> dict:
+    """A staged run (asft_ray.staged) inside the pruning actor; `values` as in the YAML config."""
+    from asft_ray.staged import StagedConfig
+
+    return _on_ray(StagedConfig.from_dict(values).prune, "staged", values, address, None, show_progress)
+
+
+def _on_ray(cfg: PruneConfig, method: str, payload: dict, address, num_cpus, show_progress: bool) -> dict:
     owned = init_ray(address)
     cpus = num_cpus or max(1, int(ray.available_resources().get("CPU", 1)))
     # with scoring actors, the coordinator reserves no CPU so that they can be placed
     reserved = 0 if cfg.workers and cfg.method in CALIBRATED_METHODS else cpus
     worker = PruneWorker.options(num_cpus=reserved).remote(cpus)
     try:
-        return ray.get(worker.run.remote(cfg.to_dict(), show_progress))
+        return ray.get(getattr(worker, method).remote(payload, show_progress))
     except ray.exceptions.RayTaskError as err:
         raise _unwrap(err) from None
     except ray.exceptions.ActorDiedError as err:

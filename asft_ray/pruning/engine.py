@@ -45,6 +45,14 @@ def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: 
     return weight * keep
 
 
+def sparsity_of(sparsity, layer, name: str) -> float:
+    """One linear's sparsity: `sparsity` is one float for every linear, or a per-layer plan
+    {layer index (or "lm_head"): {linear name: sparsity}} from asft_ray.schedules."""
+    if isinstance(sparsity, (int, float)):
+        return float(sparsity)
+    return sparsity[layer][name]
+
+
 class _Captured(Exception):
     def __init__(self, args, kwargs):
         self.args, self.kwargs = args, kwargs
@@ -182,7 +190,8 @@ def _prune_layerwise(
         linears = prunable_linears(layer)
         stats = runner.collect(layer, hessian=method == "sparsegpt")
         for name, linear in linears.items():
-            linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity, **_needed_stats(method, stats, name))
+            linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity_of(sparsity, index, name),
+                                              **_needed_stats(method, stats, name))
         del stats
         runner.advance(layer)
         report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(linears)})
@@ -196,7 +205,8 @@ def _prune_layerwise(
         for x in runner.outputs():
             collector.add("lm_head", norm(x))
         stats = collector.result()
-        head.weight.data = prune_weight(method, head.weight.data, pattern, sparsity, **_needed_stats(method, stats, "lm_head"))
+        head.weight.data = prune_weight(method, head.weight.data, pattern, sparsity_of(sparsity, "lm_head", "lm_head"),
+                                        **_needed_stats(method, stats, "lm_head"))
         report.append({"layer": "lm_head", "seconds": time.perf_counter() - start, **linear_sparsity({"lm_head": head})})
     return report
 
@@ -262,7 +272,7 @@ def _prune_each_linear(model, method, pattern, sparsity, grads=None, prune_lm_he
             needed = {}
             if grads is not None:
                 needed = {"grad_sum": grads[(index, name)][0], "grad_sq_sum": grads[(index, name)][1]}
-            linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity, **needed)
+            linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity_of(sparsity, index, name), **needed)
         report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(linears)})
     return report
 
@@ -287,7 +297,7 @@ def prune_model(
     model: nn.Module,
     method: str,
     pattern: Pattern,
-    sparsity: float,
+    sparsity: float | dict,
     calib_ids: torch.Tensor | None = None,
     show_progress: bool = True,
     prune_lm_head: bool = False,
@@ -297,7 +307,8 @@ def prune_model(
     sum_gradients=chunked_gradient_sums,
 ) -> list[dict]:
     """Prune every linear in the decoder layers in place (and lm_head if asked, untied from the
-    input embeddings). Returns one report row per layer.
+    input embeddings). Returns one report row per layer. `sparsity` is one float, or a per-layer
+    plan {layer index: {linear name: sparsity}} (and "lm_head") from asft_ray.schedules.
 
     `make_runner(inputs, args, kwargs)` decides where calibration activations live and are
     pushed through layers (wanda, sparsegpt): here (LocalRunner) or on Ray actors.

@@ -1,0 +1,56 @@
+"""OWL: outlier-weighted layerwise sparsity (Yin et al., 2023).
+
+Layers whose Wanda scores |W|·‖X‖ hold more outliers (scores above M times the layer's
+mean) matter more, so they keep more weights. The layer sparsities spread over
+target ± lambda and average to the target (the budget fit then makes it exact).
+As in the OWL reference code, the statistics come from the *dense* model: calibration
+inputs go through each layer unpruned.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from asft_ray.models import decoder_layers, prunable_linears
+from asft_ray.progress import progress
+from asft_ray.scoring import wanda_scores
+
+M_GRID = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)  # outlier thresholds measured in one pass (a sweep may pick any)
+
+
+def outlier_ratio(scores: torch.Tensor, m: float) -> float:
+    """Fraction of entries of `scores` above m times their mean."""
+    scores = scores.double()
+    return float((scores > m * scores.mean()).double().mean())
+
+
+def layer_scores(layer, stats) -> torch.Tensor:
+    """All Wanda scores of one decoder layer's linears, flattened into one vector."""
+    return torch.cat([wanda_scores(lin.weight.data, stats.sq_norm(name)).flatten()
+                      for name, lin in prunable_linears(layer).items()])
+
+
+@torch.no_grad()
+def layer_outlier_ratios(model, runner, ms=M_GRID, show_progress: bool = True) -> dict[float, list[float]]:
+    """{m: [outlier ratio of each decoder layer]} from one pass of the calibration inputs
+    through the dense layers. `runner` is the engine's LocalRunner or a ShardedRunner."""
+    ratios = {float(m): [] for m in ms}
+    for layer in progress(decoder_layers(model), "owl outliers", show_progress):
+        scores = layer_scores(layer, runner.collect(layer, hessian=False))
+        for m in ratios:
+            ratios[m].append(outlier_ratio(scores, m))
+        runner.advance(layer)  # dense outputs feed the next layer
+    return ratios
+
+
+def owl_sparsities(outlier_ratios: list[float], target: float, lam: float) -> list[float]:
+    """OWL's layer sparsities: outlier ratios rescaled to [0, 2·lambda], centred, subtracted from the target."""
+    r = torch.tensor(outlier_ratios, dtype=torch.float64)
+    spread = r.max() - r.min()
+    scaled = (r - r.min()) / spread * (2 * lam) if spread > 0 else torch.zeros_like(r)
+    return [float(target - (s - scaled.mean())) for s in scaled]
+
+
+def nearest_m(ratios: dict, m: float) -> float:
+    """The measured threshold closest to `m` (keys of layer_outlier_ratios' result, possibly JSON strings)."""
+    return min(ratios, key=lambda k: abs(float(k) - m))

@@ -1,0 +1,146 @@
+"""Staged pruning: gates roll back exactly, manual gates survive a restart, runs resume after a crash."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from asft_ray import staged as staged_mod
+from asft_ray.errors import AsftError
+from asft_ray.staged import StagedConfig, decide, run_staged
+from tests.conftest import build_tiny_llama, build_tokenizer
+
+STAGES = [0.2, 0.4, 0.6, 0.8]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, data_dir):
+    folder = tmp_path_factory.mktemp("staged-model")
+    tokenizer = build_tokenizer()
+    # a larger init than the default, so that pruning visibly moves the perplexity of a random model
+    build_tiny_llama(vocab_size=len(tokenizer), initializer_range=0.2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _config(model_dir, out, gate, method="magnitude", **extra):
+    values = {"model": str(model_dir), "method": method, "nsamples": 2, "seqlen": 64, "out": str(out),
+              "stages": STAGES, "gate": {"windows": 4, **gate}, "device": "cpu", **extra}
+    return StagedConfig.from_dict(values)
+
+
+def _weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def permissive(model_dir, tmp_path_factory):
+    """Every stage passes: the per-stage validation ppl the other tests pick their tolerances from."""
+    out = tmp_path_factory.mktemp("permissive") / "run"
+    result = run_staged(_config(model_dir, out, {"max_ppl": 1e9}), show_progress=False)
+    return out, result
+
+
+def test_permissive_gate_runs_every_stage_and_logs_it(permissive):
+    out, result = permissive
+    assert result["final"] == "stage-04"
+    assert [r["target"] for r in result["results"].values()] == STAGES
+    for name, r in result["results"].items():  # each stage saved with its measured sparsity
+        zeros = sum(int((v == 0).sum()) for k, v in _weights(out / "stages" / name).items() if "layers" in k and "norm" not in k)
+        assert r["achieved"] == pytest.approx(r["target"], abs=1e-3) and zeros > 0
+    assert _same(_weights(out / "model"), _weights(out / "stages" / "stage-04"))
+    events = [json.loads(line)["event"] for line in (out / "decisions.jsonl").read_text().splitlines()]
+    assert events == ["dense", "stage", "stage", "stage", "stage", "final"]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "decisions.parquet")
+    assert table.num_rows == 6 and "layer_sparsity" in table.column_names
+
+
+def test_a_violated_tolerance_rolls_back_to_the_previous_stage_exactly(permissive, model_dir, tmp_path):
+    _, result = permissive
+    values = [result["dense"]] + [r["value"] for r in result["results"].values()]
+    # the first stage k >= 2 whose ppl exceeds every earlier stage's: a ceiling between them fails stage k only
+    k = next(k for k in range(2, len(values)) if values[k] > max(values[1:k]))
+    ceiling = (values[k] + max(values[1:k])) / 2
+    out = tmp_path / "run"
+    gated = run_staged(_config(model_dir, out, {"max_ppl": max(ceiling, values[0] + 1e-6)}), show_progress=False)
+    if values[0] > ceiling:
+        pytest.skip("dense ppl above the ceiling; choose another seed")
+    assert gated["final"] == f"stage-{k - 1:02d}"
+    assert _same(_weights(out / "model"), _weights(permissive[0] / "stages" / f"stage-{k - 1:02d}"))
+    rows = [json.loads(line) for line in (out / "decisions.jsonl").read_text().splitlines()]
+    failed = [r for r in rows if r["verdict"] == "fail"]
+    assert len(failed) == 1 and failed[0]["stage"] == k
+    assert "exceeds" in failed[0]["reason"] and f"rolled back to stage-{k - 1:02d}" in failed[0]["reason"]
+    assert not (out / "stages" / f"stage-{k:02d}").exists()
+
+
+def test_manual_gate_pauses_and_continues_across_restarts(model_dir, permissive, tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(model_dir, out, {"manual": True})
+    assert run_staged(cfg, show_progress=False) == {"status": "awaiting_approval", "stage": 1, "run": str(out)}
+    # a new process would see the same: nothing decided yet
+    assert run_staged(cfg, show_progress=False)["status"] == "awaiting_approval"
+    decide(str(out), "approve", "looks fine")
+    assert run_staged(cfg, show_progress=False)["stage"] == 2  # continued, paused after stage 2
+    decide(str(out), "reject", "too much loss")
+    final = run_staged(cfg, show_progress=False)
+    assert final["status"] == "finished" and final["final"] == "stage-01"
+    assert _same(_weights(out / "model"), _weights(permissive[0] / "stages" / "stage-01"))
+    verdicts = [json.loads(line)["verdict"] for line in (out / "decisions.jsonl").read_text().splitlines()]
+    assert verdicts == ["baseline", "pending", "approved", "pending", "rejected", "done"]
+    with pytest.raises(AsftError, match="not waiting"):
+        decide(str(out), "approve")
+
+
+def test_a_crashed_run_resumes_to_the_same_final_model(model_dir, tmp_path, monkeypatch):
+    cfg_values = dict(gate={"max_ppl": 1e9}, method="wanda", schedule="owl")
+    reference = tmp_path / "reference"
+    run_staged(_config(model_dir, reference, **cfg_values), show_progress=False)
+
+    out = tmp_path / "crashed"
+    real_prune, calls = staged_mod._save_stage, []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_prune(*args, **kwargs)
+
+    monkeypatch.setattr(staged_mod, "_save_stage", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_staged(_config(model_dir, out, **cfg_values), show_progress=False)
+    monkeypatch.setattr(staged_mod, "_save_stage", real_prune)
+    state = json.loads((out / "state.json").read_text())
+    assert state["passed"] == "stage-02" and not state["finished"]
+    run_staged(_config(model_dir, out, **cfg_values), show_progress=False)
+    assert _same(_weights(out / "model"), _weights(reference / "model"))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stages": [0.5, 0.4]}, "increase strictly"),
+    ({"stages": [0.2, 1.0]}, r"in \(0, 1\)"),
+    ({"gate": {"windows": 2}}, "needs a tolerance"),
+    ({"gate": {"max_ppl_ratio": 1.2, "split": "test"}}, "must not look at the test split"),
+    ({"gate": {"max_ppl_ratio": 1.2, "colour": 1}}, "unknown gate key"),
+    ({"schedule": {"name": "owl", "max_sparsity": 0.7}}, "unreachable"),
+    ({"sparsity": 0.5}, "takes `stages`"),
+    ({"pattern": "2:4"}, "unstructured"),
+])
+def test_bad_staged_configs_fail_before_any_work(change, message, tmp_path):
+    values = {"model": "smollm2-135m", "method": "wanda", "out": str(tmp_path / "r"), "stages": STAGES,
+              "gate": {"max_ppl_ratio": 1.5}, **change}
+    with pytest.raises(AsftError, match=message):
+        StagedConfig.from_dict(values)
+
+
+def test_a_step_rule_expands_to_stages():
+    cfg = StagedConfig.from_dict({"model": "m", "method": "magnitude", "out": "o", "gate": {"max_ppl_ratio": 2},
+                                  "stages": {"start": 0.2, "step": 0.15, "stop": 0.65}})
+    assert cfg.stages == (0.2, 0.35, 0.5, 0.65)
