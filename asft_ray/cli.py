@@ -30,6 +30,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, help="calibration windows (default 32; papers: 128)")
     p.add_argument("--seqlen", type=int, help="calibration window length (default 2048)")
     p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
+    p.add_argument("--schedule", help="per-layer sparsity: uniform (default), owl, ramp, or a schedule YAML (e.g. from asft sweep)")
     p.add_argument("--prune-lm-head", action="store_true", default=None,
                    help="also prune lm_head (untied from the input embeddings, which stay dense)")
     p.add_argument("--stream", action="store_true", default=None,
@@ -52,15 +53,70 @@ def _build_parser() -> argparse.ArgumentParser:
     j.add_argument("--no-wait", action="store_true", help="return once submitted")
     j.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the job")
 
+    s = sub.add_parser("staged", help="prune in stages, with a quality gate after each (see configs/staged-demo.yaml)")
+    s.add_argument("config", help="YAML: the prune settings plus `stages:` and `gate:`")
+    s.add_argument("--out", default=None, help="run folder (overrides the config's out)")
+    s.add_argument("--overwrite", action="store_true", default=None, help="replace a run folder that holds a different run")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded one)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    w = sub.add_parser("sweep", help="search a per-layer schedule with Ray Tune (Optuna + ASHA) at a fixed global sparsity")
+    w.add_argument("config", help="YAML: prune settings (model, method, sparsity, ...) plus trials, concurrency, val_windows, ...")
+    w.add_argument("--out", default=None, help="sweep folder (overrides the config's out); an existing sweep there resumes")
+    w.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded one)")
+    w.add_argument("--no-progress", action="store_true", help="quiet")
+    for verb in ("approve", "reject"):
+        a = sub.add_parser(verb, help=f"{verb} the stage a staged run with `gate: manual` is waiting on")
+        a.add_argument("run", help="the staged run's folder")
+        a.add_argument("--note", default="", help="why (goes into the decision log)")
+
     e = sub.add_parser("eval", help="perplexity and sparsity of a model")
     e.add_argument("--model", required=True)
-    e.add_argument("--task", default="wikitext2", choices=["wikitext2"])
+    e.add_argument("--task", default="wikitext2", type=_eval_task,
+                   help="wikitext2 (perplexity), zeroshot (all eight tasks) or a comma list of: piqa, arc_easy, "
+                        "arc_challenge, boolq, hellaswag, winogrande, lambada, openbookqa")
+    e.add_argument("--limit", type=int, default=None, help="zero-shot: only the first N items of each task")
+    e.add_argument("--batch-size", type=int, default=16, help="zero-shot: requests per forward pass")
     e.add_argument("--split", default="test", choices=["test", "valid"])
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     _add_common(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    x = sub.add_parser("export", help="write a deployment form of a (pruned) model")
+    x.add_argument("--model", required=True, help="alias, HF model dir, .gguf file or hub id")
+    x.add_argument("--format", required=True, choices=["compressed", "structured", "semistructured"],
+                   help="compressed: bitmask + non-zeros on disk; structured: remove MLP channels and KV groups; "
+                        "semistructured: 2:4 sparse kernels (CUDA)")
+    x.add_argument("--out", required=True, help="output directory (written atomically)")
+    x.add_argument("--mlp-ratio", default="0", help="structured: fraction of MLP channels to remove, or a comma list per layer")
+    x.add_argument("--head-ratio", default="0",
+                   help="structured: fraction of KV groups (a KV head with its query heads) to remove, or a comma list")
+    x.add_argument("--nsamples", type=int, default=0,
+                   help="structured: C4 calibration windows for |W|*||X|| scores (default 0: weight magnitude)")
+    x.add_argument("--seqlen", type=int, default=2048, help="structured: calibration window length")
+    x.add_argument("--seed", type=int, default=0, help="structured: calibration sampling seed")
+    x.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="semistructured: kernel dtype")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_common(x)
+    x.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    from asft_ray.recovery.cli_args import add_recover_parser
+
+    add_recover_parser(sub, _add_common)
     return parser
+
+
+def _eval_task(value: str) -> str:
+    """`--task`: wikitext2, zeroshot or a comma list of zero-shot tasks (checked while parsing)."""
+    if value == "wikitext2":
+        return value
+    from asft_ray.eval.zeroshot_tasks import parse_tasks
+
+    try:
+        parse_tasks(value)
+    except AsftError as err:
+        raise argparse.ArgumentTypeError(f"invalid choice: {err}") from None
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -76,7 +132,7 @@ def _prune(args) -> None:
 
     values = load_yaml(args.config) if args.config else {}
     for key in ("model", "method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "out", "data_dir", "overwrite", "resume",
-                "prune_lm_head", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb"):
+                "prune_lm_head", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb", "schedule"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.device != "auto" or "device" not in values:
@@ -84,7 +140,7 @@ def _prune(args) -> None:
     cfg = PruneConfig.from_dict(values, source=args.config or "flags")
     # Fail fast, before Ray starts, on everything that can be checked without the model.
     resolve_model(cfg.model)
-    if cfg.method != "magnitude":
+    if cfg.method != "magnitude" or cfg.schedule_spec.name == "owl":
         resolve_data_dir(cfg.data_dir)
     if check_output_dir(cfg.out, cfg.identity(), cfg.overwrite):
         print(f"{cfg.out} already holds this run; nothing to do (--overwrite to redo it)")
@@ -103,6 +159,59 @@ def _prune(args) -> None:
         )
 
 
+def _staged(args) -> None:
+    from asft_ray.staged import StagedConfig
+
+    values = load_yaml(args.config)
+    if not isinstance(values, dict):
+        raise AsftError(f"{args.config}: expected a mapping of settings")
+    for key in ("out", "overwrite"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    cfg = StagedConfig.from_dict(values, source=args.config)  # every check that needs no model, before Ray starts
+    from asft_ray.data import resolve_data_dir
+    from asft_ray.distributed.runner import staged_on_ray
+    from asft_ray.models import resolve_model
+
+    resolve_model(cfg.prune.model)
+    resolve_data_dir(cfg.prune.data_dir)
+    result = staged_on_ray(values, address=args.address, show_progress=not args.no_progress)
+    if result["status"] == "awaiting_approval":
+        print(f"stage {result['stage']} is done and awaits a decision: asft approve {cfg.prune.out} "
+              f"(or asft reject {cfg.prune.out}), then run this command again")
+    else:
+        print(f"finished: final model = {result['final']} -> {cfg.prune.out}/model "
+              f"(decision log: {cfg.prune.out}/decisions.jsonl)")
+
+
+def _sweep(args) -> None:
+    from asft_ray.tune import SweepConfig
+
+    values = load_yaml(args.config)
+    if isinstance(values, dict) and args.out:
+        values["out"] = args.out
+    cfg = SweepConfig.from_dict(values, source=args.config)
+    from asft_ray.data import resolve_data_dir
+    from asft_ray.distributed.runner import init_ray
+    from asft_ray.models import resolve_model
+    from asft_ray.tune import run_sweep
+
+    resolve_model(cfg.prune.model)
+    resolve_data_dir(cfg.prune.data_dir)
+    init_ray(args.address)
+    summary = run_sweep(cfg, show_progress=not args.no_progress)
+    best = summary["best"]
+    print(f"{summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA) in {summary['sweep_s']:.0f}s; "
+          f"best validation ppl {best['val_ppl']:.3f} -> {cfg.prune.out}/best_schedule.yaml")
+
+
+def _decide(args) -> None:
+    from asft_ray.staged import decide
+
+    record = decide(args.run, args.command, args.note)
+    print(f"stage {record['stage']}: {args.command}d; run the staged config again to continue")
+
+
 def _submit(args) -> None:
     from asft_ray.distributed.submit import submit
 
@@ -118,6 +227,8 @@ def _eval(args) -> None:
     from asft_ray.eval.sparsity import model_sparsity
     from asft_ray.models import load_model, resolve_model
 
+    if args.task != "wikitext2":
+        return _eval_zeroshot(args)
     if args.seqlen < 2:
         raise AsftError(f"seqlen must be at least 2, got {args.seqlen}")
     if args.max_windows is not None and args.max_windows < 1:
@@ -145,11 +256,60 @@ def _eval(args) -> None:
         )
 
 
+def _export(args) -> None:
+    from asft_ray.export.run import export_model
+
+    report = export_model(args.model, args.format, args.out, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
+                          nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
+                          dtype=args.dtype, overwrite=args.overwrite, show_progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(report, sort_keys=True, default=str))
+    elif args.format == "compressed":
+        print(f"{args.model} -> {args.out}: pruned layers {report['pruned_ratio']:.1%} of dense bytes, "
+              f"weights file {report['weights_file_bytes'] / 2**20:.1f} MiB ({report['file_ratio']:.1%} of dense)")
+    elif args.format == "structured":
+        print(f"{args.model} -> {args.out}: {report['after']['parameters']:,} parameters "
+              f"({report['parameter_ratio']:.1%} of {report['before']['parameters']:,})")
+    else:
+        print(f"{args.model} -> {args.out}: {report['converted']} linears on 2:4 {report['backend']} kernels")
+
+
+def _eval_zeroshot(args) -> None:
+    from asft_ray.eval.zeroshot import evaluate_tasks
+    from asft_ray.eval.zeroshot_tasks import load_task, parse_tasks
+    from asft_ray.models import load_model, resolve_model
+
+    names = parse_tasks(args.task)
+    if args.limit is not None and args.limit < 1:
+        raise AsftError(f"--limit must be at least 1, got {args.limit}")
+    resolve_model(args.model)
+    load_task(names[0], args.data_dir, limit=1)  # fail on missing data before loading the model
+    model, tokenizer = load_model(args.model, args.device, show_progress=not args.no_progress)
+    result = evaluate_tasks(model, tokenizer, names, args.data_dir, args.limit, args.batch_size,
+                            show_progress=not args.no_progress)
+    result = {"model": args.model, "limit": args.limit, **result}
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return
+    for name, r in result["tasks"].items():
+        extra = "".join(f" {k} {r[k]:.4f}" for k in ("acc_norm", "ppl") if k in r)
+        print(f"{args.model}: {name} acc {r['acc']:.4f}{extra} over {r['n']} items ({r['seconds']:.1f}s)")
+    print(f"{args.model}: mean acc {result['mean_acc']:.4f} over {len(names)} tasks")
+
+
+def _recover(args) -> None:
+    from asft_ray.recovery.cli_args import recover_from_args
+
+    recover_from_args(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        {"prune": _prune, "submit": _submit, "eval": _eval}[args.command](args)
+        handlers = {"prune": _prune, "submit": _submit, "eval": _eval, "export": _export, "staged": _staged,
+                    "approve": _decide, "reject": _decide, "sweep": _sweep, "recover": _recover}
+        handlers[args.command](args)
     except AsftError as err:
         print(f"asft: error: {err}", file=sys.stderr)
         return 2

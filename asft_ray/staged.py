@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from asft_ray.artifacts import atomic_output_dir, write_json_atomic
 from asft_ray.config import CALIBRATED_METHODS, PruneConfig
 from asft_ray.errors import AsftError

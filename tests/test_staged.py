@@ -144,3 +144,29 @@ def test_a_step_rule_expands_to_stages():
     cfg = StagedConfig.from_dict({"model": "m", "method": "magnitude", "out": "o", "gate": {"max_ppl_ratio": 2},
                                   "stages": {"start": 0.2, "step": 0.15, "stop": 0.65}})
     assert cfg.stages == (0.2, 0.35, 0.5, 0.65)
+
+
+def test_the_repo_staged_config_parses():
+    from asft_ray.config import load_yaml
+    from tests.conftest import REPO
+
+    cfg = StagedConfig.from_dict(load_yaml(str(REPO / "configs" / "staged-demo.yaml")))
+    assert cfg.stages == (0.3, 0.45, 0.6, 0.7) and cfg.gate.retry_smaller_step
+
+
+def test_cli_staged_runs_on_ray_and_approve_continues_it(model_dir, tmp_path, capsys):
+    from asft_ray.cli import main
+
+    config = tmp_path / "staged.yaml"
+    config.write_text(yaml_text := (
+        f"model: {model_dir}\nmethod: magnitude\nseqlen: 64\ndevice: cpu\nout: {tmp_path / 'run'}\n"
+        "stages: [0.3, 0.6]\ngate:\n  manual: true\n  windows: 2\n"))
+    assert yaml_text
+    assert main(["staged", str(config), "--no-progress"]) == 0
+    assert "awaits a decision: asft approve" in capsys.readouterr().out
+    assert main(["approve", str(tmp_path / "run"), "--note", "ok"]) == 0
+    assert main(["staged", str(config), "--no-progress"]) == 0  # stage 2 now waits
+    assert main(["approve", str(tmp_path / "run")]) == 0
+    assert main(["staged", str(config), "--no-progress"]) == 0
+    assert "final model = stage-02" in capsys.readouterr().out
+    assert main(["reject", str(tmp_path / "run")]) == 2  # nothing is waiting any more

@@ -1,0 +1,132 @@
+"""Schedules benchmark: WikiText-2 test ppl vs global sparsity for uniform, owl and a Tune-searched schedule.
+
+For each budget: `asft sweep` (trials prune with few calibration windows and score on
+WikiText-2 *valid*), then `asft prune` with 32 calibration windows for each schedule and
+`asft eval` on the first 16 test windows. Rows are appended to
+benchmarks/results/schedules.jsonl (finished rows are skipped, so it resumes), and
+`--plot` draws benchmarks/results/schedules.png.
+
+    python benchmarks/schedules.py --budgets 0.7 0.6           # sweeps + rows
+    python benchmarks/schedules.py --budgets 0.7 --full         # the tuned schedule on the full test set
+    python benchmarks/schedules.py --plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from results_io import RESULTS_DIR, append_row
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "bench"
+RESULTS = RESULTS_DIR / "schedules.jsonl"
+
+
+def asft(*args: str) -> str:
+    cmd = [sys.executable, "-m", "asft_ray.cli", *args]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    return proc.stdout
+
+
+def done() -> dict:
+    if not RESULTS.exists():
+        return {}
+    return {r["key"]: r for r in map(json.loads, RESULTS.read_text().splitlines()) if "key" in r}
+
+
+def sweep(method: str, budget: float, opts) -> tuple[Path, dict]:
+    out = RUNS / f"sweep-{method}-{budget:g}"
+    config = RUNS / f"sweep-{method}-{budget:g}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump({
+        "model": "smollm2-135m", "method": method, "sparsity": budget, "nsamples": opts.sweep_nsamples,
+        "seqlen": 2048, "out": str(out), "trials": opts.trials, "concurrency": 2, "val_windows": opts.val_windows,
+    }))
+    if not (out / "sweep.json").exists():
+        asft("sweep", str(config), "--no-progress")
+    return out / "best_schedule.yaml", json.loads((out / "sweep.json").read_text())
+
+
+def prune_and_eval(method: str, budget: float, schedule: str, label: str, windows: int | None) -> dict:
+    out = RUNS / f"{method}-{label}-{budget:g}"
+    record = json.loads(asft("prune", "--model", "smollm2-135m", "--method", method, "--sparsity", str(budget),
+                             "--nsamples", "32", "--schedule", schedule, "--out", str(out), "--no-progress", "--json"))
+    args = ["eval", "--model", str(out), "--json", "--no-progress"] + (["--max-windows", str(windows)] if windows else [])
+    result = json.loads(asft(*args))
+    return {"ppl": result["ppl"], "windows": result["windows"], "sparsity": result["sparsity"],
+            "layer_sparsity": result["sparsity_layers"], "prune_s": record["timings"].get("prune_s"),
+            "schedule_s": record["timings"].get("schedule_s"), "eval_s": result["seconds"]}
+
+
+def plot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in done().values() if r["windows"] == 16]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in ("uniform", "owl", "tuned"):
+        points = sorted((r["budget"], r["ppl"]) for r in rows if r["schedule"] == label)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("global sparsity (decoder linears)")
+    ax.set_ylabel("WikiText-2 test ppl (16 windows of 2048)")
+    ax.set_title("smollm2-135m, wanda, 32 calibration windows")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / "schedules.png", dpi=120)
+    print(f"wrote {RESULTS_DIR / 'schedules.png'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", default="wanda")
+    parser.add_argument("--budgets", type=float, nargs="*", default=[])
+    parser.add_argument("--schedules", nargs="*", default=["uniform", "owl", "tuned"])
+    parser.add_argument("--tuned-from", type=float, default=None,
+                        help="use the best schedule of the sweep at this budget (default: each budget's own sweep)")
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--sweep-nsamples", type=int, default=4)
+    parser.add_argument("--val-windows", type=int, default=4)
+    parser.add_argument("--full", action="store_true", help="evaluate on the full test set instead of 16 windows")
+    parser.add_argument("--plot", action="store_true")
+    opts = parser.parse_args()
+    windows = None if opts.full else 16
+    rows = done()
+    for budget in opts.budgets:
+        for label in opts.schedules:
+            key = f"{opts.method}-{label}-{budget:g}-{'full' if opts.full else '16w'}"
+            source = opts.tuned_from or budget
+            if label == "tuned" and source != budget:
+                key += f"-from{source:g}"
+            if key in rows:
+                continue
+            extra, schedule, name = {}, label, label
+            if label == "tuned":
+                best, summary = sweep(opts.method, source, opts)
+                schedule = str(best)
+                extra = {"tuned_at": source, "sweep_trials": summary["trials"], "sweep_stopped_early": summary["stopped_early"],
+                         "sweep_s": summary["sweep_s"], "sweep_best_val_ppl": summary["best"]["val_ppl"],
+                         "sweep_nsamples": opts.sweep_nsamples, "sweep_val_windows": opts.val_windows}
+                if source != budget:
+                    name = f"tuned-from{source:g}"
+            result = prune_and_eval(opts.method, budget, schedule, name, windows)
+            append_row("schedules", {"key": key, "method": opts.method, "schedule": label, "budget": budget,
+                                     "nsamples": 32, **result, **extra})
+    if opts.plot:
+        plot()
+
+
+if __name__ == "__main__":
+    main()
