@@ -1,0 +1,138 @@
+"""RecoverConfig: one recovery fine-tuning run, validated when it is built.
+
+Settings that DeepSpeed also knows (zero stage, micro batch, accumulation, clipping, bf16,
+offload, optimizer and scheduler) default to None, meaning "not asked for": a user DeepSpeed
+file may then set them, and where neither does, `deepspeed_config.DEFAULTS` fills them in.
+A flag that was given and a file that says something else is an error (see deepspeed_config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from asft_ray.errors import AsftError
+
+DATASETS = ("c4",)
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    model: str  # the pruned model (HF dir, alias, ...); its zeros are the masks unless mask_file
+    out: str  # the recovered model (HF dir with safetensors + asft_run.json)
+    teacher: str | None = None  # dense model for distillation (same vocabulary)
+    data: str = "c4"
+    data_dir: str | None = None
+    mask_file: str | None = None  # safetensors of bool masks by parameter name (True = keep)
+    workers: int = 2
+    max_steps: int = 100
+    seqlen: int = 512
+    seed: int = 0  # with the step, decides every training window
+    # objective
+    lm_weight: float = 1.0
+    kd_weight: float | None = None  # None: 1.0 with a teacher, 0 without
+    temperature: float = 2.0
+    hidden_weight: float = 0.0  # MSE between student and teacher hidden states (same width and depth)
+    train_norms: bool = False  # also train RMSNorm/LayerNorm weights (dense)
+    train_biases: bool = False  # also train linear biases (dense)
+    # training; None = take from the DeepSpeed file, else the default
+    zero_stage: int | None = None
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    clip: float | None = None
+    bf16: bool | None = None
+    offload_optimizer: bool | None = None
+    offload_params: bool | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None  # default: max_steps // 10
+    min_lr_ratio: float | None = None  # cosine decays to lr * this
+    deepspeed: str | None = None  # user DeepSpeed JSON/YAML, merged with the above
+    # checkpoints, evaluation, where it runs
+    checkpoint_every: int = 0  # steps between DeepSpeed checkpoints (0: none)
+    eval_every: int = 0  # steps between WikiText-2 *valid* perplexity checks (0: none)
+    eval_windows: int = 4
+    eval_seqlen: int | None = None  # default: seqlen
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"  # auto (GPUs if the cluster has them), cpu, cuda
+    worker_cpus: float = 1
+    stop_after_steps: int | None = None  # test hook: stop (like a kill) after this step's checkpoint
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise AsftError("--model is required")
+        if not self.out:
+            raise AsftError("--out is required")
+        if self.data not in DATASETS:
+            raise AsftError(f"unknown training data {self.data!r}: choose one of {', '.join(DATASETS)}")
+        if self.workers < 1:
+            raise AsftError(f"workers must be at least 1, got {self.workers}")
+        if self.max_steps < 1:
+            raise AsftError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.seqlen < 2 or (self.eval_seqlen is not None and self.eval_seqlen < 2):
+            raise AsftError("seqlen and eval_seqlen must be at least 2")
+        if self.zero_stage is not None and self.zero_stage not in (2, 3):
+            raise AsftError(f"zero stage must be 2 or 3, got {self.zero_stage}")
+        for name in ("micro_batch", "grad_accum"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise AsftError(f"{name} must be at least 1, got {value}")
+        if min(self.lm_weight, self.kd_weight or 0.0, self.hidden_weight) < 0:
+            raise AsftError("loss weights must be >= 0")
+        if self.temperature <= 0:
+            raise AsftError(f"temperature must be > 0, got {self.temperature}")
+        if self.teacher is None and ((self.kd_weight or 0) > 0 or self.hidden_weight > 0):
+            raise AsftError("distillation weights need --teacher")
+        if self.lm_weight == 0 and self.effective_kd_weight == 0 and self.hidden_weight == 0:
+            raise AsftError("all loss weights are zero: nothing to train")
+        if self.lr is not None and self.lr <= 0:
+            raise AsftError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.max_steps:
+            raise AsftError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if self.min_lr_ratio is not None and not 0 <= self.min_lr_ratio <= 1:
+            raise AsftError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.checkpoint_every < 0 or self.eval_every < 0 or self.eval_windows < 1:
+            raise AsftError("checkpoint_every and eval_every must be >= 0, eval_windows >= 1")
+        if self.stop_after_steps is not None and not 1 <= self.stop_after_steps < self.max_steps:
+            raise AsftError(f"stop_after_steps must be in [1, max_steps), got {self.stop_after_steps}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise AsftError(f"device must be auto, cpu or cuda for recovery, got {self.device!r}")
+        if self.worker_cpus <= 0:
+            raise AsftError(f"worker_cpus must be > 0, got {self.worker_cpus}")
+
+    @property
+    def effective_kd_weight(self) -> float:
+        if self.kd_weight is not None:
+            return self.kd_weight
+        return 1.0 if self.teacher else 0.0
+
+    @staticmethod
+    def from_dict(values: dict, source: str = "config") -> "RecoverConfig":
+        """Build from a mapping (a YAML file, job arguments); unknown keys are an error."""
+        if not isinstance(values, dict):
+            raise AsftError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(RecoverConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise AsftError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        missing = sorted(k for k in ("model", "out") if not values.get(k))
+        if missing:
+            raise AsftError(f"{source}: missing required key(s) {', '.join(missing)}")
+        try:
+            return RecoverConfig(**values)
+        except TypeError as err:
+            raise AsftError(f"{source}: {err}") from err
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """What decides the recovered weights; a resumed run must match the saved identity."""
+        d = self.to_dict()
+        for key in ("resume", "overwrite", "device", "worker_cpus", "stop_after_steps", "checkpoint_every",
+                    "eval_every", "eval_windows", "eval_seqlen"):
+            d.pop(key)  # how and where it runs, what it reports, not what it computes
+        d["out"] = str(Path(self.out).resolve())
+        return d

@@ -1,0 +1,106 @@
+"""Fixed sparsity masks for recovery: where they come from, and how they stay enforced.
+
+A mask is a bool tensor shaped like its weight, True where the weight may train.
+Enforcement is by the gradient, not the weight: the weights are masked once, and a hook
+multiplies every gradient by the mask before anything else sees it. Then the optimizer
+(AdamW: zero gradient -> zero moments -> zero update; decoupled decay of 0 is 0), gradient
+accumulation, clipping and DeepSpeed's fp32 master copy all keep masked entries at exactly 0.
+Re-zeroing the weights after each step instead would leave ZeRO-3's master copy unmasked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from asft_ray.errors import AsftError
+from asft_ray.models import decoder_layers, prunable_linears
+
+
+def linear_weight_names(model: nn.Module) -> list[str]:
+    """Parameter names of the decoder layers' linear weights (the ones pruning made sparse)."""
+    layers = decoder_layers(model)
+    prefix = {id(m): name for name, m in model.named_modules()}[id(layers)]
+    return [
+        f"{prefix}.{i}.{name}.weight" for i, layer in enumerate(layers) for name in prunable_linears(layer)
+    ]
+
+
+def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Masks of the decoder linears from the model's exact zeros. A model with none is not pruned."""
+    params = dict(model.named_parameters())
+    masks = {name: params[name].detach() != 0 for name in linear_weight_names(model)}
+    if all(bool(m.all()) for m in masks.values()):
+        raise AsftError(
+            "the model has no zero weights in its decoder linears, so there is no sparsity to keep: "
+            "prune it first (asft prune) or pass --mask-file"
+        )
+    return masks
+
+
+def load_mask_file(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Bool masks from a safetensors file keyed by parameter name; each must match its weight's shape."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        raw = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise AsftError(f"cannot read mask file {path}: {err}") from err
+    params = dict(model.named_parameters())
+    unknown = sorted(set(raw) - set(params))
+    if unknown:
+        raise AsftError(f"mask file {path}: no parameter named {unknown[0]!r} in the model")
+    if not raw:
+        raise AsftError(f"mask file {path} holds no masks")
+    for name, mask in raw.items():
+        if mask.dtype != torch.bool:
+            raise AsftError(f"mask file {path}: {name} is {mask.dtype}, expected bool")
+        if mask.shape != params[name].shape:
+            raise AsftError(f"mask file {path}: {name} has shape {tuple(mask.shape)}, its weight {tuple(params[name].shape)}")
+    return raw
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero every masked-out weight (once, before training)."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask.to(params[name].device, params[name].dtype))
+
+
+def mask_gradient(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The gradient with its masked-out entries set to exactly 0 (the hook's whole job)."""
+    return grad * mask.to(grad.dtype)
+
+
+def register_mask_hooks(model: nn.Module, masks: dict[str, torch.Tensor]) -> list:
+    """Hook every masked parameter so its gradient is masked. Register before deepspeed.initialize,
+    so the hook runs before ZeRO's own gradient hooks reduce and partition the gradient."""
+    params = dict(model.named_parameters())
+    return [params[name].register_hook(lambda g, m=mask: mask_gradient(g, m)) for name, mask in masks.items()]
+
+
+def select_trainable(model: nn.Module, masks: dict[str, torch.Tensor], norms: bool, biases: bool) -> list[str]:
+    """Freeze everything except the masked weights (and, if asked, norm weights and linear biases).
+    Embeddings and the output head stay frozen. Returns the names of the trainable parameters."""
+    names = set(masks)
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if norms and "norm" in type(module).__name__.lower():
+            names.update(prefix + n for n, _ in module.named_parameters(recurse=False))
+        if biases and isinstance(module, nn.Linear) and module.bias is not None:
+            names.add(prefix + "bias")
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+        if name in names:
+            trainable.append(name)
+    return trainable
+
+
+def count_masked_nonzeros(value: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many entries that the mask removes are not exactly zero (0 means the mask held)."""
+    return int((value.detach().reshape(mask.shape)[~mask.to(value.device)] != 0).sum())

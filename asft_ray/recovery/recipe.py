@@ -1,0 +1,215 @@
+"""The recovery recipe: check inputs -> tokenize data -> Ray Train TorchTrainer -> export + record.
+
+The driver holds the config, the token streams and the result; the workers own the model.
+Everything that can be wrong with the input is checked here, before Ray starts and before
+anything is written, so a bad run leaves `--out` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import asft_ray
+from asft_ray.artifacts import RUN_FILE, atomic_output_dir, check_output_dir, read_run, write_json_atomic
+from asft_ray.data import c4_documents, resolve_data_dir, wikitext2_ids
+from asft_ray.errors import AsftError
+from asft_ray.models import load_model, resolve_model
+from asft_ray.recovery.batches import step_starts, token_stream
+from asft_ray.recovery.checkpoints import SUMMARY, prepare_state, state_dir
+from asft_ray.recovery.config import RecoverConfig
+from asft_ray.recovery.deepspeed_config import TrainingPlan, build_plan, load_user_config
+from asft_ray.recovery.masks import load_mask_file, masks_from_zeros
+
+
+def model_config(spec: str):
+    """The HF config of a model spec, without loading weights."""
+    from transformers import AutoConfig
+
+    source = resolve_model(spec)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(source.location, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as err:
+        raise AsftError(f"could not read the config of {spec!r}: {str(err).strip().splitlines()[0]}") from err
+
+
+def check_teacher(cfg: RecoverConfig, student_config) -> None:
+    """Distillation compares logits (and hidden states) position by position: shapes must agree."""
+    if not cfg.teacher:
+        return
+    teacher = model_config(cfg.teacher)
+    if teacher.vocab_size != student_config.vocab_size:
+        raise AsftError(
+            f"teacher {cfg.teacher!r} has vocabulary size {teacher.vocab_size}, the student {student_config.vocab_size}: "
+            "distillation needs the same tokenizer"
+        )
+    if cfg.hidden_weight > 0:
+        for key in ("hidden_size", "num_hidden_layers"):
+            if getattr(teacher, key) != getattr(student_config, key):
+                raise AsftError(f"hidden-state distillation needs the same {key}: teacher {getattr(teacher, key)}, "
+                                f"student {getattr(student_config, key)}")
+
+
+def check_student(cfg: RecoverConfig):
+    """Load the student once to prove its masks exist (zeros, or a matching mask file); returns
+    (tokenizer, mask summary). The workers rebuild the same masks from the same inputs."""
+    model, tokenizer = load_model(cfg.model, "cpu", show_progress=False)
+    masks = load_mask_file(cfg.mask_file, model) if cfg.mask_file else masks_from_zeros(model)
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    check_teacher(cfg, model.config)
+    del model
+    return tokenizer, {"masked_params": len(masks), "weights": total, "sparsity": 1 - kept / total}
+
+
+def training_tokens(cfg: RecoverConfig, tokenizer, data_dir: str):
+    """(C4 token stream for training, WikiText-2 *valid* ids for the recovery curve or None)."""
+    stream = token_stream(c4_documents(data_dir), tokenizer)
+    step_starts(cfg.seed, 0, 1, len(stream), cfg.seqlen)  # fails early if the text is too short
+    eval_ids = None
+    if cfg.eval_every:
+        seqlen = cfg.eval_seqlen or cfg.seqlen
+        eval_ids = wikitext2_ids(tokenizer, "valid", data_dir).reshape(-1)[: cfg.eval_windows * seqlen]
+        if eval_ids.numel() < seqlen:
+            raise AsftError(f"WikiText-2 valid has fewer than {seqlen} tokens")
+    return stream, eval_ids
+
+
+class _Stopped(Exception):
+    """The stop_after_steps test hook ended the run early: no output, state kept for --resume."""
+
+
+def _use_gpu(cfg: RecoverConfig, ray) -> bool:
+    if cfg.device != "auto":
+        return cfg.device == "cuda"
+    return ray.cluster_resources().get("GPU", 0) >= cfg.workers
+
+
+def fit(cfg: RecoverConfig, plan: TrainingPlan, stream, eval_ids, folder: Path, export_dir: Path) -> None:
+    """Run train_loop on `cfg.workers` Ray Train workers (gloo on CPU, NCCL on GPU)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from asft_ray.recovery.train_loop import train_loop
+
+    use_gpu = _use_gpu(cfg, ray)
+    have = ray.cluster_resources().get("CPU", 0)
+    if have < cfg.workers * cfg.worker_cpus:
+        raise AsftError(f"{cfg.workers} workers x {cfg.worker_cpus} CPUs need {cfg.workers * cfg.worker_cpus:g} CPUs, "
+                        f"the Ray cluster has {have:g}")
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "plan": plan, "stream": stream, "eval_ids": eval_ids, "use_gpu": use_gpu,
+                           "state_dir": str(folder), "export_dir": str(export_dir)},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.worker_cpus, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=f"recover-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(folder / "ray"),
+                             failure_config=FailureConfig(max_failures=0), worker_runtime_env={"env_vars": env}),
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise _worker_error(err) from None
+
+
+def _worker_error(err: Exception) -> AsftError:
+    """An AsftError raised in a worker, as is; anything else as one line naming the worker."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for failure in failures.values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, AsftError):
+                return AsftError(str(seen))
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    text = str(next(iter(failures.values()))) if failures else str(err)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return AsftError(f"recovery training failed on a worker: {lines[-1] if lines else type(err).__name__}")
+
+
+def run_recover(cfg: RecoverConfig, address: str | None = None) -> dict:
+    """Recover `cfg.model` into `cfg.out` (atomically) with `asft_run.json`. Returns that record.
+
+    With cfg.stop_after_steps (a test hook standing in for a kill) it returns {"stopped": True, ...}
+    and writes no output; a later run with resume=True continues from the last checkpoint."""
+    from asft_ray.distributed.runner import init_ray
+
+    start = time.perf_counter()
+    user_ds = load_user_config(cfg.deepspeed)
+    identity = {**cfg.identity(), "deepspeed_config": user_ds}
+    if check_output_dir(cfg.out, identity, cfg.overwrite):
+        return {**read_run(cfg.out), "reused": True}
+    plan = build_plan(cfg, user_ds, cfg.workers, source=cfg.deepspeed or "deepspeed config")
+    resolve_model(cfg.model)
+    if cfg.teacher:
+        resolve_model(cfg.teacher)
+    data_dir = resolve_data_dir(cfg.data_dir)
+    tokenizer, mask_info = check_student(cfg)
+    stream, eval_ids = training_tokens(cfg, tokenizer, data_dir)
+    folder = state_dir(cfg.out)
+    prepare_state(folder, identity, cfg.resume)
+    prepared_s = time.perf_counter() - start
+
+    owned = init_ray(address)
+    try:
+        with atomic_output_dir(cfg.out) as tmp:
+            fit(cfg, plan, stream, eval_ids, folder, tmp)
+            summary = json.loads((folder / SUMMARY).read_text())
+            if summary["stopped"]:
+                raise _Stopped(summary)
+            record = _record(cfg, identity, plan, summary, mask_info, data_dir, len(stream), prepared_s,
+                             time.perf_counter() - start)
+            _check_masks_held(summary)
+            write_json_atomic(tmp / RUN_FILE, record)
+    except _Stopped as stop:
+        summary = stop.args[0]
+        return {"stopped": True, "steps_done": summary["steps_done"], "state_dir": str(folder)}
+    finally:
+        if owned:
+            import ray
+
+            ray.shutdown()
+    shutil.rmtree(folder, ignore_errors=True)
+    return record
+
+
+def _check_masks_held(summary: dict) -> None:
+    for key in ("mask_check", "mask_check_after_resume"):
+        check = summary.get(key)
+        if check and any(check[k] for k in ("module", "master", "exp_avg", "exp_avg_sq")):
+            raise AsftError(f"pruned weights did not stay zero ({key}: {check}); nothing was written")
+
+
+def _record(cfg, identity, plan, summary, mask_info, data_dir, stream_tokens, prepared_s, total_s) -> dict:
+    history = summary["history"]
+    train_s = sum(row["seconds"] for row in history)
+    return {
+        "inputs": identity,
+        "config": cfg.to_dict(),
+        "deepspeed_config": plan.ds_config,
+        "data_dir": data_dir,
+        "train_stream_tokens": stream_tokens,
+        "masks": mask_info,
+        "losses": [row["loss"] for row in history],
+        "history": history,
+        "evals": summary["evals"],
+        "tokens_per_step": summary["tokens_per_step"],
+        "tokens_per_s": summary["tokens_per_step"] * len(history) / train_s if train_s else None,
+        "memory": summary["memory"],
+        "world_size": summary["world_size"],
+        "mask_check": summary["mask_check"],
+        "mask_check_after_resume": summary["mask_check_after_resume"],
+        "resumed_from_step": summary["resumed_from_step"],
+        "trainable_params": summary["trainable_params"],
+        "timings": {"prepare_s": prepared_s, "train_s": train_s, "total_s": total_s},
+        "versions": {"asft_ray": asft_ray.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }

@@ -1,0 +1,260 @@
+"""What each Ray Train worker runs: build the masked student, wrap it in DeepSpeed, train, export.
+
+Every function taking `engine` is collective under ZeRO (all workers call it, in the same order).
+Rank 0 alone writes files: the exported model into the driver's temporary output folder and
+`summary.json` into the state folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from asft_ray.artifacts import write_json_atomic
+from asft_ray.models import load_model, save_model
+from asft_ray.recovery.batches import micro_batch
+from asft_ray.recovery.checkpoints import SUMMARY, latest_checkpoint, load_checkpoint, save_checkpoint
+from asft_ray.recovery.config import RecoverConfig
+from asft_ray.recovery.deepspeed_config import TrainingPlan, warmup_cosine
+from asft_ray.recovery.losses import Objective, recovery_loss
+from asft_ray.recovery.masks import (
+    apply_masks,
+    count_masked_nonzeros,
+    load_mask_file,
+    masks_from_zeros,
+    register_mask_hooks,
+    select_trainable,
+)
+
+
+def _import_deepspeed(use_gpu: bool):
+    """DeepSpeed on CPU without compiling anything: cpu accelerator, no shared-memory comm op."""
+    if not use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def build_student(cfg: RecoverConfig):
+    """(model, masks, trainable names): pruned weights masked once, gradient hooks on, the rest frozen."""
+    model, _ = load_model(cfg.model, "cpu", show_progress=False)
+    masks = load_mask_file(cfg.mask_file, model) if cfg.mask_file else masks_from_zeros(model)
+    apply_masks(model, masks)
+    trainable = select_trainable(model, masks, cfg.train_norms, cfg.train_biases)
+    register_mask_hooks(model, masks)
+    model.train()
+    return model, masks, trainable
+
+
+def build_optimizer(model, plan: TrainingPlan, max_steps: int):
+    """Plain torch AdamW over the trainable parameters and a warm-up + cosine LambdaLR factory,
+    unless the DeepSpeed file brings its own (then None for that part)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay) if plan.build_optimizer else None
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, plan.warmup_steps, max_steps, plan.min_lr_ratio)
+        )
+
+    return optimizer, (scheduler if plan.build_scheduler else None)
+
+
+def train_step(engine, teacher, objective: Objective, stream, cfg: RecoverConfig, plan: TrainingPlan, step: int,
+               rank: int, world: int) -> dict:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss terms over all workers."""
+    import torch.distributed as dist
+
+    sums: dict[str, float] = {}
+    for micro in range(plan.grad_accum):
+        ids = micro_batch(stream, cfg.seed, step, micro, rank, world, plan.micro_batch, plan.grad_accum, cfg.seqlen)
+        ids = ids.to(engine.device)
+        hidden = objective.hidden_weight > 0
+        out = engine(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+        teacher_out = None
+        if objective.needs_teacher:
+            with torch.no_grad():
+                teacher_out = teacher(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+        loss, parts = recovery_loss(objective, ids, out, teacher_out)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        for key, value in {"loss": float(loss.detach()), **parts}.items():
+            sums[key] = sums.get(key, 0.0) + value
+    keys = sorted(sums)
+    total = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(total)
+    return {k: float(v) / (plan.grad_accum * world) for k, v in zip(keys, total)}
+
+
+@torch.no_grad()
+def evaluate(engine, ids: torch.Tensor, seqlen: int, rank: int, world: int) -> float:
+    """Perplexity over the windows of `ids` (paper protocol: exp of the mean per-window NLL).
+    Windows are dealt round-robin; every worker runs the same number of forwards (ZeRO-3 gathers
+    weights collectively), padding with window 0 whose result it discards."""
+    import torch.distributed as dist
+
+    from asft_ray.recovery.losses import lm_loss
+
+    n = ids.numel() // seqlen
+    engine.eval()
+    local = torch.zeros(2, dtype=torch.float64)
+    for k in range(math.ceil(n / world)):
+        w = k * world + rank
+        x = ids[(w if w < n else 0) * seqlen :][:seqlen].unsqueeze(0).long().to(engine.device)
+        nll = float(lm_loss(engine(input_ids=x, use_cache=False).logits, x))
+        if w < n:
+            local += torch.tensor([nll, 1.0], dtype=torch.float64)
+    engine.train()
+    dist.all_reduce(local)
+    return math.exp(float(local[0] / local[1]))
+
+
+def mask_report(model, masks: dict, trainable: list[str], optimizer_state: bool = True) -> dict:
+    """Count masked-out entries that are not exactly zero: in the module weights (gathered under
+    ZeRO-3), in DeepSpeed's fp32 master copy and (if `optimizer_state`) in the Adam moments.
+    Collective. Right after loading a ZeRO-2 checkpoint the moments are not linked to their
+    parameters until the next step, so a check there must pass optimizer_state=False."""
+    from deepspeed.runtime.zero import GatheredParameters
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    params = dict(model.named_parameters())
+    report = {"params": len(masks), "module": 0, "master": 0, "master_checked": 0, "exp_avg": 0, "exp_avg_sq": 0,
+              "state_checked": 0}
+    for name, mask in masks.items():
+        p = params[name]
+        with GatheredParameters([p], modifier_rank=None):
+            report["module"] += count_masked_nonzeros(p.data, mask)
+        if name not in trainable:
+            continue
+        master = safe_get_full_fp32_param(p)
+        if master is not None:
+            report["master"] += count_masked_nonzeros(master, mask)
+            report["master_checked"] += 1
+        checked = False
+        for key in ("exp_avg", "exp_avg_sq") if optimizer_state else ():
+            try:
+                state = safe_get_full_optimizer_state(p, key)
+            except (KeyError, AttributeError):  # an optimizer without Adam moments
+                state = None
+            if state is not None:
+                report[key] += count_masked_nonzeros(state, mask)
+                checked = True
+        report["state_checked"] += int(checked)
+    return report
+
+
+def gather_weights(model, trainable: list[str], rank: int) -> dict:
+    """Full fp32 weights on rank 0 (None elsewhere): gathered module weights, and for trained
+    parameters DeepSpeed's fp32 master (equal in fp32 training, more precise under bf16). Collective."""
+    from deepspeed.runtime.zero import GatheredParameters
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights = {}
+    for name, p in model.named_parameters():
+        with GatheredParameters([p], modifier_rank=None):
+            value = p.data.detach().float().cpu().clone() if rank == 0 else None
+        if name in trainable:
+            master = safe_get_full_fp32_param(p)
+            if master is not None and rank == 0:
+                value = master.detach().float().cpu().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape).clone()
+        if rank == 0:
+            weights[name] = value
+    return weights if rank == 0 else None
+
+
+def export_model(cfg: RecoverConfig, weights: dict, folder: Path) -> None:
+    """Write the recovered weights as a normal HF model (safetensors) into `folder` (rank 0)."""
+    model, tokenizer = load_model(cfg.model, "cpu", show_progress=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    save_model(model, tokenizer, folder)
+
+
+def peak_memory_mib(device: torch.device) -> dict:
+    """This process's peak resident memory (and peak CUDA allocation on a GPU), MiB."""
+    row = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        row["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's train_loop_per_worker. `config` comes from recipe.run_recover."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg: RecoverConfig = config["cfg"]
+    plan: TrainingPlan = config["plan"]
+    state = Path(config["state_dir"])
+    deepspeed = _import_deepspeed(config["use_gpu"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not config["use_gpu"]:
+        torch.set_num_threads(max(1, int(cfg.worker_cpus)))
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+
+    model, masks, trainable = build_student(cfg)
+    optimizer, scheduler = build_optimizer(model, plan, cfg.max_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=plan.ds_config,
+        model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad],
+    )
+    objective = Objective(cfg.lm_weight, cfg.effective_kd_weight, cfg.hidden_weight, cfg.temperature)
+    teacher = None
+    if objective.needs_teacher:
+        dtype = torch.bfloat16 if plan.ds_config["bf16"]["enabled"] else torch.float32
+        teacher, _ = load_model(cfg.teacher, str(engine.device), dtype=dtype, show_progress=False)
+    stream, eval_ids = config["stream"], config["eval_ids"]
+    eval_seqlen = cfg.eval_seqlen or cfg.seqlen
+
+    history, evals, start, resumed_check = [], [], 0, None
+    if latest_checkpoint(state) is not None:
+        client = load_checkpoint(engine, state)
+        start, history, evals = client["step"], client["history"], client["evals"]
+        resumed_check = mask_report(model, masks, trainable, optimizer_state=False)
+    if cfg.eval_every and start == 0:
+        evals.append({"step": 0, "ppl": evaluate(engine, eval_ids, eval_seqlen, rank, world)})
+
+    tokens_per_step = plan.micro_batch * plan.grad_accum * world * cfg.seqlen
+    stopped = False
+    for step in range(start, cfg.max_steps):
+        t = time.perf_counter()
+        row = train_step(engine, teacher, objective, stream, cfg, plan, step, rank, world)
+        row.update(step=step + 1, seconds=time.perf_counter() - t, lr=engine.get_lr()[0])
+        history.append(row)
+        done = step + 1
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            evals.append({"step": done, "ppl": evaluate(engine, eval_ids, eval_seqlen, rank, world)})
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            save_checkpoint(engine, state, done, {"step": done, "history": history, "evals": evals}, rank)
+        ray.train.report({"step": done, "loss": row["loss"]})
+        if cfg.stop_after_steps == done:
+            stopped = True
+            break
+
+    summary = {"stopped": stopped, "steps_done": len(history), "resumed_from_step": start, "history": history,
+               "evals": evals, "tokens_per_step": tokens_per_step, "world_size": world}
+    if not stopped:
+        summary["mask_check"] = mask_report(model, masks, trainable)
+        summary["mask_check_after_resume"] = resumed_check
+        weights = gather_weights(model, trainable, rank)
+        if rank == 0:
+            export_model(cfg, weights, Path(config["export_dir"]))
+        summary["trainable_params"] = len(trainable)
+    memory = [None] * world
+    dist.all_gather_object(memory, peak_memory_mib(device))
+    summary["memory"] = memory
+    if rank == 0:
+        write_json_atomic(state / SUMMARY, summary)
+    dist.barrier()

@@ -1,0 +1,323 @@
+"""Recovery fine-tuning: masks, losses, DeepSpeed config, and real 2-worker Ray Train + ZeRO runs.
+
+The Ray runs use the tiny Llama from conftest pruned by magnitude to 50 %, a few steps of
+32-token windows: they test mechanics (masks, resume, export), not quality.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from asft_ray.errors import AsftError
+from asft_ray.models import decoder_layers, prunable_linears, save_model
+from asft_ray.recovery.batches import micro_batch, step_starts
+from asft_ray.recovery.config import RecoverConfig
+from asft_ray.recovery.deepspeed_config import build_plan, warmup_cosine
+from asft_ray.recovery.losses import Objective, kd_loss, recovery_loss
+from asft_ray.recovery.masks import (
+    apply_masks,
+    count_masked_nonzeros,
+    load_mask_file,
+    masks_from_zeros,
+    register_mask_hooks,
+    select_trainable,
+)
+from tests.conftest import build_tiny_llama
+
+
+def magnitude_prune(model, sparsity=0.5):
+    """Zero the smallest |w| of every decoder linear (a stand-in for `asft prune`)."""
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            for lin in prunable_linears(layer).values():
+                k = int(lin.weight.numel() * sparsity)
+                threshold = lin.weight.abs().flatten().kthvalue(k).values
+                lin.weight[lin.weight.abs() <= threshold] = 0
+    return model
+
+
+# ---------------------------------------------------------------- pure pieces, no Ray
+
+
+def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g)
+    assert float(kd_loss(logits, logits.clone(), temperature=2.0)) == 0.0
+    other = logits + 0.5 * torch.randn(2, 5, 11, generator=g)
+    assert float(kd_loss(logits, other, temperature=2.0)) > 1e-4
+    assert float(kd_loss(logits, other, temperature=1.0)) > 1e-4
+
+
+def test_recovery_loss_mixes_the_weighted_terms():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 11, (2, 6), generator=g)
+    student = type("Out", (), {"logits": torch.randn(2, 6, 11, generator=g)})
+    teacher = type("Out", (), {"logits": torch.randn(2, 6, 11, generator=g)})
+    total, parts = recovery_loss(Objective(lm_weight=0.5, kd_weight=2.0, temperature=3.0), ids, student, teacher)
+    assert set(parts) == {"lm", "kd"}
+    assert float(total) == pytest.approx(0.5 * parts["lm"] + 2.0 * parts["kd"], rel=1e-6)
+
+
+def _train_few_steps(model, masks, hooks: bool):
+    """AdamW with weight decay, 2-step gradient accumulation and clipping, 3 optimizer steps."""
+    apply_masks(model, masks)
+    select_trainable(model, masks, norms=False, biases=False)
+    if hooks:
+        register_mask_hooks(model, masks)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(3):
+        for _ in range(2):
+            ids = torch.randint(0, 512, (2, 16), generator=g)
+            model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def test_gradient_hooks_keep_pruned_weights_and_adam_state_at_zero():
+    model = magnitude_prune(build_tiny_llama())
+    masks = masks_from_zeros(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in masks}
+    opt = _train_few_steps(model, masks, hooks=True)
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert count_masked_nonzeros(params[name], mask) == 0, name
+        state = opt.state[params[name]]
+        assert count_masked_nonzeros(state["exp_avg"], mask) == 0 and count_masked_nonzeros(state["exp_avg_sq"], mask) == 0
+        assert not torch.equal(params[name][mask], before[name][mask]), f"{name}: surviving weights did not train"
+
+
+def test_without_hooks_pruned_weights_come_back():
+    """The negative control: the check above does fail when the gradients are not masked."""
+    model = magnitude_prune(build_tiny_llama())
+    masks = masks_from_zeros(model)
+    _train_few_steps(model, masks, hooks=False)
+    params = dict(model.named_parameters())
+    assert sum(count_masked_nonzeros(params[n], m) for n, m in masks.items()) > 0
+
+
+def test_masks_cover_decoder_linears_and_only_they_train():
+    model = magnitude_prune(build_tiny_llama())
+    masks = masks_from_zeros(model)
+    assert len(masks) == 2 * 7 and all(name.startswith("model.layers.") for name in masks)
+    assert all(0.45 < 1 - m.float().mean() < 0.55 for m in masks.values())
+    trainable = select_trainable(model, masks, norms=True, biases=False)
+    assert set(masks) < set(trainable) and all("norm" in n for n in set(trainable) - set(masks))
+    assert not model.get_input_embeddings().weight.requires_grad
+
+
+def test_dense_model_has_no_masks():
+    with pytest.raises(AsftError, match="no zero weights"):
+        masks_from_zeros(build_tiny_llama())
+
+
+def test_mask_file_is_checked(tmp_path):
+    model = build_tiny_llama()
+    name = "model.layers.0.mlp.up_proj.weight"
+    good = torch.rand(128, 64) > 0.5
+    save_file({name: good}, tmp_path / "good.safetensors")
+    assert torch.equal(load_mask_file(tmp_path / "good.safetensors", model)[name], good)
+    save_file({name: good.float()}, tmp_path / "float.safetensors")
+    with pytest.raises(AsftError, match="expected bool"):
+        load_mask_file(tmp_path / "float.safetensors", model)
+    save_file({name: good.T.contiguous()}, tmp_path / "shape.safetensors")
+    with pytest.raises(AsftError, match="shape"):
+        load_mask_file(tmp_path / "shape.safetensors", model)
+    save_file({"model.nope.weight": good}, tmp_path / "name.safetensors")
+    with pytest.raises(AsftError, match="no parameter named"):
+        load_mask_file(tmp_path / "name.safetensors", model)
+
+
+def test_data_order_is_a_function_of_seed_and_step_only():
+    stream = torch.arange(10_000, dtype=torch.int32)
+    assert step_starts(0, 5, 8, 10_000, 64) == step_starts(0, 5, 8, 10_000, 64)
+    assert step_starts(0, 5, 8, 10_000, 64) != step_starts(0, 6, 8, 10_000, 64)
+    assert step_starts(0, 5, 8, 10_000, 64) != step_starts(1, 5, 8, 10_000, 64)
+    # 2 workers x 2 micro-steps x micro batch 2 deal out exactly the step's 8 windows, no overlap
+    rows = [micro_batch(stream, 0, 5, m, r, 2, 2, 2, 64) for m in range(2) for r in range(2)]
+    starts = sorted(int(b[i, 0]) for b in rows for i in range(2))
+    assert starts == sorted(step_starts(0, 5, 8, 10_000, 64))
+    with pytest.raises(AsftError, match="not more than one window"):
+        step_starts(0, 0, 1, 64, 64)
+
+
+def _cfg(**kw):
+    return RecoverConfig(model="m", out="o", **kw)
+
+
+def test_deepspeed_config_fills_defaults_and_passes_user_keys_through():
+    user = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1000}, "gradient_clipping": "auto"}
+    plan = build_plan(_cfg(micro_batch=2, grad_accum=3, clip=0.5), user, world=2)
+    ds = plan.ds_config
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_prefetch_bucket_size": 1000,
+                                       "offload_optimizer": {"device": "none"}, "offload_param": {"device": "none"}}
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 12)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
+    assert plan.build_optimizer and plan.build_scheduler and plan.lr == 5e-5 and plan.warmup_steps == 10
+    assert user["gradient_clipping"] == "auto"  # the user's dict is not modified
+    offload = build_plan(_cfg(), {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, world=1)
+    assert offload.ds_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert offload.ds_config["zero_force_ds_cpu_optimizer"] is False
+    own = build_plan(_cfg(), {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, world=1)
+    assert not own.build_optimizer and own.lr == 1e-3 and own.ds_config["optimizer"]["params"]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("flags, user, message", [
+    ({"zero_stage": 2}, {"zero_optimization": {"stage": 3}}, "zero_optimization.stage = 3 conflicts with --zero-stage 2"),
+    ({"micro_batch": 1}, {"train_micro_batch_size_per_gpu": 4}, "conflicts with --micro-batch 1"),
+    ({"offload_optimizer": True}, {"zero_optimization": {"offload_optimizer": {"device": "none"}}}, "--offload-optimizer"),
+    ({"lr": 1e-4}, {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, "conflicts with --lr"),
+    ({}, {"train_batch_size": 5}, "train_batch_size = 5 conflicts"),
+    ({}, {"fp16": {"enabled": True}}, "fp16 is not supported"),
+    ({"offload_params": True}, {}, "parameter offload needs zero stage 3"),
+])
+def test_deepspeed_config_conflicts_are_one_line_errors(flags, user, message):
+    with pytest.raises(AsftError, match=message.replace("(", r"\(")) as err:
+        build_plan(_cfg(**flags), user, world=2, source="ds.json")
+    assert "\n" not in str(err.value) and str(err.value).startswith("ds.json: ")
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 4, 20, 0.1) == pytest.approx(0.2)
+    assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(20, 4, 20, 0.1) == pytest.approx(0.1)
+    assert 0.1 < warmup_cosine(12, 4, 20, 0.1) < 1.0
+
+
+def test_recover_config_is_validated():
+    with pytest.raises(AsftError, match="unknown key"):
+        RecoverConfig.from_dict({"model": "m", "out": "o", "zero": 3})
+    with pytest.raises(AsftError, match="need --teacher"):
+        _cfg(kd_weight=1.0)
+    with pytest.raises(AsftError, match="zero stage must be 2 or 3"):
+        _cfg(zero_stage=1)
+    assert _cfg(teacher="t").effective_kd_weight == 1.0 and _cfg().effective_kd_weight == 0.0
+
+
+# ---------------------------------------------------------------- through the CLI: bad input, before Ray
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-pruned")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    save_model(magnitude_prune(model), AutoTokenizer.from_pretrained(tiny_model_dir), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def other_vocab_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-other-vocab")
+    build_tiny_llama(vocab_size=600).save_pretrained(folder)
+    return folder
+
+
+def _run_cli(capsys, *args):
+    from asft_ray.cli import main
+
+    code = main(["recover", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("dense", "no zero weights in its decoder linears"),
+    ("teacher", "vocabulary size 600"),
+    ("deepspeed", "zero_optimization.stage = 2 conflicts with --zero-stage 3"),
+])
+def test_bad_input_is_one_line_and_leaves_out_alone(case, message, capsys, tmp_path, tiny_model_dir, pruned_dir,
+                                                     other_vocab_dir, data_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    args = {"dense": ["--model", str(tiny_model_dir)],
+            "teacher": ["--model", str(pruned_dir), "--teacher", str(other_vocab_dir)],
+            "deepspeed": ["--model", str(pruned_dir), "--deepspeed", str(ds)]}[case]
+    code, err = _run_cli(capsys, *args, "--zero-stage", "3", "--max-steps", "2", "--seqlen", "32",
+                         "--data-dir", data_dir, "--out", str(out), "--overwrite")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("asft: error:") and message in lines[0], err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / ".out.recover").exists()
+
+
+# ---------------------------------------------------------------- 2 Ray Train workers, DeepSpeed ZeRO
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def _recover(pruned_dir, out, data_dir, **kw):
+    from asft_ray.recovery.recipe import run_recover
+
+    values = dict(model=str(pruned_dir), out=str(out), data_dir=data_dir, workers=2, max_steps=4, seqlen=32,
+                  grad_accum=2, lr=1e-3, weight_decay=0.01, warmup_steps=1, checkpoint_every=2)
+    values.update(kw)
+    return run_recover(RecoverConfig(**values))
+
+
+def _assert_masks_held(record, out, pruned_dir):
+    for key in ("mask_check",) + (("mask_check_after_resume",) if record["resumed_from_step"] else ()):
+        check = record[key]
+        assert check["params"] == 14 and check["master_checked"] == 14, check
+        assert check["module"] == check["master"] == check["exp_avg"] == check["exp_avg_sq"] == 0, check
+    # Adam moments: checked at the end (right after loading a ZeRO-2 checkpoint DeepSpeed has not linked them yet)
+    assert record["mask_check"]["state_checked"] == 14
+    before, after = load_file(pruned_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = 0
+    for name in (n for n in before if ".layers." in n and "proj" in n):
+        assert torch.all(after[name][before[name] == 0] == 0), name
+        changed += int(not torch.equal(after[name], before[name]))
+    assert changed == 14  # every pruned linear's surviving weights trained
+
+
+def test_zero3_stop_and_resume_equals_an_uninterrupted_run(ray_cluster, pruned_dir, tmp_path, data_dir):
+    full = _recover(pruned_dir, tmp_path / "full", data_dir, zero_stage=3)
+    assert len(full["losses"]) == 4 and full["world_size"] == 2 and len(full["memory"]) == 2
+    _assert_masks_held(full, tmp_path / "full", pruned_dir)
+
+    stopped = _recover(pruned_dir, tmp_path / "cut", data_dir, zero_stage=3, stop_after_steps=2)
+    assert stopped["stopped"] and stopped["steps_done"] == 2 and not (tmp_path / "cut").exists()
+    resumed = _recover(pruned_dir, tmp_path / "cut", data_dir, zero_stage=3, resume=True)
+    assert resumed["resumed_from_step"] == 2
+    _assert_masks_held(resumed, tmp_path / "cut", pruned_dir)
+    assert resumed["losses"] == full["losses"]
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / ".cut.recover").exists()  # the state folder goes once the output is complete
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "cut")
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
+    record = json.loads((tmp_path / "cut" / "asft_run.json").read_text())
+    assert record["losses"] == resumed["losses"] and record["tokens_per_s"] > 0
+
+
+def test_zero2_with_distillation_keeps_masks_through_resume(ray_cluster, pruned_dir, tiny_model_dir, tmp_path, data_dir):
+    kw = dict(zero_stage=2, teacher=str(tiny_model_dir), kd_weight=1.0, hidden_weight=0.1, eval_every=2, eval_windows=2,
+              max_steps=3)
+    assert _recover(pruned_dir, tmp_path / "kd", data_dir, stop_after_steps=2, **kw)["stopped"]
+    record = _recover(pruned_dir, tmp_path / "kd", data_dir, resume=True, **kw)
+    assert record["resumed_from_step"] == 2 and len(record["losses"]) == 3
+    _assert_masks_held(record, tmp_path / "kd", pruned_dir)
+    assert [e["step"] for e in record["evals"]] == [0, 2, 3] and all(e["ppl"] > 1 for e in record["evals"])
+    assert all({"lm", "kd", "hidden"} <= set(row) for row in record["history"])
+    assert record["deepspeed_config"]["zero_optimization"]["stage"] == 2
+    assert all(m["peak_rss_mib"] > 0 for m in record["memory"])
