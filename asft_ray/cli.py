@@ -59,6 +59,12 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", default=None, help="replace a run folder that holds a different run")
     s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded one)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r = sub.add_parser("run", help="the whole pipeline from one YAML: staged prune -> recover -> export -> eval -> report")
+    r.add_argument("config", help="YAML run config (see configs/demo.yaml)")
+    r.add_argument("--out", default=None, help="run folder (overrides the config's out); an unfinished run there continues")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded one)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     w = sub.add_parser("sweep", help="search a per-layer schedule with Ray Tune (Optuna + ASHA) at a fixed global sparsity")
     w.add_argument("config", help="YAML: prune settings (model, method, sparsity, ...) plus trials, concurrency, val_windows, ...")
     w.add_argument("--out", default=None, help="sweep folder (overrides the config's out); an existing sweep there resumes")
@@ -182,6 +188,18 @@ def _staged(args) -> None:
     else:
         print(f"finished: final model = {result['final']} -> {cfg.prune.out}/model "
               f"(decision log: {cfg.prune.out}/decisions.jsonl)")
+
+
+def _run(args) -> None:
+    from asft_ray.pipeline import RunConfig, run_pipeline
+
+    values = load_yaml(args.config)
+    if isinstance(values, dict) and args.out:
+        values["out"] = args.out
+    cfg = RunConfig.from_dict(values, source=args.config)
+    result = run_pipeline(cfg, address=args.address, show_progress=not args.no_progress)
+    if result["status"] == "finished":
+        print(f"done: {result['report']}")
 
 
 def _sweep(args) -> None:
@@ -308,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         handlers = {"prune": _prune, "submit": _submit, "eval": _eval, "export": _export, "staged": _staged,
-                    "approve": _decide, "reject": _decide, "sweep": _sweep, "recover": _recover}
+                    "approve": _decide, "reject": _decide, "sweep": _sweep, "run": _run, "recover": _recover}
         handlers[args.command](args)
     except AsftError as err:
         print(f"asft: error: {err}", file=sys.stderr)

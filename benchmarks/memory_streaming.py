@@ -12,6 +12,7 @@ benchmarks/results/memory.jsonl.
 """
 
 import argparse
+import os
 import shutil
 import sys
 import threading
@@ -25,11 +26,22 @@ from results_io import append_row
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.conftest's tokenizer builder
 
 
+def _status_kb(pid: int) -> dict:
+    """RssAnon (private), RssFile (mapped files) and RssShmem (shared memory: Ray's object store) in kB."""
+    values = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key.startswith("Rss"):
+                values[key] = int(rest.split()[0])
+    return values
+
+
 class PeakRss:
     """Polls this process and all its descendants; keeps each one's peak RSS and name."""
 
     def __init__(self, interval_s: float = 0.2):
-        self.interval_s, self.peaks, self.names = interval_s, {}, {}
+        self.interval_s, self.peaks, self.names, self.parts = interval_s, {}, {}, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -39,6 +51,10 @@ class PeakRss:
             for proc in [me, *me.children(recursive=True)]:
                 try:
                     rss = proc.memory_info().rss
+                    parts = _status_kb(proc.pid)
+                    for part in ("RssAnon", "RssFile", "RssShmem"):
+                        key = (proc.pid, part)
+                        self.parts[key] = max(self.parts.get(key, 0), parts.get(part, 0) * 1024)
                     self.names.setdefault(proc.pid, " ".join(proc.cmdline())[:80] or proc.name())
                     name = proc.name()
                     if name.startswith("ray::"):
@@ -80,15 +96,27 @@ def main():
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--nsamples", type=int, default=4)
+    parser.add_argument("--nsamples", type=int, default=8, help="8 = two chunks of 4: both workers score")
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--workdir", default="runs/memory-bench")
+    parser.add_argument("--object-store-gb", type=float, default=1.0,
+                        help="Ray object store size (ASFT_OBJECT_STORE_GB); its shared pages count in each process's RSS")
+    parser.add_argument("--reuse-model", action="store_true", help="keep an already built source model")
     opts = parser.parse_args()
+    os.environ["ASFT_OBJECT_STORE_GB"] = str(opts.object_store_gb)
     work = Path(opts.workdir)
-    shutil.rmtree(work, ignore_errors=True)
     src, out = work / "model", work / "pruned"
+    shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    params = build_model(src, opts.hidden, opts.intermediate, opts.layers, opts.vocab)
+    if opts.reuse_model and (src / "config.json").exists():
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(src)
+        params = (2 * c.vocab_size * c.hidden_size + c.num_hidden_layers * (
+            4 * c.hidden_size**2 + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size) + c.hidden_size)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        params = build_model(src, opts.hidden, opts.intermediate, opts.layers, opts.vocab)
     build_s = time.perf_counter() - t
     weight_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
 
@@ -107,16 +135,19 @@ def main():
     from asft_ray.eval.sparsity import model_sparsity
 
     reloaded = model_sparsity(AutoModelForCausalLM.from_pretrained(out))["total"]
-    by_role = {}
+    by_role, parts = {}, {}
     for pid, peak in rss.peaks.items():
         name = rss.names.get(pid, "?")
-        role = "driver" if pid == psutil.Process().pid else name
-        by_role[f"{role} [{pid}]"] = peak
+        role = f'{"driver" if pid == psutil.Process().pid else name} [{pid}]'
+        by_role[role] = peak
+        parts[role] = {p: rss.parts.get((pid, p), 0) for p in ("RssAnon", "RssFile", "RssShmem")}
     top = dict(sorted(by_role.items(), key=lambda kv: -kv[1])[:8])
     append_row("memory_streaming", {
         "params": params, "weight_bytes": weight_bytes, "build_s": build_s, "prune_s": prune_s,
-        "nsamples": opts.nsamples, "seqlen": opts.seqlen, "workers": 2,
-        "peak_rss_bytes": top, "max_peak_fraction_of_weights": max(by_role.values()) / weight_bytes,
+        "nsamples": opts.nsamples, "seqlen": opts.seqlen, "workers": 2, "object_store_gb": opts.object_store_gb,
+        "peak_rss_bytes": top, "peak_parts_bytes": {k: parts[k] for k in top},
+        "max_peak_fraction_of_weights": max(by_role.values()) / weight_bytes,
+        "max_private_fraction_of_weights": max(p["RssAnon"] for p in parts.values()) / weight_bytes,
         "sparsity_reported": record["sparsity"]["total"], "sparsity_reloaded": reloaded,
     })
 

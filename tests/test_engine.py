@@ -163,3 +163,13 @@ def test_other_architectures_with_a_layer_modulelist_work(kind, method, calib_id
     for layer in decoder_layers(model):
         for name, linear in prunable_linears(layer).items():
             assert is_valid_nm(linear.weight, 2, 4), name
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_pruned_weights_are_positive_zeros(tiny_model, calib_ids, method):
+    """-0.0 equals 0 but not bit for bit: a compressed format would count it as a kept weight."""
+    prune_model(tiny_model, method, Pattern.parse("unstructured"), 0.5, calib_ids, show_progress=False)
+    for layer in tiny_model.model.layers:
+        for lin in prunable_linears(layer).values():
+            zeros = lin.weight == 0
+            assert zeros.any() and not torch.signbit(lin.weight[zeros]).any()

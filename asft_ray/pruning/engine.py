@@ -42,7 +42,7 @@ def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: 
         raise ValueError(f"unknown method {method!r}")
     # Magnitude compares weights across the whole matrix; the others within each output row (as Wanda does).
     keep = make_mask(scores, pattern, sparsity, per_row=method != "magnitude")
-    return weight * keep
+    return torch.where(keep, weight, torch.zeros_like(weight))  # +0.0, not the -0.0 that weight * keep gives
 
 
 def sparsity_of(sparsity, layer, name: str) -> float:
@@ -163,6 +163,9 @@ class ResidentLayers:
     def release(self, index: int, layer: nn.Module) -> None:
         pass
 
+    def after_capture(self, model: nn.Module) -> None:
+        pass
+
 
 def _needed_stats(method: str, stats: InputStats, name: str) -> dict:
     return {"hessian": stats.hessian(name)} if method == "sparsegpt" else {"sq_norms": stats.sq_norm(name)}
@@ -175,6 +178,8 @@ def _prune_layerwise(
 ) -> list[dict]:
     layer_store = layer_store or ResidentLayers()
     runner = make_runner(*capture_layer0_inputs(model, calib_ids))
+    if not prune_lm_head:
+        layer_store.after_capture(model)
     layers = decoder_layers(model)
     report = checkpoint.completed() if checkpoint else []
     for index in range(len(report)):  # resume: restore finished layers and push the inputs through them

@@ -26,7 +26,10 @@ INDEX = "model.safetensors.index.json"
 
 
 class SafetensorsReader:
-    """Tensors by name across a model folder's safetensors shards, opened memory-mapped."""
+    """Tensors by name across a model folder's safetensors shards.
+
+    Each read maps the shard, copies the wanted tensors out and unmaps it again: a mapping
+    kept open would leave every page read so far resident in this process."""
 
     def __init__(self, folder: Path):
         folder = Path(folder)
@@ -37,14 +40,25 @@ class SafetensorsReader:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             raise AsftError(f"layer streaming needs safetensors weights in {folder} (model.safetensors or {INDEX})")
+        self.folder = folder
         self.weight_map = weight_map
-        self._files = {name: safe_open(folder / name, "pt") for name in sorted(set(weight_map.values()))}
 
     def __contains__(self, key: str) -> bool:
         return key in self.weight_map
 
     def get(self, key: str) -> torch.Tensor:
-        return self._files[self.weight_map[key]].get_tensor(key)
+        return self.get_many([key])[key]
+
+    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.weight_map[key], []).append(key)
+        tensors = {}
+        for filename, names in by_file.items():
+            with safe_open(self.folder / filename, "pt") as f:
+                for key in names:
+                    tensors[key] = f.get_tensor(key)
+        return tensors
 
     def keys_under(self, prefix: str) -> list[str]:
         return [k for k in self.weight_map if k.startswith(prefix)]
@@ -93,6 +107,16 @@ def _materialise_outside_layers(model: nn.Module, reader: SafetensorsReader) -> 
         raise AsftError(f"the checkpoint lacks {missing[0]} ({len(missing)} tensors outside the layers missing)")
 
 
+def _return_free_memory() -> None:
+    """Ask glibc to give freed heap pages back to the OS, so the resident set shrinks after each layer."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class StreamedLayers:
     """engine layer_store: load layer i from the source shards, write it to its own output shard, free it."""
 
@@ -104,10 +128,13 @@ class StreamedLayers:
         self.total_size = 0
 
     def load(self, index: int, layer: nn.Module) -> None:
-        layer.to_empty(device="cpu")
+        if any(True for _ in layer.buffers()):
+            layer.to_empty(device="cpu")  # buffers need storage; parameters are replaced below
         prefix = f"{self.prefix}.{index}."
-        state = {k[len(prefix) :]: self.reader.get(k).float() for k in self.reader.keys_under(prefix)}
-        layer.load_state_dict(state, strict=True)
+        tensors = self.reader.get_many(self.reader.keys_under(prefix))
+        state = {k[len(prefix) :]: v.float() for k, v in tensors.items()}
+        del tensors
+        layer.load_state_dict(state, strict=True, assign=True)  # take the tensors, no second copy
 
     def _write(self, tensors: dict[str, torch.Tensor], filename: str) -> None:
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
@@ -118,20 +145,38 @@ class StreamedLayers:
             self.weight_map[key] = filename
             self.total_size += value.numel() * value.element_size()
 
+    def after_capture(self, model: nn.Module) -> None:
+        """The layer-0 inputs are captured: embeddings and lm_head are not needed again until
+        finish(), which copies them from the source shards. (Not called when lm_head is pruned.)"""
+        embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = head is not None and head.weight is embeddings.weight
+        embeddings.to("meta")
+        if tied:
+            head.weight = embeddings.weight  # moving to meta makes new parameters: tie them again
+        elif head is not None:
+            head.to("meta")
+        _return_free_memory()
+
     def release(self, index: int, layer: nn.Module) -> None:
         prefix = f"{self.prefix}.{index}."
         self._write({prefix + k: v for k, v in layer.state_dict().items()}, f"model-layer-{index:05d}.safetensors")
         layer.to("meta")
+        _return_free_memory()
 
     def finish(self, model: nn.Module) -> None:
-        """Write everything outside the decoder layers, and the shard index transformers reads."""
+        """Write everything outside the decoder layers, and the shard index transformers reads.
+
+        One tensor at a time, each into its own shard: tensors freed after capture are read back
+        from the source, so the peak stays at one embedding matrix, not all of them."""
         inside = {id(p) for p in decoder_layers(model).parameters()}
-        rest, seen = {}, set()
-        for key, param in model.named_parameters(remove_duplicate=False):
+        seen = set()
+        for number, (key, param) in enumerate(model.named_parameters(remove_duplicate=False)):
             if id(param) in inside or id(param) in seen:
                 continue  # tied weights are saved once, as the checkpoint had them
             seen.add(id(param))
-            rest[key] = param
-        self._write(rest, "model-rest.safetensors")
+            tensor = self.reader.get(key) if param.is_meta else param  # freed after capture: copy from the source
+            self._write({key: tensor}, f"model-rest-{number:05d}.safetensors")
+            del tensor
+            _return_free_memory()
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))

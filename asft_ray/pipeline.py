@@ -1,0 +1,255 @@
+"""`asft run CONFIG`: the whole pipeline from one YAML, every stage resumable, one run folder.
+
+    RUN/prune/        staged pruning with gates (asft_ray.staged); the final model in RUN/prune/model
+    RUN/recover/      recovery fine-tuning of the pruned model (asft_ray.recovery), if `recover:` is set
+    RUN/export/NAME/  deployment exports (`export: [compressed]`)
+    RUN/eval/NAME.json  perplexity, zero-shot and speed of dense / pruned / recovered, measured here
+    RUN/report.html, RUN/report.json
+
+Each stage writes its output atomically and is skipped when that output is already there, so
+running the same command after a kill (or after `asft approve`) continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from asft_ray.artifacts import write_json_atomic
+from asft_ray.errors import AsftError
+
+EXPORTS = ("compressed",)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    ppl_windows: int | None = 4  # WikiText-2 test windows (None: the full test set)
+    ppl_seqlen: int = 2048
+    zeroshot: tuple[str, ...] = ()  # task names (asft_ray.eval.zeroshot_tasks), empty: none
+    zeroshot_limit: int | None = 50  # items per task (None: all)
+    speed_prompt: int = 128
+    speed_new_tokens: int = 32
+    speed_repeats: int = 3
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    out: str
+    prune: dict  # asft_ray.staged settings without model/out/data_dir/device: method, schedule, stages, gate, ...
+    recover: dict | None = None  # asft_ray.recovery settings without model/out/data_dir; `distill: true` uses the dense teacher
+    export: tuple[str, ...] = ()
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    price_per_hour: float | None = None  # machine price for the cost per million tokens; None: "cost not computed"
+    data_dir: str | None = None
+    device: str = "cpu"
+
+    @staticmethod
+    def from_dict(values: dict, source: str = "config") -> "RunConfig":
+        """Validate everything that needs no model, including the nested stage configs."""
+        if not isinstance(values, dict):
+            raise AsftError(f"{source}: expected a mapping of settings")
+        known = {f.name for f in dataclasses.fields(RunConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise AsftError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        for key in ("model", "out", "prune"):
+            if not values.get(key):
+                raise AsftError(f"{source}: missing required key {key}")
+        values = dict(values)
+        ev = values.get("eval") or {}
+        if not isinstance(ev, dict):
+            raise AsftError(f"{source}: eval must be a mapping")
+        unknown = sorted(set(ev) - {f.name for f in dataclasses.fields(EvalSpec)})
+        if unknown:
+            raise AsftError(f"{source}: unknown eval key(s) {', '.join(unknown)}")
+        if "zeroshot" in ev:
+            from asft_ray.eval.zeroshot_tasks import parse_tasks
+
+            ev["zeroshot"] = tuple(parse_tasks(",".join(ev["zeroshot"]) if isinstance(ev["zeroshot"], list) else ev["zeroshot"]))
+        values["eval"] = EvalSpec(**ev)
+        exports = values.get("export") or ()
+        bad = [e for e in exports if e not in EXPORTS]
+        if bad:
+            raise AsftError(f"{source}: unknown export format(s) {', '.join(bad)}: choose from {', '.join(EXPORTS)}")
+        values["export"] = tuple(exports)
+        price = values.get("price_per_hour")
+        if price is not None and (not isinstance(price, (int, float)) or price <= 0):
+            raise AsftError(f"{source}: price_per_hour must be a positive number")
+        cfg = RunConfig(**values)
+        cfg.staged_config()  # validates prune: (stages, gate, method...)
+        if cfg.recover is not None:
+            cfg.recover_config()
+        return cfg
+
+    def staged_config(self):
+        from asft_ray.staged import StagedConfig
+
+        if not isinstance(self.prune, dict):
+            raise AsftError("prune must be a mapping")
+        clash = sorted(set(self.prune) & {"model", "out", "data_dir", "device"})
+        if clash:
+            raise AsftError(f"prune: {', '.join(clash)} are set at the top level of a run config")
+        return StagedConfig.from_dict({**self.prune, "model": self.model, "out": str(Path(self.out) / "prune"),
+                                       "data_dir": self.data_dir, "device": self.device}, source="prune")
+
+    def recover_config(self):
+        from asft_ray.recovery.config import RecoverConfig
+
+        values = dict(self.recover)
+        distill = values.pop("distill", False)
+        clash = sorted(set(values) & {"model", "out", "data_dir", "teacher"})
+        if clash:
+            raise AsftError(f"recover: {', '.join(clash)} are set by the pipeline (use distill: true for the dense teacher)")
+        return RecoverConfig.from_dict({**values, "model": str(Path(self.out) / "prune" / "model"),
+                                        "out": str(Path(self.out) / "recover"), "data_dir": self.data_dir,
+                                        "teacher": self.model if distill else None}, source="recover")
+
+
+def _log(message: str) -> None:
+    print(f"[asft run {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def evaluate_model(spec: str, ev: EvalSpec, data_dir: str | None, device: str, folder: Path | None = None) -> dict:
+    """Perplexity, zero-shot accuracy and speed of one model, measured in this process."""
+    import torch
+
+    from asft_ray.data import wikitext2_ids
+    from asft_ray.eval.perplexity import perplexity
+    from asft_ray.eval.sparsity import model_sparsity
+    from asft_ray.eval.speed import measure_speed
+    from asft_ray.models import load_model
+
+    model, tokenizer = load_model(spec, device, show_progress=False)
+    result = {"model": spec, "threads": torch.get_num_threads()}
+    ppl = perplexity(model, wikitext2_ids(tokenizer, "test", data_dir), ev.ppl_seqlen, ev.ppl_windows, show_progress=False)
+    sparsity = model_sparsity(model)
+    result.update(ppl=ppl["ppl"], ppl_windows=ppl["windows"], ppl_seconds=ppl["seconds"], sparsity=sparsity["total"],
+                  sparsity_layers=sparsity["layers"])
+    if ev.zeroshot:
+        from asft_ray.eval.zeroshot import evaluate_tasks
+
+        result["zeroshot"] = evaluate_tasks(model, tokenizer, list(ev.zeroshot), data_dir, ev.zeroshot_limit)
+    result["speed"] = measure_speed(model, ev.speed_prompt, ev.speed_new_tokens, ev.speed_repeats, warmup=1)
+    if folder is not None:
+        result["disk_mb"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**20
+    return result
+
+
+def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool = True) -> dict:
+    """Run (or continue) every stage; returns {"status": ..., "report": path}."""
+    from asft_ray.data import resolve_data_dir
+    from asft_ray.distributed.runner import init_ray, staged_on_ray
+    from asft_ray.models import resolve_model
+
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    resolve_model(cfg.model)
+    data_dir = resolve_data_dir(cfg.data_dir)
+    started = time.perf_counter()
+    staged = cfg.staged_config()
+    steps = []
+    owned = init_ray(address)
+    try:
+        _log("stage 1/5: staged pruning with gates")
+        values = {**cfg.prune, "model": cfg.model, "out": staged.prune.out, "data_dir": cfg.data_dir, "device": cfg.device}
+        result = staged_on_ray(values, show_progress=show_progress)
+        if result["status"] != "finished":
+            _log(f"pruning stage {result['stage']} awaits a decision: asft approve {staged.prune.out} (or reject), "
+                 "then run this command again")
+            return {"status": "awaiting_approval", "stage": result["stage"]}
+        pruned_dir = run / "prune" / "model"
+        steps.append(f"Pruned with {staged.prune.method} ({staged.prune.schedule_spec.name} schedule, "
+                     f"{staged.prune.nsamples} x {staged.prune.seqlen} C4 calibration tokens) in stages "
+                     f"{', '.join(f'{100 * s:g} %' for s in staged.stages)}, gate on WikiText-2 valid; kept: {result['final']}.")
+        final_name, final_dir, recovery = "pruned", pruned_dir, None
+        if cfg.recover is not None:
+            _log("stage 2/5: recovery fine-tuning")
+            from asft_ray.recovery.recipe import run_recover
+
+            rc = cfg.recover_config()
+            recovery = run_recover(rc)
+            final_name, final_dir = "recovered", Path(rc.out)
+            steps.append(f"Fine-tuned the remaining weights for {rc.max_steps} steps of {rc.seqlen} tokens on C4 "
+                         f"with DeepSpeed ZeRO on {rc.workers} Ray Train workers"
+                         + (" with distillation from the dense model." if rc.teacher else "."))
+    finally:
+        if owned:
+            import ray
+
+            ray.shutdown()
+    exports = {}
+    for fmt in cfg.export:
+        _log(f"stage 3/5: export {fmt}")
+        exports[fmt] = _export(fmt, final_dir, run / "export" / fmt, cfg.device)
+        steps.append(f"Exported the final model as {fmt}: {exports[fmt].get('summary', '')}")
+    _log("stage 4/5: evaluation (dense, pruned" + (", recovered)" if recovery else ")"))
+    models = {}
+    for name, spec in (("dense", cfg.model), ("pruned", str(pruned_dir)), ("recovered", str(final_dir) if recovery else None)):
+        if spec is None:
+            continue
+        path = run / "eval" / f"{name}.json"
+        key = json.loads(json.dumps({"model": spec, "eval": dataclasses.asdict(cfg.eval)}))  # as it reads back
+        cached = json.loads(path.read_text()) if path.exists() else None
+        if cached is None or cached.get("key") != key:
+            path.parent.mkdir(exist_ok=True)
+            t = time.perf_counter()
+            cached = {"key": key, **evaluate_model(spec, cfg.eval, data_dir, cfg.device,
+                                                   None if name == "dense" else Path(spec)),
+                      "seconds": time.perf_counter() - t}
+            write_json_atomic(path, cached)
+        models[name] = cached
+    steps.append(f"Measured WikiText-2 test perplexity ({cfg.eval.ppl_windows or 'all'} windows), "
+                 + (f"zero-shot accuracy on {', '.join(cfg.eval.zeroshot)} ({cfg.eval.zeroshot_limit or 'all'} items each), "
+                    if cfg.eval.zeroshot else "")
+                 + f"and decode speed ({cfg.eval.speed_prompt}-token prompt, {cfg.eval.speed_new_tokens} new tokens, "
+                   f"median of {cfg.eval.speed_repeats}) for every model on this machine.")
+    _log("stage 5/5: report")
+    report = write_report(cfg, run, staged, models, final_name, recovery, exports, steps, time.perf_counter() - started)
+    _log(f"report: {report}")
+    return {"status": "finished", "report": str(report), "final": final_name}
+
+
+def _export(fmt: str, model_dir: Path, out: Path, device: str) -> dict:
+    from asft_ray.export.compressed import read_manifest, save_compressed
+    from asft_ray.models import load_model
+
+    if not (out / "compressed.json").exists():
+        model, tokenizer = load_model(str(model_dir), device, show_progress=False)
+        save_compressed(model, out, tokenizer)
+    report = read_manifest(out)
+    total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    report["summary"] = (f"{report['weights_file_bytes'] / 2**20:.1f} MB of weights vs {report['dense_bytes'] / 2**20:.1f} MB "
+                         f"dense ({100 * report['file_ratio']:.1f} %), {total / 2**20:.1f} MB in all")
+    return report
+
+
+def write_report(cfg: RunConfig, run: Path, staged, models: dict, final_name: str, recovery: dict | None,
+                 exports: dict, steps: list[str], seconds: float) -> Path:
+    import asft_ray
+    from asft_ray.report.html import build_report
+    from asft_ray.staged import DecisionLog
+
+    facts = {
+        "run": str(run), "model": cfg.model, "method": staged.prune.method, "final_model": final_name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.node()} ({platform.machine()})",
+        "version": asft_ray.__version__, "steps": steps, "models": models, "price_per_hour": cfg.price_per_hour,
+        "decisions": DecisionLog(run / "prune").rows, "recovery_evals": (recovery or {}).get("evals"),
+        "exports": exports, "ppl_split": "test", "ppl_seqlen": cfg.eval.ppl_seqlen, "pipeline_seconds": seconds,
+        "zeroshot_note": f"log-likelihood scoring as lm-evaluation-harness does; first {cfg.eval.zeroshot_limit} items per task"
+        if cfg.eval.zeroshot_limit else "log-likelihood scoring as lm-evaluation-harness does; all items",
+        "speed_note": "Measured one after another in this run on this machine (CPU, fp32, torch threads "
+                      f"{models['dense'].get('threads')}). Unstructured zeros are stored as dense weights in memory, "
+                      "so they do not speed up CPU decoding; only structured pruning or 2:4 kernels on a GPU do.",
+    }
+    write_json_atomic(run / "report.json", facts)
+    html_text = build_report(facts)
+    tmp = run / ".report.html.tmp"
+    tmp.write_text(html_text, encoding="utf-8")
+    tmp.replace(run / "report.html")
+    return run / "report.html"

@@ -1,0 +1,30 @@
+"""Cost per million generated tokens from a price per machine-hour and measured decode speed."""
+
+from __future__ import annotations
+
+
+def cost_per_million(price_per_hour: float, tokens_per_s: float) -> float:
+    """Dollars (or whatever the price is in) to generate 1e6 tokens at `tokens_per_s` on one machine."""
+    return price_per_hour / (tokens_per_s * 3600.0) * 1e6
+
+
+def cost_lines(price_per_hour: float | None, dense_speed: dict | None, final_speed: dict | None) -> dict:
+    """{"headline": one sentence, "lines": [...]} — says plainly when the cost cannot be computed."""
+    if not dense_speed or not final_speed:
+        return {"headline": "Cost not computed: speed was not measured.", "lines": ["cost not computed: no speed measurement"]}
+    dense_tps, final_tps = dense_speed["decode_tok_s"], final_speed["decode_tok_s"]
+    change = final_tps / dense_tps - 1
+    speed_line = f"decode speed {dense_tps:.1f} → {final_tps:.1f} tokens/s ({100 * change:+.1f} %, same machine, same run)"
+    if price_per_hour is None:
+        return {"headline": "Cost not computed: no price per machine-hour was given.",
+                "lines": [speed_line, "cost not computed: set report.price_per_hour in the run config"]}
+    dense_cost, final_cost = cost_per_million(price_per_hour, dense_tps), cost_per_million(price_per_hour, final_tps)
+    saving = 1 - final_cost / dense_cost
+    verdict = (f"It saves {100 * saving:.1f} % of the cost per generated token" if saving > 0.005 else
+               f"It costs {100 * -saving:.1f} % more per generated token" if saving < -0.005 else
+               "The cost per generated token is unchanged")
+    return {
+        "headline": f"{verdict}: {final_cost:.2f} vs {dense_cost:.2f} per million tokens at {price_per_hour:g} per machine-hour.",
+        "lines": [speed_line, f"cost per million generated tokens: dense {dense_cost:.2f}, final {final_cost:.2f} "
+                              f"(at {price_per_hour:g} per machine-hour)", f"saving: {100 * saving:.1f} %"],
+    }

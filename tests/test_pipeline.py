@@ -1,0 +1,71 @@
+"""`asft run`: the pipeline on a tiny model leaves a resumable run folder and a report with its plots."""
+
+import json
+
+import pytest
+
+from asft_ray.errors import AsftError
+from asft_ray.pipeline import RunConfig, run_pipeline
+from asft_ray.report.cost import cost_lines, cost_per_million
+
+SPEED = {"decode_tok_s": 100.0}
+
+
+def test_cost_per_million_tokens_and_the_saving_are_plain_arithmetic():
+    assert cost_per_million(3.6, 1000.0) == pytest.approx(1.0)  # 3.6 M tokens per hour for 3.6 per hour
+    lines = cost_lines(3.6, {"decode_tok_s": 1000.0}, {"decode_tok_s": 2000.0})
+    assert "saves 50.0 %" in lines["headline"] and "0.50 vs 1.00" in lines["headline"]
+
+
+def test_without_a_price_the_report_says_cost_not_computed():
+    lines = cost_lines(None, SPEED, SPEED)
+    assert lines["headline"].startswith("Cost not computed") and not any("saving" in x for x in lines["lines"])
+
+
+def _values(model_dir, out, **extra):
+    return {"model": str(model_dir), "out": str(out), "device": "cpu",
+            "prune": {"method": "wanda", "schedule": "owl", "nsamples": 2, "seqlen": 64, "stages": [0.3, 0.6],
+                      "gate": {"max_ppl_ratio": 10.0, "windows": 2}},
+            "export": ["compressed"],
+            "eval": {"ppl_windows": 2, "ppl_seqlen": 64, "zeroshot": ["arc_easy"], "zeroshot_limit": 3,
+                     "speed_prompt": 16, "speed_new_tokens": 4, "speed_repeats": 1}, **extra}
+
+
+def test_pipeline_without_recovery_writes_every_artifact_and_resumes(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_pipeline(RunConfig.from_dict(_values(tiny_model_dir, out)), show_progress=False)
+    assert result["status"] == "finished" and result["final"] == "pruned"
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3  # stage curve, zero-shot, per-layer sparsity
+    assert "Cost not computed" in html
+    facts = json.loads((out / "report.json").read_text())
+    assert facts["models"]["pruned"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert facts["models"]["dense"]["sparsity"] == 0.0
+    assert facts["exports"]["compressed"]["pruned_ratio"] == pytest.approx(0.4 + 1 / 32, abs=2e-3)  # 60 % zeros
+    assert (out / "prune" / "decisions.parquet").exists() and (out / "eval" / "pruned.json").exists()
+    before = (out / "eval" / "dense.json").stat().st_mtime_ns
+    run_pipeline(RunConfig.from_dict(_values(tiny_model_dir, out, price_per_hour=1.0)), show_progress=False)
+    assert (out / "eval" / "dense.json").stat().st_mtime_ns == before  # finished stages are not redone
+    assert "per million tokens" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"export": ["onnx"]}, "unknown export format"),
+    ({"price_per_hour": -1}, "positive number"),
+    ({"eval": {"zeroshot": ["nope"]}}, "unknown task"),
+    ({"colour": 1}, "unknown key"),
+    ({"recover": {"model": "x"}}, "set by the pipeline"),
+])
+def test_bad_run_configs_fail_before_any_work(change, message, tmp_path):
+    values = {"model": "smollm2-135m", "out": str(tmp_path / "r"),
+              "prune": {"method": "wanda", "stages": [0.5], "gate": {"max_ppl_ratio": 2}}, **change}
+    with pytest.raises(AsftError, match=message):
+        RunConfig.from_dict(values)
+
+
+def test_the_repo_demo_run_config_parses():
+    from asft_ray.config import load_yaml
+    from tests.conftest import REPO
+
+    cfg = RunConfig.from_dict(load_yaml(str(REPO / "configs" / "run-demo.yaml")))
+    assert cfg.recover_config().teacher == "smollm2-135m" and cfg.price_per_hour == 0.10
