@@ -1,0 +1,87 @@
+"""`asft export`: load a model, write one deployment form of it, return the report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from asft_ray.artifacts import atomic_output_dir, write_json_atomic
+from asft_ray.errors import AsftError
+from asft_ray.models import load_model, save_model
+
+FORMATS = ("compressed", "structured", "semistructured")
+
+
+def parse_ratio(text: str | float) -> float | list[float]:
+    """`0.25` -> 0.25; `0.1,0.2,...` -> one value per layer."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError as err:
+        raise AsftError(f"ratio {text!r} is not a number or a comma list of numbers") from err
+    if not values:
+        raise AsftError(f"empty ratio {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise AsftError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
+
+
+def export_model(model_spec: str, fmt: str, out: Path, *, mlp_ratio="0", head_ratio="0", nsamples: int = 0,
+                 seqlen: int = 2048, seed: int = 0, data_dir: str | None = None, dtype: str = "float16",
+                 overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Write `model_spec` as `fmt` into `out`; returns the format's report plus timings."""
+    if fmt not in FORMATS:
+        raise AsftError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")
+    check_out(out, overwrite)
+    start = time.perf_counter()
+    if fmt == "semistructured":
+        from asft_ray.export.semistructured import require_cuda
+
+        require_cuda()  # before loading anything
+    model, tokenizer = load_model(model_spec, "cpu", show_progress=show_progress)
+    if fmt == "compressed":
+        from asft_ray.export.compressed import save_compressed
+
+        report = save_compressed(model, out, tokenizer)
+    elif fmt == "structured":
+        report = _structured(model, tokenizer, out, parse_ratio(mlp_ratio), parse_ratio(head_ratio), nsamples,
+                             seqlen, seed, data_dir)
+    else:
+        report = _semistructured(model, tokenizer, out, dtype)
+    return {"format": fmt, "model": model_spec, "out": str(out), **report, "seconds": time.perf_counter() - start}
+
+
+def _structured(model, tokenizer, out, mlp_ratio, head_ratio, nsamples, seqlen, seed, data_dir) -> dict:
+    from asft_ray.export.structured import save_structured, shrink
+    from asft_ray.pruning.structured import collect_input_norms, plan_structured
+
+    stats = None
+    if nsamples > 0:
+        from asft_ray.data import c4_documents, sample_calibration
+
+        calib = sample_calibration(c4_documents(data_dir), tokenizer, nsamples, seqlen, seed)
+        stats = collect_input_norms(model, calib)
+    plan = plan_structured(model, mlp_ratio, head_ratio, stats)
+    report = shrink(model, plan)
+    report.update({"mlp_ratio": mlp_ratio, "head_ratio": head_ratio, "nsamples": nsamples,
+                   "scores": "wanda-style |W|*||X||" if stats is not None else "magnitude |W|"})
+    return save_structured(model, tokenizer, out, report)
+
+
+def _semistructured(model, tokenizer, out, dtype) -> dict:
+    """Save the dense fp16/bf16 checkpoint, then convert on the GPU so that every kernel is known to
+    accept its weight. To serve it: `load_model(out)` and `to_semistructured(model)`."""
+    from asft_ray.export.semistructured import DTYPES, to_semistructured
+
+    if dtype not in DTYPES:
+        raise AsftError(f"2:4 kernels run in {' or '.join(DTYPES)}, not {dtype}")
+    with atomic_output_dir(Path(out)) as tmp:
+        save_model(model.to(DTYPES[dtype]), tokenizer, tmp)
+        report = to_semistructured(model, dtype)
+        write_json_atomic(tmp / "semistructured.json", report)
+    return report

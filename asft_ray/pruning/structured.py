@@ -1,0 +1,120 @@
+"""Structured pruning: score and choose whole MLP channels and whole grouped-query attention groups.
+
+A unit is one MLP intermediate channel (gate row, up row and down column together) or one
+KV group (a KV head, its k and v rows, the rows of the query heads that share it and their
+o_proj columns). Removing a unit is exactly the same as zeroing every weight it owns.
+
+A unit's score is the summed influence of its weights, Wanda-style: sum |W_ij| * ||X_j||,
+where X_j is the input that weight multiplies over the calibration tokens (for down_proj and
+o_proj columns that is the channel's own activation). Without calibration ||X_j|| = 1 and the
+score is the weight magnitude. The lowest-scoring units go.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+
+from asft_ray.errors import AsftError
+from asft_ray.models import decoder_layers, prunable_linears
+from asft_ray.pruning.stats import InputStats, LayerInputStats
+
+
+def row_influence(weight: torch.Tensor, sq_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Per output row: sum_j |W_ij| * ||X_j|| (||X_j|| = 1 without statistics)."""
+    w = weight.detach().abs().double()
+    return (w * sq_norm.double().sqrt()).sum(1) if sq_norm is not None else w.sum(1)
+
+
+def column_influence(weight: torch.Tensor, sq_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Per input column j: ||X_j|| * sum_i |W_ij|."""
+    w = weight.detach().abs().double().sum(0)
+    return w * sq_norm.double().sqrt() if sq_norm is not None else w
+
+
+def mlp_channel_scores(mlp: nn.Module, stats: InputStats | None = None) -> torch.Tensor:
+    """One score per intermediate channel of a gated MLP (gate_proj, up_proj, down_proj)."""
+    sq = (lambda n: stats.sq_norm(n)) if stats is not None else (lambda n: None)
+    return (row_influence(mlp.gate_proj.weight, sq("mlp.gate_proj")) + row_influence(mlp.up_proj.weight, sq("mlp.up_proj"))
+            + column_influence(mlp.down_proj.weight, sq("mlp.down_proj")))
+
+
+def attention_group_scores(attn: nn.Module, n_heads: int, n_kv: int, stats: InputStats | None = None) -> torch.Tensor:
+    """One score per KV group. Query head h belongs to KV head h // (n_heads / n_kv), as in repeat_kv."""
+    sq = (lambda n: stats.sq_norm(n)) if stats is not None else (lambda n: None)
+    return (row_influence(attn.q_proj.weight, sq("self_attn.q_proj")).view(n_kv, -1).sum(1)
+            + row_influence(attn.k_proj.weight, sq("self_attn.k_proj")).view(n_kv, -1).sum(1)
+            + row_influence(attn.v_proj.weight, sq("self_attn.v_proj")).view(n_kv, -1).sum(1)
+            + column_influence(attn.o_proj.weight, sq("self_attn.o_proj")).view(n_kv, -1).sum(1))
+
+
+def keep_count(total: int, ratio: float, what: str) -> int:
+    """How many of `total` units stay when a fraction `ratio` is removed (rounded to whole units)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise AsftError(f"{what} ratio must be between 0 and 1, got {ratio}")
+    keep = total - round(total * ratio)
+    if keep < 1:
+        raise AsftError(f"{what} ratio {ratio} removes all {total} {what} units of a layer; at least one must stay")
+    return keep
+
+
+def top_units(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices (ascending) of the `keep` highest scores; ties go to the lower index."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return torch.sort(order[:keep]).values
+
+
+def layer_ratios(ratio: float | list[float], n_layers: int, what: str) -> list[float]:
+    """One ratio for every layer, or a list with exactly one per layer."""
+    if isinstance(ratio, (int, float)):
+        return [float(ratio)] * n_layers
+    if len(ratio) != n_layers:
+        raise AsftError(f"{what} ratio list has {len(ratio)} values, the model has {n_layers} layers")
+    return [float(r) for r in ratio]
+
+
+@torch.no_grad()
+def collect_input_norms(model: nn.Module, calib_ids: torch.Tensor) -> list[InputStats]:
+    """Summed squared inputs of every decoder linear, from one pass of the dense model per window."""
+    collectors = [LayerInputStats(prunable_linears(layer), hessian=False) for layer in decoder_layers(model)]
+    device = next(model.parameters()).device
+    with ExitStack() as stack:
+        for c in collectors:
+            stack.enter_context(c)
+        for i in range(calib_ids.shape[0]):
+            for c in collectors:
+                c.begin_sample()
+            model(input_ids=calib_ids[i : i + 1].to(device), use_cache=False)
+    return [c.result() for c in collectors]
+
+
+def plan_structured(model: nn.Module, mlp_ratio: float | list[float] = 0.0, head_ratio: float | list[float] = 0.0,
+                    stats: list[InputStats] | None = None) -> list[dict]:
+    """Per layer: which MLP channels and KV groups stay, ranked by score.
+
+    Returns [{"mlp_keep": idx, "mlp_count": n, "groups_keep": idx, "groups_count": n}]: the
+    `*_count` best units of a layer are its own choice; `*_keep` holds the best units up to
+    the largest count over all layers, so every layer gets the same shape (an HF config has
+    one intermediate_size and one head count). Units in `*_keep` beyond a layer's own count
+    are zeroed on export, which is exact: a zero channel or zero group adds nothing."""
+    cfg = model.config
+    layers = decoder_layers(model)
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    mlp_r = layer_ratios(mlp_ratio, len(layers), "MLP")
+    head_r = layer_ratios(head_ratio, len(layers), "head")
+    mlp_counts = [keep_count(cfg.intermediate_size, r, "MLP channel") for r in mlp_r]
+    group_counts = [keep_count(n_kv, r, "attention KV-group") for r in head_r]
+    plan = []
+    for i, layer in enumerate(layers):
+        s = stats[i] if stats is not None else None
+        mlp_scores = mlp_channel_scores(layer.mlp, s)
+        group_scores = attention_group_scores(layer.self_attn, n_heads, n_kv, s)
+        plan.append({
+            "mlp_keep": top_units(mlp_scores, max(mlp_counts)), "mlp_count": mlp_counts[i],
+            "mlp_rank": torch.argsort(torch.argsort(mlp_scores, descending=True, stable=True)),
+            "groups_keep": top_units(group_scores, max(group_counts)), "groups_count": group_counts[i],
+            "groups_rank": torch.argsort(torch.argsort(group_scores, descending=True, stable=True)),
+        })
+    return plan
