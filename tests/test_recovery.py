@@ -320,4 +320,15 @@ def test_zero2_with_distillation_keeps_masks_through_resume(ray_cluster, pruned_
     assert [e["step"] for e in record["evals"]] == [0, 2, 3] and all(e["ppl"] > 1 for e in record["evals"])
     assert all({"lm", "kd", "hidden"} <= set(row) for row in record["history"])
     assert record["deepspeed_config"]["zero_optimization"]["stage"] == 2
-    assert all(m["peak_rss_mib"] > 0 for m in record["memory"])
+    assert all(m["peak_rss_mib"] >= m["train_rss_max_mib"] > 0 for m in record["memory"])
+
+
+def test_demo_config_is_valid_and_the_job_entrypoint_needs_a_config(capsys):
+    from asft_ray.config import load_yaml
+    from asft_ray.jobs.recover import run
+    from tests.conftest import REPO
+
+    cfg = RecoverConfig.from_dict(load_yaml(str(REPO / "configs" / "recover-demo.yaml")), source="recover-demo.yaml")
+    plan = build_plan(cfg, {}, cfg.workers)
+    assert cfg.teacher and plan.zero_stage == 2 and plan.ds_config["train_batch_size"] == 4
+    assert run([]) == 2 and "usage" in capsys.readouterr().err

@@ -179,9 +179,18 @@ def export_model(cfg: RecoverConfig, weights: dict, folder: Path) -> None:
     save_model(model, tokenizer, folder)
 
 
-def peak_memory_mib(device: torch.device) -> dict:
-    """This process's peak resident memory (and peak CUDA allocation on a GPU), MiB."""
-    row = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+def rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_memory_mib(device: torch.device, train_rss_max: float) -> dict:
+    """This worker's memory, MiB. `peak_rss_mib` is the process's high-water mark over its whole
+    life (model loading and rank 0's export included); `train_rss_max_mib` the largest RSS seen
+    at the end of a training step; on a GPU, `peak_cuda_mib` the peak allocation while training
+    (its counter is reset after setup)."""
+    row = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "train_rss_max_mib": train_rss_max}
     if device.type == "cuda":
         row["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row
@@ -227,12 +236,15 @@ def train_loop(config: dict) -> None:
         evals.append({"step": 0, "ppl": evaluate(engine, eval_ids, eval_seqlen, rank, world)})
 
     tokens_per_step = plan.micro_batch * plan.grad_accum * world * cfg.seqlen
-    stopped = False
+    stopped, train_rss_max = False, 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for step in range(start, cfg.max_steps):
-        t = time.perf_counter()
+        t, lr = time.perf_counter(), engine.get_lr()[0]
         row = train_step(engine, teacher, objective, stream, cfg, plan, step, rank, world)
-        row.update(step=step + 1, seconds=time.perf_counter() - t, lr=engine.get_lr()[0])
+        row.update(step=step + 1, seconds=time.perf_counter() - t, lr=lr)
         history.append(row)
+        train_rss_max = max(train_rss_max, rss_mib())
         done = step + 1
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             evals.append({"step": done, "ppl": evaluate(engine, eval_ids, eval_seqlen, rank, world)})
@@ -253,7 +265,7 @@ def train_loop(config: dict) -> None:
             export_model(cfg, weights, Path(config["export_dir"]))
         summary["trainable_params"] = len(trainable)
     memory = [None] * world
-    dist.all_gather_object(memory, peak_memory_mib(device))
+    dist.all_gather_object(memory, peak_memory_mib(device, train_rss_max))
     summary["memory"] = memory
     if rank == 0:
         write_json_atomic(state / SUMMARY, summary)
