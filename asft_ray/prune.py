@@ -48,7 +48,7 @@ def run_prune(
     data_dir = resolve_data_dir(cfg.data_dir) if calibrated else None
 
     if cfg.stream:
-        model, tokenizer, reader = _load_skeleton(cfg.model)
+        model, tokenizer, reader = _load_skeleton(cfg.model, load_head=cfg.prune_lm_head)
     else:
         model, tokenizer = load_model(cfg.model, cfg.device, show_progress=show_progress)
     check_pattern_fits(model, cfg.parsed_pattern, cfg.prune_lm_head)
@@ -126,14 +126,14 @@ def plan_sparsity(cfg: PruneConfig, model, calib_ids, make_runner=LocalRunner, s
     return plan, record
 
 
-def _load_skeleton(spec: str):
+def _load_skeleton(spec: str, load_head: bool = True):
     """(meta-device model with its non-layer parts loaded, tokenizer, shard reader) for streaming."""
     from transformers import AutoTokenizer
 
     source = resolve_model(spec)
     if source.gguf_file or source.is_hub:
         raise AsftError(f"layer streaming needs a local model directory with safetensors, not {spec!r}")
-    model, reader = build_skeleton(Path(source.location))
+    model, reader = build_skeleton(Path(source.location), load_head)
     return model, AutoTokenizer.from_pretrained(source.location, trust_remote_code=False), reader
 
 

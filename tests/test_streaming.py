@@ -9,13 +9,14 @@ from asft_ray.errors import AsftError
 from asft_ray.prune import run_prune
 
 
-@pytest.fixture(scope="module")
-def sharded_model_dir(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def sharded_model_dir(tmp_path_factory, request):
+    """Tied: lm_head is the embedding. Untied: streaming leaves lm_head on meta and copies it at the end."""
     from tests.conftest import build_tiny_llama, build_tokenizer
 
     folder = tmp_path_factory.mktemp("sharded")
     tokenizer = build_tokenizer()
-    model = build_tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=3)
+    model = build_tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=3, tie_word_embeddings=request.param)
     model.save_pretrained(folder, max_shard_size="200KB")  # several shards, layers split across them
     tokenizer.save_pretrained(folder)
     assert (folder / "model.safetensors.index.json").is_file()

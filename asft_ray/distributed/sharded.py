@@ -17,7 +17,9 @@ same object-store inputs, giving the same result.
 
 from __future__ import annotations
 
+import copy
 import os
+import warnings
 from dataclasses import dataclass
 
 import ray
@@ -51,6 +53,39 @@ class WorkerResources:
         return opts
 
 
+class SharedLayer:
+    """A layer as it goes into the object store: its structure on the `meta` device plus its
+    tensors as numpy arrays. Ray writes numpy buffers straight into shared memory and workers
+    map them without a copy, so neither side holds a second private copy of the layer."""
+
+    def __init__(self, layer: torch.nn.Module):
+        tensors = dict(layer.named_parameters()) | dict(layer.named_buffers())
+        # deepcopy with every tensor pre-mapped to an empty meta twin: structure only, no data copied
+        memo = {id(t): (torch.nn.Parameter(torch.empty_like(t, device="meta"), t.requires_grad)
+                        if isinstance(t, torch.nn.Parameter) else torch.empty_like(t, device="meta"))
+                for t in tensors.values()}
+        self.skeleton = copy.deepcopy(layer, memo)
+        self.arrays = {name: _as_array(t.detach()) for name, t in layer.state_dict().items()}
+
+    def materialize(self) -> torch.nn.Module:
+        with warnings.catch_warnings():  # object-store buffers are read-only; the layer is only read
+            warnings.simplefilter("ignore", UserWarning)
+            state = {k: torch.from_numpy(a) if not isinstance(a, torch.Tensor) else a for k, a in self.arrays.items()}
+        self.skeleton.load_state_dict(state, assign=True)
+        return self.skeleton
+
+
+def _as_array(t: torch.Tensor):
+    try:
+        return t.cpu().numpy()
+    except TypeError:  # bfloat16 and other dtypes numpy lacks travel as tensors (copied)
+        return t.cpu()
+
+
+def _unwrap(layer):
+    return layer.materialize() if isinstance(layer, SharedLayer) else layer
+
+
 @ray.remote(max_restarts=3, max_task_retries=3)
 class ScoringWorker:
     """Computes statistics and layer outputs for the chunks it is given (pure calls)."""
@@ -67,7 +102,7 @@ class ScoringWorker:
 
     def stats(self, layer, chunk, context, hessian: bool) -> InputStats:
         args, kwargs = context
-        return chunk_stats(layer.to(self.device), [x.to(self.device) for x in chunk], args, kwargs, hessian)
+        return chunk_stats(_unwrap(layer).to(self.device), [x.to(self.device) for x in chunk], args, kwargs, hessian)
 
     def gradients(self, model, ids: torch.Tensor, lm_head: bool) -> dict:
         sums = gradient_sums(model.to(self.device), ids.to(self.device), show_progress=False, lm_head=lm_head)
@@ -75,7 +110,7 @@ class ScoringWorker:
 
     def forward(self, layer, chunk, context) -> list[torch.Tensor]:
         args, kwargs = context
-        outs = chunk_forward(layer.to(self.device), [x.to(self.device) for x in chunk], args, kwargs)
+        outs = chunk_forward(_unwrap(layer).to(self.device), [x.to(self.device) for x in chunk], args, kwargs)
         return [x.cpu() for x in outs]
 
 
@@ -121,12 +156,12 @@ class ShardedRunner:
         return self.workers[k % len(self.workers)]
 
     def collect(self, layer, hessian: bool) -> InputStats:
-        layer_ref = ray.put(layer)
+        layer_ref = ray.put(SharedLayer(layer))
         parts = [self._worker(k).stats.remote(layer_ref, c, self.context, hessian) for k, c in enumerate(self.chunks)]
         return sum_in_order(ray.get(parts))
 
     def advance(self, layer) -> None:
-        layer_ref = ray.put(layer)
+        layer_ref = ray.put(SharedLayer(layer))
         self.chunks = [self._worker(k).forward.remote(layer_ref, c, self.context) for k, c in enumerate(self.chunks)]
 
     def outputs(self) -> list[torch.Tensor]:

@@ -69,8 +69,11 @@ def layers_prefix(model: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is layers)
 
 
-def build_skeleton(folder: Path):
-    """The model with no weights in memory; only the modules outside the decoder layers are filled in."""
+def build_skeleton(folder: Path, load_head: bool = True):
+    """The model with no weights in memory; only the modules outside the decoder layers are filled in.
+
+    `load_head=False` leaves an untied lm_head on `meta` too (it is only needed to prune it;
+    StreamedLayers.finish copies it from the source)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
@@ -79,12 +82,16 @@ def build_skeleton(folder: Path):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     reader = SafetensorsReader(folder)
-    _materialise_outside_layers(model, reader)
+    _materialise_outside_layers(model, reader, load_head)
     return model, reader
 
 
-def _materialise_outside_layers(model: nn.Module, reader: SafetensorsReader) -> None:
+def _materialise_outside_layers(model: nn.Module, reader: SafetensorsReader, load_head: bool = True) -> None:
     inside = {id(m) for m in decoder_layers(model).modules()}
+    head = model.get_output_embeddings()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if not load_head and head is not None and not tied:
+        inside.add(id(head))  # stays on meta
     for module_name, module in list(model.named_modules()):
         if id(module) in inside:
             continue
@@ -102,7 +109,8 @@ def _materialise_outside_layers(model: nn.Module, reader: SafetensorsReader) -> 
     if getattr(model.config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     prefix = layers_prefix(model) + "."
-    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
+    missing = [n for n, p in model.named_parameters()
+               if p.is_meta and not n.startswith(prefix) and not (id(p) == id(getattr(head, "weight", None)) and not load_head)]
     if missing:
         raise AsftError(f"the checkpoint lacks {missing[0]} ({len(missing)} tensors outside the layers missing)")
 

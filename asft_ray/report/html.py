@@ -36,6 +36,9 @@ def layer_sparsity_plot(layers: list[float]) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 2.8))
     ax.bar(range(len(layers)), [100 * s for s in layers], color="#4c72b0")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("sparsity (%)")
     ax.set_ylim(0, 100)
@@ -128,7 +131,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:98
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 .summary{background:#f4f7fb;border-left:4px solid #4c72b0;padding:.8em 1em;margin:1em 0}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em} th,td{border:1px solid #ddd;padding:.3em .6em;text-align:right}
-th{background:#f0f0f0} td:first-child,th:first-child{text-align:left}
+th{background:#f0f0f0} td:first-child,th:first-child,td:last-child{text-align:left}
 figure{margin:.8em 0} img{max-width:100%} .muted{color:#666;font-size:.9em}
 """
 
@@ -154,7 +157,7 @@ def build_report(facts: dict) -> str:
                       d.get("verdict"), d.get("reason")] for d in decisions]
     dense, last = models["dense"], models[final]
     headline = (f"{facts['model']} pruned with {facts['method']} to {100 * (last.get('sparsity') or 0):.1f} % sparsity "
-                f"({final}): validation-protocol perplexity {_fmt(dense.get('ppl'))} → {_fmt(last.get('ppl'))}. {cost['headline']}")
+                f"({final}): WikiText-2 test perplexity {_fmt(dense.get('ppl'))} → {_fmt(last.get('ppl'))}. {cost['headline']}")
     parts = [
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>asft-ray report: {html.escape(facts['run'])}</title>"
         f"<style>{CSS}</style></head><body>",
