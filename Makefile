@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.asft-installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo demo-prune bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -24,9 +24,14 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
-# Prune SmolLM2-135M with Wanda to 50 % on the embedded Ray cluster, then compare
-# perplexity (first 4 WikiText-2 test windows) of the dense and the pruned model.
+# The main job: the whole pipeline on SmolLM2-135M on the embedded Ray cluster (configs/run-demo.yaml):
+# staged Wanda/OWL pruning with a gate -> DeepSpeed recovery on Ray Train -> compressed export ->
+# ppl, zero-shot and speed of every model -> runs/demo-run/report.html
 demo: $(STAMP)
+	$(BIN)/asft run configs/run-demo.yaml
+
+# The one-step version: prune to 50 % with Wanda, compare dense and pruned ppl on 4 windows.
+demo-prune: $(STAMP)
 	$(BIN)/asft prune --config configs/demo.yaml
 	$(BIN)/asft eval --model smollm2-135m --max-windows 4
 	$(BIN)/asft eval --model runs/demo/smollm2-wanda50 --max-windows 4
