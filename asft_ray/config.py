@@ -101,12 +101,7 @@ class PruneConfig:
     @staticmethod
     def from_dict(values: dict, source: str = "config") -> "PruneConfig":
         """Build from a mapping (a YAML file, job arguments); unknown keys are an error."""
-        if not isinstance(values, dict):
-            raise AsftError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(PruneConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise AsftError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_keys(values, PruneConfig, source)
         values = dict(values)
         if values.get("sparsity") is None:
             implied = Pattern.parse(str(values.get("pattern", "unstructured"))).implied_sparsity
@@ -151,6 +146,17 @@ class PruneConfig:
         if self.is_uniform:
             d.pop("schedule")  # one ratio for every layer, as before schedules existed
         return d
+
+
+def check_keys(values, known, source: str, what: str = "key") -> None:
+    """`values` must be a mapping whose keys are all in `known` (names, or a dataclass's fields)."""
+    if not isinstance(values, dict):
+        raise AsftError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
+    if dataclasses.is_dataclass(known):
+        known = {f.name for f in dataclasses.fields(known)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise AsftError(f"{source}: unknown {what}(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 def load_yaml(path: str) -> dict:

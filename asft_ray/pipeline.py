@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from asft_ray.artifacts import write_json_atomic
+from asft_ray.config import check_keys
 from asft_ray.errors import AsftError
 
 EXPORTS = ("compressed",)
@@ -52,22 +53,13 @@ class RunConfig:
     @staticmethod
     def from_dict(values: dict, source: str = "config") -> "RunConfig":
         """Validate everything that needs no model, including the nested stage configs."""
-        if not isinstance(values, dict):
-            raise AsftError(f"{source}: expected a mapping of settings")
-        known = {f.name for f in dataclasses.fields(RunConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise AsftError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_keys(values, RunConfig, source)
         for key in ("model", "out", "prune"):
             if not values.get(key):
                 raise AsftError(f"{source}: missing required key {key}")
         values = dict(values)
-        ev = values.get("eval") or {}
-        if not isinstance(ev, dict):
-            raise AsftError(f"{source}: eval must be a mapping")
-        unknown = sorted(set(ev) - {f.name for f in dataclasses.fields(EvalSpec)})
-        if unknown:
-            raise AsftError(f"{source}: unknown eval key(s) {', '.join(unknown)}")
+        ev = dict(values.get("eval") or {})
+        check_keys(ev, EvalSpec, f"{source} eval", "eval key")
         if "zeroshot" in ev:
             from asft_ray.eval.zeroshot_tasks import parse_tasks
 

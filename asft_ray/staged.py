@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from asft_ray.artifacts import atomic_output_dir, write_json_atomic
-from asft_ray.config import CALIBRATED_METHODS, PruneConfig
+from asft_ray.config import CALIBRATED_METHODS, PruneConfig, check_keys
 from asft_ray.errors import AsftError
 
 STATE = "state.json"
@@ -95,10 +95,7 @@ class StagedConfig:
         gate_values = values.pop("gate", None)
         if not isinstance(gate_values, dict):
             raise AsftError(f"{source}: a `gate:` mapping is required (e.g. max_ppl_ratio: 1.5, windows: 4)")
-        known = {f.name for f in dataclasses.fields(Gate)}
-        unknown = sorted(set(gate_values) - known)
-        if unknown:
-            raise AsftError(f"{source}: unknown gate key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_keys(gate_values, Gate, source, "gate key")
         gate = Gate(**gate_values)
         if "sparsity" in values:
             raise AsftError(f"{source}: a staged run takes `stages`, not `sparsity`")

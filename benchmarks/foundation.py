@@ -14,11 +14,11 @@ import argparse
 import json
 import math
 import platform
-import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
+
+from results_io import asft
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "foundation.jsonl"
@@ -59,15 +59,6 @@ REFERENCE = {
 
 def row_key(method: str, pattern: str, nsamples: int) -> str:
     return f"{method}-{pattern}" + (f"-n{nsamples}" if nsamples not in (0, 32) else "")
-
-
-def asft(*args: str) -> str:
-    cmd = [sys.executable, "-m", "asft_ray.cli", *args]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    if proc.returncode:
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return proc.stdout
 
 
 def done_rows() -> dict:

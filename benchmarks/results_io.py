@@ -2,10 +2,23 @@
 
 import json
 import platform
+import subprocess
+import sys
 from datetime import date
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS_DIR.parents[1]
+
+
+def asft(*args: str) -> str:
+    """Run the real CLI (`python -m asft_ray.cli ...`) from the repo root; its stdout, or exit on failure."""
+    cmd = [sys.executable, "-m", "asft_ray.cli", *args]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    return proc.stdout
 
 
 def append_row(name: str, row: dict) -> dict:

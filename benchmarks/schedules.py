@@ -15,25 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
-from results_io import RESULTS_DIR, append_row
+from results_io import RESULTS_DIR, append_row, asft
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "bench"
 RESULTS = RESULTS_DIR / "schedules.jsonl"
-
-
-def asft(*args: str) -> str:
-    cmd = [sys.executable, "-m", "asft_ray.cli", *args]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    if proc.returncode:
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return proc.stdout
 
 
 def done() -> dict:
