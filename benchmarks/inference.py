@@ -7,8 +7,10 @@ Variants (each optional except the dense baseline):
   structured      --structured DIR  (asft export --format structured, repeatable)
   2:4             --semistructured  (CUDA only: the --model, pruned 2:4, converted in memory)
 Each row: load seconds, parameters, weight bytes on disk, median prefill ms for a
---prompt-len prompt, median greedy decode tokens/s over --new-tokens, peak memory, and the
-ratios against dense (speedup = dense time / variant time). Rows are appended to
+--prompt-len prompt, median greedy decode tokens/s over --new-tokens, weights in memory, peak
+memory of one prefill + decode (CPU: process RSS, weights and runtime included; CUDA: peak
+allocated), and the ratios against dense (speedup = dense time / variant time). A dense
+--model given as a GGUF alias has no safetensors size and its load time includes dequantizing. Rows are appended to
 benchmarks/results/inference.jsonl; a markdown table is printed for BENCHMARKS.md.
 
 CPU timings use `torch.set_num_threads(--threads)` (default: all cores); run on an idle machine.
@@ -98,12 +100,13 @@ def main() -> None:
         rows.append(append_row("inference", row) if not args.no_append else row)
         del model
 
-    print("\n| variant | params | weights on disk | load s | prefill ms | decode tok/s | peak mem MB | prefill × | decode × |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| variant | params | weights on disk | load s | prefill ms | decode tok/s | weights in memory MB | peak mem MB "
+          "| prefill × | decode × |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         disk = f"{r['weight_bytes'] / 2**20:.1f} MiB" if r["weight_bytes"] else "–"
         print(f"| {r['variant']} | {r['parameters'] / 1e6:.1f} M | {disk} | {r['load_s']:.1f} | {r['prefill_ms']:.1f} | "
-              f"{r['decode_tok_s']:.1f} | {r['peak_mem_mb']:.0f} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} |")
+              f"{r['decode_tok_s']:.1f} | {r['weights_mb']:.0f} | {r['peak_mem_mb']:.0f} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} |")
     print(f"\n{rows[0]['device']}, {args.dtype}, {rows[0]['threads']} threads, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, median of {args.repeats} after {args.warmup} warm-up")
 

@@ -3,9 +3,10 @@
   prefill   one forward pass over a `prompt_len`-token prompt that builds the KV cache
   decode    `new_tokens` greedy steps, one token each, reusing the KV cache (transformers'
             DynamicCache; no static cache, no compilation); the prompt's prefill is not timed
-  memory    on CUDA the allocator's peak above what was allocated before the run; on CPU the
-            peak process RSS above the RSS before the run, sampled every 2 ms by a thread
-            (so short spikes can be missed; it includes allocator caching)
+  memory    the peak while one prefill + decode runs, weights included: on CUDA the allocator's
+            peak allocated bytes; on CPU the process RSS (Python and torch's own ~0.3-0.5 GB
+            too), sampled every 2 ms by a thread, so very short spikes can be missed.
+            `weights_mb` is the model's parameter and buffer bytes, for the difference
 
 Every measurement is repeated after `warmup` untimed runs and the median is reported, with
 all samples. CPU timings depend on torch's intra-op threads: the benchmark script sets them
@@ -60,7 +61,7 @@ def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, to
 
 
 class PeakMemory:
-    """Peak memory above the starting point while the block runs: CUDA allocator or CPU RSS."""
+    """Peak memory while the block runs: CUDA allocated bytes, or the CPU process RSS."""
 
     def __init__(self, device: torch.device, interval_s: float = 0.002):
         self.device, self.interval_s, self.peak_bytes = device, interval_s, 0
@@ -70,10 +71,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
         else:
             self._proc = psutil.Process()
-            self._start = self._peak = self._proc.memory_info().rss
+            self._peak = self._proc.memory_info().rss
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
         return self
@@ -86,16 +86,22 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
         else:
             self._stop.set()
             self._thread.join()
             self._peak = max(self._peak, self._proc.memory_info().rss)
-            self.peak_bytes = self._peak - self._start
+            self.peak_bytes = self._peak
 
     @property
     def kind(self) -> str:
-        return "cuda_allocated_peak" if self.device.type == "cuda" else "cpu_rss_peak_delta"
+        return "cuda_allocated_peak" if self.device.type == "cuda" else "cpu_rss_peak"
+
+
+def weights_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers (tied tensors once)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _median_of(fn, repeats: int, warmup: int) -> list[float]:
@@ -125,6 +131,6 @@ def measure_speed(model, prompt_len: int = 512, new_tokens: int = 64, repeats: i
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup,
         "prefill_ms": 1000 * statistics.median(prefill), "prefill_ms_all": [1000 * s for s in prefill],
         "decode_tok_s": steps / statistics.median(decode), "decode_tok_s_all": [steps / s for s in decode],
-        "peak_mem_mb": mem.peak_bytes / 2**20, "memory": mem.kind,
+        "peak_mem_mb": mem.peak_bytes / 2**20, "memory": mem.kind, "weights_mb": weights_bytes(model) / 2**20,
         "device": str(device), "threads": torch.get_num_threads(),
     }
