@@ -279,7 +279,8 @@ def _export(args) -> None:
 
     report = export_model(args.model, args.format, args.out, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
-                          dtype=args.dtype, overwrite=args.overwrite, show_progress=not args.no_progress)
+                          dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+                          show_progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, sort_keys=True, default=str))
     elif args.format == "compressed":

@@ -33,8 +33,11 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def export_model(model_spec: str, fmt: str, out: Path, *, mlp_ratio="0", head_ratio="0", nsamples: int = 0,
                  seqlen: int = 2048, seed: int = 0, data_dir: str | None = None, dtype: str = "float16",
-                 overwrite: bool = False, show_progress: bool = True) -> dict:
-    """Write `model_spec` as `fmt` into `out`; returns the format's report plus timings."""
+                 device: str = "cpu", overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Write `model_spec` as `fmt` into `out`; returns the format's report plus timings.
+
+    `device` is where the model is loaded (structured calibration runs there); the 2:4 format
+    always loads on the CPU first and moves to the GPU itself."""
     if fmt not in FORMATS:
         raise AsftError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")
     check_out(out, overwrite)
@@ -43,7 +46,7 @@ def export_model(model_spec: str, fmt: str, out: Path, *, mlp_ratio="0", head_ra
         from asft_ray.export.semistructured import require_cuda
 
         require_cuda()  # before loading anything
-    model, tokenizer = load_model(model_spec, "cpu", show_progress=show_progress)
+    model, tokenizer = load_model(model_spec, "cpu" if fmt == "semistructured" else device, show_progress=show_progress)
     if fmt == "compressed":
         from asft_ray.export.compressed import save_compressed
 

@@ -109,8 +109,8 @@ def plan_structured(model: nn.Module, mlp_ratio: float | list[float] = 0.0, head
     plan = []
     for i, layer in enumerate(layers):
         s = stats[i] if stats is not None else None
-        mlp_scores = mlp_channel_scores(layer.mlp, s)
-        group_scores = attention_group_scores(layer.self_attn, n_heads, n_kv, s)
+        mlp_scores = mlp_channel_scores(layer.mlp, s).cpu()  # plans hold CPU indices whatever the device
+        group_scores = attention_group_scores(layer.self_attn, n_heads, n_kv, s).cpu()
         plan.append({
             "mlp_keep": top_units(mlp_scores, max(mlp_counts)), "mlp_count": mlp_counts[i],
             "mlp_rank": torch.argsort(torch.argsort(mlp_scores, descending=True, stable=True)),
