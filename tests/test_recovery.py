@@ -288,16 +288,19 @@ def _assert_masks_held(record, out, pruned_dir):
 
 
 def test_zero3_stop_and_resume_equals_an_uninterrupted_run(ray_cluster, pruned_dir, tmp_path, data_dir):
-    full = _recover(pruned_dir, tmp_path / "full", data_dir, zero_stage=3)
+    # 3 eval windows over 2 workers: one pads with a discarded forward (ZeRO-3 gathers collectively)
+    full = _recover(pruned_dir, tmp_path / "full", data_dir, zero_stage=3, eval_every=2, eval_windows=3)
     assert len(full["losses"]) == 4 and full["world_size"] == 2 and len(full["memory"]) == 2
     _assert_masks_held(full, tmp_path / "full", pruned_dir)
 
-    stopped = _recover(pruned_dir, tmp_path / "cut", data_dir, zero_stage=3, stop_after_steps=2)
+    stopped = _recover(pruned_dir, tmp_path / "cut", data_dir, zero_stage=3, stop_after_steps=2, eval_every=2,
+                       eval_windows=3)
     assert stopped["stopped"] and stopped["steps_done"] == 2 and not (tmp_path / "cut").exists()
-    resumed = _recover(pruned_dir, tmp_path / "cut", data_dir, zero_stage=3, resume=True)
+    resumed = _recover(pruned_dir, tmp_path / "cut", data_dir, zero_stage=3, resume=True, eval_every=2, eval_windows=3)
     assert resumed["resumed_from_step"] == 2
     _assert_masks_held(resumed, tmp_path / "cut", pruned_dir)
-    assert resumed["losses"] == full["losses"]
+    assert resumed["losses"] == full["losses"] and resumed["evals"] == full["evals"]
+    assert [e["step"] for e in full["evals"]] == [0, 2, 4]
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / ".cut.recover").exists()  # the state folder goes once the output is complete
