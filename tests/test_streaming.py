@@ -50,3 +50,16 @@ def test_streaming_refuses_what_it_cannot_stream(tmp_path):
     cfg = PruneConfig(model="smollm2-135m", method="wanda", sparsity=0.5, out=str(tmp_path / "o"), stream=True)
     with pytest.raises(AsftError, match="needs a local model directory with safetensors"):
         run_prune(cfg, show_progress=False)
+
+
+def test_the_shard_reader_returns_exactly_what_safetensors_wrote(tmp_path):
+    from safetensors.torch import save_file
+
+    from asft_ray.pruning.streaming import SafetensorsReader
+
+    tensors = {"w": torch.randn(3, 5), "h": torch.randn(7).to(torch.bfloat16), "i": torch.arange(4),
+               "empty": torch.empty(0), "scalar": torch.tensor(3.0), "mask": torch.tensor([True, False])}
+    save_file(tensors, tmp_path / "model.safetensors")
+    read = SafetensorsReader(tmp_path).get_many(list(tensors))
+    for key, value in tensors.items():
+        assert read[key].dtype == value.dtype and torch.equal(read[key], value), key

@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -25,23 +24,39 @@ from asft_ray.models import decoder_layers
 INDEX = "model.safetensors.index.json"
 
 
+# safetensors dtype names -> torch dtypes (the format: an 8-byte little-endian header length,
+# a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
 class SafetensorsReader:
     """Tensors by name across a model folder's safetensors shards.
 
-    Each read maps the shard, copies the wanted tensors out and unmaps it again: a mapping
-    kept open would leave every page read so far resident in this process."""
+    Reads with plain file I/O straight into each new tensor's memory: no memory map, so the
+    shard pages read so far never count in this process's resident memory (the OS keeps
+    them in its page cache)."""
 
     def __init__(self, folder: Path):
         folder = Path(folder)
         if (folder / INDEX).is_file():
             weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
         elif (folder / "model.safetensors").is_file():
-            with safe_open(folder / "model.safetensors", "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+            weight_map = {k: "model.safetensors" for k in _read_header(folder / "model.safetensors")[0]}
         else:
             raise AsftError(f"layer streaming needs safetensors weights in {folder} (model.safetensors or {INDEX})")
         self.folder = folder
         self.weight_map = weight_map
+        self._headers: dict[str, tuple[dict, int]] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.weight_map
@@ -55,9 +70,19 @@ class SafetensorsReader:
             by_file.setdefault(self.weight_map[key], []).append(key)
         tensors = {}
         for filename, names in by_file.items():
-            with safe_open(self.folder / filename, "pt") as f:
+            if filename not in self._headers:
+                self._headers[filename] = _read_header(self.folder / filename)
+            header, data_start = self._headers[filename]
+            with open(self.folder / filename, "rb", buffering=0) as f:
                 for key in names:
-                    tensors[key] = f.get_tensor(key)
+                    info = header[key]
+                    begin, end = info["data_offsets"]
+                    tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+                    if tensor.numel():
+                        f.seek(data_start + begin)
+                        if f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+                            raise AsftError(f"{filename} is truncated at {key}")
+                    tensors[key] = tensor
         return tensors
 
     def keys_under(self, prefix: str) -> list[str]:
