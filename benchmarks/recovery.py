@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,19 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import RESULTS_DIR, append_row  # noqa: E402
+from benchmarks.results_io import RESULTS_DIR, append_row, asft  # noqa: E402
 
 DENSE = "smollm2-135m"
 ROWS = ("pruned", "lm-zero2", "kd-zero2", "lm-zero3")
-
-
-def asft(*args: str) -> str:
-    cmd = [sys.executable, "-m", "asft_ray.cli", *args]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    if proc.returncode:
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return proc.stdout
 
 
 def ensure_pruned(folder: Path, nsamples: int, seqlen: int) -> None:

@@ -1,21 +1,15 @@
 """Ray job entrypoint: `asft staged` from a YAML config.
 
-    ray job submit --address http://127.0.0.1:8265 -- python -m asft_ray.jobs.staged CONFIG.yaml [flags]
-
-Inside a Ray job the driver joins the job's cluster (Ray sets RAY_ADDRESS). Extra
-arguments are `asft staged` flags (e.g. --out DIR).
+    ray job submit --address http://127.0.0.1:8265 -- python -m asft_ray.jobs.staged CONFIG.yaml [asft staged flags]
 """
 
 import sys
 
-from asft_ray.cli import main
+from asft_ray.jobs import run_command
 
 
 def run(argv: list[str]) -> int:
-    if not argv:
-        print("usage: python -m asft_ray.jobs.staged CONFIG.yaml [asft staged flags]", file=sys.stderr)
-        return 2
-    return main(["staged", argv[0], "--no-progress", *argv[1:]])
+    return run_command("staged", argv)
 
 
 if __name__ == "__main__":

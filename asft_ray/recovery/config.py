@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from asft_ray.config import check_keys
 from asft_ray.errors import AsftError
 
 DATASETS = ("c4",)
@@ -111,12 +112,7 @@ class RecoverConfig:
     @staticmethod
     def from_dict(values: dict, source: str = "config") -> "RecoverConfig":
         """Build from a mapping (a YAML file, job arguments); unknown keys are an error."""
-        if not isinstance(values, dict):
-            raise AsftError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(RecoverConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise AsftError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_keys(values, RecoverConfig, source)
         missing = sorted(k for k in ("model", "out") if not values.get(k))
         if missing:
             raise AsftError(f"{source}: missing required key(s) {', '.join(missing)}")
