@@ -1,11 +1,13 @@
 """Layer streaming: prune a model that is never fully in memory.
 
 The model is built on the `meta` device (no storage). Only the parts outside the decoder
-layers (embeddings, final norm, lm_head, rotary tables) are materialised. Each decoder
-layer is read from the safetensors shards (memory-mapped) just before it is pruned, written
-to its own output shard right after, and returned to `meta`. Peak memory: the non-layer
-parts, one layer, and the calibration activations (which a ShardedRunner keeps in Ray's
-object store instead of this process).
+layers that the first step needs are materialised (embeddings, final norm, rotary tables;
+lm_head only when it is pruned), and the embeddings go back to `meta` once the inputs of
+layer 0 are captured. Each decoder layer is read from the safetensors shards (plain reads,
+no memory map) just before it is pruned, written to its own output shard right after, and
+returned to `meta`; finish() copies the untouched tensors from the source. Peak memory: one
+layer, the pruning temporaries, and the calibration activations (which a ShardedRunner keeps
+in Ray's object store instead of this process).
 """
 
 from __future__ import annotations
