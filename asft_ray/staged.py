@@ -1,7 +1,7 @@
 """Staged pruning with quality gates: prune a step at a time, check, keep or roll back.
 
 A run prunes the model to each target of `stages` in turn (stage k starts from stage k-1's
-pruned model, so weights pruned earlier stay pruned), then measures the gate metric on
+pruned model; zeros score lowest, so with score-based methods they stay pruned), then measures the gate metric on
 held-out data (WikiText-2 *valid*, never the test split). A passing stage is saved under
 `RUN/stages/`; a failing one is logged and discarded, the model rolls back to the last
 passing stage (optionally one half-size step is tried) and the run stops. The final model,

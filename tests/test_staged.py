@@ -54,6 +54,11 @@ def test_permissive_gate_runs_every_stage_and_logs_it(permissive):
         zeros = sum(int((v == 0).sum()) for k, v in _weights(out / "stages" / name).items() if "layers" in k and "norm" not in k)
         assert r["achieved"] == pytest.approx(r["target"], abs=1e-3) and zeros > 0
     assert _same(_weights(out / "model"), _weights(out / "stages" / "stage-04"))
+    for earlier, later in zip(["stage-01", "stage-02", "stage-03"], ["stage-02", "stage-03", "stage-04"]):
+        a, b = _weights(out / "stages" / earlier), _weights(out / "stages" / later)
+        for key in a:  # a stage only adds zeros: weights pruned earlier stay pruned
+            if "proj" in key:
+                assert bool((b[key][a[key] == 0] == 0).all()), (earlier, later, key)
     events = [json.loads(line)["event"] for line in (out / "decisions.jsonl").read_text().splitlines()]
     assert events == ["dense", "stage", "stage", "stage", "stage", "final"]
     import pyarrow.parquet as pq
