@@ -149,7 +149,12 @@ def _prune(args) -> None:
     if cfg.method != "magnitude" or cfg.schedule_spec.name == "owl":
         resolve_data_dir(cfg.data_dir)
     if check_output_dir(cfg.out, cfg.identity(), cfg.overwrite):
-        print(f"{cfg.out} already holds this run; nothing to do (--overwrite to redo it)")
+        if args.json:
+            from asft_ray.artifacts import read_run
+
+            print(json.dumps({**read_run(cfg.out), "reused": True}, indent=2, sort_keys=True))
+        else:
+            print(f"{cfg.out} already holds this run; nothing to do (--overwrite to redo it)")
         return
 
     from asft_ray.distributed.runner import prune_on_ray

@@ -87,7 +87,7 @@ class RunConfig:
         clash = sorted(set(self.prune) & {"model", "out", "data_dir", "device"})
         if clash:
             raise AsftError(f"prune: {', '.join(clash)} are set at the top level of a run config")
-        return StagedConfig.from_dict({**self.prune, "model": self.model, "out": str(Path(self.out) / "prune"),
+        return StagedConfig.from_dict({**self.prune, "model": self.model, "out": str(Path(self.out).resolve() / "prune"),
                                        "data_dir": self.data_dir, "device": self.device}, source="prune")
 
     def recover_config(self):
@@ -98,8 +98,9 @@ class RunConfig:
         clash = sorted(set(values) & {"model", "out", "data_dir", "teacher"})
         if clash:
             raise AsftError(f"recover: {', '.join(clash)} are set by the pipeline (use distill: true for the dense teacher)")
-        return RecoverConfig.from_dict({**values, "model": str(Path(self.out) / "prune" / "model"),
-                                        "out": str(Path(self.out) / "recover"), "data_dir": self.data_dir,
+        run = Path(self.out).resolve()
+        return RecoverConfig.from_dict({**values, "model": str(run / "prune" / "model"),
+                                        "out": str(run / "recover"), "data_dir": self.data_dir,
                                         "teacher": self.model if distill else None}, source="recover")
 
 
@@ -139,7 +140,7 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
     from asft_ray.distributed.runner import init_ray, staged_on_ray
     from asft_ray.models import resolve_model
 
-    run = Path(cfg.out)
+    run = Path(cfg.out).resolve()
     run.mkdir(parents=True, exist_ok=True)
     resolve_model(cfg.model)
     data_dir = resolve_data_dir(cfg.data_dir)

@@ -37,9 +37,14 @@ class PruneWorker:
     that many scoring actors and only orchestrates them (and applies the masks)."""
 
     def __init__(self, threads: int):
+        import sys
+
         import torch
 
         torch.set_num_threads(threads)
+        # Ray forwards an actor's stdout to the driver's stdout; libraries that log to stdout
+        # (DeepSpeed's accelerator notice) would mix into `asft ... --json`. Keep stdout for the CLI.
+        sys.stdout = sys.stderr
 
     def run(self, cfg: dict, show_progress: bool) -> dict:
         from asft_ray.prune import run_prune

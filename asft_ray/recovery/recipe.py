@@ -7,6 +7,7 @@ anything is written, so a bad run leaves `--out` untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import shutil
@@ -144,6 +145,7 @@ def run_recover(cfg: RecoverConfig, address: str | None = None) -> dict:
     from asft_ray.distributed.runner import init_ray
 
     start = time.perf_counter()
+    cfg = _absolute_paths(cfg)  # Ray Train workers do not run in this directory
     user_ds = load_user_config(cfg.deepspeed)
     identity = {**cfg.identity(), "deepspeed_config": user_ds}
     if check_output_dir(cfg.out, identity, cfg.overwrite):
@@ -180,6 +182,16 @@ def run_recover(cfg: RecoverConfig, address: str | None = None) -> dict:
             ray.shutdown()
     shutil.rmtree(folder, ignore_errors=True)
     return record
+
+
+def _absolute_paths(cfg: RecoverConfig) -> RecoverConfig:
+    """Local paths made absolute (aliases and hub ids stay as they are)."""
+    def absolute(value):
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    return dataclasses.replace(cfg, model=absolute(cfg.model), teacher=absolute(cfg.teacher),
+                               mask_file=absolute(cfg.mask_file), deepspeed=absolute(cfg.deepspeed),
+                               data_dir=absolute(cfg.data_dir), out=str(Path(cfg.out).resolve()))
 
 
 def _check_masks_held(summary: dict) -> None:
