@@ -171,32 +171,21 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
             steps.append(f"Fine-tuned the remaining weights for {rc.max_steps} steps of {rc.seqlen} tokens on C4 "
                          f"with DeepSpeed ZeRO on {rc.workers} Ray Train workers"
                          + (" with distillation from the dense model." if rc.teacher else "."))
+        exports = {}
+        for fmt in cfg.export:
+            _log(f"stage 3/5: export {fmt}")
+            exports[fmt] = _export(fmt, final_dir, run / "export" / fmt, cfg.device)
+            steps.append(f"Exported the final model as {fmt}: {exports[fmt].get('summary', '')}")
+        _log("stage 4/5: evaluation (dense, pruned" + (", recovered)" if recovery else ")"))
+        models = {}
+        for name, spec in (("dense", cfg.model), ("pruned", str(pruned_dir)), ("recovered", str(final_dir) if recovery else None)):
+            if spec is not None:
+                models[name] = _evaluation(run / "eval" / f"{name}.json", spec, cfg, data_dir, name != "dense")
     finally:
         if owned:
             import ray
 
             ray.shutdown()
-    exports = {}
-    for fmt in cfg.export:
-        _log(f"stage 3/5: export {fmt}")
-        exports[fmt] = _export(fmt, final_dir, run / "export" / fmt, cfg.device)
-        steps.append(f"Exported the final model as {fmt}: {exports[fmt].get('summary', '')}")
-    _log("stage 4/5: evaluation (dense, pruned" + (", recovered)" if recovery else ")"))
-    models = {}
-    for name, spec in (("dense", cfg.model), ("pruned", str(pruned_dir)), ("recovered", str(final_dir) if recovery else None)):
-        if spec is None:
-            continue
-        path = run / "eval" / f"{name}.json"
-        key = json.loads(json.dumps({"model": spec, "eval": dataclasses.asdict(cfg.eval)}))  # as it reads back
-        cached = json.loads(path.read_text()) if path.exists() else None
-        if cached is None or cached.get("key") != key:
-            path.parent.mkdir(exist_ok=True)
-            t = time.perf_counter()
-            cached = {"key": key, **evaluate_model(spec, cfg.eval, data_dir, cfg.device,
-                                                   None if name == "dense" else Path(spec)),
-                      "seconds": time.perf_counter() - t}
-            write_json_atomic(path, cached)
-        models[name] = cached
     steps.append(f"Measured WikiText-2 test perplexity ({cfg.eval.ppl_windows or 'all'} windows), "
                  + (f"zero-shot accuracy on {', '.join(cfg.eval.zeroshot)} ({cfg.eval.zeroshot_limit or 'all'} items each), "
                     if cfg.eval.zeroshot else "")
@@ -206,6 +195,25 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
     report = write_report(cfg, run, staged, models, final_name, recovery, exports, steps, time.perf_counter() - started)
     _log(f"report: {report}")
     return {"status": "finished", "report": str(report), "final": final_name}
+
+
+def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: bool) -> dict:
+    """One model's evaluation, cached in `path`; measured in a fresh Ray worker process so that
+    each model's speed and peak memory are not disturbed by the models evaluated before it."""
+    import ray
+
+    key = json.loads(json.dumps({"model": spec, "eval": dataclasses.asdict(cfg.eval)}))  # as it reads back
+    cached = json.loads(path.read_text()) if path.exists() else None
+    if cached is not None and cached.get("key") == key:
+        return cached
+    path.parent.mkdir(exist_ok=True)
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    task = ray.remote(num_cpus=cpus, max_calls=1)(evaluate_model)
+    start = time.perf_counter()
+    result = ray.get(task.remote(spec, cfg.eval, data_dir, cfg.device, Path(spec) if on_disk else None))
+    cached = {"key": key, **result, "seconds": time.perf_counter() - start}
+    write_json_atomic(path, cached)
+    return cached
 
 
 def _export(fmt: str, model_dir: Path, out: Path, device: str) -> dict:
@@ -236,7 +244,7 @@ def write_report(cfg: RunConfig, run: Path, staged, models: dict, final_name: st
         "exports": exports, "ppl_split": "test", "ppl_seqlen": cfg.eval.ppl_seqlen, "pipeline_seconds": seconds,
         "zeroshot_note": f"log-likelihood scoring as lm-evaluation-harness does; first {cfg.eval.zeroshot_limit} items per task"
         if cfg.eval.zeroshot_limit else "log-likelihood scoring as lm-evaluation-harness does; all items",
-        "speed_note": "Measured one after another in this run on this machine (CPU, fp32, torch threads "
+        "speed_note": "Measured one after another in this run on this machine, each model in a fresh process (CPU, fp32, torch threads "
                       f"{models['dense'].get('threads')}). Unstructured zeros are stored as dense weights in memory, "
                       "so they do not speed up CPU decoding; only structured pruning or 2:4 kernels on a GPU do.",
     }

@@ -13,8 +13,17 @@ SPEED = {"decode_tok_s": 100.0}
 
 def test_cost_per_million_tokens_and_the_saving_are_plain_arithmetic():
     assert cost_per_million(3.6, 1000.0) == pytest.approx(1.0)  # 3.6 M tokens per hour for 3.6 per hour
-    lines = cost_lines(3.6, {"decode_tok_s": 1000.0}, {"decode_tok_s": 2000.0})
+    dense = {"decode_tok_s": 1000.0, "decode_tok_s_all": [990.0, 1000.0, 1010.0]}
+    fast = {"decode_tok_s": 2000.0, "decode_tok_s_all": [1950.0, 2000.0, 2050.0]}
+    lines = cost_lines(3.6, dense, fast)
     assert "saves 50.0 %" in lines["headline"] and "0.50 vs 1.00" in lines["headline"]
+
+
+def test_overlapping_speed_measurements_are_reported_as_no_change():
+    dense = {"decode_tok_s": 21.1, "decode_tok_s_all": [20.5, 21.1, 22.3]}
+    same = {"decode_tok_s": 22.0, "decode_tok_s_all": [21.0, 22.0, 22.4]}
+    lines = cost_lines(0.1, dense, same)
+    assert lines["headline"].startswith("No measurable change") and "saving: none measured" in lines["lines"]
 
 
 def test_without_a_price_the_report_says_cost_not_computed():

@@ -144,7 +144,8 @@ def build_report(facts: dict) -> str:
     speed_rows = []
     for name, m in models.items():
         s = m.get("speed") or {}
-        speed_rows.append([name, s.get("prefill_ms"), s.get("decode_tok_s"), s.get("peak_mem_mb"), m.get("disk_mb")])
+        speed_rows.append([name, s.get("prefill_ms"), s.get("decode_tok_s"), s.get("weights_mb"), s.get("peak_mem_mb"),
+                           m.get("disk_mb")])
     zs = {name: m.get("zeroshot") for name, m in models.items() if m.get("zeroshot")}
     zs_rows = []
     if zs:
@@ -179,7 +180,8 @@ def build_report(facts: dict) -> str:
         "<h2>Per-layer sparsity</h2>", _img(layer_sparsity_plot(last.get("sparsity_layers") or []), "per-layer sparsity"),
         "<h2>Speed, memory and cost</h2>",
         f"<p class=muted>{html.escape(facts.get('speed_note', ''))}</p>",
-        _table(["model", "prefill (ms)", "decode (tokens/s)", "peak memory (MB)", "on disk (MB)"], speed_rows),
+        _table(["model", "prefill (ms)", "decode (tokens/s)", "weights in memory (MB)", "peak process memory (MB)",
+                "safetensors on disk (MB)"], speed_rows),
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in cost["lines"]) + "</ul>",
         "<h2>Decision log</h2>",
         _table(["stage", "event", "target", "achieved", "val ppl", "threshold", "verdict", "reason"], decision_rows),
