@@ -44,10 +44,11 @@ def sweep(method: str, budget: float, opts) -> tuple[Path, dict]:
     return out / "best_schedule.yaml", json.loads((out / "sweep.json").read_text())
 
 
-def prune_and_eval(method: str, budget: float, schedule: str, label: str, windows: int | None) -> dict:
-    out = RUNS / f"{method}-{label}-{budget:g}"
+def prune_and_eval(method: str, budget: float, schedule: str, label: str, windows: int | None, nsamples: int) -> dict:
+    out = RUNS / (f"{method}-{label}-{budget:g}" + ("" if nsamples == 32 else f"-n{nsamples}"))
     record = json.loads(asft("prune", "--model", "smollm2-135m", "--method", method, "--sparsity", str(budget),
-                             "--nsamples", "32", "--schedule", schedule, "--out", str(out), "--no-progress", "--json"))
+                             "--nsamples", str(nsamples), "--schedule", schedule, "--out", str(out), "--no-progress",
+                             "--json"))
     args = ["eval", "--model", str(out), "--json", "--no-progress"] + (["--max-windows", str(windows)] if windows else [])
     result = json.loads(asft(*args))
     return {"ppl": result["ppl"], "windows": result["windows"], "sparsity": result["sparsity"],
@@ -55,13 +56,13 @@ def prune_and_eval(method: str, budget: float, schedule: str, label: str, window
             "schedule_s": record["timings"].get("schedule_s"), "eval_s": result["seconds"]}
 
 
-def plot() -> None:
+def plot(nsamples: int = 32) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in done().values() if r["windows"] == 16]
+    rows = [r for r in done().values() if r["windows"] == 16 and r["nsamples"] == nsamples]
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in ("uniform", "owl", "tuned"):
         points = sorted((r["budget"], r["ppl"]) for r in rows if r["schedule"] == label)
@@ -70,12 +71,13 @@ def plot() -> None:
     ax.set_yscale("log")
     ax.set_xlabel("global sparsity (decoder linears)")
     ax.set_ylabel("WikiText-2 test ppl (16 windows of 2048)")
-    ax.set_title("smollm2-135m, wanda, 32 calibration windows")
+    ax.set_title(f"smollm2-135m, wanda, {nsamples} calibration windows of 2048")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS_DIR / "schedules.png", dpi=120)
-    print(f"wrote {RESULTS_DIR / 'schedules.png'}")
+    path = RESULTS_DIR / ("schedules.png" if nsamples == 32 else f"schedules-n{nsamples}.png")
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main() -> None:
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="*", default=["uniform", "owl", "tuned"])
     parser.add_argument("--tuned-from", type=float, default=None,
                         help="use the best schedule of the sweep at this budget (default: each budget's own sweep)")
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows of the evaluated prunes")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--sweep-nsamples", type=int, default=4)
     parser.add_argument("--val-windows", type=int, default=4)
@@ -95,7 +98,8 @@ def main() -> None:
     rows = done()
     for budget in opts.budgets:
         for label in opts.schedules:
-            key = f"{opts.method}-{label}-{budget:g}-{'full' if opts.full else '16w'}"
+            key = f"{opts.method}-{label}-{budget:g}-{'full' if opts.full else '16w'}" + (
+                "" if opts.nsamples == 32 else f"-n{opts.nsamples}")
             source = opts.tuned_from or budget
             if label == "tuned" and source != budget:
                 key += f"-from{source:g}"
@@ -110,11 +114,11 @@ def main() -> None:
                          "sweep_nsamples": opts.sweep_nsamples, "sweep_val_windows": opts.val_windows}
                 if source != budget:
                     name = f"tuned-from{source:g}"
-            result = prune_and_eval(opts.method, budget, schedule, name, windows)
+            result = prune_and_eval(opts.method, budget, schedule, name, windows, opts.nsamples)
             append_row("schedules", {"key": key, "method": opts.method, "schedule": label, "budget": budget,
-                                     "nsamples": 32, **result, **extra})
+                                     "nsamples": opts.nsamples, **result, **extra})
     if opts.plot:
-        plot()
+        plot(opts.nsamples)
 
 
 if __name__ == "__main__":
