@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -108,10 +109,13 @@ def _log(message: str) -> None:
     print(f"[asft run {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def evaluate_model(spec: str, ev: EvalSpec, data_dir: str | None, device: str, folder: Path | None = None) -> dict:
+def evaluate_model(spec: str, ev: EvalSpec, data_dir: str | None, device: str, folder: Path | None = None,
+                   threads: int | None = None) -> dict:
     """Perplexity, zero-shot accuracy and speed of one model, measured in this process."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from asft_ray.data import wikitext2_ids
     from asft_ray.eval.perplexity import perplexity
     from asft_ray.eval.sparsity import model_sparsity
@@ -207,10 +211,12 @@ def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: b
     if cached is not None and cached.get("key") == key:
         return cached
     path.parent.mkdir(exist_ok=True)
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-    task = ray.remote(num_cpus=cpus, max_calls=1)(evaluate_model)
+    # Nothing else of this run is busy now: use every core of the node (Ray would give a task
+    # one thread per CPU it reserved, and a reservation can wait on actors Ray Train left behind).
+    threads = max(1, min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1))
+    task = ray.remote(num_cpus=1, max_calls=1)(evaluate_model)
     start = time.perf_counter()
-    result = ray.get(task.remote(spec, cfg.eval, data_dir, cfg.device, Path(spec) if on_disk else None))
+    result = ray.get(task.remote(spec, cfg.eval, data_dir, cfg.device, Path(spec) if on_disk else None, threads))
     cached = {"key": key, **result, "seconds": time.perf_counter() - start}
     write_json_atomic(path, cached)
     return cached
