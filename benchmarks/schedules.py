@@ -56,28 +56,36 @@ def prune_and_eval(method: str, budget: float, schedule: str, label: str, window
             "schedule_s": record["timings"].get("schedule_s"), "eval_s": result["seconds"]}
 
 
-def plot(nsamples: int = 32) -> None:
+def plot() -> None:
+    """ppl vs budget, one line per schedule, from the 16-window rows (a budget's own sweep is
+    preferred over a shape tuned at another budget); each point is labelled with its calibration size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in done().values() if r["windows"] == 16 and r["nsamples"] == nsamples]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label in ("uniform", "owl", "tuned"):
-        points = sorted((r["budget"], r["ppl"]) for r in rows if r["schedule"] == label)
+    rows = [r for r in done().values() if r["windows"] == 16]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, colour in (("uniform", "#4c72b0"), ("owl", "#dd8452"), ("tuned", "#55a868")):
+        best = {}
+        for r in rows:
+            if r["schedule"] == label and (r["budget"] not in best or "from" in best[r["budget"]]["key"]):
+                best[r["budget"]] = r
+        points = sorted(best.values(), key=lambda r: r["budget"])
         if points:
-            ax.plot(*zip(*points), marker="o", label=label)
+            ax.plot([100 * r["budget"] for r in points], [r["ppl"] for r in points], marker="o", color=colour, label=label)
+            for r in points:
+                ax.annotate(f"n={r['nsamples']}" + (" *" if "from" in r["key"] else ""), (100 * r["budget"], r["ppl"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
     ax.set_yscale("log")
-    ax.set_xlabel("global sparsity (decoder linears)")
-    ax.set_ylabel("WikiText-2 test ppl (16 windows of 2048)")
-    ax.set_title(f"smollm2-135m, wanda, {nsamples} calibration windows of 2048")
+    ax.set_xlabel("global sparsity of the decoder linears (%)")
+    ax.set_ylabel("WikiText-2 test ppl (first 16 windows of 2048)")
+    ax.set_title("smollm2-135m, wanda: per-layer schedules (n = calibration windows)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = RESULTS_DIR / ("schedules.png" if nsamples == 32 else f"schedules-n{nsamples}.png")
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    fig.savefig(RESULTS_DIR / "schedules.png", dpi=120)
+    print(f"wrote {RESULTS_DIR / 'schedules.png'}")
 
 
 def main() -> None:
@@ -118,7 +126,7 @@ def main() -> None:
             append_row("schedules", {"key": key, "method": opts.method, "schedule": label, "budget": budget,
                                      "nsamples": opts.nsamples, **result, **extra})
     if opts.plot:
-        plot(opts.nsamples)
+        plot()
 
 
 if __name__ == "__main__":
