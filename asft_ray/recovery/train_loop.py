@@ -190,7 +190,9 @@ def peak_memory_mib(device: torch.device, train_rss_max: float) -> dict:
     life (model loading and rank 0's export included); `train_rss_max_mib` the largest RSS seen
     at the end of a training step; on a GPU, `peak_cuda_mib` the peak allocation while training
     (its counter is reset after setup)."""
-    row = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "train_rss_max_mib": train_rss_max}
+    # the kernel updates ru_maxrss lazily, so it can lag the RSS read now: take the larger
+    lifetime = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_mib(), train_rss_max)
+    row = {"peak_rss_mib": lifetime, "train_rss_max_mib": train_rss_max}
     if device.type == "cuda":
         row["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row
