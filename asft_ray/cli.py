@@ -146,7 +146,7 @@ def _prune(args) -> None:
     cfg = PruneConfig.from_dict(values, source=args.config or "flags")
     # Fail fast, before Ray starts, on everything that can be checked without the model.
     resolve_model(cfg.model)
-    if cfg.method != "magnitude" or cfg.schedule_spec.name == "owl":
+    if cfg.needs_calibration:
         resolve_data_dir(cfg.data_dir)
     if check_output_dir(cfg.out, cfg.identity(), cfg.overwrite):
         if args.json:
@@ -170,15 +170,21 @@ def _prune(args) -> None:
         )
 
 
+def _config_values(args, overrides: tuple[str, ...] = ("out",)) -> dict:
+    """The YAML config of a staged/sweep/run command, with the flags that override it."""
+    values = load_yaml(args.config)
+    if not isinstance(values, dict):
+        raise AsftError(f"{args.config}: expected a mapping of settings, got {type(values).__name__}")
+    for key in overrides:
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    return values
+
+
 def _staged(args) -> None:
     from asft_ray.staged import StagedConfig
 
-    values = load_yaml(args.config)
-    if not isinstance(values, dict):
-        raise AsftError(f"{args.config}: expected a mapping of settings")
-    for key in ("out", "overwrite"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    values = _config_values(args, ("out", "overwrite"))
     cfg = StagedConfig.from_dict(values, source=args.config)  # every check that needs no model, before Ray starts
     from asft_ray.data import resolve_data_dir
     from asft_ray.distributed.runner import staged_on_ray
@@ -198,10 +204,7 @@ def _staged(args) -> None:
 def _run(args) -> None:
     from asft_ray.pipeline import RunConfig, run_pipeline
 
-    values = load_yaml(args.config)
-    if isinstance(values, dict) and args.out:
-        values["out"] = args.out
-    cfg = RunConfig.from_dict(values, source=args.config)
+    cfg = RunConfig.from_dict(_config_values(args), source=args.config)
     result = run_pipeline(cfg, address=args.address, show_progress=not args.no_progress)
     if result["status"] == "finished":
         print(f"done: {result['report']}")
@@ -210,10 +213,7 @@ def _run(args) -> None:
 def _sweep(args) -> None:
     from asft_ray.tune import SweepConfig
 
-    values = load_yaml(args.config)
-    if isinstance(values, dict) and args.out:
-        values["out"] = args.out
-    cfg = SweepConfig.from_dict(values, source=args.config)
+    cfg = SweepConfig.from_dict(_config_values(args), source=args.config)
     from asft_ray.data import resolve_data_dir
     from asft_ray.distributed.runner import init_ray
     from asft_ray.models import resolve_model

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from asft_ray.errors import AsftError
@@ -120,11 +121,22 @@ class PruneConfig:
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
 
-    @property
+    @cached_property
     def schedule_spec(self):
+        """The parsed schedule; a schedule file is read once, when the config is built."""
         from asft_ray.schedules import ScheduleSpec
 
         return ScheduleSpec.parse(self.schedule)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Calibration data is needed by every method but magnitude, and by the owl schedule."""
+        return self.method in CALIBRATED_METHODS or self.schedule_spec.name == "owl"
+
+    @property
+    def uses_scoring_workers(self) -> bool:
+        """Scoring actors are started when asked for and the method has statistics to shard."""
+        return bool(self.workers) and self.method in CALIBRATED_METHODS
 
     @property
     def is_uniform(self) -> bool:

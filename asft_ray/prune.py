@@ -10,7 +10,7 @@ import torch
 
 import asft_ray
 from asft_ray.artifacts import RUN_FILE, atomic_output_dir, check_output_dir, read_run, write_json_atomic
-from asft_ray.config import CALIBRATED_METHODS, PruneConfig
+from asft_ray.config import PruneConfig
 from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration
 from asft_ray.errors import AsftError
 from asft_ray.eval.sparsity import model_sparsity, sparsity_from_report
@@ -43,8 +43,7 @@ def run_prune(
         return {**read_run(cfg.out), "reused": True}
     timings = {}
     start = time.perf_counter()
-    spec = cfg.schedule_spec
-    calibrated = cfg.method in CALIBRATED_METHODS or spec.name == "owl"
+    calibrated = cfg.needs_calibration
     data_dir = resolve_data_dir(cfg.data_dir) if calibrated else None
 
     if cfg.stream:

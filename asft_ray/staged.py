@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from asft_ray.artifacts import atomic_output_dir, write_json_atomic
-from asft_ray.config import CALIBRATED_METHODS, PruneConfig, check_keys
+from asft_ray.config import PruneConfig, check_keys
 from asft_ray.errors import AsftError
 
 STATE = "state.json"
@@ -57,6 +57,13 @@ class Gate:
                 raise AsftError(f"gate {key} must be positive, got {value}")
         if self.windows < 1:
             raise AsftError(f"gate windows must be at least 1, got {self.windows}")
+
+    def limit(self, dense: float, previous: float) -> float | None:
+        """The tightest ppl the tolerances allow (None when only a manual gate is set)."""
+        limits = [self.max_ppl_ratio * dense if self.max_ppl_ratio is not None else None,
+                  previous + self.max_stage_increase if self.max_stage_increase is not None else None, self.max_ppl]
+        limits = [x for x in limits if x is not None]
+        return min(limits) if limits else None
 
     def check(self, ppl: float, dense: float, previous: float) -> tuple[bool, str]:
         """(passed, the reason in words)."""
@@ -212,10 +219,11 @@ def _load_weights(model, folder: Path) -> None:
 
 def _floor(model) -> dict:
     """Each linear's current fraction of zeros: a stage may only add to it."""
+    from asft_ray.eval.sparsity import linear_sparsity
     from asft_ray.models import decoder_layers, prunable_linears
 
-    return {(i, name): float((lin.weight == 0).sum()) / lin.weight.numel()
-            for i, layer in enumerate(decoder_layers(model)) for name, lin in prunable_linears(layer).items()}
+    return {(i, name): fraction for i, layer in enumerate(decoder_layers(model))
+            for name, fraction in linear_sparsity(prunable_linears(layer))["linears"].items()}
 
 
 def run_staged(cfg: StagedConfig, show_progress: bool = True, make_runner=None, sum_gradients=None) -> dict:
@@ -266,8 +274,8 @@ def run_staged(cfg: StagedConfig, show_progress: bool = True, make_runner=None, 
         log.add(stage=0, event="dense", target=0.0, achieved=model_sparsity(model)["total"], metric=metric,
                 value=state["dense"], verdict="baseline", reason="dense model", seconds=time.perf_counter() - t)
         save_state()
-    calibrated = pc.method in CALIBRATED_METHODS or pc.schedule_spec.name == "owl"
-    calib_ids = sample_calibration(c4_documents(data_dir), tokenizer, pc.nsamples, pc.seqlen, pc.seed) if calibrated else None
+    calib_ids = (sample_calibration(c4_documents(data_dir), tokenizer, pc.nsamples, pc.seqlen, pc.seed)
+                 if pc.needs_calibration else None)
     if pc.schedule_spec.name == "owl" and "outliers" not in state:  # measured once, on the dense model
         from asft_ray.pruning.engine import capture_layer0_inputs
         from asft_ray.schedules.owl import layer_outlier_ratios
@@ -287,28 +295,24 @@ def run_staged(cfg: StagedConfig, show_progress: bool = True, make_runner=None, 
     def prune_to(target: float) -> dict:
         t = time.perf_counter()
         sub = dataclasses.replace(pc, sparsity=target)
-        sparsity, schedule = plan_sparsity(sub, model, calib_ids, make_runner, show_progress, outliers, _floor(model))
+        sparsity, _ = plan_sparsity(sub, model, calib_ids, make_runner, show_progress, outliers, _floor(model))
         prune_model(model, pc.method, pc.parsed_pattern, sparsity, calib_ids, show_progress, pc.prune_lm_head,
                     make_runner, sum_gradients=sum_gradients)
         measured = model_sparsity(model)
         ppl = evaluate()
         return {"target": target, "achieved": measured["total"], "layer_sparsity": measured["layers"], "value": ppl,
-                "seconds": time.perf_counter() - t, "schedule": schedule}
+                "seconds": time.perf_counter() - t}
 
     def previous_ppl() -> float:
         return state["dense"] if state["passed"] is None else state["results"][state["passed"]]["value"]
 
     def threshold() -> float | None:
-        limits = [gate.max_ppl_ratio * state["dense"] if gate.max_ppl_ratio else None,
-                  previous_ppl() + gate.max_stage_increase if gate.max_stage_increase else None, gate.max_ppl]
-        limits = [x for x in limits if x is not None]
-        return min(limits) if limits else None
+        return gate.limit(state["dense"], previous_ppl())
 
     def accept(name: str, stage: int, result: dict, event: str, verdict: str, reason: str):
-        _save_stage(model, tokenizer, run / "stages" / name, {k: v for k, v in result.items() if k != "schedule"})
-        log.add(stage=stage, event=event, metric=metric, threshold=threshold(), verdict=verdict, reason=reason,
-                **{k: v for k, v in result.items() if k != "schedule"})
-        state["results"][name] = {k: v for k, v in result.items() if k not in ("schedule", "layer_sparsity")}
+        _save_stage(model, tokenizer, run / "stages" / name, result)
+        log.add(stage=stage, event=event, metric=metric, threshold=threshold(), verdict=verdict, reason=reason, **result)
+        state["results"][name] = {k: v for k, v in result.items() if k != "layer_sparsity"}
         state["passed"] = name
 
     if state["passed"] is not None:  # resume: continue from the last passing stage's exact weights
@@ -353,7 +357,7 @@ def run_staged(cfg: StagedConfig, show_progress: bool = True, make_runner=None, 
             continue
         log.add(stage=k, event="stage", metric=metric, threshold=threshold(), verdict="fail",
                 reason=f"{reason}; rolled back to {state['passed'] or 'dense'}",
-                **{key: v for key, v in result.items() if key != "schedule"})
+                **result)
         state["failed"] = name
         save_state()
         restore_last_passing()
@@ -367,7 +371,7 @@ def run_staged(cfg: StagedConfig, show_progress: bool = True, make_runner=None, 
             else:
                 log.add(stage=k, event="retry", metric=metric, threshold=threshold(), verdict="fail",
                         reason=f"half step to {smaller:g}: {reason}; rolled back to {state['passed'] or 'dense'}",
-                        **{key: v for key, v in result.items() if key != "schedule"})
+                        **result)
                 restore_last_passing()
             save_state()
         break

@@ -87,9 +87,9 @@ def trial(params: dict, model, calib_ids, val_ids, outliers, cfg: SweepConfig) -
     import copy
 
     import torch
-    import torch.nn.functional as F
     from ray import tune
 
+    from asft_ray.eval.perplexity import window_nll
     from asft_ray.pruning.engine import prune_model
     from asft_ray.schedules import build_schedule
 
@@ -101,12 +101,9 @@ def trial(params: dict, model, calib_ids, val_ids, outliers, cfg: SweepConfig) -
     prune_model(model, pc.method, pc.parsed_pattern, plan, calib_ids, show_progress=False)
     prune_s = time.perf_counter() - start
     nll = []
-    with torch.no_grad():
-        for w in range(cfg.val_windows):
-            x = val_ids[0, w * pc.seqlen : (w + 1) * pc.seqlen].unsqueeze(0)
-            logits = model(input_ids=x, use_cache=False).logits
-            nll.append(float(F.cross_entropy(logits[0, :-1].float(), x[0, 1:])))
-            tune.report({"val_ppl": math.exp(math.fsum(nll) / len(nll)), "windows": len(nll), "prune_s": prune_s})
+    for w in range(cfg.val_windows):  # ASHA's time axis: the running ppl after each window
+        nll.append(window_nll(model, val_ids, pc.seqlen, w))
+        tune.report({"val_ppl": math.exp(math.fsum(nll) / len(nll)), "windows": len(nll), "prune_s": prune_s})
 
 
 def best_schedule_yaml(cfg: SweepConfig, params: dict, model, outliers, val_ppl: float) -> dict:

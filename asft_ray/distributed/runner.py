@@ -9,7 +9,7 @@ import os
 
 import ray
 
-from asft_ray.config import CALIBRATED_METHODS, PruneConfig
+from asft_ray.config import PruneConfig
 from asft_ray.errors import AsftError
 
 
@@ -68,7 +68,7 @@ def _with_scoring_workers(cfg: PruneConfig, recipe):
         start_workers,
     )
 
-    if not (cfg.workers and cfg.method in CALIBRATED_METHODS):
+    if not cfg.uses_scoring_workers:
         return recipe()
     memory = int(cfg.worker_memory_gb * 2**30) if cfg.worker_memory_gb else None
     workers = start_workers(cfg.workers, WorkerResources(cfg.worker_cpus, cfg.worker_gpus, memory))
@@ -101,7 +101,7 @@ def _on_ray(cfg: PruneConfig, method: str, payload: dict, address, num_cpus, sho
     owned = init_ray(address)
     cpus = num_cpus or max(1, int(ray.available_resources().get("CPU", 1)))
     # with scoring actors, the coordinator reserves no CPU so that they can be placed
-    reserved = 0 if cfg.workers and cfg.method in CALIBRATED_METHODS else cpus
+    reserved = 0 if cfg.uses_scoring_workers else cpus
     worker = PruneWorker.options(num_cpus=reserved).remote(cpus)
     try:
         return ray.get(getattr(worker, method).remote(payload, show_progress))

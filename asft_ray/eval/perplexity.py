@@ -17,6 +17,14 @@ from asft_ray.progress import progress
 
 
 @torch.no_grad()
+def window_nll(model, ids: torch.Tensor, seqlen: int, w: int) -> float:
+    """Mean next-token NLL of the w-th non-overlapping window of `seqlen` tokens of `ids` ([1, T] or [T])."""
+    x = ids.reshape(-1)[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(next(model.parameters()).device)
+    logits = model(input_ids=x, use_cache=False).logits
+    return float(F.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="mean"))
+
+
+@torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, show_progress: bool = True) -> dict:
     ids = ids.reshape(-1)
     windows = ids.numel() // seqlen
@@ -24,15 +32,9 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
         windows = min(windows, max_windows)
     if windows < 1:
         raise AsftError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    device = next(model.parameters()).device
     start = time.perf_counter()
-    window_nll = []
-    for w in progress(range(windows), "ppl windows", show_progress):
-        x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)
-        logits = model(input_ids=x, use_cache=False).logits
-        loss = F.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="mean")
-        window_nll.append(float(loss))
-    mean_nll = math.fsum(window_nll) / windows
+    nlls = [window_nll(model, ids, seqlen, w) for w in progress(range(windows), "ppl windows", show_progress)]
+    mean_nll = math.fsum(nlls) / windows
     return {
         "ppl": math.exp(mean_nll),
         "mean_nll": mean_nll,
@@ -40,5 +42,5 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
         "tokens": windows * seqlen,
         "seqlen": seqlen,
         "seconds": time.perf_counter() - start,
-        "window_nll": window_nll,
+        "window_nll": nlls,
     }
