@@ -21,10 +21,12 @@ from asft_ray.recovery.losses import Objective, kd_loss, recovery_loss
 from asft_ray.recovery.masks import (
     apply_masks,
     count_masked_nonzeros,
+    linear_weight_names,
     load_mask_file,
     masks_from_zeros,
     register_mask_hooks,
     select_trainable,
+    student_masks,
 )
 from tests.conftest import build_tiny_llama
 
@@ -116,6 +118,14 @@ def test_masks_cover_decoder_linears_and_only_they_train():
 def test_dense_model_has_no_masks():
     with pytest.raises(AsftError, match="no zero weights"):
         masks_from_zeros(build_tiny_llama())
+
+
+def test_dense_recovery_trains_every_decoder_weight():
+    model = build_tiny_llama()
+    masks = student_masks(model, None, dense=True)
+    assert set(masks) == set(linear_weight_names(model)) and all(bool(m.all()) for m in masks.values())
+    with pytest.raises(AsftError, match="takes no --mask-file"):
+        _cfg(dense=True, mask_file="m.safetensors")
 
 
 def test_mask_file_is_checked(tmp_path):

@@ -13,6 +13,8 @@ def add_recover_parser(sub, add_common) -> None:
     r.add_argument("--teacher", help="dense model to distill from (same vocabulary)")
     r.add_argument("--data", help="training text: c4 (default)")
     r.add_argument("--mask-file", help="safetensors of bool masks by parameter name, instead of the model's zeros")
+    r.add_argument("--dense", action="store_true", default=None,
+                   help="no masks: train every decoder weight (for a structured export, smaller rather than sparse)")
     r.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
     r.add_argument("--worker-cpus", type=float, help="CPUs per worker (default 1)")
     r.add_argument("--zero-stage", type=int, choices=[2, 3], help="DeepSpeed ZeRO stage (default 2)")

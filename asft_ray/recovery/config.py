@@ -26,6 +26,7 @@ class RecoverConfig:
     data: str = "c4"
     data_dir: str | None = None
     mask_file: str | None = None  # safetensors of bool masks by parameter name (True = keep)
+    dense: bool = False  # no masks: train every decoder weight (a structured export is smaller, not sparse)
     workers: int = 2
     max_steps: int = 100
     seqlen: int = 512
@@ -68,6 +69,8 @@ class RecoverConfig:
             raise AsftError("--out is required")
         if self.data not in DATASETS:
             raise AsftError(f"unknown training data {self.data!r}: choose one of {', '.join(DATASETS)}")
+        if self.dense and self.mask_file:
+            raise AsftError("--dense trains every weight, so it takes no --mask-file")
         if self.workers < 1:
             raise AsftError(f"workers must be at least 1, got {self.workers}")
         if self.max_steps < 1:

@@ -40,6 +40,15 @@ def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:
     return masks
 
 
+def student_masks(model: nn.Module, mask_file: str | None, dense: bool) -> dict[str, torch.Tensor]:
+    """The masks recovery keeps: all-True for a dense run (a structured export is smaller, not
+    sparse, so every weight trains), a mask file's, or the model's exact zeros."""
+    if dense:
+        params = dict(model.named_parameters())
+        return {name: torch.ones_like(params[name], dtype=torch.bool) for name in linear_weight_names(model)}
+    return load_mask_file(mask_file, model) if mask_file else masks_from_zeros(model)
+
+
 def load_mask_file(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """Bool masks from a safetensors file keyed by parameter name; each must match its weight's shape."""
     from safetensors import SafetensorError

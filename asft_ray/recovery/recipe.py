@@ -25,7 +25,7 @@ from asft_ray.recovery.batches import step_starts, token_stream
 from asft_ray.recovery.checkpoints import SUMMARY, prepare_state, state_dir
 from asft_ray.recovery.config import RecoverConfig
 from asft_ray.recovery.deepspeed_config import TrainingPlan, build_plan, load_user_config
-from asft_ray.recovery.masks import load_mask_file, masks_from_zeros
+from asft_ray.recovery.masks import student_masks
 
 
 def model_config(spec: str):
@@ -61,7 +61,7 @@ def check_student(cfg: RecoverConfig):
     """Load the student once to prove its masks exist (zeros, or a matching mask file); returns
     (tokenizer, mask summary). The workers rebuild the same masks from the same inputs."""
     model, tokenizer = load_model(cfg.model, "cpu", show_progress=False)
-    masks = load_mask_file(cfg.mask_file, model) if cfg.mask_file else masks_from_zeros(model)
+    masks = student_masks(model, cfg.mask_file, cfg.dense)
     total = sum(m.numel() for m in masks.values())
     kept = sum(int(m.sum()) for m in masks.values())
     check_teacher(cfg, model.config)

@@ -25,8 +25,7 @@ from asft_ray.recovery.losses import Objective, recovery_loss
 from asft_ray.recovery.masks import (
     apply_masks,
     count_masked_nonzeros,
-    load_mask_file,
-    masks_from_zeros,
+    student_masks,
     register_mask_hooks,
     select_trainable,
 )
@@ -45,7 +44,7 @@ def _import_deepspeed(use_gpu: bool):
 def build_student(cfg: RecoverConfig):
     """(model, masks, trainable names): pruned weights masked once, gradient hooks on, the rest frozen."""
     model, _ = load_model(cfg.model, "cpu", show_progress=False)
-    masks = load_mask_file(cfg.mask_file, model) if cfg.mask_file else masks_from_zeros(model)
+    masks = student_masks(model, cfg.mask_file, cfg.dense)
     apply_masks(model, masks)
     trainable = select_trainable(model, masks, cfg.train_norms, cfg.train_biases)
     register_mask_hooks(model, masks)

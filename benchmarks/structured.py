@@ -1,0 +1,81 @@
+"""Structured pruning trade (issue #6): smaller dense exports of SmolLM2-135M, before and after recovery.
+
+For each --point "MLP_RATIO:HEAD_RATIO" it runs the real CLI:
+  asft export --format structured (|W|*||X|| channel/KV-group scores on --nsamples C4 windows)
+  asft eval   8-window WikiText-2 valid ppl and 16-window test ppl of the export
+Then it recovers the point with the lowest valid ppl (selection never looks at the test split):
+  asft recover --dense --teacher smollm2-135m (every remaining weight trains; ZeRO-2, 2 workers)
+  asft eval   16-window and (with --full) full WikiText-2 test ppl
+Rows go to benchmarks/results/structured.jsonl; decode speed comes from benchmarks/inference.py on
+the same folders (run it on an idle machine, dense in the same run).
+
+    python benchmarks/structured.py --point 0.5:0 --point 0.4:0.34 --max-steps 40 --full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results_io import append_row, asft  # noqa: E402
+
+DENSE = "smollm2-135m"
+
+
+def ppl(model: str, split: str, windows: int | None) -> dict:
+    flags = ["eval", "--model", model, "--split", split, "--seqlen", "2048", "--json", "--no-progress"]
+    if windows:
+        flags += ["--max-windows", str(windows)]
+    return json.loads(asft(*flags).strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--point", action="append", required=True, help="MLP_RATIO:HEAD_RATIO (repeatable)")
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--full", action="store_true", help="also the full WikiText-2 test ppl of the recovered model")
+    args = p.parse_args()
+    runs = ROOT / "runs" / "bench" / "structured"
+
+    scored = []
+    for point in args.point:
+        mlp, heads = point.split(":")
+        out = runs / f"mlp{mlp}-heads{heads}"
+        if not (out / "config.json").is_file():
+            asft("export", "--model", DENSE, "--format", "structured", "--mlp-ratio", mlp, "--head-ratio", heads,
+                 "--nsamples", str(args.nsamples), "--seqlen", "2048", "--out", str(out), "--no-progress")
+        valid = ppl(str(out), "valid", 8)
+        test = ppl(str(out), "test", 16)
+        scored.append((valid["ppl"], out))
+        append_row("structured", {"stage": "export", "mlp_ratio": float(mlp), "head_ratio": float(heads),
+                                  "nsamples": args.nsamples, "folder": str(out.relative_to(ROOT)),
+                                  "valid_ppl_8w": valid["ppl"], "test_ppl_16w": test["ppl"]})
+
+    best = min(scored)[1]
+    out = best.with_name(best.name + "-recovered")
+    record = json.loads(asft(
+        "recover", "--model", str(best), "--dense", "--teacher", DENSE, "--out", str(out), "--workers", "2",
+        "--zero-stage", "2", "--max-steps", str(args.max_steps), "--seqlen", str(args.seqlen),
+        "--grad-accum", str(args.grad_accum), "--lr", str(args.lr), "--seed", "0", "--checkpoint-every", "10",
+        "--eval-every", "10", "--eval-windows", "4", "--eval-seqlen", "2048", "--resume", "--json", "--no-progress"))
+    row = {"stage": "recovered", "source": str(best.relative_to(ROOT)), "folder": str(out.relative_to(ROOT)),
+           "max_steps": args.max_steps, "lr": args.lr, "seqlen": args.seqlen, "grad_accum": args.grad_accum,
+           "tokens_per_s": record["tokens_per_s"], "train_s": record["timings"]["train_s"],
+           "curve_valid_ppl": [[e["step"], e["ppl"]] for e in record["evals"]],
+           "test_ppl_16w": ppl(str(out), "test", 16)["ppl"]}
+    if args.full:
+        row["test_ppl_full"] = ppl(str(out), "test", None)["ppl"]
+    append_row("structured", row)
+
+
+if __name__ == "__main__":
+    main()
