@@ -9,10 +9,15 @@ benchmarks/results/recovery.jsonl; rows already there are skipped, so the script
   kd-zero2   the same with distillation from the dense model (KL on logits, T=2, + LM loss)
   lm-zero3   LM loss, ZeRO-3, --memory-steps steps, no curve: per-worker peak memory and
              tokens/s against lm-zero2's
+  memory-w2  ZeRO-2 then ZeRO-3, 2 steps of 128 tokens, 2 workers: the parameter + optimizer-state
+  memory-w4  MiB each worker holds (model_state_mib), and ZeRO-3's share of ZeRO-2's; 4 workers
+  full-test  full WikiText-2 test ppl of the pruned model and of the recovered run with the lowest
+             final valid ppl
 
     python benchmarks/recovery.py                       # everything (hours on 2 CPU cores)
     python benchmarks/recovery.py --only pruned lm-zero2
     python benchmarks/recovery.py --smoke               # minutes: 2 steps of 128 tokens, own results file
+    python benchmarks/recovery.py --only kd-zero2 --lr 2e-4 --max-steps 70 --tag lr2e-4   # a variant: own key and folder
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.results_io import RESULTS_DIR, append_row, asft  # noqa: E402
 
 DENSE = "smollm2-135m"
-ROWS = ("pruned", "lm-zero2", "kd-zero2", "lm-zero3")
+ROWS = ("pruned", "lm-zero2", "kd-zero2", "lm-zero3", "memory-w2", "memory-w4", "full-test")
 
 
 def ensure_pruned(folder: Path, nsamples: int, seqlen: int) -> None:
@@ -40,9 +45,22 @@ def ensure_pruned(folder: Path, nsamples: int, seqlen: int) -> None:
          "--seqlen", str(seqlen), "--out", str(folder), "--no-progress")
 
 
-def test_ppl(model: str, windows: int, seqlen: int) -> dict:
-    out = asft("eval", "--model", model, "--seqlen", str(seqlen), "--max-windows", str(windows), "--json", "--no-progress")
+def test_ppl(model: str, windows: int | None, seqlen: int) -> dict:
+    """WikiText-2 test ppl on the first `windows` windows (None: the full test split)."""
+    limit = ["--max-windows", str(windows)] if windows else []
+    out = asft("eval", "--model", model, "--seqlen", str(seqlen), *limit, "--json", "--no-progress")
     return json.loads(out.strip().splitlines()[-1])
+
+
+def full_test_row(args, results: Path) -> dict:
+    """Full WikiText-2 test ppl of the pruned model and of the recovered run with the lowest final
+    *valid* ppl (the test split plays no part in choosing it)."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    best = min((r for r in rows if r.get("curve_valid_ppl")), key=lambda r: r["curve_valid_ppl"][-1][1])
+    recovered = args.runs / best["key"]
+    return {"key": "full-test", "pruned": str(args.pruned), "recovered": str(recovered), "chosen_by": "final valid ppl",
+            "test_seqlen": args.test_seqlen, "pruned_test_ppl_full": test_ppl(str(args.pruned), None, args.test_seqlen)["ppl"],
+            "recovered_test_ppl_full": test_ppl(str(recovered), None, args.test_seqlen)["ppl"]}
 
 
 def recover(args, key: str, out: Path) -> dict:
@@ -60,18 +78,38 @@ def recover(args, key: str, out: Path) -> dict:
     return json.loads(asft(*flags))
 
 
+def memory_row(args, workers: int) -> dict:
+    """Parameter + optimizer-state MiB per worker under ZeRO-2 and ZeRO-3 (gradients and activations
+    not counted), from two 2-step runs with the same model and worker count."""
+    row = {"key": f"memory-w{workers}", "pruned": str(args.pruned), "workers": workers}
+    for zero in (2, 3):
+        out = args.runs / f"memory-zero{zero}-w{workers}"
+        record = json.loads(asft(
+            "recover", "--model", str(args.pruned), "--out", str(out), "--workers", str(workers),
+            "--worker-cpus", str(min(1.0, 2 / workers)), "--zero-stage", str(zero), "--max-steps", "2",
+            "--seqlen", "128", "--seed", "0", "--overwrite", "--json", "--no-progress"))
+        row[f"model_state_mib_zero{zero}"] = [m["model_state_mib"] for m in record["memory"]]
+        row[f"peak_rss_mib_zero{zero}"] = [m["peak_rss_mib"] for m in record["memory"]]
+    row["zero3_share_of_zero2"] = max(row["model_state_mib_zero3"]) / max(row["model_state_mib_zero2"])
+    return row
+
+
 def run_row(args, key: str) -> dict:
     settings = {"pruned": str(args.pruned), "workers": args.workers, "seqlen": args.seqlen, "grad_accum": args.grad_accum,
                 "lr": args.lr, "test_windows": args.test_windows, "test_seqlen": args.test_seqlen}
+    if key == "full-test":
+        return full_test_row(args, RESULTS_DIR / "recovery.jsonl")
+    if key.startswith("memory-w"):
+        return memory_row(args, int(key.removeprefix("memory-w")))
     if key == "pruned":
         result = test_ppl(str(args.pruned), args.test_windows, args.test_seqlen)
         return {"key": key, **settings, "test_ppl": result["ppl"], "sparsity": result["sparsity"]}
-    out = args.runs / key
+    out = args.runs / (key + args.tag)
     start = time.perf_counter()
     record = recover(args, key, out)
     wall_s = time.perf_counter() - start
     row = {
-        "key": key, **settings,
+        "key": key + args.tag, **settings,
         "zero_stage": record["deepspeed_config"]["zero_optimization"]["stage"],
         "teacher": record["config"]["teacher"],
         "max_steps": record["config"]["max_steps"],
@@ -91,6 +129,30 @@ def run_row(args, key: str) -> dict:
     return row
 
 
+def plot(results: Path) -> None:
+    """Recovery curves (WikiText-2 valid ppl vs step, one line per run) with the dense and pruned
+    16-window test ppl as reference lines, to results/recovery.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rows:
+        if r.get("curve_valid_ppl"):
+            steps, ppl = zip(*r["curve_valid_ppl"])
+            ax.plot(steps, ppl, marker="o", label=f"{r['key']} (lr {r['lr']:g}): valid, {r['eval_windows']} windows")
+    ax.set_xlabel("optimizer step (2 workers x 4 x 512 tokens)")
+    ax.set_ylabel("WikiText-2 valid ppl (windows of 2048)")
+    ax.set_title("smollm2-135m, wanda 50 %: recovery with DeepSpeed ZeRO-2 on Ray Train", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / "recovery.png", dpi=120)
+    print(f"wrote {RESULTS_DIR / 'recovery.png'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=ROWS, help="rows to run (default: all, in order)")
@@ -107,6 +169,8 @@ def main() -> None:
     parser.add_argument("--test-windows", type=int, default=16)
     parser.add_argument("--test-seqlen", type=int, default=2048)
     parser.add_argument("--checkpoint-every", type=int, default=20)
+    parser.add_argument("--plot", action="store_true", help="only draw results/recovery.png from the rows")
+    parser.add_argument("--tag", default="", help="suffix for a variant's row key and folder (e.g. another --lr)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings, results in recovery-smoke.jsonl")
     args = parser.parse_args()
     name = "recovery"
@@ -115,6 +179,8 @@ def main() -> None:
         args.max_steps, args.memory_steps, args.seqlen, args.grad_accum = 2, 2, 128, 1
         args.eval_every, args.eval_windows, args.eval_seqlen, args.checkpoint_every = 1, 2, 128, 1
         args.test_windows, args.test_seqlen = 2, 128
+    if args.plot:
+        return plot(RESULTS_DIR / f"{name}.jsonl")
     bench = ROOT / "runs" / "bench"
     if args.pruned is None:
         args.pruned = bench / ("smoke/wanda50" if args.smoke else "wanda50")
@@ -127,8 +193,10 @@ def main() -> None:
     done = set()
     if results.exists() and not args.smoke:
         done = {json.loads(line)["key"] for line in results.read_text().splitlines() if line.strip()}
+    if args.tag:
+        args.tag = "@" + args.tag
     for key in args.only or ROWS:
-        if key in done:
+        if key + args.tag in done:
             print(f"{key}: already in {results.name}, skipped")
             continue
         append_row(name, run_row(args, key))

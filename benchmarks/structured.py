@@ -38,7 +38,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--point", action="append", required=True, help="MLP_RATIO:HEAD_RATIO (repeatable)")
     p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--max-steps", type=int, default=40, help="recovery steps (0: exports only)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--grad-accum", type=int, default=4)
@@ -60,6 +60,8 @@ def main() -> None:
                                   "nsamples": args.nsamples, "folder": str(out.relative_to(ROOT)),
                                   "valid_ppl_8w": valid["ppl"], "test_ppl_16w": test["ppl"]})
 
+    if args.max_steps == 0:
+        return
     best = min(scored)[1]
     out = best.with_name(best.name + "-recovered")
     record = json.loads(asft(

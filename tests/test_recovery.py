@@ -297,11 +297,26 @@ def _assert_masks_held(record, out, pruned_dir):
     assert changed == 14  # every pruned linear's surviving weights trained
 
 
+def _assert_model_state_memory(record, pruned_dir, zero_stage):
+    """Each worker holds what ZeRO promises (fp32, 2 workers, T trainable of N parameters):
+    ZeRO-2 all N parameters + half of T's fp32 copy and Adam moments (4N + 12T/2 bytes);
+    ZeRO-3 half of the N parameters as well (4N/2 + 12T/2). Partition padding stays below 10 %."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    n = sum(p.numel() for p in model.parameters())
+    t = sum(dict(model.named_parameters())[name].numel() for name in linear_weight_names(model))
+    expected = (4 * n / (1 if zero_stage == 2 else 2) + 12 * t / 2) / 2**20
+    for worker in record["memory"]:
+        assert abs(worker["model_state_mib"] / expected - 1) < 0.1, (worker, expected)
+
+
 def test_zero3_stop_and_resume_equals_an_uninterrupted_run(ray_cluster, pruned_dir, tmp_path, data_dir):
     # 3 eval windows over 2 workers: one pads with a discarded forward (ZeRO-3 gathers collectively)
     full = _recover(pruned_dir, tmp_path / "full", data_dir, zero_stage=3, eval_every=2, eval_windows=3)
     assert len(full["losses"]) == 4 and full["world_size"] == 2 and len(full["memory"]) == 2
     _assert_masks_held(full, tmp_path / "full", pruned_dir)
+    _assert_model_state_memory(full, pruned_dir, zero_stage=3)
 
     stopped = _recover(pruned_dir, tmp_path / "cut", data_dir, zero_stage=3, stop_after_steps=2, eval_every=2,
                        eval_windows=3)
@@ -334,6 +349,7 @@ def test_zero2_with_distillation_keeps_masks_through_resume(ray_cluster, pruned_
     assert all({"lm", "kd", "hidden"} <= set(row) for row in record["history"])
     assert record["deepspeed_config"]["zero_optimization"]["stage"] == 2
     assert all(m["peak_rss_mib"] >= m["train_rss_max_mib"] > 0 for m in record["memory"])
+    _assert_model_state_memory(record, pruned_dir, zero_stage=2)
 
 
 def test_demo_config_is_valid_and_the_job_entrypoint_needs_a_config(capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -197,6 +198,33 @@ def peak_memory_mib(device: torch.device, train_rss_max: float) -> dict:
     return row
 
 
+def model_state_mib(engine) -> float:
+    """MiB of parameters and optimizer state this worker holds: the module's parameters (under
+    ZeRO-3 only this worker's partitions are materialised), the optimizer's fp32 copies and their
+    Adam moments. Gradients and activations are not counted. Each storage is counted once, so
+    parameters that are views into DeepSpeed's flat buffers are not double-counted."""
+    seen, total = set(), 0
+
+    def add(tensor) -> None:
+        nonlocal total
+        if torch.is_tensor(tensor) and tensor.numel():
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+
+    for param in engine.module.parameters():
+        add(param.data)
+        add(getattr(param, "ds_tensor", None))
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in inner.param_groups:
+        for param in group["params"]:
+            add(param)
+            for value in inner.state.get(param, {}).values():
+                add(value)
+    return total / 2**20
+
+
 def train_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker. `config` comes from recipe.run_recover."""
     import ray.train
@@ -256,6 +284,11 @@ def train_loop(config: dict) -> None:
             stopped = True
             break
 
+    try:  # after a step, so Adam's moments exist; a statistic must not cost the run
+        held_mib = model_state_mib(engine)
+    except Exception as err:  # noqa: BLE001 - DeepSpeed internals differ across versions
+        print(f"warning: could not measure model-state memory: {err}", file=sys.stderr)
+        held_mib = None
     summary = {"stopped": stopped, "steps_done": len(history), "resumed_from_step": start, "history": history,
                "evals": evals, "tokens_per_step": tokens_per_step, "world_size": world}
     if not stopped:
@@ -266,7 +299,7 @@ def train_loop(config: dict) -> None:
             export_model(cfg, weights, Path(config["export_dir"]))
         summary["trainable_params"] = len(trainable)
     memory = [None] * world
-    dist.all_gather_object(memory, peak_memory_mib(device, train_rss_max))
+    dist.all_gather_object(memory, {**peak_memory_mib(device, train_rss_max), "model_state_mib": held_mib})
     summary["memory"] = memory
     if rank == 0:
         write_json_atomic(state / SUMMARY, summary)
