@@ -88,7 +88,8 @@ def memory_row(args, workers: int) -> dict:
             "recover", "--model", str(args.pruned), "--out", str(out), "--workers", str(workers),
             "--worker-cpus", str(min(1.0, 2 / workers)), "--zero-stage", str(zero), "--max-steps", "2",
             "--seqlen", "128", "--seed", "0", "--overwrite", "--json", "--no-progress"))
-        row[f"model_state_mib_zero{zero}"] = [m["model_state_mib"] for m in record["memory"]]
+        for part in ("model_state_mib", "params_mib", "optimizer_mib"):
+            row[f"{part}_zero{zero}"] = [m[part] for m in record["memory"]]
         row[f"peak_rss_mib_zero{zero}"] = [m["peak_rss_mib"] for m in record["memory"]]
     row["zero3_share_of_zero2"] = max(row["model_state_mib_zero3"]) / max(row["model_state_mib_zero2"])
     return row

@@ -298,17 +298,22 @@ def _assert_masks_held(record, out, pruned_dir):
 
 
 def _assert_model_state_memory(record, pruned_dir, zero_stage):
-    """Each worker holds what ZeRO promises (fp32, 2 workers, T trainable of N parameters):
-    ZeRO-2 all N parameters + half of T's fp32 copy and Adam moments (4N + 12T/2 bytes);
-    ZeRO-3 half of the N parameters as well (4N/2 + 12T/2). Partition padding stays below 10 %."""
+    """Each worker holds what ZeRO promises (fp32, 2 workers, N parameters of which T train):
+    optimizer state = half of an fp32 master copy and of the two Adam moments (12T/2 bytes) under
+    both stages; parameters 4N under ZeRO-2. Under ZeRO-3 each worker holds its half of every
+    parameter, and DeepSpeed keeps whole copies of parameters below its persistence threshold
+    (1e5 elements: every parameter of this tiny model), so only the partitions' floor is checked."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(pruned_dir)
     n = sum(p.numel() for p in model.parameters())
     t = sum(dict(model.named_parameters())[name].numel() for name in linear_weight_names(model))
-    expected = (4 * n / (1 if zero_stage == 2 else 2) + 12 * t / 2) / 2**20
     for worker in record["memory"]:
-        assert abs(worker["model_state_mib"] / expected - 1) < 0.1, (worker, expected)
+        assert abs(worker["optimizer_mib"] / (12 * t / 2 / 2**20) - 1) < 0.05, (worker, t)
+        if zero_stage == 2:
+            assert abs(worker["params_mib"] / (4 * n / 2**20) - 1) < 0.05, (worker, n)
+        else:
+            assert worker["params_mib"] >= 4 * n / 2 / 2**20, (worker, n)
 
 
 def test_zero3_stop_and_resume_equals_an_uninterrupted_run(ray_cluster, pruned_dir, tmp_path, data_dir):

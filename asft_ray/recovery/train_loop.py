@@ -198,31 +198,35 @@ def peak_memory_mib(device: torch.device, train_rss_max: float) -> dict:
     return row
 
 
-def model_state_mib(engine) -> float:
-    """MiB of parameters and optimizer state this worker holds: the module's parameters (under
-    ZeRO-3 only this worker's partitions are materialised), the optimizer's fp32 copies and their
-    Adam moments. Gradients and activations are not counted. Each storage is counted once, so
-    parameters that are views into DeepSpeed's flat buffers are not double-counted."""
-    seen, total = set(), 0
+def model_state_mib(engine) -> dict:
+    """MiB this worker holds for the model state, split in two: `params_mib`, the module's
+    parameters (under ZeRO-3 only this worker's partitions exist), and `optimizer_mib`, the
+    optimizer's fp32 partitions and Adam moments. Gradients and activations are not counted.
+    Each storage counts once, so views into DeepSpeed's flat buffers, and a ZeRO-3 fp32 master
+    that *is* the parameter partition (fp32 training), are not double-counted. ZeRO-3 empties
+    the inner optimizer's param groups between steps, so the state is read from `state` and
+    from the ZeRO optimizer's own lists."""
+    seen: set[int] = set()
 
-    def add(tensor) -> None:
-        nonlocal total
-        if torch.is_tensor(tensor) and tensor.numel():
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
+    def size(tensors) -> int:
+        total = 0
+        for tensor in tensors:
+            if torch.is_tensor(tensor) and tensor.numel():
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        return total
 
-    for param in engine.module.parameters():
-        add(param.data)
-        add(getattr(param, "ds_tensor", None))
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for group in inner.param_groups:
-        for param in group["params"]:
-            add(param)
-            for value in inner.state.get(param, {}).values():
-                add(value)
-    return total / 2**20
+    params = size(t for p in engine.module.parameters() for t in (p.data, getattr(p, "ds_tensor", None)))
+    zero = engine.optimizer
+    inner = getattr(zero, "optimizer", zero)
+    masters = [*getattr(zero, "single_partition_of_fp32_groups", []), *getattr(zero, "fp32_partitioned_groups_flat", []),
+               *(p for g in inner.param_groups for p in g["params"])]
+    states = [v for key, state in inner.state.items() for v in (key, *state.values())]
+    optimizer = size(masters) + size(states)
+    return {"params_mib": params / 2**20, "optimizer_mib": optimizer / 2**20,
+            "model_state_mib": (params + optimizer) / 2**20}
 
 
 def train_loop(config: dict) -> None:
@@ -285,10 +289,10 @@ def train_loop(config: dict) -> None:
             break
 
     try:  # after a step, so Adam's moments exist; a statistic must not cost the run
-        held_mib = model_state_mib(engine)
+        held = model_state_mib(engine)
     except Exception as err:  # noqa: BLE001 - DeepSpeed internals differ across versions
         print(f"warning: could not measure model-state memory: {err}", file=sys.stderr)
-        held_mib = None
+        held = {}
     summary = {"stopped": stopped, "steps_done": len(history), "resumed_from_step": start, "history": history,
                "evals": evals, "tokens_per_step": tokens_per_step, "world_size": world}
     if not stopped:
@@ -299,7 +303,7 @@ def train_loop(config: dict) -> None:
             export_model(cfg, weights, Path(config["export_dir"]))
         summary["trainable_params"] = len(trainable)
     memory = [None] * world
-    dist.all_gather_object(memory, {**peak_memory_mib(device, train_rss_max), "model_state_mib": held_mib})
+    dist.all_gather_object(memory, {**peak_memory_mib(device, train_rss_max), **held})
     summary["memory"] = memory
     if rank == 0:
         write_json_atomic(state / SUMMARY, summary)
