@@ -124,6 +124,9 @@ def test_dense_recovery_trains_every_decoder_weight():
     model = build_tiny_llama()
     masks = student_masks(model, None, dense=True)
     assert set(masks) == set(linear_weight_names(model)) and all(bool(m.all()) for m in masks.values())
+    assert register_mask_hooks(model, masks) == []  # nothing to mask: no per-step gradient copies
+    pruned = magnitude_prune(build_tiny_llama())
+    assert len(register_mask_hooks(pruned, masks_from_zeros(pruned))) == 14
     with pytest.raises(AsftError, match="takes no --mask-file"):
         _cfg(dense=True, mask_file="m.safetensors")
 

@@ -87,9 +87,11 @@ def mask_gradient(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def register_mask_hooks(model: nn.Module, masks: dict[str, torch.Tensor]) -> list:
     """Hook every masked parameter so its gradient is masked. Register before deepspeed.initialize,
-    so the hook runs before ZeRO's own gradient hooks reduce and partition the gradient."""
+    so the hook runs before ZeRO's own gradient hooks reduce and partition the gradient. A mask
+    that keeps every entry (a layer with no zeros, or `--dense`) gets no hook: it would only copy."""
     params = dict(model.named_parameters())
-    return [params[name].register_hook(lambda g, m=mask: mask_gradient(g, m)) for name, mask in masks.items()]
+    return [params[name].register_hook(lambda g, m=mask: mask_gradient(g, m))
+            for name, mask in masks.items() if not bool(mask.all())]
 
 
 def select_trainable(model: nn.Module, masks: dict[str, torch.Tensor], norms: bool, biases: bool) -> list[str]:
