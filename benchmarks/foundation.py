@@ -18,7 +18,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from results_io import asft
+from results_io import asft, wikitext_ppl
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "foundation.jsonl"
@@ -68,13 +68,6 @@ def done_rows() -> dict:
     return {r["key"]: r for r in rows}
 
 
-def evaluate(model: str, windows: int | None) -> dict:
-    args = ["eval", "--model", model, "--seqlen", "2048", "--json", "--no-progress"]
-    if windows:
-        args += ["--max-windows", str(windows)]
-    return json.loads(asft(*args).strip().splitlines()[-1])
-
-
 def ppl_of_first(result: dict, n: int) -> float:
     nll = result["window_nll"][:n]
     return math.exp(math.fsum(nll) / len(nll))
@@ -99,7 +92,7 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict) -> dict:
             args += ["--sparsity", "0.5"]
         asft(*args)
         model, prune = str(out), json.loads((out / "asft_run.json").read_text())
-    result = evaluate(model, None if pattern == "full" else 16)
+    result = wikitext_ppl(model, None if pattern == "full" else 16)
     row = {
         "method": method,
         "pattern": pattern,

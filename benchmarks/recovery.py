@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import RESULTS_DIR, append_row, asft  # noqa: E402
+from benchmarks.results_io import RESULTS_DIR, append_row, asft, wikitext_ppl  # noqa: E402
 
 DENSE = "smollm2-135m"
 ROWS = ("pruned", "lm-zero2", "kd-zero2", "lm-zero3", "memory-w2", "memory-w4", "full-test")
@@ -45,13 +45,6 @@ def ensure_pruned(folder: Path, nsamples: int, seqlen: int) -> None:
          "--seqlen", str(seqlen), "--out", str(folder), "--no-progress")
 
 
-def test_ppl(model: str, windows: int | None, seqlen: int) -> dict:
-    """WikiText-2 test ppl on the first `windows` windows (None: the full test split)."""
-    limit = ["--max-windows", str(windows)] if windows else []
-    out = asft("eval", "--model", model, "--seqlen", str(seqlen), *limit, "--json", "--no-progress")
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def full_test_row(args, results: Path) -> dict:
     """Full WikiText-2 test ppl of the pruned model and of the recovered run with the lowest final
     *valid* ppl (the test split plays no part in choosing it)."""
@@ -59,8 +52,8 @@ def full_test_row(args, results: Path) -> dict:
     best = min((r for r in rows if r.get("curve_valid_ppl")), key=lambda r: r["curve_valid_ppl"][-1][1])
     recovered = args.runs / best["key"]
     return {"key": "full-test", "pruned": str(args.pruned), "recovered": str(recovered), "chosen_by": "final valid ppl",
-            "test_seqlen": args.test_seqlen, "pruned_test_ppl_full": test_ppl(str(args.pruned), None, args.test_seqlen)["ppl"],
-            "recovered_test_ppl_full": test_ppl(str(recovered), None, args.test_seqlen)["ppl"]}
+            "test_seqlen": args.test_seqlen, "pruned_test_ppl_full": wikitext_ppl(args.pruned, None, seqlen=args.test_seqlen)["ppl"],
+            "recovered_test_ppl_full": wikitext_ppl(recovered, None, seqlen=args.test_seqlen)["ppl"]}
 
 
 def recover(args, key: str, out: Path) -> dict:
@@ -103,7 +96,7 @@ def run_row(args, key: str) -> dict:
     if key.startswith("memory-w"):
         return memory_row(args, int(key.removeprefix("memory-w")))
     if key == "pruned":
-        result = test_ppl(str(args.pruned), args.test_windows, args.test_seqlen)
+        result = wikitext_ppl(args.pruned, args.test_windows, seqlen=args.test_seqlen)
         return {"key": key, **settings, "test_ppl": result["ppl"], "sparsity": result["sparsity"]}
     out = args.runs / (key + args.tag)
     start = time.perf_counter()
@@ -125,7 +118,7 @@ def run_row(args, key: str) -> dict:
         "mask_check": record["mask_check"],
     }
     if key != "lm-zero3":
-        result = test_ppl(str(out), args.test_windows, args.test_seqlen)
+        result = wikitext_ppl(out, args.test_windows, seqlen=args.test_seqlen)
         row.update(test_ppl=result["ppl"], sparsity=result["sparsity"])
     return row
 

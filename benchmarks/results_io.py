@@ -21,6 +21,13 @@ def asft(*args: str) -> str:
     return proc.stdout
 
 
+def wikitext_ppl(model: str, windows: int | None = None, split: str = "test", seqlen: int = 2048) -> dict:
+    """`asft eval --json` on WikiText-2 (the first `windows` windows; None: the whole split), parsed."""
+    limit = ["--max-windows", str(windows)] if windows else []
+    out = asft("eval", "--model", str(model), "--split", split, "--seqlen", str(seqlen), *limit, "--json", "--no-progress")
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def append_row(name: str, row: dict) -> dict:
     """Stamp the row with date and machine, append it to results/NAME.jsonl, print it, return it."""
     row = {"benchmark": name, "date": date.today().isoformat(), "machine": platform.node(), **row}

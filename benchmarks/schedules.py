@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import yaml
-from results_io import RESULTS_DIR, append_row, asft
+from results_io import RESULTS_DIR, append_row, asft, wikitext_ppl
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "bench"
@@ -49,8 +49,7 @@ def prune_and_eval(method: str, budget: float, schedule: str, label: str, window
     record = json.loads(asft("prune", "--model", "smollm2-135m", "--method", method, "--sparsity", str(budget),
                              "--nsamples", str(nsamples), "--schedule", schedule, "--out", str(out), "--no-progress",
                              "--json"))
-    args = ["eval", "--model", str(out), "--json", "--no-progress"] + (["--max-windows", str(windows)] if windows else [])
-    result = json.loads(asft(*args))
+    result = wikitext_ppl(out, windows)
     return {"ppl": result["ppl"], "windows": result["windows"], "sparsity": result["sparsity"],
             "layer_sparsity": result["sparsity_layers"], "prune_s": record["timings"].get("prune_s"),
             "schedule_s": record["timings"].get("schedule_s"), "eval_s": result["seconds"]}

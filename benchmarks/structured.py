@@ -22,16 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import append_row, asft  # noqa: E402
+from benchmarks.results_io import append_row, asft, wikitext_ppl  # noqa: E402
 
 DENSE = "smollm2-135m"
-
-
-def ppl(model: str, split: str, windows: int | None) -> dict:
-    flags = ["eval", "--model", model, "--split", split, "--seqlen", "2048", "--json", "--no-progress"]
-    if windows:
-        flags += ["--max-windows", str(windows)]
-    return json.loads(asft(*flags).strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -53,8 +46,8 @@ def main() -> None:
         if not (out / "config.json").is_file():
             asft("export", "--model", DENSE, "--format", "structured", "--mlp-ratio", mlp, "--head-ratio", heads,
                  "--nsamples", str(args.nsamples), "--seqlen", "2048", "--out", str(out), "--no-progress")
-        valid = ppl(str(out), "valid", 8)
-        test = ppl(str(out), "test", 16)
+        valid = wikitext_ppl(out, 8, "valid")
+        test = wikitext_ppl(out, 16)
         scored.append((valid["ppl"], out))
         append_row("structured", {"stage": "export", "mlp_ratio": float(mlp), "head_ratio": float(heads),
                                   "nsamples": args.nsamples, "folder": str(out.relative_to(ROOT)),
@@ -73,9 +66,9 @@ def main() -> None:
            "max_steps": args.max_steps, "lr": args.lr, "seqlen": args.seqlen, "grad_accum": args.grad_accum,
            "tokens_per_s": record["tokens_per_s"], "train_s": record["timings"]["train_s"],
            "curve_valid_ppl": [[e["step"], e["ppl"]] for e in record["evals"]],
-           "test_ppl_16w": ppl(str(out), "test", 16)["ppl"]}
+           "test_ppl_16w": wikitext_ppl(out, 16)["ppl"]}
     if args.full:
-        row["test_ppl_full"] = ppl(str(out), "test", None)["ppl"]
+        row["test_ppl_full"] = wikitext_ppl(out)["ppl"]
     append_row("structured", row)
 
 
