@@ -2,7 +2,8 @@
 
 Every trial prunes the dense model one-shot to the *same* global budget with a schedule
 built from the trial's knobs (OWL lambda and M, one sparsity offset per block group,
-an attention-vs-MLP offset; the budget fit in asft_ray.schedules keeps the total exact),
+an attention-vs-MLP offset, and optionally one offset per named linear such as
+mlp.down_proj; the budget fit in asft_ray.schedules keeps the total exact),
 then measures validation perplexity (WikiText-2 *valid*) one window at a time and reports
 the running value after each window. ASHA compares trials at 1, 2, 4, ... windows and stops
 the weak ones early; Optuna proposes the next knobs from the finished trials.
@@ -37,6 +38,8 @@ class SweepConfig:
     max_group_offset: float = 0.1
     max_attn_offset: float = 0.15
     max_owl_lambda: float = 0.25
+    linear_offsets: tuple[str, ...] = ()  # linears (names inside a layer) that get an offset knob of their own
+    max_linear_offset: float = 0.15
     search_seed: int = 0
 
     @staticmethod
@@ -46,6 +49,11 @@ class SweepConfig:
         values = dict(values)
         own = {f.name for f in dataclasses.fields(SweepConfig)} - {"prune"}
         mine = {k: values.pop(k) for k in list(values) if k in own}
+        if "linear_offsets" in mine:
+            names = mine["linear_offsets"]
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+                raise AsftError(f"{source}: linear_offsets must be a list of linear names, e.g. [mlp.down_proj]")
+            mine["linear_offsets"] = tuple(names)
         if "schedule" in values:
             raise AsftError(f"{source}: a sweep searches the schedule; remove `schedule`")
         prune = PruneConfig.from_dict(values, source)
@@ -71,15 +79,23 @@ def search_space(cfg: SweepConfig) -> dict:
     }
     for g in range(cfg.groups):
         space[f"group_{g}"] = tune.uniform(-cfg.max_group_offset, cfg.max_group_offset)
+    for name in cfg.linear_offsets:
+        space[linear_knob(name)] = tune.uniform(-cfg.max_linear_offset, cfg.max_linear_offset)
     return space
 
 
-def spec_from_trial(params: dict, groups: int):
+def linear_knob(name: str) -> str:
+    """The search-space key of a linear's offset (no dots: Tune and Optuna use them in names and paths)."""
+    return "linear_" + name.replace(".", "_")
+
+
+def spec_from_trial(params: dict, cfg: SweepConfig):
     from asft_ray.schedules import ScheduleSpec
 
     return ScheduleSpec(name="owl", owl_lambda=float(params["owl_lambda"]), owl_m=float(params["owl_m"]),
                         attn_offset=float(params["attn_offset"]),
-                        group_offsets=tuple(float(params[f"group_{g}"]) for g in range(groups)))
+                        group_offsets=tuple(float(params[f"group_{g}"]) for g in range(cfg.groups)),
+                        linear_offsets=tuple((n, float(params[linear_knob(n)])) for n in cfg.linear_offsets))
 
 
 def trial(params: dict, model, calib_ids, val_ids, outliers, cfg: SweepConfig) -> None:
@@ -96,7 +112,7 @@ def trial(params: dict, model, calib_ids, val_ids, outliers, cfg: SweepConfig) -
     torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
     pc = cfg.prune
     model = copy.deepcopy(model)
-    plan = build_schedule(spec_from_trial(params, cfg.groups), model, pc.sparsity, outliers)
+    plan = build_schedule(spec_from_trial(params, cfg), model, pc.sparsity, outliers)
     start = time.perf_counter()
     prune_model(model, pc.method, pc.parsed_pattern, plan, calib_ids, show_progress=False)
     prune_s = time.perf_counter() - start
@@ -107,15 +123,17 @@ def trial(params: dict, model, calib_ids, val_ids, outliers, cfg: SweepConfig) -
 
 
 def best_schedule_yaml(cfg: SweepConfig, params: dict, model, outliers, val_ppl: float) -> dict:
-    """The best trial's schedule as explicit per-layer lists (custom), reusable without the sweep."""
+    """The best trial's schedule as explicit per-layer lists (custom), reusable without the sweep:
+    one list per module type (attention, mlp), or one per linear when the sweep gave linears offsets."""
     from asft_ray.schedules import build_schedule, module_kind
 
-    plan = build_schedule(spec_from_trial(params, cfg.groups), model, cfg.prune.sparsity, outliers)
-    lists = {"attention": [], "mlp": []}
-    for i in sorted(plan):
-        for kind in lists:
-            values = [s for name, s in plan[i].items() if module_kind(name) == kind]
-            lists[kind].append(round(sum(values) / len(values), 6))
+    plan = build_schedule(spec_from_trial(params, cfg), model, cfg.prune.sparsity, outliers)
+    layers = sorted(plan)
+    if cfg.linear_offsets:
+        lists = {"linears": {name: [round(plan[i][name], 6) for i in layers] for name in plan[layers[0]]}}
+    else:  # every linear of a module type has the same sparsity within a layer
+        lists = {kind: [round(next(s for n, s in plan[i].items() if module_kind(n) == kind), 6) for i in layers]
+                 for kind in ("attention", "mlp")}
     return {"schedule": "custom", **lists, "global_sparsity": cfg.prune.sparsity,
             "meta": {"source": "asft sweep", "model": cfg.prune.model, "method": cfg.prune.method,
                      "val_ppl": val_ppl, "val_windows": cfg.val_windows, "trial_params": params}}
@@ -132,7 +150,7 @@ def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> dict:
 
     from asft_ray.artifacts import write_json_atomic
     from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration, wikitext2_ids
-    from asft_ray.models import load_model
+    from asft_ray.models import decoder_layers, load_model, prunable_linears
     from asft_ray.pruning.engine import LocalRunner, capture_layer0_inputs
     from asft_ray.schedules.owl import layer_outlier_ratios
 
@@ -142,6 +160,11 @@ def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> dict:
     start = time.perf_counter()
     data_dir = resolve_data_dir(pc.data_dir)
     model, tokenizer = load_model(pc.model, "cpu", show_progress=show_progress)
+    known = set(prunable_linears(decoder_layers(model)[0]))
+    unknown = [name for name in cfg.linear_offsets if name not in known]
+    if unknown:
+        raise AsftError(f"linear_offsets: the model's layers have no linear {', '.join(unknown)} "
+                        f"(they have {', '.join(sorted(known))})")
     calib_ids = sample_calibration(c4_documents(data_dir), tokenizer, pc.nsamples, pc.seqlen, pc.seed)
     val_ids = wikitext2_ids(tokenizer, "valid", data_dir)[:, : cfg.val_windows * pc.seqlen]
     if val_ids.shape[1] < cfg.val_windows * pc.seqlen:

@@ -34,6 +34,8 @@ SPECS = {
     "owl": ScheduleSpec(name="owl", owl_lambda=0.1),
     "ramp": ScheduleSpec(name="ramp", ramp_slope=0.3),
     "offsets": ScheduleSpec(name="owl", group_offsets=(0.05, -0.02, 0.0), attn_offset=0.07),
+    "linear offsets": ScheduleSpec(name="owl", attn_offset=0.05,
+                                   linear_offsets=(("mlp.down_proj", 0.1), ("self_attn.q_proj", -0.08))),
 }
 
 
@@ -62,6 +64,32 @@ def test_custom_schedule_per_module_type_is_fitted_to_the_budget():
     plan = build_schedule(spec, model, 0.5)
     # the shape survives the fit: attention of layer 0 keeps the most weights
     assert plan[0]["self_attn.q_proj"] < plan[3]["self_attn.q_proj"] < plan[3]["mlp.up_proj"]
+
+
+def test_linear_offsets_move_sparsity_between_the_linears_of_a_layer():
+    model = build_tiny_llama(num_hidden_layers=3)
+    spec = ScheduleSpec(linear_offsets=(("mlp.down_proj", 0.1), ("self_attn.q_proj", -0.08)))
+    plan = build_schedule(spec, model, 0.5)
+    for row in plan.values():
+        assert row["mlp.down_proj"] - row["mlp.up_proj"] == pytest.approx(0.1, abs=1e-9)
+        assert row["self_attn.k_proj"] - row["self_attn.q_proj"] == pytest.approx(0.08, abs=1e-9)
+    with pytest.raises(AsftError, match="does not have|do not have"):
+        build_schedule(ScheduleSpec(linear_offsets=(("mlp.fc9", 0.1),)), model, 0.5)
+
+
+def test_a_custom_schedule_per_linear_is_applied_as_written():
+    model = build_tiny_llama(num_hidden_layers=2)
+    names = sorted(n for i, n in linear_sizes(model) if i == 0)
+    lists = {n: [0.3 + 0.05 * k, 0.4 + 0.05 * k] for k, n in enumerate(names)}
+    spec = ScheduleSpec.from_dict({"schedule": "custom", "linears": lists})
+    sizes = linear_sizes(model)
+    target = sum(round(sizes[(i, n)] * lists[n][i]) for i, n in sizes) / sum(sizes.values())
+    plan = build_schedule(spec, model, target)
+    assert all(plan[i][n] == pytest.approx(lists[n][i], abs=1e-3) for i, n in sizes)  # the fit moves < 1 weight
+    # a linear that no list covers is an error, not a silent default
+    partial = ScheduleSpec.from_dict({"schedule": "custom", "linears": {names[0]: [0.5, 0.5]}})
+    with pytest.raises(AsftError, match="no sparsity for linear"):
+        build_schedule(partial, model, 0.5)
 
 
 def test_ramp_rises_with_depth_and_uniform_is_flat():
@@ -97,6 +125,9 @@ def test_bounds_are_respected_and_unreachable_budgets_fail():
     ({"name": "custom"}, "needs `layers"),
     ({"name": "owl", "layers": [0.5]}, "belong to a custom schedule"),
     ({"name": "uniform", "colour": 1}, "unknown schedule key"),
+    ({"name": "owl", "linears": {"mlp.up_proj": [0.5]}}, "belong to a custom schedule"),
+    ({"name": "custom", "linears": {"mlp.up_proj": [1.5]}}, r"\[0, 1\)"),
+    ({"name": "owl", "linear_offsets": [0.1]}, "must map linear names"),
 ])
 def test_bad_schedules_are_clear_errors(bad, message):
     with pytest.raises(AsftError, match=message):
@@ -117,6 +148,8 @@ def test_a_schedule_file_round_trips(tmp_path):
     import yaml
 
     path = tmp_path / "best.yaml"
-    spec = ScheduleSpec(name="custom", layers=(0.4, 0.6))
-    path.write_text(yaml.safe_dump({**spec.to_dict(), "global_sparsity": 0.5}))
-    assert ScheduleSpec.parse(str(path)) == spec
+    for spec in (ScheduleSpec(name="custom", layers=(0.4, 0.6)),
+                 ScheduleSpec(name="custom", linears=(("mlp.up_proj", (0.4, 0.6)), ("self_attn.q_proj", (0.1, 0.2))),
+                              layers=(0.5, 0.5), linear_offsets=(("mlp.down_proj", 0.05),))):
+        path.write_text(yaml.safe_dump({**spec.to_dict(), "global_sparsity": 0.5}))
+        assert ScheduleSpec.parse(str(path)) == spec

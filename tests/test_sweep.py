@@ -71,3 +71,42 @@ def test_the_repo_sweep_config_parses():
 
     cfg = SweepConfig.from_dict(load_yaml(str(REPO / "configs" / "sweep-wanda70.yaml")))
     assert cfg.trials == 16 and cfg.prune.sparsity == 0.7
+    wide = SweepConfig.from_dict(load_yaml(str(REPO / "configs" / "sweep-wanda60-linear.yaml")))
+    assert wide.prune.sparsity == 0.6 and "mlp.down_proj" in wide.linear_offsets
+
+
+def test_a_best_schedule_with_linear_offsets_reproduces_the_trials_plan(tmp_path):
+    """best_schedule.yaml (per-linear lists) applied with --schedule gives the plan the winning trial pruned with."""
+    import yaml
+
+    from asft_ray.tune import best_schedule_yaml, linear_knob, spec_from_trial
+    from tests.conftest import build_tiny_llama
+
+    model = build_tiny_llama(num_hidden_layers=3)
+    cfg = SweepConfig.from_dict({"model": "m", "method": "magnitude", "sparsity": 0.6, "out": str(tmp_path / "s"),
+                                 "groups": 3, "linear_offsets": ["mlp.down_proj", "self_attn.v_proj"]})
+    params = {"owl_lambda": 0.0, "owl_m": 5, "attn_offset": 0.05, "group_0": -0.05, "group_1": 0.0, "group_2": 0.05,
+              linear_knob("mlp.down_proj"): 0.1, linear_knob("self_attn.v_proj"): -0.1}
+    outliers = {5.0: [0.01, 0.01, 0.01]}
+    written = best_schedule_yaml(cfg, params, model, outliers, 12.3)
+    path = tmp_path / "best.yaml"
+    path.write_text(yaml.safe_dump(written, sort_keys=False))
+    trial_plan = build_schedule(spec_from_trial(params, cfg), model, 0.6, outliers)
+    applied = build_schedule(ScheduleSpec.parse(str(path)), model, 0.6)
+    assert set(written["linears"]) == set(trial_plan[0])
+    for i, row in trial_plan.items():
+        assert row["mlp.down_proj"] > row["mlp.up_proj"] and row["self_attn.v_proj"] < row["self_attn.k_proj"]
+        for name, s in row.items():
+            assert applied[i][name] == pytest.approx(s, abs=1e-5)
+
+
+def test_sweep_linear_offsets_must_be_names():
+    with pytest.raises(AsftError, match="list of linear names"):
+        SweepConfig.from_dict({"model": "m", "method": "wanda", "sparsity": 0.6, "out": "o", "linear_offsets": "mlp"})
+
+
+def test_a_sweep_naming_a_linear_the_model_lacks_fails_before_any_trial(tiny_model_dir, tmp_path):
+    cfg = SweepConfig.from_dict(_values(tiny_model_dir, tmp_path / "sweep", linear_offsets=["mlp.fc9"]))
+    with pytest.raises(AsftError, match="no linear mlp.fc9"):
+        run_sweep(cfg, show_progress=False)
+    assert not (tmp_path / "sweep" / "tune").exists()

@@ -40,24 +40,34 @@ def raw_ratios(spec: ScheduleSpec, target: float, keys, n_layers: int, outliers:
         base = owl_sparsities(outliers[nearest_m(outliers, spec.owl_m)], target, spec.owl_lambda)
     else:
         base = None
-    for key in ("layers", "attention", "mlp"):
-        values = getattr(spec, key)
+    linears = dict(spec.linears or ())
+    for key, values in [(k, getattr(spec, k)) for k in ("layers", "attention", "mlp")] + list(linears.items()):
         if values is not None and len(values) != n_layers:
             raise AsftError(f"custom schedule {key} lists {len(values)} layers, the model has {n_layers}")
+    names = {name for _, name in keys}
+    for name in set(linears) | {n for n, _ in spec.linear_offsets}:
+        if name not in names:
+            raise AsftError(f"schedule names linear {name!r}, which the model's layers do not have "
+                            f"(they have {', '.join(sorted(names))})")
+    offsets = dict(spec.linear_offsets)
     raw = {}
     for i, name in keys:
         kind = module_kind(name)
         if base is not None:
             value = base[i]
+        elif name in linears:
+            value = linears[name][i]
         elif getattr(spec, kind) is not None:
             value = getattr(spec, kind)[i]
-        else:
+        elif spec.layers is not None:
             value = spec.layers[i]
+        else:
+            raise AsftError(f"custom schedule gives no sparsity for linear {name!r}")
         if spec.group_offsets:
             value += spec.group_offsets[_group(i, n_layers, len(spec.group_offsets))]
         if kind == "attention":
             value += spec.attn_offset
-        raw[(i, name)] = value
+        raw[(i, name)] = value + offsets.get(name, 0.0)
     return raw
 
 

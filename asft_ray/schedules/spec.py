@@ -4,9 +4,11 @@ A schedule turns one global target (the fraction of prunable weights to remove) 
 sparsity per decoder linear. It is built from a *shape* plus a few knobs:
 
     raw(layer i, linear t) = base_i + group_offsets[group(i)] + (attn_offset if t is attention)
+                             + linear_offsets[t]  (for the linears named there, e.g. mlp.down_proj)
 
 `base` is the target itself (`uniform`), OWL's outlier-weighted ratios (`owl`), a linear
-ramp over depth (`ramp`), or explicit lists (`custom`). The raw values are then shifted by
+ramp over depth (`ramp`), or explicit lists (`custom`: per layer, per module type, or per
+linear). The raw values are then shifted by
 one common amount, within [min_sparsity, max_sparsity], until the budget is met exactly
 (schedules.budget). So every schedule meets the global budget; the knobs only move
 sparsity between layers.
@@ -31,9 +33,11 @@ class ScheduleSpec:
     ramp_slope: float = 0.2  # ramp: last layer's sparsity minus the first layer's
     attn_offset: float = 0.0  # attention linears get this much more sparsity than the MLP (before the budget fit)
     group_offsets: tuple[float, ...] = ()  # one offset per contiguous group of layers (len(groups) groups)
+    linear_offsets: tuple[tuple[str, float], ...] = ()  # (linear name in the layer, extra sparsity), e.g. mlp.down_proj
     layers: tuple[float, ...] | None = None  # custom: one sparsity per decoder layer
     attention: tuple[float, ...] | None = None  # custom: per layer, attention linears only
     mlp: tuple[float, ...] | None = None  # custom: per layer, MLP linears only
+    linears: tuple[tuple[str, tuple[float, ...]], ...] | None = None  # custom: (linear name, one sparsity per layer)
     min_sparsity: float = 0.0
     max_sparsity: float = 0.99
 
@@ -46,14 +50,16 @@ class ScheduleSpec:
         if self.owl_lambda < 0 or self.owl_m <= 0:
             raise AsftError("owl_lambda must be >= 0 and owl_m > 0")
         if self.name == "custom":
-            if self.layers is None and (self.attention is None or self.mlp is None):
-                raise AsftError("a custom schedule needs `layers: [...]` or both `attention: [...]` and `mlp: [...]`")
-            for key in ("layers", "attention", "mlp"):
-                values = getattr(self, key)
+            if self.layers is None and (self.attention is None or self.mlp is None) and not self.linears:
+                raise AsftError("a custom schedule needs `layers: [...]`, both `attention: [...]` and `mlp: [...]`, "
+                                "or `linears: {name: [...]}`")
+            lists = [(key, getattr(self, key)) for key in ("layers", "attention", "mlp")]
+            for key, values in lists + [(f"linears.{n}", v) for n, v in self.linears or ()]:
                 if values is not None and not all(0.0 <= v < 1.0 for v in values):
                     raise AsftError(f"custom schedule {key}: every sparsity must be in [0, 1)")
-        elif any(v is not None for v in (self.layers, self.attention, self.mlp)):
-            raise AsftError(f"per-layer lists (layers/attention/mlp) belong to a custom schedule, not {self.name!r}")
+        elif any(v is not None for v in (self.layers, self.attention, self.mlp, self.linears)):
+            raise AsftError(f"per-layer lists (layers/attention/mlp/linears) belong to a custom schedule, "
+                            f"not {self.name!r}")
 
     @staticmethod
     def from_dict(values: dict, source: str = "schedule") -> "ScheduleSpec":
@@ -71,6 +77,15 @@ class ScheduleSpec:
                 if not isinstance(values[key], (list, tuple)):
                     raise AsftError(f"{source}: {key} must be a list of numbers")
                 values[key] = tuple(float(v) for v in values[key])
+        for key, convert in (("linear_offsets", float), ("linears", lambda v: tuple(float(x) for x in v))):
+            if values.get(key) is not None:
+                if not isinstance(values[key], dict):
+                    raise AsftError(f"{source}: {key} must map linear names (e.g. mlp.down_proj) to "
+                                    f"{'a number' if key == 'linear_offsets' else 'a list of numbers'}")
+                try:
+                    values[key] = tuple((str(k), convert(v)) for k, v in values[key].items())
+                except (TypeError, ValueError) as err:
+                    raise AsftError(f"{source}: {key}: {err}") from err
         try:
             return ScheduleSpec(**values)
         except TypeError as err:
@@ -92,4 +107,11 @@ class ScheduleSpec:
         raise AsftError(f"unknown schedule {text!r}: choose one of {', '.join(SCHEDULES[:3])} or a YAML file")
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        # per-linear keys only when set, so that schedules without them keep the identity they always had
+        out.pop("linear_offsets"), out.pop("linears")
+        if self.linear_offsets:
+            out["linear_offsets"] = {name: v for name, v in self.linear_offsets}
+        if self.linears is not None:
+            out["linears"] = {name: list(v) for name, v in self.linears}
+        return out
