@@ -8,6 +8,8 @@ benchmarks/results/schedules.jsonl (finished rows are skipped, so it resumes), a
 
     python benchmarks/schedules.py --budgets 0.7 0.6           # sweeps + rows
     python benchmarks/schedules.py --budgets 0.7 --full         # the tuned schedule on the full test set
+    python benchmarks/schedules.py --budgets 0.6 --schedules tuned --sweep-tag linear --trials 24 \
+        --linear-offsets self_attn.q_proj self_attn.k_proj self_attn.v_proj mlp.down_proj   # a wider search space
     python benchmarks/schedules.py --plot
 """
 
@@ -32,12 +34,14 @@ def done() -> dict:
 
 
 def sweep(method: str, budget: float, opts) -> tuple[Path, dict]:
-    out = RUNS / f"sweep-{method}-{budget:g}"
-    config = RUNS / f"sweep-{method}-{budget:g}.yaml"
+    name = f"sweep-{method}-{budget:g}" + (f"-{opts.sweep_tag}" if opts.sweep_tag else "")
+    out, config = RUNS / name, RUNS / f"{name}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"linear_offsets": opts.linear_offsets} if opts.linear_offsets else {}
     config.write_text(yaml.safe_dump({
         "model": "smollm2-135m", "method": method, "sparsity": budget, "nsamples": opts.sweep_nsamples,
         "seqlen": 2048, "out": str(out), "trials": opts.trials, "concurrency": 2, "val_windows": opts.val_windows,
+        **extra,
     }))
     if not (out / "sweep.json").exists():
         asft("sweep", str(config), "--no-progress")
@@ -55,33 +59,53 @@ def prune_and_eval(method: str, budget: float, schedule: str, label: str, window
             "schedule_s": record["timings"].get("schedule_s"), "eval_s": result["seconds"]}
 
 
+def preferred(row: dict, other: dict) -> bool:
+    """Of two rows for one point: a budget's own sweep over a borrowed shape, then the sweep whose best
+    trial had the lower *validation* ppl (never the test ppl)."""
+    if ("from" in row["key"]) != ("from" in other["key"]):
+        return "from" not in row["key"]
+    return row.get("sweep_best_val_ppl", float("inf")) < other.get("sweep_best_val_ppl", float("inf"))
+
+
 def plot() -> None:
-    """ppl vs budget, one line per schedule, from the 16-window rows (a budget's own sweep is
-    preferred over a shape tuned at another budget); each point is labelled with its calibration size."""
+    """ppl vs budget from the 16-window rows: one panel per method, one line per schedule and
+    calibration size (solid: 32 windows, dashed: fewer). A budget's own sweep is preferred over
+    a shape tuned at another budget (marked * when that is all there is)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in done().values() if r["windows"] == 16]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, colour in (("uniform", "#4c72b0"), ("owl", "#dd8452"), ("tuned", "#55a868")):
-        best = {}
-        for r in rows:
-            if r["schedule"] == label and (r["budget"] not in best or "from" in best[r["budget"]]["key"]):
-                best[r["budget"]] = r
-        points = sorted(best.values(), key=lambda r: r["budget"])
-        if points:
-            ax.plot([100 * r["budget"] for r in points], [r["ppl"] for r in points], marker="o", color=colour, label=label)
-            for r in points:
-                ax.annotate(f"n={r['nsamples']}" + (" *" if "from" in r["key"] else ""), (100 * r["budget"], r["ppl"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
-    ax.set_yscale("log")
-    ax.set_xlabel("global sparsity of the decoder linears (%)")
-    ax.set_ylabel("WikiText-2 test ppl (first 16 windows of 2048)")
-    ax.set_title("smollm2-135m, wanda: per-layer schedules (n = calibration windows)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    foundation = RESULTS_DIR / "foundation.jsonl"
+    dense = [r["ppl_16w"] for r in map(json.loads, foundation.read_text().splitlines()) if r["method"] == "dense" and r.get("ppl_16w")]
+    methods = sorted({r["method"] for r in rows}, key=lambda m: m != "wanda")
+    fig, axes = plt.subplots(1, len(methods), figsize=(6.4 * len(methods), 4.4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for label, colour in (("uniform", "#4c72b0"), ("owl", "#dd8452"), ("tuned", "#55a868")):
+            for n in sorted({r["nsamples"] for r in rows}, reverse=True):
+                best = {}
+                for r in rows:
+                    if (r["method"], r["schedule"], r["nsamples"]) == (method, label, n) and (
+                            r["budget"] not in best or preferred(r, best[r["budget"]])):
+                        best[r["budget"]] = r
+                points = sorted(best.values(), key=lambda r: r["budget"])
+                if not points:
+                    continue
+                ax.plot([100 * r["budget"] for r in points], [r["ppl"] for r in points], marker="o", color=colour,
+                        linestyle="-" if n >= 32 else "--", label=f"{label} (n={n})")
+                for r in points:
+                    if "from" in r["key"]:
+                        ax.annotate("*", (100 * r["budget"], r["ppl"]), textcoords="offset points", xytext=(4, 4),
+                                    color=colour)
+        if dense:
+            ax.axhline(dense[0], color="grey", linestyle=":", label=f"dense ({dense[0]:.1f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("global sparsity of the decoder linears (%)")
+        ax.set_ylabel("WikiText-2 test ppl (first 16 windows of 2048)")
+        ax.set_title(f"smollm2-135m, {method}: per-layer schedules (n = calibration windows)", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS_DIR / "schedules.png", dpi=120)
     print(f"wrote {RESULTS_DIR / 'schedules.png'}")
@@ -98,6 +122,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--sweep-nsamples", type=int, default=4)
     parser.add_argument("--val-windows", type=int, default=4)
+    parser.add_argument("--sweep-tag", default="", help="names a sweep with another search space (own folder and row key)")
+    parser.add_argument("--linear-offsets", nargs="*", default=[], help="linears that get an offset knob in the sweep")
     parser.add_argument("--full", action="store_true", help="evaluate on the full test set instead of 16 windows")
     parser.add_argument("--plot", action="store_true")
     opts = parser.parse_args()
@@ -110,6 +136,8 @@ def main() -> None:
             source = opts.tuned_from or budget
             if label == "tuned" and source != budget:
                 key += f"-from{source:g}"
+            if label == "tuned" and opts.sweep_tag:
+                key += f"-{opts.sweep_tag}"
             if key in rows:
                 continue
             extra, schedule, name = {}, label, label
@@ -118,9 +146,12 @@ def main() -> None:
                 schedule = str(best)
                 extra = {"tuned_at": source, "sweep_trials": summary["trials"], "sweep_stopped_early": summary["stopped_early"],
                          "sweep_s": summary["sweep_s"], "sweep_best_val_ppl": summary["best"]["val_ppl"],
-                         "sweep_nsamples": opts.sweep_nsamples, "sweep_val_windows": opts.val_windows}
+                         "sweep_nsamples": opts.sweep_nsamples, "sweep_val_windows": opts.val_windows,
+                         "sweep_tag": opts.sweep_tag, "sweep_linear_offsets": opts.linear_offsets}
                 if source != budget:
                     name = f"tuned-from{source:g}"
+                if opts.sweep_tag:
+                    name += f"-{opts.sweep_tag}"
             result = prune_and_eval(opts.method, budget, schedule, name, windows, opts.nsamples)
             append_row("schedules", {"key": key, "method": opts.method, "schedule": label, "budget": budget,
                                      "nsamples": opts.nsamples, **result, **extra})

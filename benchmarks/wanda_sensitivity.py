@@ -1,18 +1,23 @@
 """How sensitive is one-shot Wanda on SmolLM2-135M to float rounding in its statistics?
 
-Runs Wanda (32 x 2048 C4 windows, seed 0) twice in one process: with asft-ray's float64
-sums, and with the reference code's float32 running mean of ||x||^2 (WrappedGPT.add_batch),
-then evaluates the first 16 WikiText-2 test windows. The masks can only differ through
-rounding, so the ppl gap measures how much rounding alone moves the result.
+Runs Wanda (32 x 2048 C4 windows per calibration seed) twice in one process: with asft-ray's
+float64 sums, and with the reference code's float32 running mean of ||x||^2
+(WrappedGPT.add_batch), then evaluates the first 16 WikiText-2 test windows. The masks can
+only differ through rounding, so the ppl gap measures how much rounding alone moves the
+result; several calibration seeds show how large that is next to the seed-to-seed spread.
 
-    python benchmarks/wanda_sensitivity.py [--pattern 2:4]
+    python benchmarks/wanda_sensitivity.py [--pattern 2:4] [--seeds 0 1 2 3]
+
+Rows already in results/wanda_sensitivity.jsonl (same pattern, seed, variant) are skipped.
 """
 
 import argparse
 import copy
+import json
+import math
 
 import torch
-from results_io import append_row
+from results_io import RESULTS_DIR, append_row
 
 from asft_ray.config import Pattern
 from asft_ray.data import c4_documents, sample_calibration, wikitext2_ids
@@ -35,24 +40,30 @@ def reference_float32_add(self, name, x):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--pattern", default="2:4")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration sampler seeds")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    results = RESULTS_DIR / "wanda_sensitivity.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    done = {(r["pattern"], r.get("seed", 0), r["variant"]) for r in rows}
     model, tok = load_model("smollm2-135m", device="cpu", show_progress=False)
-    calib = sample_calibration(c4_documents(), tok, 32, 2048, 0)
     ids = wikitext2_ids(tok)
     dense = copy.deepcopy(model.state_dict())
+    float64_add = stats_module.LayerInputStats.add
     pattern = Pattern.parse(args.pattern)
-    results = {}
-    for variant in ("float64-sums", "reference-float32-running-mean"):
-        model.load_state_dict(dense)
-        if variant.startswith("reference"):
-            stats_module.LayerInputStats.add = reference_float32_add
-        # one chunk holding every sample: the statistics are accumulated sample by sample, as in the reference
-        prune_model(model, "wanda", pattern, 0.5, calib, show_progress=False,
-                    make_runner=lambda *a: LocalRunner(*a, chunk_size=len(calib)))
-        results[variant] = perplexity(model, ids, 2048, max_windows=16, show_progress=False)["ppl"]
-        append_row("wanda_sensitivity", {"pattern": args.pattern, "variant": variant, "ppl_16w": results[variant],
-                                         "nsamples": 32})
+    for seed in args.seeds:
+        calib = sample_calibration(c4_documents(), tok, 32, 2048, seed)
+        for variant, add in (("float64-sums", float64_add), ("reference-float32-running-mean", reference_float32_add)):
+            if (args.pattern, seed, variant) in done:
+                continue
+            model.load_state_dict(dense)
+            stats_module.LayerInputStats.add = add
+            # one chunk holding every sample: the statistics are accumulated sample by sample, as in the reference
+            prune_model(model, "wanda", pattern, 0.5, calib, show_progress=False,
+                        make_runner=lambda *a: LocalRunner(*a, chunk_size=len(calib)))
+            nll = perplexity(model, ids, 2048, max_windows=16, show_progress=False)["window_nll"]
+            append_row("wanda_sensitivity", {"pattern": args.pattern, "seed": seed, "variant": variant, "nsamples": 32,
+                                             "ppl_16w": math.exp(math.fsum(nll) / 16), "ppl_8w": math.exp(math.fsum(nll[:8]) / 8)})
 
 
 if __name__ == "__main__":
