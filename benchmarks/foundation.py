@@ -18,7 +18,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from results_io import asft, wikitext_ppl
+from results_io import asft, read_rows, wikitext_ppl
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "foundation.jsonl"
@@ -62,10 +62,7 @@ def row_key(method: str, pattern: str, nsamples: int) -> str:
 
 
 def done_rows() -> dict:
-    if not RESULTS.exists():
-        return {}
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    return {r["key"]: r for r in rows}
+    return {r["key"]: r for r in read_rows("foundation")}
 
 
 def ppl_of_first(result: dict, n: int) -> float:

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import RESULTS_DIR, append_row, asft, wikitext_ppl  # noqa: E402
+from benchmarks.results_io import RESULTS_DIR, append_row, asft, read_rows, wikitext_ppl  # noqa: E402
 
 DENSE = "smollm2-135m"
 ROWS = ("pruned", "lm-zero2", "kd-zero2", "lm-zero3", "memory-w2", "memory-w4", "full-test")
@@ -45,10 +45,10 @@ def ensure_pruned(folder: Path, nsamples: int, seqlen: int) -> None:
          "--seqlen", str(seqlen), "--out", str(folder), "--no-progress")
 
 
-def full_test_row(args, results: Path) -> dict:
+def full_test_row(args, name: str) -> dict:
     """Full WikiText-2 test ppl of the pruned model and of the recovered run with the lowest final
     *valid* ppl (the test split plays no part in choosing it)."""
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = read_rows(name)
     best = min((r for r in rows if r.get("curve_valid_ppl")), key=lambda r: r["curve_valid_ppl"][-1][1])
     recovered = args.runs / best["key"]
     return {"key": "full-test", "pruned": str(args.pruned), "recovered": str(recovered), "chosen_by": "final valid ppl",
@@ -92,7 +92,7 @@ def run_row(args, key: str) -> dict:
     settings = {"pruned": str(args.pruned), "workers": args.workers, "seqlen": args.seqlen, "grad_accum": args.grad_accum,
                 "lr": args.lr, "test_windows": args.test_windows, "test_seqlen": args.test_seqlen}
     if key == "full-test":
-        return full_test_row(args, RESULTS_DIR / "recovery.jsonl")
+        return full_test_row(args, "recovery")
     if key.startswith("memory-w"):
         return memory_row(args, int(key.removeprefix("memory-w")))
     if key == "pruned":
@@ -123,7 +123,7 @@ def run_row(args, key: str) -> dict:
     return row
 
 
-def plot(results: Path) -> None:
+def plot(name: str) -> None:
     """Recovery curves (WikiText-2 valid ppl vs step, one line per run) with the dense and pruned
     16-window test ppl as reference lines, to results/recovery.png."""
     import matplotlib
@@ -131,7 +131,7 @@ def plot(results: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = read_rows(name)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r in rows:
         if r.get("curve_valid_ppl"):
@@ -174,7 +174,7 @@ def main() -> None:
         args.eval_every, args.eval_windows, args.eval_seqlen, args.checkpoint_every = 1, 2, 128, 1
         args.test_windows, args.test_seqlen = 2, 128
     if args.plot:
-        return plot(RESULTS_DIR / f"{name}.jsonl")
+        return plot(name)
     bench = ROOT / "runs" / "bench"
     if args.pruned is None:
         args.pruned = bench / ("smoke/wanda50" if args.smoke else "wanda50")
@@ -183,15 +183,12 @@ def main() -> None:
     args.runs = bench / ("smoke/recovery" if args.smoke else "recovery")
     if args.smoke:
         shutil.rmtree(args.runs, ignore_errors=True)  # a smoke run always trains
-    results = RESULTS_DIR / f"{name}.jsonl"
-    done = set()
-    if results.exists() and not args.smoke:
-        done = {json.loads(line)["key"] for line in results.read_text().splitlines() if line.strip()}
+    done = set() if args.smoke else {r["key"] for r in read_rows(name)}
     if args.tag:
         args.tag = "@" + args.tag
     for key in args.only or ROWS:
         if key + args.tag in done:
-            print(f"{key}: already in {results.name}, skipped")
+            print(f"{key}: already in {name}.jsonl, skipped")
             continue
         append_row(name, run_row(args, key))
 

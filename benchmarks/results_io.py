@@ -28,6 +28,14 @@ def wikitext_ppl(model: str, windows: int | None = None, split: str = "test", se
     return json.loads(out.strip().splitlines()[-1])
 
 
+def read_rows(name: str) -> list[dict]:
+    """Every row of results/NAME.jsonl (none when the file does not exist yet)."""
+    path = RESULTS_DIR / f"{name}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def append_row(name: str, row: dict) -> dict:
     """Stamp the row with date and machine, append it to results/NAME.jsonl, print it, return it."""
     row = {"benchmark": name, "date": date.today().isoformat(), "machine": platform.node(), **row}

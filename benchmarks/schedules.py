@@ -20,17 +20,14 @@ import json
 from pathlib import Path
 
 import yaml
-from results_io import RESULTS_DIR, append_row, asft, wikitext_ppl
+from results_io import RESULTS_DIR, append_row, asft, read_rows, wikitext_ppl
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "bench"
-RESULTS = RESULTS_DIR / "schedules.jsonl"
 
 
 def done() -> dict:
-    if not RESULTS.exists():
-        return {}
-    return {r["key"]: r for r in map(json.loads, RESULTS.read_text().splitlines()) if "key" in r}
+    return {r["key"]: r for r in read_rows("schedules") if "key" in r}
 
 
 def sweep(method: str, budget: float, opts) -> tuple[Path, dict]:
@@ -77,8 +74,7 @@ def plot() -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in done().values() if r["windows"] == 16]
-    foundation = RESULTS_DIR / "foundation.jsonl"
-    dense = [r["ppl_16w"] for r in map(json.loads, foundation.read_text().splitlines()) if r["method"] == "dense" and r.get("ppl_16w")]
+    dense = [r["ppl_16w"] for r in read_rows("foundation") if r["method"] == "dense" and r.get("ppl_16w")]
     methods = sorted({r["method"] for r in rows}, key=lambda m: m != "wanda")
     fig, axes = plt.subplots(1, len(methods), figsize=(6.4 * len(methods), 4.4), squeeze=False)
     for ax, method in zip(axes[0], methods):

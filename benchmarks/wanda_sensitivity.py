@@ -13,11 +13,10 @@ Rows already in results/wanda_sensitivity.jsonl (same pattern, seed, variant) ar
 
 import argparse
 import copy
-import json
 import math
 
 import torch
-from results_io import RESULTS_DIR, append_row
+from results_io import append_row, read_rows
 
 from asft_ray.config import Pattern
 from asft_ray.data import c4_documents, sample_calibration, wikitext2_ids
@@ -43,16 +42,15 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration sampler seeds")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    results = RESULTS_DIR / "wanda_sensitivity.jsonl"
-    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    done = {(r["pattern"], r.get("seed", 0), r["variant"]) for r in rows}
+    done = {(r["pattern"], r.get("seed", 0), r["variant"]) for r in read_rows("wanda_sensitivity")}
     model, tok = load_model("smollm2-135m", device="cpu", show_progress=False)
     ids = wikitext2_ids(tok)
+    documents = c4_documents()
     dense = copy.deepcopy(model.state_dict())
     float64_add = stats_module.LayerInputStats.add
     pattern = Pattern.parse(args.pattern)
     for seed in args.seeds:
-        calib = sample_calibration(c4_documents(), tok, 32, 2048, seed)
+        calib = sample_calibration(documents, tok, 32, 2048, seed)
         for variant, add in (("float64-sums", float64_add), ("reference-float32-running-mean", reference_float32_add)):
             if (args.pattern, seed, variant) in done:
                 continue

@@ -77,11 +77,12 @@ class ScheduleSpec:
                 if not isinstance(values[key], (list, tuple)):
                     raise AsftError(f"{source}: {key} must be a list of numbers")
                 values[key] = tuple(float(v) for v in values[key])
-        for key, convert in (("linear_offsets", float), ("linears", lambda v: tuple(float(x) for x in v))):
+        per_linear = (("linear_offsets", float, "a number"),
+                      ("linears", lambda v: tuple(float(x) for x in v), "a list of numbers"))
+        for key, convert, what in per_linear:
             if values.get(key) is not None:
                 if not isinstance(values[key], dict):
-                    raise AsftError(f"{source}: {key} must map linear names (e.g. mlp.down_proj) to "
-                                    f"{'a number' if key == 'linear_offsets' else 'a list of numbers'}")
+                    raise AsftError(f"{source}: {key} must map linear names (e.g. mlp.down_proj) to {what}")
                 try:
                     values[key] = tuple((str(k), convert(v)) for k, v in values[key].items())
                 except (TypeError, ValueError) as err:
