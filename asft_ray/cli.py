@@ -33,6 +33,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", help="per-layer sparsity: uniform (default), owl, ramp, or a schedule YAML (e.g. from asft sweep)")
     p.add_argument("--prune-lm-head", action="store_true", default=None,
                    help="also prune lm_head (untied from the input embeddings, which stay dense)")
+    p.add_argument("--true-sequential", action="store_true", default=None,
+                   help="wanda/sparsegpt: prune a layer's linears group by group (q/k/v, o, gate/up, down), "
+                        "each scored on inputs through the groups already pruned")
     p.add_argument("--stream", action="store_true", default=None,
                    help="never hold the whole model: stream decoder layers from safetensors (wanda, sparsegpt)")
     p.add_argument("--workers", type=int, help="Ray scoring actors (default 0: score inside the one pruning actor)")
@@ -138,7 +141,7 @@ def _prune(args) -> None:
 
     values = load_yaml(args.config) if args.config else {}
     for key in ("model", "method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "out", "data_dir", "overwrite", "resume",
-                "prune_lm_head", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb", "schedule"):
+                "prune_lm_head", "true_sequential", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb", "schedule"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.device != "auto" or "device" not in values:

@@ -59,6 +59,7 @@ class PruneConfig:
     seqlen: int = 2048
     seed: int = 0
     prune_lm_head: bool = False  # embeddings, norms and lm_head are kept dense unless asked
+    true_sequential: bool = False  # wanda/sparsegpt: score each group of a layer's linears after pruning the groups before it
     data_dir: str | None = None  # None: ASFT_DATA_DIR, then ../shared/data, then the hub
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     overwrite: bool = False  # replace an --out that holds a different run
@@ -85,6 +86,8 @@ class PruneConfig:
             raise AsftError(f"seqlen must be at least 2, got {self.seqlen}")
         if not self.out:
             raise AsftError("--out is required")
+        if self.true_sequential and self.method not in ("wanda", "sparsegpt"):
+            raise AsftError(f"true_sequential works with wanda and sparsegpt, not {self.method}")
         if self.stream and self.method not in ("wanda", "sparsegpt"):
             raise AsftError(f"layer streaming works with wanda and sparsegpt, not {self.method}")
         if self.workers < 0 or self.worker_cpus <= 0 or self.worker_gpus < 0:
@@ -157,6 +160,8 @@ class PruneConfig:
         d["schedule"] = self.schedule_spec.to_dict()  # the content, not the file name
         if self.is_uniform:
             d.pop("schedule")  # one ratio for every layer, as before schedules existed
+        if not self.true_sequential:
+            d.pop("true_sequential")  # the default, as before the option existed
         return d
 
 

@@ -74,7 +74,7 @@ def run_prune(
         layer_store = StreamedLayers(model, reader, tmp) if cfg.stream else None
         layers = prune_model(
             model, cfg.method, cfg.parsed_pattern, sparsity, calib_ids, show_progress, cfg.prune_lm_head,
-            make_runner, checkpoint, layer_store, sum_gradients,
+            make_runner, checkpoint, layer_store, sum_gradients, cfg.true_sequential,
         )
         timings["prune_s"] = time.perf_counter() - t
         record = {

@@ -297,7 +297,7 @@ def run_staged(cfg: StagedConfig, show_progress: bool = True, make_runner=None, 
         sub = dataclasses.replace(pc, sparsity=target)
         sparsity, _ = plan_sparsity(sub, model, calib_ids, make_runner, show_progress, outliers, _floor(model))
         prune_model(model, pc.method, pc.parsed_pattern, sparsity, calib_ids, show_progress, pc.prune_lm_head,
-                    make_runner, sum_gradients=sum_gradients)
+                    make_runner, sum_gradients=sum_gradients, true_sequential=pc.true_sequential)
         measured = model_sparsity(model)
         ppl = evaluate()
         return {"target": target, "achieved": measured["total"], "layer_sparsity": measured["layers"], "value": ppl,

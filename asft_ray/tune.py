@@ -114,7 +114,8 @@ def trial(params: dict, model, calib_ids, val_ids, outliers, cfg: SweepConfig) -
     model = copy.deepcopy(model)
     plan = build_schedule(spec_from_trial(params, cfg), model, pc.sparsity, outliers)
     start = time.perf_counter()
-    prune_model(model, pc.method, pc.parsed_pattern, plan, calib_ids, show_progress=False)
+    prune_model(model, pc.method, pc.parsed_pattern, plan, calib_ids, show_progress=False,
+                true_sequential=pc.true_sequential)
     prune_s = time.perf_counter() - start
     nll = []
     for w in range(cfg.val_windows):  # ASHA's time axis: the running ppl after each window

@@ -25,7 +25,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "foundation.jsonl"
 RUNS = ROOT / "runs" / "bench"
 MODEL = "smollm2-135m"
 
-# (method, pattern, nsamples) in the order they run; "full" rows evaluate all 148 windows.
+# (method, pattern, nsamples[, "true-sequential"]) in the order they run; "full" rows evaluate
+# all 148 windows: of the dense model, of the best 50 % row ("best50"), or of the row whose key is given.
 ROWS = [
     ("dense", "-", 0),
     ("magnitude", "unstructured", 0),
@@ -42,6 +43,8 @@ ROWS = [
     ("wanda", "unstructured", 128),
     ("taylor", "2:4", 32),
     ("fisher", "2:4", 32),
+    ("wanda", "2:4", 32, "true-sequential"),
+    ("wanda-2:4-ts", "full", 0),
 ]
 
 
@@ -57,8 +60,8 @@ REFERENCE = {
 }
 
 
-def row_key(method: str, pattern: str, nsamples: int) -> str:
-    return f"{method}-{pattern}" + (f"-n{nsamples}" if nsamples not in (0, 32) else "")
+def row_key(method: str, pattern: str, nsamples: int, mode: str = "") -> str:
+    return f"{method}-{pattern}" + (f"-n{nsamples}" if nsamples not in (0, 32) else "") + ("-ts" if mode else "")
 
 
 def done_rows() -> dict:
@@ -70,23 +73,29 @@ def ppl_of_first(result: dict, n: int) -> float:
     return math.exp(math.fsum(nll) / len(nll))
 
 
-def run_row(method: str, pattern: str, nsamples: int, done: dict) -> dict:
+def run_row(method: str, pattern: str, nsamples: int, done: dict, mode: str = "") -> dict:
     if method == "dense" and pattern == "-":
         model, prune = MODEL, None
     elif pattern == "full":
         if method == "dense":
             model, prune = MODEL, None
+        elif method in done:  # the full test of that quick-protocol row's model
+            model, prune = done[method]["model_dir"], None
+            method = f"{done[method]['method']} {done[method]['pattern']}"
         else:  # the best 50 % unstructured quick-protocol row
             quick = [r for r in done.values() if r["pattern"] == "unstructured" and r["nsamples"] == 32]
             best = min(quick, key=lambda r: r["ppl_16w"])
             model, prune = best["model_dir"], None
             method = f"{best['method']} (best 50 %)"
     else:
-        out = RUNS / f"{method}-{pattern.replace(':', 'of')}-n{nsamples}"
+        out = RUNS / (f"{method}-{pattern.replace(':', 'of')}-n{nsamples}" + ("-ts" if mode else ""))
         args = ["prune", "--model", MODEL, "--method", method, "--pattern", pattern, "--nsamples", str(nsamples),
                 "--seqlen", "2048", "--out", str(out), "--no-progress"]
         if pattern == "unstructured":
             args += ["--sparsity", "0.5"]
+        if mode:
+            args += ["--true-sequential"]
+            method = f"{method} (true-sequential)"
         asft(*args)
         model, prune = str(out), json.loads((out / "asft_run.json").read_text())
     result = wikitext_ppl(model, None if pattern == "full" else 16)
@@ -121,7 +130,7 @@ def table(done: dict) -> str:
         return "" if x is None else format(x, fmt)
 
     for r in done.values():
-        ref = REFERENCE.get((r["method"], r["pattern"]))
+        ref = REFERENCE.get((r["method"].split(" (")[0], r["pattern"]))
         versus = ""
         if ref and r.get("ppl_16w"):
             versus = f"{100 * (r['ppl_16w'] / ref[1] - 1):+.1f} %"
@@ -140,12 +149,12 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     if not args.table:
-        for method, pattern, nsamples in ROWS:
-            key = row_key(method, pattern, nsamples)
+        for method, pattern, nsamples, *mode in ROWS:
+            key = row_key(method, pattern, nsamples, *mode)
             if key in done_rows() or (args.only and key not in args.only):
                 continue
             start = time.perf_counter()
-            row = {"key": key, **run_row(method, pattern, nsamples, done_rows())}
+            row = {"key": key, **run_row(method, pattern, nsamples, done_rows(), *mode)}
             row["wall_s"] = time.perf_counter() - start
             with RESULTS.open("a") as f:
                 f.write(json.dumps(row) + "\n")

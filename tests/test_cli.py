@@ -75,6 +75,7 @@ def test_prune_then_eval_then_refuse_then_overwrite(tiny_model_dir, tmp_path):
         (["--method", "wanda", "--pattern", "5:4"], "need 0 < N < M"),
         (["--method", "wanda", "--sparsity", "0.5", "--data-dir", "/no/such/dir"], "data dir '/no/such/dir' does not exist"),
         (["--method", "wanda"], "sparsity is required"),
+        (["--method", "magnitude", "--sparsity", "0.5", "--true-sequential"], "true_sequential works with wanda and sparsegpt"),
     ],
 )
 def test_bad_prune_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, args, message):
@@ -137,6 +138,24 @@ def test_cli_with_two_scoring_workers_matches_one(tiny_model_dir, tmp_path):
         outs[n] = load_file(out / "model.safetensors")
     for key in outs[1]:
         assert torch.equal(outs[1][key], outs[2][key]), key
+
+
+def test_true_sequential_flag_reaches_the_engine_and_the_run_identity(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    base = ["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5",
+            "--nsamples", "4", "--seqlen", "32", "--no-progress"]
+    weights, inputs = {}, {}
+    for flag in ([], ["--true-sequential"]):
+        out = tmp_path / ("seq" if flag else "at-once")
+        proc = asft(*base, *flag, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        weights[bool(flag)] = load_file(out / "model.safetensors")
+        inputs[bool(flag)] = json.loads((out / "asft_run.json").read_text())["inputs"]
+    assert "true_sequential" not in inputs[False]  # the default keeps the identity of earlier runs
+    assert inputs[True]["true_sequential"] is True
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(weights[True][key] == 0, weights[False][key] == 0)
 
 
 def test_more_workers_than_cpus_is_a_clear_error(tiny_model_dir, tmp_path):

@@ -7,8 +7,16 @@ from asft_ray.config import Pattern
 from asft_ray.errors import AsftError
 from asft_ray.eval.sparsity import model_sparsity
 from asft_ray.models import decoder_layers, prunable_linears
-from asft_ray.pruning.engine import _run_layer, capture_layer0_inputs, gradient_sums, prune_model
+from asft_ray.pruning.engine import (
+    LocalRunner,
+    _run_layer,
+    capture_layer0_inputs,
+    gradient_sums,
+    prune_model,
+    prune_weight,
+)
 from asft_ray.pruning.masks import is_valid_nm
+from asft_ray.pruning.stats import input_groups
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "taylor", "fisher"]
 
@@ -173,3 +181,75 @@ def test_pruned_weights_are_positive_zeros(tiny_model, calib_ids, method):
         for lin in prunable_linears(layer).values():
             zeros = lin.weight == 0
             assert zeros.any() and not torch.signbit(lin.weight[zeros]).any()
+
+
+def test_input_groups_follow_the_layer_order_and_shared_inputs(tiny_model, calib_ids):
+    inputs, args, kwargs = capture_layer0_inputs(tiny_model, calib_ids)
+    stats = LocalRunner(inputs, args, kwargs).collect(decoder_layers(tiny_model)[0], hessian=False)
+    assert input_groups(stats) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"],
+    ]
+
+
+@pytest.mark.parametrize("hessian", [False, True])
+def test_statistics_of_some_linears_equal_those_of_the_full_pass(tiny_model, calib_ids, hessian):
+    """Stopping the forward once the asked linears have their inputs changes none of their statistics."""
+    inputs, args, kwargs = capture_layer0_inputs(tiny_model, calib_ids)
+    runner, layer = LocalRunner(inputs, args, kwargs), decoder_layers(tiny_model)[0]
+    full = runner.collect(layer, hessian)
+    for group in (["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]):
+        part = runner.collect(layer, hessian, only=group)
+        for name in group:
+            assert torch.equal(part.sq_norm(name), full.sq_norm(name)), name
+            if hessian:
+                assert torch.equal(part.hessian(name), full.hessian(name)), name
+
+
+@torch.no_grad()
+def test_true_sequential_scores_each_group_on_inputs_through_the_pruned_groups(tiny_model, calib_ids):
+    """Layer 0 by hand: prune q/k/v on the dense inputs, then o_proj with ||x||^2 of its inputs
+    measured through the pruned q/k/v: the masks must be exactly those of true_sequential."""
+    pattern = Pattern.parse("unstructured")
+    by_hand = copy.deepcopy(tiny_model)
+    inputs, args, kwargs = capture_layer0_inputs(by_hand, calib_ids)
+    layer = decoder_layers(by_hand)[0]
+    linears = prunable_linears(layer)
+
+    def sq_norms_of(name):
+        total = []
+        handle = linears[name].register_forward_hook(
+            lambda m, a, o: total.append(a[0].reshape(-1, a[0].shape[-1]).double().pow(2).sum(0)))
+        for x in inputs:
+            _run_layer(layer, x, args, kwargs)
+        handle.remove()
+        return sum(total)
+
+    for group in (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"]):
+        norms = {name: sq_norms_of(name) for name in group}
+        for name in group:
+            linears[name].weight.data = prune_weight("wanda", linears[name].weight.data, pattern, 0.5, sq_norms=norms[name])
+    prune_model(tiny_model, "wanda", pattern, 0.5, calib_ids, show_progress=False, true_sequential=True)
+    mine = prunable_linears(decoder_layers(tiny_model)[0])
+    for name in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj"):
+        assert torch.equal(mine[name].weight == 0, linears[name].weight == 0), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_true_sequential_keeps_the_pattern_exact_and_changes_the_later_groups(tiny_model, calib_ids, method, pattern):
+    pat = Pattern.parse(pattern)
+    at_once = copy.deepcopy(tiny_model)
+    prune_model(at_once, method, pat, 0.5, calib_ids, show_progress=False)
+    prune_model(tiny_model, method, pat, 0.5, calib_ids, show_progress=False, true_sequential=True)
+    first = prunable_linears(decoder_layers(tiny_model)[0])
+    other = prunable_linears(decoder_layers(at_once)[0])
+    assert torch.equal(first["self_attn.q_proj"].weight, other["self_attn.q_proj"].weight)  # first group: same inputs
+    assert not torch.equal(first["mlp.down_proj"].weight == 0, other["mlp.down_proj"].weight == 0)
+    for layer in decoder_layers(tiny_model):
+        for name, linear in prunable_linears(layer).items():
+            w = linear.weight
+            if pat.kind == "nm":
+                assert is_valid_nm(w, pat.n, pat.m), name
+            if method == "wanda":
+                assert int((w == 0).sum()) == w.numel() // 2, name

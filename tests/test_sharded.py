@@ -20,10 +20,11 @@ def local_ray():
     ray.shutdown()
 
 
-def pruned_weights(model, method, calib_ids, workers=None, pattern="unstructured"):
+def pruned_weights(model, method, calib_ids, workers=None, pattern="unstructured", true_sequential=False):
     model = copy.deepcopy(model)
     kwargs = {"make_runner": sharded_runner_factory(workers)} if workers else {}
-    prune_model(model, method, Pattern.parse(pattern), 0.5, calib_ids, show_progress=False, **kwargs)
+    prune_model(model, method, Pattern.parse(pattern), 0.5, calib_ids, show_progress=False,
+                true_sequential=true_sequential, **kwargs)
     return {
         f"{i}.{name}": lin.weight.detach().clone()
         for i, layer in enumerate(decoder_layers(model))
@@ -36,13 +37,13 @@ def calib8():
     return torch.randint(0, 512, (8, 48), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_one_and_two_workers_give_identical_weights(local_ray, tiny_model, calib8, method):
+@pytest.mark.parametrize("method,true_sequential", [("wanda", False), ("sparsegpt", False), ("wanda", True)])
+def test_one_and_two_workers_give_identical_weights(local_ray, tiny_model, calib8, method, true_sequential):
     results = {}
     for n in (1, 2):
         workers = start_workers(n, WorkerResources(cpus=1))
         try:
-            results[n] = pruned_weights(tiny_model, method, calib8, workers)
+            results[n] = pruned_weights(tiny_model, method, calib8, workers, true_sequential=true_sequential)
         finally:
             for w in workers:
                 ray.kill(w)
@@ -50,7 +51,7 @@ def test_one_and_two_workers_give_identical_weights(local_ray, tiny_model, calib
     for key in w1:
         assert torch.equal(w1[key] == 0, w2[key] == 0), key  # masks
         assert torch.equal(w1[key], w2[key]), key  # and the SparseGPT-updated values
-    local = pruned_weights(tiny_model, method, calib8)
+    local = pruned_weights(tiny_model, method, calib8, true_sequential=true_sequential)
     for key in w1:  # in-process run: same masks (thread counts may move the last float bits)
         agree = (local[key] == 0) == (w1[key] == 0)
         assert agree.float().mean() > 0.999, key

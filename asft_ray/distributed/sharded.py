@@ -100,9 +100,9 @@ class ScoringWorker:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def stats(self, layer, chunk, context, hessian: bool) -> InputStats:
+    def stats(self, layer, chunk, context, hessian: bool, only: list[str] | None = None) -> InputStats:
         args, kwargs = context
-        return chunk_stats(_unwrap(layer).to(self.device), [x.to(self.device) for x in chunk], args, kwargs, hessian)
+        return chunk_stats(_unwrap(layer).to(self.device), [x.to(self.device) for x in chunk], args, kwargs, hessian, only)
 
     def gradients(self, model, ids: torch.Tensor, lm_head: bool) -> dict:
         sums = gradient_sums(model.to(self.device), ids.to(self.device), show_progress=False, lm_head=lm_head)
@@ -155,9 +155,9 @@ class ShardedRunner:
     def _worker(self, k: int):
         return self.workers[k % len(self.workers)]
 
-    def collect(self, layer, hessian: bool) -> InputStats:
+    def collect(self, layer, hessian: bool, only: list[str] | None = None) -> InputStats:
         layer_ref = ray.put(SharedLayer(layer))
-        parts = [self._worker(k).stats.remote(layer_ref, c, self.context, hessian) for k, c in enumerate(self.chunks)]
+        parts = [self._worker(k).stats.remote(layer_ref, c, self.context, hessian, only) for k, c in enumerate(self.chunks)]
         return sum_in_order(ray.get(parts))
 
     def advance(self, layer) -> None:

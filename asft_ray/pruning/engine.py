@@ -4,6 +4,9 @@
 * `wanda`, `sparsegpt`: layer by layer. Capture the inputs of decoder layer 0; for each
   layer, run the calibration inputs through it to collect input statistics, prune its
   linears, then run the inputs through the *pruned* layer to get the next layer's inputs.
+  With `true_sequential` (SparseGPT's `--true-sequential`), the linears of a layer are
+  pruned group by group (q/k/v, then o, then gate/up, then down in a Llama layer), each
+  group scored on inputs that already went through the pruned groups before it.
 * `taylor`, `fisher`: gradients of the causal-LM loss of the dense model over the
   calibration set (one forward+backward per sample), then every linear is pruned.
 """
@@ -21,7 +24,7 @@ from asft_ray.eval.sparsity import linear_sparsity
 from asft_ray.models import decoder_layers, prunable_linears
 from asft_ray.progress import progress
 from asft_ray.pruning.masks import make_mask
-from asft_ray.pruning.stats import InputStats, LayerInputStats, sum_in_order
+from asft_ray.pruning.stats import InputStats, LayerInputStats, StopLayer, input_groups, sum_in_order
 from asft_ray.scoring import fisher_scores, magnitude_scores, sparsegpt, taylor_scores, wanda_scores
 
 
@@ -112,12 +115,20 @@ CHUNK_SIZE = 4  # calibration samples per unit of work; statistics are reduced p
 
 
 @torch.no_grad()
-def chunk_stats(layer: nn.Module, chunk: list[torch.Tensor], args: tuple, kwargs: dict, hessian: bool) -> InputStats:
-    """Input statistics of `layer`'s linears over one chunk of calibration samples."""
-    with LayerInputStats(prunable_linears(layer), hessian) as stats:
+def chunk_stats(layer: nn.Module, chunk: list[torch.Tensor], args: tuple, kwargs: dict, hessian: bool,
+                only: list[str] | None = None) -> InputStats:
+    """Input statistics of `layer`'s linears (or of the linears named in `only`, stopping each
+    pass once they have all seen their input) over one chunk of calibration samples."""
+    linears = prunable_linears(layer)
+    if only is not None:
+        linears = {name: linears[name] for name in only}
+    with LayerInputStats(linears, hessian, stop_early=only is not None) as stats:
         for x in chunk:
             stats.begin_sample()
-            _run_layer(layer, x, args, kwargs)
+            try:
+                _run_layer(layer, x, args, kwargs)
+            except StopLayer:
+                pass
     return stats.result()
 
 
@@ -141,8 +152,8 @@ class LocalRunner:
         self.chunks = split_chunks(inputs, chunk_size)
         self.args, self.kwargs = args, kwargs
 
-    def collect(self, layer: nn.Module, hessian: bool) -> InputStats:
-        return sum_in_order([chunk_stats(layer, c, self.args, self.kwargs, hessian) for c in self.chunks])
+    def collect(self, layer: nn.Module, hessian: bool, only: list[str] | None = None) -> InputStats:
+        return sum_in_order([chunk_stats(layer, c, self.args, self.kwargs, hessian, only) for c in self.chunks])
 
     def advance(self, layer: nn.Module) -> None:
         self.chunks = [chunk_forward(layer, c, self.args, self.kwargs) for c in self.chunks]
@@ -171,10 +182,26 @@ def _needed_stats(method: str, stats: InputStats, name: str) -> dict:
     return {"hessian": stats.hessian(name)} if method == "sparsegpt" else {"sq_norms": stats.sq_norm(name)}
 
 
+def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_sequential) -> None:
+    """Prune one decoder layer's linears: all on the dense layer's inputs, or (true_sequential)
+    one input group at a time, each group's statistics taken after the groups before it were pruned."""
+    linears = prunable_linears(layer)
+    hessian = method == "sparsegpt"
+    stats = runner.collect(layer, hessian)
+    groups = input_groups(stats) if true_sequential else [list(linears)]
+    for position, group in enumerate(groups):
+        if position > 0:
+            stats = runner.collect(layer, hessian, only=group)
+        for name in group:
+            linear = linears[name]
+            linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity_of(sparsity, index, name),
+                                              **_needed_stats(method, stats, name))
+
+
 @torch.no_grad()
 def _prune_layerwise(
     model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head=False, make_runner=LocalRunner,
-    checkpoint=None, layer_store=None,
+    checkpoint=None, layer_store=None, true_sequential=False,
 ) -> list[dict]:
     layer_store = layer_store or ResidentLayers()
     runner = make_runner(*capture_layer0_inputs(model, calib_ids))
@@ -192,14 +219,9 @@ def _prune_layerwise(
             continue
         start = time.perf_counter()
         layer_store.load(index, layer)
-        linears = prunable_linears(layer)
-        stats = runner.collect(layer, hessian=method == "sparsegpt")
-        for name, linear in linears.items():
-            linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity_of(sparsity, index, name),
-                                              **_needed_stats(method, stats, name))
-        del stats
+        _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_sequential)
         runner.advance(layer)
-        report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(linears)})
+        report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(prunable_linears(layer))})
         if checkpoint:
             checkpoint.save_layer(index, layer, report[-1])
         layer_store.release(index, layer)
@@ -310,6 +332,7 @@ def prune_model(
     checkpoint=None,
     layer_store=None,
     sum_gradients=chunked_gradient_sums,
+    true_sequential: bool = False,
 ) -> list[dict]:
     """Prune every linear in the decoder layers in place (and lm_head if asked, untied from the
     input embeddings). Returns one report row per layer. `sparsity` is one float, or a per-layer
@@ -321,7 +344,8 @@ def prune_model(
     layer-wise methods and restores finished layers when resuming. `layer_store` (wanda,
     sparsegpt) loads each layer just before it is pruned and writes/frees it after; default:
     the layers are resident in `model`. `sum_gradients` (taylor, fisher) computes the summed
-    gradients: here chunk by chunk, or on Ray actors."""
+    gradients: here chunk by chunk, or on Ray actors. `true_sequential` (wanda, sparsegpt) prunes
+    each layer's linears group by group, as described at the top of this module."""
     check_pattern_fits(model, pattern, prune_lm_head)
     if method == "magnitude":
         return _prune_each_linear(model, method, pattern, sparsity, prune_lm_head=prune_lm_head)
@@ -330,7 +354,7 @@ def prune_model(
     if method in ("wanda", "sparsegpt"):
         return _prune_layerwise(
             model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head, make_runner, checkpoint,
-            layer_store,
+            layer_store, true_sequential,
         )
     grads = sum_gradients(model, calib_ids, show_progress, lm_head=prune_lm_head)
     return _prune_each_linear(model, method, pattern, sparsity, grads, prune_lm_head)

@@ -47,11 +47,27 @@ def sum_in_order(parts: list[InputStats]) -> InputStats:
     return total
 
 
-class LayerInputStats:
-    """Forward hooks that add up, per linear input: sum_t x_t^2 (Wanda) and optionally sum_t x_t x_t^T (SparseGPT)."""
+class StopLayer(Exception):
+    """Raised by the hooks once every watched linear has seen its input: the rest of the layer's forward is not needed."""
 
-    def __init__(self, linears: dict[str, nn.Linear], hessian: bool):
+
+def input_groups(stats: InputStats) -> list[list[str]]:
+    """The linears grouped by the input they share (q/k/v, o, gate/up, down in a Llama layer),
+    in the order the layer computes those inputs."""
+    return [[name for name, source in stats.source.items() if source == first] for first in stats.sq_norms]
+
+
+class LayerInputStats:
+    """Forward hooks that add up, per linear input: sum_t x_t^2 (Wanda) and optionally sum_t x_t x_t^T (SparseGPT).
+
+    With `stop_early`, the hooks raise StopLayer as soon as every linear in `linears` has seen
+    its input in the current pass (used to collect one group's statistics without running
+    the rest of the layer)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], hessian: bool, stop_early: bool = False):
         self.linears = linears
+        self.stop_early = stop_early
+        self._fired: set[str] = set()
         self.want_hessian = hessian
         self.sq_norms: dict[str, torch.Tensor] = {}
         self.hessians: dict[str, torch.Tensor] = {}
@@ -73,18 +89,24 @@ class LayerInputStats:
     def begin_sample(self) -> None:
         """Call before each forward pass: inputs are matched by identity within one pass only."""
         self._seen.clear()
+        self._fired.clear()
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            x = args[0]
-            for seen_x, seen_name in self._seen:
-                if seen_x is x:
-                    self.source[name] = seen_name
-                    return
-            self._seen.append((x, name))
-            self.add(name, x)
+            self._record(name, args[0])
+            self._fired.add(name)
+            if self.stop_early and len(self._fired) == len(self.linears):
+                raise StopLayer
 
         return hook
+
+    def _record(self, name: str, x: torch.Tensor) -> None:
+        for seen_x, seen_name in self._seen:
+            if seen_x is x:
+                self.source[name] = seen_name
+                return
+        self._seen.append((x, name))
+        self.add(name, x)
 
     def add(self, name: str, x: torch.Tensor) -> None:
         self.source.setdefault(name, name)
