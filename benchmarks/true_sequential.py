@@ -6,6 +6,7 @@ Both modes use asft-ray's float64 statistics; only the inputs the later groups a
 differ (dense-layer inputs vs inputs through the already pruned q/k/v, o, gate/up).
 
     python benchmarks/true_sequential.py [--method wanda] [--pattern 2:4] [--seeds 0 1 2 3]
+    python benchmarks/true_sequential.py --table
 
 Rows already in results/true_sequential.jsonl (same method, pattern, seed, mode) are skipped.
 """
@@ -13,6 +14,7 @@ Rows already in results/true_sequential.jsonl (same method, pattern, seed, mode)
 import argparse
 import copy
 import math
+import statistics
 import time
 
 import torch
@@ -33,14 +35,42 @@ def ppl(model, ids) -> tuple[float, float]:
     return math.exp(math.fsum(nll) / len(nll)), math.exp(math.fsum(nll[:8]) / 8)
 
 
+def table() -> str:
+    """Markdown: one line per (method, pattern, seed), both modes side by side, and the means."""
+    rows = {(r["method"], r["pattern"], r["sparsity"], r["seed"], r["mode"]): r for r in read_rows("true_sequential")}
+    cases = sorted({key[:4] for key in rows})
+    lines = ["| method | pattern | seed | valid 16w: layer / true-seq | test 16w: layer / true-seq | prune s: layer / true-seq |",
+             "|---|---|---|---|---|---|"]
+    pairs = {}
+    for case in cases:
+        layer, seq = rows.get((*case, "layer")), rows.get((*case, "true-sequential"))
+        if not (layer and seq):
+            continue
+        pairs.setdefault(case[:3], []).append((layer, seq))
+        lines.append(f"| {case[0]} | {case[1]} | {case[3]} | {layer['valid_ppl_16w']:.2f} / {seq['valid_ppl_16w']:.2f} | "
+                     f"{layer['test_ppl_16w']:.2f} / {seq['test_ppl_16w']:.2f} | {layer['prune_s']:.0f} / {seq['prune_s']:.0f} |")
+    for (method, pattern, _), both in pairs.items():
+        if len(both) > 1:
+            def mean(mode, key):
+                return statistics.mean(pair[mode][key] for pair in both)
+            lines.append(f"| {method} | {pattern} | mean of {len(both)} | {mean(0, 'valid_ppl_16w'):.2f} / "
+                         f"{mean(1, 'valid_ppl_16w'):.2f} | {mean(0, 'test_ppl_16w'):.2f} / {mean(1, 'test_ppl_16w'):.2f} | "
+                         f"{mean(0, 'prune_s'):.0f} / {mean(1, 'prune_s'):.0f} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", default="wanda", choices=["wanda", "sparsegpt"])
     parser.add_argument("--pattern", default="2:4")
     parser.add_argument("--sparsity", type=float, default=None, help="default: implied by the N:M pattern")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration sampler seeds")
+    parser.add_argument("--table", action="store_true", help="only print the table of finished rows")
     parser.add_argument("--modes", nargs="+", default=["true-sequential", "layer"], choices=["true-sequential", "layer"])
     args = parser.parse_args()
+    if args.table:
+        print(table())
+        return
     torch.set_num_threads(2)
     pattern = Pattern.parse(args.pattern)
     sparsity = args.sparsity if args.sparsity is not None else pattern.implied_sparsity

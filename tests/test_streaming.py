@@ -23,11 +23,13 @@ def sharded_model_dir(tmp_path_factory, request):
     return folder
 
 
-@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
-def test_streamed_equals_in_memory(sharded_model_dir, tmp_path, data_dir, method, pattern):
+@pytest.mark.parametrize("method,pattern,true_sequential",
+                         [("wanda", "unstructured", False), ("sparsegpt", "2:4", False), ("wanda", "2:4", True)])
+def test_streamed_equals_in_memory(sharded_model_dir, tmp_path, data_dir, method, pattern, true_sequential):
     def cfg(out, stream):
         return PruneConfig(model=str(sharded_model_dir), method=method, pattern=pattern, sparsity=0.5, nsamples=4,
-                           seqlen=32, out=str(tmp_path / out), data_dir=data_dir, device="cpu", stream=stream)
+                           seqlen=32, out=str(tmp_path / out), data_dir=data_dir, device="cpu", stream=stream,
+                           true_sequential=true_sequential)
 
     resident = run_prune(cfg("resident", False), show_progress=False)
     streamed = run_prune(cfg("streamed", True), show_progress=False)
