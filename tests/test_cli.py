@@ -124,6 +124,10 @@ def test_demo_config_is_valid():
 
     cfg = PruneConfig.from_dict(load_yaml(str(REPO / "configs" / "demo.yaml")))
     assert cfg.model == "smollm2-135m" and cfg.method == "wanda" and cfg.sparsity == 0.5
+    for name in ("smollm2-sparsegpt-2of4.yaml", "smollm2-wanda-2of4-true-sequential.yaml"):
+        cfg = PruneConfig.from_dict(load_yaml(str(REPO / "configs" / name)))
+        assert cfg.pattern == "2:4" and cfg.sparsity == 0.5
+        assert cfg.true_sequential == ("true-sequential" in name)
 
 
 def test_cli_with_two_scoring_workers_matches_one(tiny_model_dir, tmp_path):
