@@ -3,16 +3,22 @@
 The calibration samples are cut into fixed chunks (CHUNK_SIZE samples each, independent of
 the number of workers). Chunk k goes to worker k mod N. For each decoder layer:
 
-  1. the driver puts the layer in the object store once;
+  1. the coordinator puts the layer in the object store once;
   2. each worker computes the input statistics of its chunks (one partial per chunk, float64);
-  3. the driver adds the partials in chunk order (so the sums, and hence the masks, do not
-     depend on N), prunes the layer and puts the pruned layer;
-  4. each worker pushes its chunks through the pruned layer; the outputs stay in the object
-     store as the next layer's inputs, never in the driver's heap.
+  3. the partials are added in chunk order (so the sums, and hence the masks, do not depend
+     on N). Wanda's squared norms are small and are added by the coordinator. SparseGPT's
+     Hessians (one per distinct linear input, up to 8·i² bytes each) never reach the
+     coordinator: each input's Hessian has an *owner* actor that adds the chunk partials in
+     chunk order as they arrive (a chain of pure `add` calls), with at most `max_pending`
+     chunks whose partials are not yet added, then solves the linears that read that input
+     (weight-parallel: the owners' solves run at the same time, each next to its Hessian);
+  4. the coordinator applies the pruned weights, puts the pruned layer, and each worker pushes
+     its chunks through it; the outputs stay in the object store as the next layer's inputs.
 
-Workers hold no state beyond their torch thread count: a worker killed mid-layer is
+Every call is pure (its result depends only on its arguments): a worker killed mid-layer is
 restarted by Ray (max_restarts) and the interrupted call retried (max_task_retries) on the
-same object-store inputs, giving the same result.
+same object-store inputs, giving the same result. Everything a worker receives is moved to
+its device (a GPU when it reserved one) and everything it returns is on the CPU.
 """
 
 from __future__ import annotations
@@ -25,13 +31,17 @@ from dataclasses import dataclass
 import ray
 import torch
 
+from asft_ray.config import Pattern
 from asft_ray.errors import AsftError
 from asft_ray.pruning.engine import (
     CHUNK_SIZE,
+    LinearJob,
     add_gradient_sums,
     chunk_forward,
     chunk_stats,
     gradient_sums,
+    needed_stats,
+    prune_weight,
     split_chunks,
     untie_lm_head,
 )
@@ -68,9 +78,7 @@ class SharedLayer:
         self.arrays = {name: _as_array(t.detach()) for name, t in layer.state_dict().items()}
 
     def materialize(self) -> torch.nn.Module:
-        with warnings.catch_warnings():  # object-store buffers are read-only; the layer is only read
-            warnings.simplefilter("ignore", UserWarning)
-            state = {k: torch.from_numpy(a) if not isinstance(a, torch.Tensor) else a for k, a in self.arrays.items()}
+        state = {k: _tensor(a) for k, a in self.arrays.items()}  # object-store buffers; the layer is only read
         self.skeleton.load_state_dict(state, assign=True)
         return self.skeleton
 
@@ -82,16 +90,42 @@ def _as_array(t: torch.Tensor):
         return t.cpu()
 
 
-def _unwrap(layer):
+def _tensor(value) -> torch.Tensor:
+    """A tensor over an object-store buffer (read-only numpy: no copy; callers never write to it)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(value)
+
+
+def _materialize(layer):
     return layer.materialize() if isinstance(layer, SharedLayer) else layer
+
+
+def to_device(value, device):
+    """`value` with every tensor inside it (tuples, lists, dicts: rotary tables, masks) on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def stats_to_cpu(stats: InputStats) -> InputStats:
+    return InputStats(dict(stats.source), {k: v.cpu() for k, v in stats.sq_norms.items()},
+                      {k: v.cpu() for k, v in stats.hessians.items()})
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
 class ScoringWorker:
-    """Computes statistics and layer outputs for the chunks it is given (pure calls)."""
+    """Computes statistics, layer outputs and per-linear solves for what it is given (pure calls)."""
 
     def __init__(self, threads: int):
         torch.set_num_threads(max(1, threads))
+        # Ray 2.60 leaves every GPU visible to an actor that reserved none: use one only if reserved
         self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
 
     def ready(self) -> int:
@@ -100,17 +134,41 @@ class ScoringWorker:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def device_name(self) -> str:
+        return str(self.device)
+
+    def _on_device(self, layer, chunk, context):
+        args, kwargs = to_device(context, self.device)
+        return _materialize(layer).to(self.device), [x.to(self.device) for x in chunk], args, kwargs
+
     def stats(self, layer, chunk, context, hessian: bool, only: list[str] | None = None) -> InputStats:
-        args, kwargs = context
-        return chunk_stats(_unwrap(layer).to(self.device), [x.to(self.device) for x in chunk], args, kwargs, hessian, only)
+        return stats_to_cpu(chunk_stats(*self._on_device(layer, chunk, context), hessian, only))
+
+    def stats_split(self, layer, chunk, context, sources: list[str], only: list[str] | None = None):
+        """Statistics with Hessians, as 1 + len(sources) separate results: the squared norms and
+        source map (small), then each input's Hessian (float64 numpy, so Ray stores it without a copy)."""
+        stats = chunk_stats(*self._on_device(layer, chunk, context), True, only)
+        if list(stats.hessians) != list(sources):
+            raise AsftError(f"layer inputs {list(stats.hessians)} differ from the expected {list(sources)}")
+        small = stats_to_cpu(InputStats(stats.source, stats.sq_norms, {}))
+        return (small, *(stats.hessians[s].cpu().numpy() for s in sources))
+
+    def add(self, total, part):
+        """One step of an in-order sum (`total` is None for the first chunk)."""
+        return part if total is None else total + part
+
+    def solve(self, method: str, pattern: Pattern, weight, sparsity: float, hessian=None) -> torch.Tensor:
+        """One linear pruned (SparseGPT: with its weight update) on this worker's device."""
+        weight = _tensor(weight).to(self.device)
+        stats = {"hessian": _tensor(hessian).to(self.device)} if hessian is not None else {}
+        return prune_weight(method, weight, pattern, sparsity, **stats).cpu()
 
     def gradients(self, model, ids: torch.Tensor, lm_head: bool) -> dict:
         sums = gradient_sums(model.to(self.device), ids.to(self.device), show_progress=False, lm_head=lm_head)
         return {key: (g.cpu(), g2.cpu()) for key, (g, g2) in sums.items()}
 
     def forward(self, layer, chunk, context) -> list[torch.Tensor]:
-        args, kwargs = context
-        outs = chunk_forward(_unwrap(layer).to(self.device), [x.to(self.device) for x in chunk], args, kwargs)
+        outs = chunk_forward(*self._on_device(layer, chunk, context))
         return [x.cpu() for x in outs]
 
 
@@ -144,21 +202,99 @@ def start_workers(n: int, resources: WorkerResources, timeout_s: float | None = 
     return workers
 
 
-class ShardedRunner:
-    """Same interface as engine.LocalRunner; the chunks live in Ray's object store."""
+@dataclass(frozen=True)
+class RemoteHessian:
+    """A summed Hessian that stays in the object store, with the actor that reduced it (and solves with it)."""
 
-    def __init__(self, workers: list, inputs: list[torch.Tensor], args: tuple, kwargs: dict, chunk_size: int = CHUNK_SIZE):
+    ref: ray.ObjectRef
+    owner: object
+
+
+def assign_owners(costs: dict[str, float], n_workers: int) -> dict[str, int]:
+    """Each input (source) to a worker, largest cost first to the least-loaded worker (ties: lowest index)."""
+    load = [0.0] * n_workers
+    owners = {}
+    for source in sorted(costs, key=lambda s: (-costs[s], list(costs).index(s))):
+        k = min(range(n_workers), key=lambda i: (load[i], i))
+        owners[source] = k
+        load[k] += costs[source]
+    return owners
+
+
+def solve_cost(layer, stats: InputStats, source: str) -> float:
+    """Rough SparseGPT cost of the linears that read `source`: rows x columns^2 each."""
+    from asft_ray.models import prunable_linears
+
+    linears = prunable_linears(_materialize(layer))
+    return float(sum(linears[n].out_features * linears[n].in_features ** 2
+                     for n, s in stats.source.items() if s == source))
+
+
+class ShardedRunner:
+    """The engine's Runner on Ray actors; the chunks live in Ray's object store.
+
+    `max_pending`: at most this many chunks whose Hessian partials are not yet added into the
+    owners' totals (default: twice the number of workers)."""
+
+    def __init__(self, workers: list, inputs: list[torch.Tensor], args: tuple, kwargs: dict,
+                 chunk_size: int = CHUNK_SIZE, max_pending: int | None = None):
         self.workers = workers
         self.chunks = [ray.put([x.cpu() for x in chunk]) for chunk in split_chunks(inputs, chunk_size)]
-        self.context = ray.put((args, kwargs))
+        self.context = ray.put((to_device(args, "cpu"), to_device(kwargs, "cpu")))
+        self.max_pending = max_pending or 2 * len(workers)
+        self.peak_pending = 0  # the most chunks seen with partials not yet added (checked by the tests)
+        self._sources: dict[tuple | None, list[str]] = {}
 
     def _worker(self, k: int):
         return self.workers[k % len(self.workers)]
 
     def collect(self, layer, hessian: bool, only: list[str] | None = None) -> InputStats:
         layer_ref = ray.put(SharedLayer(layer))
-        parts = [self._worker(k).stats.remote(layer_ref, c, self.context, hessian, only) for k, c in enumerate(self.chunks)]
-        return sum_in_order(ray.get(parts))
+        if not hessian:  # small partials: fetched one at a time, in chunk order
+            parts = [self._worker(k).stats.remote(layer_ref, c, self.context, False, only) for k, c in enumerate(self.chunks)]
+            return sum_in_order(ray.get(part) for part in parts)
+        return self._collect_hessians(layer, layer_ref, only)
+
+    def _input_sources(self, layer_ref, only) -> InputStats:
+        """Which linears share an input (the same for every layer): one small pass over chunk 0, once per `only`."""
+        key = tuple(only) if only is not None else None
+        if key not in self._sources:
+            self._sources[key] = ray.get(self.workers[0].stats.remote(layer_ref, self.chunks[0], self.context, False, only))
+        return self._sources[key]
+
+    def _collect_hessians(self, layer, layer_ref, only) -> InputStats:
+        probe = self._input_sources(layer_ref, only)
+        sources = list(probe.sq_norms)
+        owners = assign_owners({s: solve_cost(layer, probe, s) for s in sources}, len(self.workers))
+        totals = {s: None for s in sources}
+        small_parts, pending = [], []
+        for k, chunk in enumerate(self.chunks):
+            while len(pending) >= self.max_pending:  # wait for the oldest chunk's partials to be added
+                ray.wait(pending.pop(0), num_returns=len(sources))
+            refs = self._worker(k).stats_split.options(num_returns=1 + len(sources)).remote(
+                layer_ref, chunk, self.context, sources, only)
+            small_parts.append(refs[0])
+            for source, part in zip(sources, refs[1:]):
+                totals[source] = self.workers[owners[source]].add.remote(totals[source], part)
+            pending.append(list(totals.values()))
+            unreduced = sum(len(ray.wait(r, num_returns=len(r), timeout=0)[0]) < len(r) for r in pending)
+            self.peak_pending = max(self.peak_pending, unreduced)
+            del refs, part
+        small = sum_in_order(ray.get(part) for part in small_parts)
+        hessians = {s: RemoteHessian(totals[s], self.workers[owners[s]]) for s in sources}
+        return InputStats(small.source, small.sq_norms, hessians)
+
+    def prune(self, method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
+        """SparseGPT: each linear solved by its input's owner (in parallel across owners);
+        the other methods: here (a sort per row, cheap next to moving the weight)."""
+        if method != "sparsegpt":
+            return {job.name: prune_weight(method, job.weight, pattern, job.sparsity, **needed_stats(method, stats, job.name))
+                    for job in jobs}
+        results = {}
+        for job in jobs:
+            hessian = stats.hessian(job.name)
+            results[job.name] = hessian.owner.solve.remote(method, pattern, _as_array(job.weight), job.sparsity, hessian.ref)
+        return {name: ray.get(ref) for name, ref in results.items()}
 
     def advance(self, layer) -> None:
         layer_ref = ray.put(SharedLayer(layer))

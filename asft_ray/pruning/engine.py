@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -46,6 +48,20 @@ def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: 
     # Magnitude compares weights across the whole matrix; the others within each output row (as Wanda does).
     keep = make_mask(scores, pattern, sparsity, per_row=method != "magnitude")
     return torch.where(keep, weight, torch.zeros_like(weight))  # +0.0, not the -0.0 that weight * keep gives
+
+
+@dataclass(frozen=True)
+class LinearJob:
+    """One linear to prune: its name in the layer, its weight and the sparsity it is pruned to."""
+
+    name: str
+    weight: torch.Tensor
+    sparsity: float
+
+
+def needed_stats(method: str, stats: InputStats, name: str) -> dict:
+    """The statistics `prune_weight` needs for linear `name`."""
+    return {"hessian": stats.hessian(name)} if method == "sparsegpt" else {"sq_norms": stats.sq_norm(name)}
 
 
 def sparsity_of(sparsity, layer, name: str) -> float:
@@ -142,18 +158,40 @@ def split_chunks(inputs: list, chunk_size: int = CHUNK_SIZE) -> list[list]:
     return [inputs[i : i + chunk_size] for i in range(0, len(inputs), chunk_size)]
 
 
+class Runner(Protocol):
+    """Where the calibration activations live and how a layer's statistics and solves are computed.
+
+    `LocalRunner` does it in this process; `distributed.sharded.ShardedRunner` on Ray actors.
+    Both add statistics per chunk in chunk order, so they give bit-identical results."""
+
+    def collect(self, layer: nn.Module, hessian: bool, only: list[str] | None = None) -> InputStats:
+        """Input statistics of the layer's linears (of those in `only`), summed over the calibration set."""
+
+    def prune(self, method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
+        """{name: pruned weight} for each job, from `stats` as `collect` returned them."""
+
+    def advance(self, layer: nn.Module) -> None:
+        """Push the calibration activations through `layer`: they become the next layer's inputs."""
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The activations as they are now, one tensor per calibration sample."""
+
+
 class LocalRunner:
     """Runs the calibration activations through layers in this process, chunk by chunk.
 
-    `ShardedRunner` (asft_ray.distributed) does the same with the chunks spread over Ray
-    actors; both sum statistics per chunk in chunk order, so they agree."""
+    Statistics are added as each chunk is done: at most one chunk's partial sums live beside the total."""
 
     def __init__(self, inputs: list[torch.Tensor], args: tuple, kwargs: dict, chunk_size: int = CHUNK_SIZE):
         self.chunks = split_chunks(inputs, chunk_size)
         self.args, self.kwargs = args, kwargs
 
     def collect(self, layer: nn.Module, hessian: bool, only: list[str] | None = None) -> InputStats:
-        return sum_in_order([chunk_stats(layer, c, self.args, self.kwargs, hessian, only) for c in self.chunks])
+        return sum_in_order(chunk_stats(layer, c, self.args, self.kwargs, hessian, only) for c in self.chunks)
+
+    def prune(self, method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
+        return {job.name: prune_weight(method, job.weight, pattern, job.sparsity, **needed_stats(method, stats, job.name))
+                for job in jobs}
 
     def advance(self, layer: nn.Module) -> None:
         self.chunks = [chunk_forward(layer, c, self.args, self.kwargs) for c in self.chunks]
@@ -178,10 +216,6 @@ class ResidentLayers:
         pass
 
 
-def _needed_stats(method: str, stats: InputStats, name: str) -> dict:
-    return {"hessian": stats.hessian(name)} if method == "sparsegpt" else {"sq_norms": stats.sq_norm(name)}
-
-
 def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_sequential) -> None:
     """Prune one decoder layer's linears: all on the dense layer's inputs, or (true_sequential)
     one input group at a time, each group's statistics taken after the groups before it were pruned."""
@@ -192,10 +226,10 @@ def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_seque
     for position, group in enumerate(groups):
         if position > 0:
             stats = runner.collect(layer, hessian, only=group)
-        for name in group:
-            linear = linears[name]
-            linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity_of(sparsity, index, name),
-                                              **_needed_stats(method, stats, name))
+        jobs = [LinearJob(name, linears[name].weight.data, sparsity_of(sparsity, index, name)) for name in group]
+        for name, weight in runner.prune(method, pattern, jobs, stats).items():
+            linears[name].weight.data = weight
+        del jobs
 
 
 @torch.no_grad()
@@ -233,7 +267,7 @@ def _prune_layerwise(
             collector.add("lm_head", norm(x))
         stats = collector.result()
         head.weight.data = prune_weight(method, head.weight.data, pattern, sparsity_of(sparsity, "lm_head", "lm_head"),
-                                        **_needed_stats(method, stats, "lm_head"))
+                                        **needed_stats(method, stats, "lm_head"))
         report.append({"layer": "lm_head", "seconds": time.perf_counter() - start, **linear_sparsity({"lm_head": head})})
     return report
 

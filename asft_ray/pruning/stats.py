@@ -38,9 +38,10 @@ def _add_dicts(a: dict, b: dict) -> dict:
     return {k: a[k] + b[k] if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
 
 
-def sum_in_order(parts: list[InputStats]) -> InputStats:
-    """Add partial statistics left to right. A fixed order keeps float64 sums bit-identical
-    however the parts were spread over workers."""
+def sum_in_order(parts) -> InputStats:
+    """Add partial statistics left to right, as they come (`parts` may be a generator, so only
+    one part lives beside the total). A fixed order keeps float64 sums bit-identical however
+    the parts were spread over workers."""
     total = InputStats()
     for part in parts:
         total = total + part
