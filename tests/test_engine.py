@@ -253,3 +253,32 @@ def test_true_sequential_keeps_the_pattern_exact_and_changes_the_later_groups(ti
                 assert is_valid_nm(w, pat.n, pat.m), name
             if method == "wanda":
                 assert int((w == 0).sum()) == w.numel() // 2, name
+
+
+def test_local_statistics_hold_one_chunk_of_hessians_beside_the_total(tiny_model, monkeypatch):
+    """The in-process reduction adds each chunk as it is done: never more than the running total
+    and one chunk's partial Hessians are alive (counted with weak references)."""
+    import gc
+    import weakref
+
+    from asft_ray.pruning import stats as stats_module
+
+    live, peak = [], [0]
+    original = stats_module.LayerInputStats.result
+
+    def counting_result(self):
+        result = original(self)
+        gc.collect()
+        live[:] = [r for r in live if r() is not None]
+        live.extend(weakref.ref(h) for h in result.hessians.values())
+        peak[0] = max(peak[0], len({id(r()) for r in live if r() is not None}))
+        return result
+
+    monkeypatch.setattr(stats_module.LayerInputStats, "result", counting_result)
+    calib = torch.randint(0, 512, (16, 32), generator=torch.Generator().manual_seed(0))  # 4 chunks
+    inputs, args, kwargs = capture_layer0_inputs(tiny_model, calib)
+    stats = LocalRunner(inputs, args, kwargs).collect(decoder_layers(tiny_model)[0], hessian=True)
+    distinct_inputs = len(stats.hessians)
+    assert distinct_inputs == 4
+    # the first chunk's partials become the total; later: total + one partial (and the new sum while it is built)
+    assert peak[0] <= 3 * distinct_inputs, peak[0]
