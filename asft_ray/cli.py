@@ -42,6 +42,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-cpus", type=float, help="CPUs per scoring actor (default 1)")
     p.add_argument("--worker-gpus", type=float, help="GPUs per scoring actor (default 0)")
     p.add_argument("--worker-memory-gb", type=float, help="memory Ray reserves per scoring actor")
+    p.add_argument("--coordinator-cpus", type=float,
+                   help="CPUs the pruning coordinator reserves (default: 1 with --workers, else all of the largest node's)")
+    p.add_argument("--coordinator-gpus", type=float, help="GPUs the pruning coordinator reserves (default: 1 for --device cuda)")
+    p.add_argument("--coordinator-memory-gb", type=float, help="memory Ray reserves for the pruning coordinator")
     p.add_argument("--out", help="output model directory")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an --out that holds a different run")
     p.add_argument("--resume", action="store_true", default=None,
@@ -141,7 +145,8 @@ def _prune(args) -> None:
 
     values = load_yaml(args.config) if args.config else {}
     for key in ("model", "method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "out", "data_dir", "overwrite", "resume",
-                "prune_lm_head", "true_sequential", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb", "schedule"):
+                "prune_lm_head", "true_sequential", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb",
+                "coordinator_cpus", "coordinator_gpus", "coordinator_memory_gb", "schedule"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.device != "auto" or "device" not in values:

@@ -69,6 +69,9 @@ class PruneConfig:
     worker_cpus: float = 1
     worker_gpus: float = 0
     worker_memory_gb: float | None = None
+    coordinator_cpus: float | None = None  # None: 1 with scoring workers, else every CPU of the largest node
+    coordinator_gpus: float | None = None  # None: 1 when the device is cuda (or auto on a cluster with GPUs, no workers)
+    coordinator_memory_gb: float | None = None  # memory Ray reserves for the pruning coordinator
     schedule: str | dict = "uniform"  # per-layer sparsity: uniform, owl, ramp, a mapping or a YAML file (asft_ray.schedules)
 
     def __post_init__(self) -> None:
@@ -92,6 +95,8 @@ class PruneConfig:
             raise AsftError(f"layer streaming works with wanda and sparsegpt, not {self.method}")
         if self.workers < 0 or self.worker_cpus <= 0 or self.worker_gpus < 0:
             raise AsftError("workers must be >= 0, worker_cpus > 0 and worker_gpus >= 0")
+        if (self.coordinator_cpus is not None and self.coordinator_cpus <= 0) or (self.coordinator_gpus or 0) < 0:
+            raise AsftError("coordinator_cpus must be > 0 and coordinator_gpus >= 0")
         spec = self.schedule_spec  # parses (and reads a schedule file) now, so errors come before any work
         if spec.name != "uniform" or spec.group_offsets or spec.attn_offset:
             if pattern.kind == "nm":
@@ -154,7 +159,8 @@ class PruneConfig:
     def identity(self) -> dict:
         """The inputs that decide the result: two runs with equal identity give equal models."""
         d = self.to_dict()
-        for key in ("device", "overwrite", "resume", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb"):
+        for key in ("device", "overwrite", "resume", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb",
+                    "coordinator_cpus", "coordinator_gpus", "coordinator_memory_gb"):
             d.pop(key)  # where and how it runs, not what it computes
         d["out"] = str(Path(self.out).resolve())
         d["schedule"] = self.schedule_spec.to_dict()  # the content, not the file name

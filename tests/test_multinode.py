@@ -36,3 +36,36 @@ def test_two_nodes_match_one_worker(two_nodes, tiny_model, method):
             ray.kill(w)
     for key in w1:
         assert torch.equal(w1[key], w2[key]), key
+
+
+def _cfg(**overrides):
+    from asft_ray.config import PruneConfig
+
+    values = dict(model="m", method="wanda", sparsity=0.5, out="/tmp/never-written")
+    values.update(overrides)
+    return PruneConfig(**values)
+
+
+def test_the_coordinator_reserves_what_one_node_has_never_zero_cpus():
+    from asft_ray.distributed.runner import coordinator_options
+
+    nodes = [{"CPU": 0, "memory": 8e9}, {"CPU": 16, "GPU": 2}, {"CPU": 16, "GPU": 2}]  # a KubeRay-like 0-CPU head
+    assert coordinator_options(_cfg(), nodes) == {"num_cpus": 16, "num_gpus": 1}  # auto on a GPU cluster, no workers
+    assert coordinator_options(_cfg(device="cpu"), nodes) == {"num_cpus": 16, "num_gpus": 0}  # one node's, not 32
+    with_workers = coordinator_options(_cfg(workers=4, device="auto", coordinator_memory_gb=2), nodes)
+    assert with_workers == {"num_cpus": 1, "num_gpus": 0, "memory": 2 * 2**30}  # 1 CPU: never placed on the head
+    assert coordinator_options(_cfg(workers=2, device="cuda"), nodes)["num_gpus"] == 1
+
+
+def test_an_impossible_coordinator_fails_within_the_timeout_naming_the_resource(two_nodes):
+    import time
+
+    from asft_ray.distributed.runner import place_coordinator
+    from asft_ray.errors import AsftError
+
+    start = time.monotonic()
+    with pytest.raises(AsftError, match=r"within 3s: no node has 2 CPU \(the largest node has 1\)"):
+        place_coordinator(_cfg(coordinator_cpus=2), timeout_s=3)  # the cluster has 2 CPUs, but no node has
+    assert time.monotonic() - start < 20
+    worker = place_coordinator(_cfg(), timeout_s=30)  # default: every CPU of the largest node (1) fits
+    ray.kill(worker)

@@ -5,6 +5,7 @@ The actor owns the model while it is pruned; the driver holds only the config an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import ray
@@ -46,17 +47,66 @@ class PruneWorker:
         # (DeepSpeed's accelerator notice) would mix into `asft ... --json`. Keep stdout for the CLI.
         sys.stdout = sys.stderr
 
+    def ready(self) -> bool:
+        return True
+
     def run(self, cfg: dict, show_progress: bool) -> dict:
         from asft_ray.prune import run_prune
 
-        cfg = PruneConfig(**cfg)
+        cfg = _device_reserved(PruneConfig(**cfg))
         return _with_scoring_workers(cfg, lambda *where: run_prune(cfg, show_progress, *where))
 
     def staged(self, values: dict, show_progress: bool) -> dict:
         from asft_ray.staged import StagedConfig, run_staged
 
         cfg = StagedConfig.from_dict(values)
+        cfg = dataclasses.replace(cfg, prune=_device_reserved(cfg.prune))
         return _with_scoring_workers(cfg.prune, lambda *where: run_staged(cfg, show_progress, *where))
+
+
+def _device_reserved(cfg: PruneConfig) -> PruneConfig:
+    """`device: auto` means a GPU only if this actor reserved one (Ray 2.60 shows every GPU to every actor)."""
+    if cfg.device != "auto":
+        return cfg
+    return dataclasses.replace(cfg, device="cuda" if ray.get_gpu_ids() else "cpu")
+
+
+def _alive_nodes() -> list[dict]:
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def coordinator_options(cfg: PruneConfig, nodes: list[dict]) -> dict:
+    """What the pruning coordinator reserves on one node: explicit CPUs (never 0, so never a CPU-less
+    head), a GPU when it computes on one, memory when asked; never more than one node has."""
+    largest = max((n.get("CPU", 0) for n in nodes), default=1)
+    cluster_gpus = sum(n.get("GPU", 0) for n in nodes)
+    cpus = cfg.coordinator_cpus or (1 if cfg.uses_scoring_workers else max(1, largest))
+    gpus = cfg.coordinator_gpus
+    if gpus is None:
+        on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and cluster_gpus and not cfg.uses_scoring_workers)
+        gpus = 1 if on_gpu else 0
+    options = {"num_cpus": cpus, "num_gpus": gpus}
+    if cfg.coordinator_memory_gb:
+        options["memory"] = int(cfg.coordinator_memory_gb * 2**30)
+    return options
+
+
+def place_coordinator(cfg: PruneConfig, timeout_s: float | None = None):
+    """Start the pruning coordinator and wait until it is placed, or fail naming what no node has."""
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("ASFT_PLACEMENT_TIMEOUT_S", 60))
+    nodes = _alive_nodes()
+    options = coordinator_options(cfg, nodes)
+    worker = PruneWorker.options(**options).remote(max(1, int(options["num_cpus"])))
+    ready, _ = ray.wait([worker.ready.remote()], timeout=timeout_s)
+    if not ready:
+        ray.kill(worker)
+        asked = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], "memory": options.get("memory", 0)}
+        short = [f"{v:g} {k} (the largest node has {max((n.get(k, 0) for n in nodes), default=0):g})"
+                 for k, v in asked.items() if v and not any(n.get(k, 0) >= v for n in nodes)]
+        raise AsftError(f"the pruning coordinator could not be placed within {timeout_s:g}s: "
+                        + (f"no node has {', '.join(short)}" if short else "no node has those resources free now"))
+    return worker
 
 
 def _with_scoring_workers(cfg: PruneConfig, recipe):
@@ -99,10 +149,14 @@ def staged_on_ray(values: dict, address: str | None = None, show_progress: bool 
 
 def _on_ray(cfg: PruneConfig, method: str, payload: dict, address, num_cpus, show_progress: bool) -> dict:
     owned = init_ray(address)
-    cpus = num_cpus or max(1, int(ray.available_resources().get("CPU", 1)))
-    # with scoring actors, the coordinator reserves no CPU so that they can be placed
-    reserved = 0 if cfg.uses_scoring_workers else cpus
-    worker = PruneWorker.options(num_cpus=reserved).remote(cpus)
+    if num_cpus:
+        cfg = dataclasses.replace(cfg, coordinator_cpus=cfg.coordinator_cpus or num_cpus)
+    try:
+        worker = place_coordinator(cfg)
+    except AsftError:
+        if owned:
+            ray.shutdown()
+        raise
     try:
         return ray.get(getattr(worker, method).remote(payload, show_progress))
     except ray.exceptions.RayTaskError as err:
