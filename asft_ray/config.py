@@ -16,6 +16,8 @@ from asft_ray.errors import AsftError
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "fisher")
 CALIBRATED_METHODS = ("wanda", "sparsegpt", "taylor", "fisher")
+LAYERWISE_METHODS = ("wanda", "sparsegpt")  # input statistics layer by layer, through the pruned layers before
+STREAMABLE_METHODS = ("magnitude", *LAYERWISE_METHODS)  # need at most one decoder layer in memory
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class PruneConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     overwrite: bool = False  # replace an --out that holds a different run
     resume: bool = False  # continue a killed wanda/sparsegpt run after its last finished layer
-    stream: bool = False  # read/prune/write one decoder layer at a time from safetensors (wanda, sparsegpt)
+    stream: bool | None = None  # one decoder layer at a time from safetensors; None: whenever the model and method allow
     workers: int = 0  # scoring actors (statistics or gradients); 0 = score inside the one pruning actor
     worker_cpus: float = 1
     worker_gpus: float = 0
@@ -89,10 +91,10 @@ class PruneConfig:
             raise AsftError(f"seqlen must be at least 2, got {self.seqlen}")
         if not self.out:
             raise AsftError("--out is required")
-        if self.true_sequential and self.method not in ("wanda", "sparsegpt"):
-            raise AsftError(f"true_sequential works with wanda and sparsegpt, not {self.method}")
-        if self.stream and self.method not in ("wanda", "sparsegpt"):
-            raise AsftError(f"layer streaming works with wanda and sparsegpt, not {self.method}")
+        if self.true_sequential and self.method not in LAYERWISE_METHODS:
+            raise AsftError(f"true_sequential works with {' and '.join(LAYERWISE_METHODS)}, not {self.method}")
+        if self.stream and self.method not in STREAMABLE_METHODS:
+            raise AsftError(f"layer streaming works with {', '.join(STREAMABLE_METHODS)}, not {self.method}")
         if self.workers < 0 or self.worker_cpus <= 0 or self.worker_gpus < 0:
             raise AsftError("workers must be >= 0, worker_cpus > 0 and worker_gpus >= 0")
         if (self.coordinator_cpus is not None and self.coordinator_cpus <= 0) or (self.coordinator_gpus or 0) < 0:
@@ -140,6 +142,20 @@ class PruneConfig:
     def needs_calibration(self) -> bool:
         """Calibration data is needed by every method but magnitude, and by the owl schedule."""
         return self.method in CALIBRATED_METHODS or self.schedule_spec.name == "owl"
+
+    def streams(self) -> bool:
+        """Prune one decoder layer at a time from the safetensors shards: as asked, or (stream: None)
+        whenever the method and schedule allow it and the model is a local safetensors directory."""
+        if self.stream is not None:
+            return self.stream
+        if self.method not in STREAMABLE_METHODS or self.schedule_spec.name == "owl":
+            return False
+        from asft_ray.models import resolve_model
+
+        source = resolve_model(self.model)
+        folder = Path(source.location)
+        return not (source.gguf_file or source.is_hub) and any(
+            (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
 
     @property
     def uses_scoring_workers(self) -> bool:

@@ -10,7 +10,7 @@ import torch
 
 import asft_ray
 from asft_ray.artifacts import RUN_FILE, atomic_output_dir, check_output_dir, read_run, write_json_atomic
-from asft_ray.config import PruneConfig
+from asft_ray.config import LAYERWISE_METHODS, PruneConfig
 from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration
 from asft_ray.errors import AsftError
 from asft_ray.eval.sparsity import model_sparsity, sparsity_from_report
@@ -26,8 +26,6 @@ from asft_ray.pruning.engine import (
 from asft_ray.pruning.streaming import StreamedLayers, build_skeleton
 from asft_ray.schedules import achieved_sparsity, build_schedule, linear_sizes
 from asft_ray.schedules.owl import layer_outlier_ratios
-
-LAYERWISE_METHODS = ("wanda", "sparsegpt")
 
 
 def run_prune(
@@ -45,11 +43,13 @@ def run_prune(
     start = time.perf_counter()
     calibrated = cfg.needs_calibration
     data_dir = resolve_data_dir(cfg.data_dir) if calibrated else None
+    stream = cfg.streams()
 
-    if cfg.stream:
+    if stream:
         model, tokenizer, reader = _load_skeleton(cfg.model, load_head=cfg.prune_lm_head)
     else:
         model, tokenizer = load_model(cfg.model, cfg.device, show_progress=show_progress)
+        saved_dtype = source_dtype(cfg.model)
     check_pattern_fits(model, cfg.parsed_pattern, cfg.prune_lm_head)
     timings["load_s"] = time.perf_counter() - start
 
@@ -71,7 +71,7 @@ def run_prune(
     # inside the atomic output folder.
     with atomic_output_dir(cfg.out) as tmp:
         t = time.perf_counter()
-        layer_store = StreamedLayers(model, reader, tmp) if cfg.stream else None
+        layer_store = StreamedLayers(model, reader, tmp) if stream else None
         layers = prune_model(
             model, cfg.method, cfg.parsed_pattern, sparsity, calib_ids, show_progress, cfg.prune_lm_head,
             make_runner, checkpoint, layer_store, sum_gradients, cfg.true_sequential,
@@ -81,7 +81,8 @@ def run_prune(
             "inputs": cfg.identity(),
             "data_dir": data_dir,
             "calibration_tokens": 0 if calib_ids is None else int(calib_ids.numel()),
-            "sparsity": sparsity_from_report(layers) if cfg.stream else model_sparsity(model),
+            "sparsity": sparsity_from_report(layers) if stream else model_sparsity(model),
+            "streamed": stream,
             "layers": layers,
             "schedule": schedule,
             "resumed_layers": resumed,
@@ -91,12 +92,12 @@ def run_prune(
             "versions": {"asft_ray": asft_ray.__version__, "torch": torch.__version__, "python": platform.python_version()},
         }
         t = time.perf_counter()
-        if cfg.stream:
+        if stream:
             layer_store.finish(model)
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         else:
-            save_model(model, tokenizer, tmp)
+            save_model(model.to(saved_dtype), tokenizer, tmp)  # in the checkpoint's dtype, as it came
         timings["save_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - start
         write_json_atomic(tmp / RUN_FILE, record)
@@ -134,6 +135,20 @@ def _load_skeleton(spec: str, load_head: bool = True):
         raise AsftError(f"layer streaming needs a local model directory with safetensors, not {spec!r}")
     model, reader = build_skeleton(Path(source.location), load_head)
     return model, AutoTokenizer.from_pretrained(source.location, trust_remote_code=False), reader
+
+
+def source_dtype(spec: str) -> torch.dtype:
+    """The dtype a model directory's safetensors weights are stored in (float32 for GGUF and hub sources,
+    which are loaded as float32)."""
+    from asft_ray.pruning.streaming import SafetensorsReader, checkpoint_dtype
+
+    source = resolve_model(spec)
+    if source.gguf_file or source.is_hub:
+        return torch.float32
+    try:
+        return checkpoint_dtype(SafetensorsReader(Path(source.location)))
+    except AsftError:  # no safetensors (e.g. a .bin checkpoint): as loaded
+        return torch.float32
 
 
 def partial_dir(out: str) -> Path:

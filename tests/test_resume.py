@@ -37,11 +37,16 @@ def four_layer_model_dir(tmp_path_factory):
     return folder
 
 
+def saved_tensors(folder):
+    return {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(shard).items()}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_resumed_run_equals_an_uninterrupted_one(four_layer_model_dir, tmp_path, data_dir, method):
+def test_resumed_run_equals_an_uninterrupted_one(four_layer_model_dir, tmp_path, data_dir, method, stream):
     def cfg(out, **kw):
         return PruneConfig(model=str(four_layer_model_dir), method=method, sparsity=0.5, nsamples=4, seqlen=32,
-                           out=str(out), data_dir=data_dir, device="cpu", **kw)
+                           out=str(out), data_dir=data_dir, device="cpu", stream=stream, **kw)
 
     run_prune(cfg(tmp_path / "straight"), show_progress=False)
 
@@ -55,8 +60,7 @@ def test_resumed_run_equals_an_uninterrupted_one(four_layer_model_dir, tmp_path,
     record = run_prune(cfg(out, resume=True), show_progress=False)
     assert record["resumed_layers"] == 2
     assert not partial_dir(out).exists()
-    a = load_file(tmp_path / "straight" / "model.safetensors")
-    b = load_file(out / "model.safetensors")
+    a, b = saved_tensors(tmp_path / "straight"), saved_tensors(out)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

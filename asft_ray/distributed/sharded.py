@@ -139,7 +139,9 @@ class ScoringWorker:
 
     def _on_device(self, layer, chunk, context):
         args, kwargs = to_device(context, self.device)
-        return _materialize(layer).to(self.device), [x.to(self.device) for x in chunk], args, kwargs
+        # computed in float32 (as engine.computing_copy does in-process); 16-bit layers travel as 16-bit
+        layer = _materialize(layer).to(device=self.device, dtype=torch.float32)
+        return layer, [x.to(self.device) for x in chunk], args, kwargs
 
     def stats(self, layer, chunk, context, hessian: bool, only: list[str] | None = None) -> InputStats:
         return stats_to_cpu(chunk_stats(*self._on_device(layer, chunk, context), hessian, only))

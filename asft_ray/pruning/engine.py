@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,7 +39,7 @@ def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: 
     if method == "magnitude":
         scores = magnitude_scores(weight)
     elif method == "wanda":
-        scores = wanda_scores(weight, stats["sq_norms"])
+        scores = wanda_scores(weight.float(), stats["sq_norms"])  # float32 scores for 16-bit weights too
     elif method == "taylor":
         scores = taylor_scores(weight, stats["grad_sum"])
     elif method == "fisher":
@@ -46,7 +47,7 @@ def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: 
     else:
         raise ValueError(f"unknown method {method!r}")
     # Magnitude compares weights across the whole matrix; the others within each output row (as Wanda does).
-    keep = make_mask(scores, pattern, sparsity, per_row=method != "magnitude")
+    keep = make_mask(scores.float(), pattern, sparsity, per_row=method != "magnitude")
     return torch.where(keep, weight, torch.zeros_like(weight))  # +0.0, not the -0.0 that weight * keep gives
 
 
@@ -88,17 +89,39 @@ def capture_layer0_inputs(model: nn.Module, calib_ids: torch.Tensor) -> tuple[li
 
     inputs, extra_args, layer_kwargs = [], (), {}
     handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    # 16-bit embeddings: continue in float32, so rotary tables and masks are built in float32 as well
+    upcast = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.float())
     try:
         for ids in calib_ids:
             try:
                 model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
             except _Captured as captured:
                 hidden = captured.args[0] if captured.args else captured.kwargs.pop("hidden_states")
-                inputs.append(hidden.detach())
+                inputs.append(hidden.detach().float())
                 extra_args, layer_kwargs = captured.args[1:], captured.kwargs
     finally:
         handle.remove()
-    return inputs, extra_args, layer_kwargs
+        upcast.remove()
+    return inputs, to_float32(extra_args), to_float32(layer_kwargs)
+
+
+def to_float32(value):
+    """`value` with every 16-bit float tensor inside it (tuples, lists, dicts) in float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: to_float32(v) for k, v in value.items()}
+    return value
+
+
+def computing_copy(layer: nn.Module) -> nn.Module:
+    """The layer in float32, as statistics and activations are computed: itself if it already is,
+    else a float32 copy (16-bit weights stay 16-bit in the model, the object store and the output)."""
+    if all(p.dtype == torch.float32 for p in layer.parameters() if p.is_floating_point()):
+        return layer
+    return copy.deepcopy(layer).float()
 
 
 def _run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -187,6 +210,7 @@ class LocalRunner:
         self.args, self.kwargs = args, kwargs
 
     def collect(self, layer: nn.Module, hessian: bool, only: list[str] | None = None) -> InputStats:
+        layer = computing_copy(layer)
         return sum_in_order(chunk_stats(layer, c, self.args, self.kwargs, hessian, only) for c in self.chunks)
 
     def prune(self, method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
@@ -194,6 +218,7 @@ class LocalRunner:
                 for job in jobs}
 
     def advance(self, layer: nn.Module) -> None:
+        layer = computing_copy(layer)
         self.chunks = [chunk_forward(layer, c, self.args, self.kwargs) for c in self.chunks]
 
     def outputs(self) -> list[torch.Tensor]:
@@ -322,19 +347,26 @@ def chunked_gradient_sums(model: nn.Module, calib_ids: torch.Tensor, show_progre
 
 
 @torch.no_grad()
-def _prune_each_linear(model, method, pattern, sparsity, grads=None, prune_lm_head=False) -> list[dict]:
-    groups = list(enumerate(prunable_linears(layer) for layer in decoder_layers(model)))
+def _prune_each_linear(model, method, pattern, sparsity, grads=None, prune_lm_head=False, layer_store=None) -> list[dict]:
+    layer_store = layer_store or ResidentLayers()
+    layers = decoder_layers(model)
+    groups = list(enumerate(layers))
     if prune_lm_head:
-        groups.append(("lm_head", {"lm_head": untie_lm_head(model)}))
+        groups.append(("lm_head", untie_lm_head(model)))
     report = []
-    for index, linears in groups:
+    for index, module in groups:
         start = time.perf_counter()
+        if index != "lm_head":
+            layer_store.load(index, module)
+        linears = prunable_linears(module) if index != "lm_head" else {"lm_head": module}
         for name, linear in linears.items():
             needed = {}
             if grads is not None:
                 needed = {"grad_sum": grads[(index, name)][0], "grad_sq_sum": grads[(index, name)][1]}
             linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity_of(sparsity, index, name), **needed)
         report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(linears)})
+        if index != "lm_head":
+            layer_store.release(index, module)
     return report
 
 
@@ -382,7 +414,9 @@ def prune_model(
     each layer's linears group by group, as described at the top of this module."""
     check_pattern_fits(model, pattern, prune_lm_head)
     if method == "magnitude":
-        return _prune_each_linear(model, method, pattern, sparsity, prune_lm_head=prune_lm_head)
+        if layer_store is not None and not prune_lm_head:
+            layer_store.after_capture(model)  # no inputs to capture: embeddings are not needed
+        return _prune_each_linear(model, method, pattern, sparsity, prune_lm_head=prune_lm_head, layer_store=layer_store)
     if calib_ids is None:
         raise ValueError(f"method {method!r} needs calibration data")
     if method in ("wanda", "sparsegpt"):

@@ -72,9 +72,7 @@ class SafetensorsReader:
             by_file.setdefault(self.weight_map[key], []).append(key)
         tensors = {}
         for filename, names in by_file.items():
-            if filename not in self._headers:
-                self._headers[filename] = _read_header(self.folder / filename)
-            header, data_start = self._headers[filename]
+            header, data_start = self.header(filename), self._headers[filename][1]
             with open(self.folder / filename, "rb", buffering=0) as f:
                 for key in names:
                     info = header[key]
@@ -87,6 +85,12 @@ class SafetensorsReader:
                     tensors[key] = tensor
         return tensors
 
+    def header(self, filename: str) -> dict:
+        """{tensor name: {dtype, shape, data_offsets}} of one shard (read once)."""
+        if filename not in self._headers:
+            self._headers[filename] = _read_header(self.folder / filename)
+        return self._headers[filename][0]
+
     def keys_under(self, prefix: str) -> list[str]:
         return [k for k in self.weight_map if k.startswith(prefix)]
 
@@ -96,8 +100,20 @@ def layers_prefix(model: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is layers)
 
 
+def checkpoint_dtype(reader: "SafetensorsReader") -> torch.dtype:
+    """The dtype of the checkpoint's floating-point weights (the first decoder weight's)."""
+    for filename in dict.fromkeys(reader.weight_map.values()):
+        header = reader.header(filename)
+        for info in header.values():
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
+    return torch.float32
+
+
 def build_skeleton(folder: Path, load_head: bool = True):
-    """The model with no weights in memory; only the modules outside the decoder layers are filled in.
+    """The model with no weights in memory; only the modules outside the decoder layers are filled in,
+    in the checkpoint's own dtype (bf16 stays bf16).
 
     `load_head=False` leaves an untied lm_head on `meta` too (it is only needed to prune it;
     StreamedLayers.finish copies it from the source)."""
@@ -105,10 +121,10 @@ def build_skeleton(folder: Path, load_head: bool = True):
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     config.use_cache = False
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.eval()
     reader = SafetensorsReader(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=checkpoint_dtype(reader))
+    model.eval()
     _materialise_outside_layers(model, reader, load_head)
     return model, reader
 
@@ -125,7 +141,7 @@ def _materialise_outside_layers(model: nn.Module, reader: SafetensorsReader, loa
         for name, param in list(module.named_parameters(recurse=False)):
             key = f"{module_name}.{name}" if module_name else name
             if key in reader:
-                module._parameters[name] = nn.Parameter(reader.get(key).float(), requires_grad=False)
+                module._parameters[name] = nn.Parameter(reader.get(key), requires_grad=False)
         if any(b.is_meta for b in module.buffers(recurse=False)):
             if type(module).__name__.endswith("RotaryEmbedding"):
                 fresh = type(module)(config=model.config)
@@ -166,10 +182,8 @@ class StreamedLayers:
         if any(True for _ in layer.buffers()):
             layer.to_empty(device="cpu")  # buffers need storage; parameters are replaced below
         prefix = f"{self.prefix}.{index}."
-        tensors = self.reader.get_many(self.reader.keys_under(prefix))
-        state = {k[len(prefix) :]: v.float() for k, v in tensors.items()}
-        del tensors
-        layer.load_state_dict(state, strict=True, assign=True)  # take the tensors, no second copy
+        state = {k[len(prefix) :]: v for k, v in self.reader.get_many(self.reader.keys_under(prefix)).items()}
+        layer.load_state_dict(state, strict=True, assign=True)  # take the tensors as stored (dtype too), no copy
 
     def _write(self, tensors: dict[str, torch.Tensor], filename: str) -> None:
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
