@@ -92,6 +92,12 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["test", "valid"])
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="wikitext2: one decoder layer in memory at a time (default: for safetensors model directories)")
+    e.add_argument("--workers", type=int, default=0, help="wikitext2: Ray actors the windows are sharded over (streamed)")
+    e.add_argument("--worker-cpus", type=float, default=1, help="CPUs per evaluation actor")
+    e.add_argument("--worker-gpus", type=float, default=0, help="GPUs per evaluation actor (fractions allowed)")
+    e.add_argument("--address", default=None, help="Ray cluster address for --workers (default: $RAY_ADDRESS or an embedded one)")
     _add_common(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -256,7 +262,7 @@ def _eval(args) -> None:
     from asft_ray.data import resolve_data_dir, wikitext2_ids
     from asft_ray.eval.perplexity import perplexity
     from asft_ray.eval.sparsity import model_sparsity
-    from asft_ray.models import load_model, resolve_model
+    from asft_ray.models import is_safetensors_dir, load_model, resolve_model
 
     if args.task != "wikitext2":
         return _eval_zeroshot(args)
@@ -264,12 +270,31 @@ def _eval(args) -> None:
         raise AsftError(f"seqlen must be at least 2, got {args.seqlen}")
     if args.max_windows is not None and args.max_windows < 1:
         raise AsftError(f"--max-windows must be at least 1, got {args.max_windows}")
-    resolve_model(args.model)
+    if args.workers < 0 or args.worker_cpus <= 0 or args.worker_gpus < 0:
+        raise AsftError("--workers must be >= 0, --worker-cpus > 0 and --worker-gpus >= 0")
+    source = resolve_model(args.model)
     resolve_data_dir(args.data_dir)
-    model, tokenizer = load_model(args.model, args.device, show_progress=not args.no_progress)
-    ids = wikitext2_ids(tokenizer, args.split, args.data_dir)
-    result = perplexity(model, ids, args.seqlen, args.max_windows, show_progress=not args.no_progress)
-    sparsity = model_sparsity(model)
+    stream = args.stream
+    if stream is None:
+        stream = is_safetensors_dir(source) or args.workers > 0
+    if stream:
+        from asft_ray.eval.sparsity import sparsity_from_safetensors
+        from asft_ray.eval.streamed import evaluate_streamed
+
+        if not is_safetensors_dir(source):
+            raise AsftError(f"streamed evaluation needs a local model directory with safetensors, not {args.model!r}")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
+        ids = wikitext2_ids(tokenizer, args.split, args.data_dir)
+        result = evaluate_streamed(source.location, ids, args.seqlen, args.max_windows, args.workers,
+                                   (args.worker_cpus, args.worker_gpus), args.address, not args.no_progress)
+        sparsity = sparsity_from_safetensors(source.location)
+    else:
+        model, tokenizer = load_model(args.model, args.device, show_progress=not args.no_progress)
+        ids = wikitext2_ids(tokenizer, args.split, args.data_dir)
+        result = perplexity(model, ids, args.seqlen, args.max_windows, show_progress=not args.no_progress)
+        sparsity = model_sparsity(model)
     result = {
         "model": args.model,
         "task": args.task,

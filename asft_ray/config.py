@@ -150,12 +150,9 @@ class PruneConfig:
             return self.stream
         if self.method not in STREAMABLE_METHODS or self.schedule_spec.name == "owl":
             return False
-        from asft_ray.models import resolve_model
+        from asft_ray.models import is_safetensors_dir, resolve_model
 
-        source = resolve_model(self.model)
-        folder = Path(source.location)
-        return not (source.gguf_file or source.is_hub) and any(
-            (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+        return is_safetensors_dir(resolve_model(self.model))
 
     @property
     def uses_scoring_workers(self) -> bool:

@@ -64,6 +64,13 @@ def resolve_model(spec: str) -> ModelSource:
     )
 
 
+def is_safetensors_dir(source: ModelSource) -> bool:
+    """A local model directory with safetensors weights: what layer streaming reads."""
+    folder = Path(source.location)
+    return not (source.gguf_file or source.is_hub) and any(
+        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

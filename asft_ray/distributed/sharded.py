@@ -165,6 +165,12 @@ class ScoringWorker:
         stats = {"hessian": _tensor(hessian).to(self.device)} if hessian is not None else {}
         return prune_weight(method, weight, pattern, sparsity, **stats).cpu()
 
+    def nlls(self, final, chunk, targets) -> list[float]:
+        from asft_ray.eval.streamed import chunk_nlls
+
+        final = _materialize(final).to(device=self.device, dtype=torch.float32)
+        return chunk_nlls(final, [x.to(self.device) for x in chunk], targets)
+
     def gradients(self, model, ids: torch.Tensor, lm_head: bool) -> dict:
         sums = gradient_sums(model.to(self.device), ids.to(self.device), show_progress=False, lm_head=lm_head)
         return {key: (g.cpu(), g2.cpu()) for key, (g, g2) in sums.items()}
@@ -240,7 +246,7 @@ class ShardedRunner:
 
     def __init__(self, workers: list, inputs: list[torch.Tensor], args: tuple, kwargs: dict,
                  chunk_size: int = CHUNK_SIZE, max_pending: int | None = None):
-        self.workers = workers
+        self.workers, self.chunk_size = workers, chunk_size
         self.chunks = [ray.put([x.cpu() for x in chunk]) for chunk in split_chunks(inputs, chunk_size)]
         self.context = ray.put((to_device(args, "cpu"), to_device(kwargs, "cpu")))
         self.max_pending = max_pending or 2 * len(workers)
@@ -304,6 +310,12 @@ class ShardedRunner:
 
     def outputs(self) -> list[torch.Tensor]:
         return [x for chunk in ray.get(self.chunks) for x in chunk]
+
+    def nlls(self, final, targets: list[torch.Tensor]) -> list[float]:
+        final_ref = ray.put(SharedLayer(final))
+        per_chunk = split_chunks(targets, self.chunk_size)
+        parts = [self._worker(k).nlls.remote(final_ref, c, ids) for k, (c, ids) in enumerate(zip(self.chunks, per_chunk))]
+        return [nll for part in parts for nll in ray.get(part)]
 
 
 def sharded_runner_factory(workers: list, chunk_size: int = CHUNK_SIZE):

@@ -46,3 +46,27 @@ def sparsity_from_report(rows: list[dict]) -> dict:
         "layers": [r["sparsity"] for r in layers],
         "lm_head": head[0]["sparsity"] if head else None,
     }
+
+
+def sparsity_from_safetensors(folder) -> dict:
+    """model_sparsity of a safetensors model directory, read one linear at a time (never the whole model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from asft_ray.pruning.streaming import SafetensorsReader, layers_prefix
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+    reader, prefix = SafetensorsReader(folder), layers_prefix(model)
+    rows = []
+    for index, layer in enumerate(decoder_layers(model)):
+        zeros, sizes = {}, {}
+        for name in prunable_linears(layer):
+            weight = reader.get(f"{prefix}.{index}.{name}.weight")
+            zeros[name], sizes[name] = int((weight == 0).sum()), weight.numel()
+        rows.append({"layer": index, "sparsity": sum(zeros.values()) / sum(sizes.values()),
+                     "zeros": sum(zeros.values()), "weights": sum(sizes.values())})
+    head_key = next((k for k, p in model.named_parameters() if p is getattr(model.get_output_embeddings(), "weight", None)), None)
+    if head_key in reader and not getattr(model.config, "tie_word_embeddings", False):
+        rows.append({"layer": "lm_head", "sparsity": float((reader.get(head_key) == 0).float().mean())})
+    return sparsity_from_report(rows)

@@ -199,6 +199,9 @@ class Runner(Protocol):
     def outputs(self) -> list[torch.Tensor]:
         """The activations as they are now, one tensor per calibration sample."""
 
+    def nlls(self, final: nn.Module, targets: list[torch.Tensor]) -> list[float]:
+        """Evaluation: mean next-token NLL of each sample through `final` (norm + lm_head), against `targets`."""
+
 
 class LocalRunner:
     """Runs the calibration activations through layers in this process, chunk by chunk.
@@ -206,6 +209,7 @@ class LocalRunner:
     Statistics are added as each chunk is done: at most one chunk's partial sums live beside the total."""
 
     def __init__(self, inputs: list[torch.Tensor], args: tuple, kwargs: dict, chunk_size: int = CHUNK_SIZE):
+        self.chunk_size = chunk_size
         self.chunks = split_chunks(inputs, chunk_size)
         self.args, self.kwargs = args, kwargs
 
@@ -223,6 +227,13 @@ class LocalRunner:
 
     def outputs(self) -> list[torch.Tensor]:
         return [x for chunk in self.chunks for x in chunk]
+
+    def nlls(self, final: nn.Module, targets: list[torch.Tensor]) -> list[float]:
+        from asft_ray.eval.streamed import chunk_nlls
+
+        final = computing_copy(final)
+        per_chunk = split_chunks(targets, self.chunk_size)
+        return [nll for chunk, ids in zip(self.chunks, per_chunk) for nll in chunk_nlls(final, chunk, ids)]
 
 
 class ResidentLayers:

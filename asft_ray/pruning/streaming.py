@@ -171,10 +171,10 @@ def _return_free_memory() -> None:
 class StreamedLayers:
     """engine layer_store: load layer i from the source shards, write it to its own output shard, free it."""
 
-    def __init__(self, model: nn.Module, reader: SafetensorsReader, out_dir: Path):
+    def __init__(self, model: nn.Module, reader: SafetensorsReader, out_dir: Path | None):
         self.reader = reader
         self.prefix = layers_prefix(model)
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir) if out_dir is not None else None  # None: read only (evaluation)
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
 
@@ -207,8 +207,9 @@ class StreamedLayers:
         _return_free_memory()
 
     def release(self, index: int, layer: nn.Module) -> None:
-        prefix = f"{self.prefix}.{index}."
-        self._write({prefix + k: v for k, v in layer.state_dict().items()}, f"model-layer-{index:05d}.safetensors")
+        if self.out_dir is not None:
+            prefix = f"{self.prefix}.{index}."
+            self._write({prefix + k: v for k, v in layer.state_dict().items()}, f"model-layer-{index:05d}.safetensors")
         layer.to("meta")
         _return_free_memory()
 
