@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.asft-installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: install test test-slow demo demo-prune bench clean
+.PHONY: install test test-slow demo demo-prune bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo-prune: $(STAMP)
 	$(BIN)/asft prune --config configs/demo.yaml
 	$(BIN)/asft eval --model smollm2-135m --max-windows 4
 	$(BIN)/asft eval --model runs/demo/smollm2-wanda50 --max-windows 4
+
+# Every GPU path in one script (at most ~8 min on one GPU, no download); exits 2 at once without a GPU.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py

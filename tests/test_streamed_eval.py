@@ -49,3 +49,16 @@ def test_streamed_on_two_ray_workers_equals_one_and_in_memory(model_dir, ids):
     local = streamed_perplexity(model_dir, ids, 64, 5, show_progress=False)
     assert one["window_nll"] == two["window_nll"]  # the same chunks, computed alike, whoever computes them
     assert two["window_nll"] == pytest.approx(local["window_nll"], rel=1e-5)
+
+
+def test_the_gpu_check_exits_at_once_with_one_line_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run `make gpu-check` itself")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "gpu-check: no CUDA device is visible here; nothing was run"

