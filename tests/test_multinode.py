@@ -55,6 +55,8 @@ def test_the_coordinator_reserves_what_one_node_has_never_zero_cpus():
     with_workers = coordinator_options(_cfg(workers=4, device="auto", coordinator_memory_gb=2), nodes)
     assert with_workers == {"num_cpus": 1, "num_gpus": 0, "memory": 2 * 2**30}  # 1 CPU: never placed on the head
     assert coordinator_options(_cfg(workers=2, device="cuda"), nodes)["num_gpus"] == 1
+    # asft's own one-node cluster: an orchestrating coordinator leaves every core to the workers
+    assert coordinator_options(_cfg(workers=2, device="cpu"), [{"CPU": 2}], embedded=True)["num_cpus"] == 0
 
 
 def test_an_impossible_coordinator_fails_within_the_timeout_naming_the_resource(two_nodes):

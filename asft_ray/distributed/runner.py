@@ -14,22 +14,42 @@ from asft_ray.config import PruneConfig
 from asft_ray.errors import AsftError
 
 
-def init_ray(address: str | None = None) -> bool:
+def init_ray(address: str | None = None, object_store_bytes: int | None = None) -> bool:
     """Join `address` (or $RAY_ADDRESS); otherwise start an embedded local cluster, dashboard off.
 
+    An embedded cluster's shared-memory object store (Ray spills beyond it) is $ASFT_OBJECT_STORE_GB,
+    else `object_store_bytes` (see `streaming_object_store_bytes`), else Ray's default.
     Returns True when this call connected (so the caller should shut it down again)."""
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     options = {}
-    store_gb = os.environ.get("ASFT_OBJECT_STORE_GB")  # an embedded cluster's shared-memory object store (Ray spills beyond it)
-    if store_gb and not (address or os.environ.get("RAY_ADDRESS")):
-        options["object_store_memory"] = int(float(store_gb) * 2**30)
+    store_gb = os.environ.get("ASFT_OBJECT_STORE_GB")
+    if store_gb:
+        object_store_bytes = int(float(store_gb) * 2**30)
+    if object_store_bytes and not (address or os.environ.get("RAY_ADDRESS")):
+        options["object_store_memory"] = object_store_bytes
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="ERROR", **options)
     except ConnectionError as err:
         raise AsftError(f"could not reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {err}") from err
     return True
+
+
+def streaming_object_store_bytes(model_spec: str) -> int | None:
+    """An embedded object store sized for streaming a model directory: 10 % of its weight bytes
+    (at least 0.3 GiB). Its pages count in the resident memory of every process that touches
+    them, so Ray's default (30 % of the machine's memory) would let them grow past one layer's
+    worth; what does not fit is spilled to disk. None for models that are not streamed."""
+    from asft_ray.models import is_safetensors_dir, resolve_model
+
+    source = resolve_model(model_spec)
+    if not is_safetensors_dir(source):
+        return None
+    from pathlib import Path
+
+    weight_bytes = sum(f.stat().st_size for f in Path(source.location).glob("*.safetensors"))
+    return max(int(0.3 * 2**30), weight_bytes // 10)
 
 
 @ray.remote
@@ -75,12 +95,18 @@ def _alive_nodes() -> list[dict]:
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
-def coordinator_options(cfg: PruneConfig, nodes: list[dict]) -> dict:
+def coordinator_options(cfg: PruneConfig, nodes: list[dict], embedded: bool = False) -> dict:
     """What the pruning coordinator reserves on one node: explicit CPUs (never 0, so never a CPU-less
-    head), a GPU when it computes on one, memory when asked; never more than one node has."""
+    head), a GPU when it computes on one, memory when asked; never more than one node has.
+
+    The one exception is asft's own embedded cluster (one local node, which has the CPUs): there a
+    coordinator that only orchestrates scoring actors reserves no CPU, so that `--workers` can use
+    every core of the machine."""
     largest = max((n.get("CPU", 0) for n in nodes), default=1)
     cluster_gpus = sum(n.get("GPU", 0) for n in nodes)
     cpus = cfg.coordinator_cpus or (1 if cfg.uses_scoring_workers else max(1, largest))
+    if embedded and cfg.uses_scoring_workers and cfg.coordinator_cpus is None:
+        cpus = 0
     gpus = cfg.coordinator_gpus
     if gpus is None:
         on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and cluster_gpus and not cfg.uses_scoring_workers)
@@ -91,12 +117,12 @@ def coordinator_options(cfg: PruneConfig, nodes: list[dict]) -> dict:
     return options
 
 
-def place_coordinator(cfg: PruneConfig, timeout_s: float | None = None):
+def place_coordinator(cfg: PruneConfig, timeout_s: float | None = None, embedded: bool = False):
     """Start the pruning coordinator and wait until it is placed, or fail naming what no node has."""
     if timeout_s is None:
         timeout_s = float(os.environ.get("ASFT_PLACEMENT_TIMEOUT_S", 60))
     nodes = _alive_nodes()
-    options = coordinator_options(cfg, nodes)
+    options = coordinator_options(cfg, nodes, embedded)
     worker = PruneWorker.options(**options).remote(max(1, int(options["num_cpus"])))
     ready, _ = ray.wait([worker.ready.remote()], timeout=timeout_s)
     if not ready:
@@ -148,11 +174,12 @@ def staged_on_ray(values: dict, address: str | None = None, show_progress: bool 
 
 
 def _on_ray(cfg: PruneConfig, method: str, payload: dict, address, num_cpus, show_progress: bool) -> dict:
-    owned = init_ray(address)
+    owned = init_ray(address, streaming_object_store_bytes(cfg.model) if cfg.streams() else None)
     if num_cpus:
         cfg = dataclasses.replace(cfg, coordinator_cpus=cfg.coordinator_cpus or num_cpus)
+    embedded = owned and not (address or os.environ.get("RAY_ADDRESS"))
     try:
-        worker = place_coordinator(cfg)
+        worker = place_coordinator(cfg, embedded=embedded)
     except AsftError:
         if owned:
             ray.shutdown()

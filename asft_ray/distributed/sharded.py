@@ -242,14 +242,14 @@ class ShardedRunner:
     """The engine's Runner on Ray actors; the chunks live in Ray's object store.
 
     `max_pending`: at most this many chunks whose Hessian partials are not yet added into the
-    owners' totals (default: twice the number of workers)."""
+    owners' totals (default: one per worker)."""
 
     def __init__(self, workers: list, inputs: list[torch.Tensor], args: tuple, kwargs: dict,
                  chunk_size: int = CHUNK_SIZE, max_pending: int | None = None):
         self.workers, self.chunk_size = workers, chunk_size
         self.chunks = [ray.put([x.cpu() for x in chunk]) for chunk in split_chunks(inputs, chunk_size)]
         self.context = ray.put((to_device(args, "cpu"), to_device(kwargs, "cpu")))
-        self.max_pending = max_pending or 2 * len(workers)
+        self.max_pending = max_pending or len(workers)
         self.peak_pending = 0  # the most chunks seen with partials not yet added (checked by the tests)
         self._sources: dict[tuple | None, list[str]] = {}
 

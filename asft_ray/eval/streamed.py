@@ -83,10 +83,10 @@ def evaluate_streamed(folder, ids: torch.Tensor, seqlen: int, max_windows: int |
         return streamed_perplexity(folder, ids, seqlen, max_windows, show_progress=show_progress)
     import ray
 
-    from asft_ray.distributed.runner import init_ray
+    from asft_ray.distributed.runner import init_ray, streaming_object_store_bytes
     from asft_ray.distributed.sharded import WorkerResources, sharded_runner_factory, start_workers
 
-    owned = init_ray(address)
+    owned = init_ray(address, streaming_object_store_bytes(str(folder)))
     actors = []
     try:
         actors = start_workers(workers, WorkerResources(*worker_resources))

@@ -1,0 +1,128 @@
+"""The large-model path with its defaults: peak memory of every process and the speed-up of a second worker.
+
+A random-init Llama (default ~1.57 B parameters, 6.3 GB of fp32 weights; built once, reused) and a
+bf16 copy of it, run through the real CLI (`python -m asft_ray.cli`) with no flag or environment
+variable set to stay in bounds:
+
+  * `asft prune --method sparsegpt --workers 2` and `--workers 1` (fp32; same output bits expected);
+  * `asft eval --workers 2` and `--workers 1` (streamed; windows sharded over the workers);
+  * `asft prune --method sparsegpt --workers 2` on the bf16 copy (output size = input size).
+
+Each command runs under a sampler of /proc (benchmarks/memory_streaming.PeakRss) that records the
+peak RSS of the CLI process and every process below it (Ray's GCS, raylet, the pruning coordinator,
+the scoring actors). One JSON line per command in benchmarks/results/large_model.jsonl.
+
+    python benchmarks/large_model.py                        # needs ~20 GB of disk under runs/
+    python benchmarks/large_model.py --hidden 256 --intermediate 512 --layers 4 --workdir runs/lm-smoke  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from memory_streaming import PeakRss, build_model
+from results_io import append_row
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
+    """One CLI command under the /proc sampler; its record, wall time and the peak of every process."""
+    cmd = [sys.executable, "-m", "asft_ray.cli", *args, "--json", "--no-progress"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    with PeakRss() as rss:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"{label} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    record = json.loads(done.stdout[done.stdout.index("{"):])
+    me = psutil.Process().pid
+    peaks = {f"{rss.names.get(pid, '?')} [{pid}]": peak for pid, peak in rss.peaks.items() if pid != me}
+    private = {f"{rss.names.get(pid, '?')} [{pid}]": rss.parts.get((pid, "RssAnon"), 0) for pid in rss.peaks if pid != me}
+    top = dict(sorted(peaks.items(), key=lambda kv: -kv[1])[:8])
+    row = {"label": label, "command": " ".join(args), "wall_s": wall, "peak_rss_bytes": top,
+           "max_peak_bytes": max(peaks.values()), "max_private_bytes": max(private.values()),
+           **{f"max_peak_fraction_of_{k}": max(peaks.values()) / v for k, v in weight_bytes.items()}}
+    for key in ("timings", "sparsity", "ppl", "seconds", "windows", "tokens", "window_nll", "streamed"):
+        if key in record:
+            row[key] = record[key] if key != "sparsity" or not isinstance(record[key], dict) else record[key]["total"]
+    append_row("large_model", row)
+    print(json.dumps({k: v for k, v in row.items() if k not in ("window_nll", "peak_rss_bytes")}), flush=True)
+    return row
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--nsamples", type=int, default=8, help="calibration windows (8 = two chunks of 4)")
+    parser.add_argument("--seqlen", type=int, default=256, help="calibration and evaluation window length")
+    parser.add_argument("--windows", type=int, default=16, help="evaluation windows")
+    parser.add_argument("--workdir", default="runs/large-model")
+    parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
+    opts = parser.parse_args()
+    work = ROOT / opts.workdir
+    fp32, bf16 = work / "model-fp32", work / "model-bf16"
+    if not (fp32 / "config.json").is_file():
+        build_model(fp32, opts.hidden, opts.intermediate, opts.layers, opts.vocab)
+    if not (bf16 / "config.json").is_file():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.bfloat16).save_pretrained(bf16, max_shard_size="1GB")
+        AutoTokenizer.from_pretrained(fp32).save_pretrained(bf16)
+    sizes = {"fp32": folder_bytes(fp32), "bf16": folder_bytes(bf16)}
+    print(json.dumps({"weight_bytes": sizes}), flush=True)
+
+    calib = ["--nsamples", str(opts.nsamples), "--seqlen", str(opts.seqlen), "--overwrite"]
+    evaluation = ["--task", "wikitext2", "--seqlen", str(opts.seqlen), "--max-windows", str(opts.windows)]
+    runs = {
+        "sparsegpt-fp32-w2": ["prune", "--model", str(fp32), "--method", "sparsegpt", "--sparsity", "0.5",
+                              "--workers", "2", "--out", str(work / "sgpt-w2"), *calib],
+        "sparsegpt-fp32-w1": ["prune", "--model", str(fp32), "--method", "sparsegpt", "--sparsity", "0.5",
+                              "--workers", "1", "--out", str(work / "sgpt-w1"), *calib],
+        "eval-w2": ["eval", "--model", str(work / "sgpt-w2"), "--workers", "2", *evaluation],
+        "eval-w1": ["eval", "--model", str(work / "sgpt-w2"), "--workers", "1", *evaluation],
+        "sparsegpt-bf16-w2": ["prune", "--model", str(bf16), "--method", "sparsegpt", "--sparsity", "0.5",
+                              "--workers", "2", "--out", str(work / "sgpt-bf16-w2"), *calib],
+    }
+    rows = {}
+    for label, args in runs.items():
+        if opts.only is None or label in opts.only:
+            rows[label] = run_measured(label, args, sizes)
+    summary = {}
+    if {"sparsegpt-fp32-w1", "sparsegpt-fp32-w2"} <= rows.keys():
+        from safetensors.torch import load_file
+
+        a = {k: v for f in sorted((work / "sgpt-w1").glob("*.safetensors")) for k, v in load_file(f).items()}
+        b = {k: v for f in sorted((work / "sgpt-w2").glob("*.safetensors")) for k, v in load_file(f).items()}
+        summary["w1_w2_bit_identical"] = a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+        del a, b
+        summary["prune_time_ratio_w2_over_w1"] = (rows["sparsegpt-fp32-w2"]["timings"]["prune_s"]
+                                                 / rows["sparsegpt-fp32-w1"]["timings"]["prune_s"])
+    if {"eval-w1", "eval-w2"} <= rows.keys():
+        summary["eval_throughput_w2_over_w1"] = rows["eval-w1"]["seconds"] / rows["eval-w2"]["seconds"]
+        summary["eval_equal_nll"] = rows["eval-w1"]["window_nll"] == rows["eval-w2"]["window_nll"]
+    if "sparsegpt-bf16-w2" in rows:
+        out = folder_bytes(work / "sgpt-bf16-w2")
+        summary["bf16_output_over_input_size"] = out / sizes["bf16"]
+    if summary:
+        append_row("large_model", {"label": "summary", **summary, "weight_bytes": sizes})
+        print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
