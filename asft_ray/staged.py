@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from asft_ray.artifacts import atomic_output_dir, write_json_atomic
-from asft_ray.config import PruneConfig, check_keys
+from asft_ray.config import PruneConfig, check_field_types, check_keys
 from asft_ray.errors import AsftError
 
 STATE = "state.json"
@@ -103,6 +103,7 @@ class StagedConfig:
         if not isinstance(gate_values, dict):
             raise AsftError(f"{source}: a `gate:` mapping is required (e.g. max_ppl_ratio: 1.5, windows: 4)")
         check_keys(gate_values, Gate, source, "gate key")
+        check_field_types(gate_values, Gate, f"{source} gate")
         gate = Gate(**gate_values)
         if "sparsity" in values:
             raise AsftError(f"{source}: a staged run takes `stages`, not `sparsity`")
@@ -128,6 +129,8 @@ def _parse_stages(stages, source: str) -> tuple[float, ...]:
         unknown = set(stages) - {"start", "step", "stop"}
         if unknown or not {"start", "step", "stop"} <= set(stages):
             raise AsftError(f"{source}: a stage rule needs exactly start, step and stop")
+        if not all(_is_number(stages[k]) for k in ("start", "step", "stop")):
+            raise AsftError(f"{source}: stage start, step and stop must be numbers, got {stages}")
         start, step, stop = (float(stages[k]) for k in ("start", "step", "stop"))
         if step <= 0:
             raise AsftError(f"{source}: stage step must be positive, got {step}")
@@ -135,15 +138,18 @@ def _parse_stages(stages, source: str) -> tuple[float, ...]:
         stages = [round(start + i * step, 6) for i in range(max(count, 0)) if start + i * step <= stop + 1e-9]
     if not isinstance(stages, (list, tuple)) or not stages:
         raise AsftError(f"{source}: `stages` must be a list of sparsities (e.g. [0.2, 0.35, 0.5]) or {{start, step, stop}}")
-    try:
-        stages = tuple(float(s) for s in stages)
-    except (TypeError, ValueError):
-        raise AsftError(f"{source}: stages must be numbers") from None
+    if not all(_is_number(s) for s in stages):
+        raise AsftError(f"{source}: stages must be numbers, got {list(stages)}")
+    stages = tuple(float(s) for s in stages)
     if any(not 0 < s < 1 for s in stages):
         raise AsftError(f"{source}: every stage must be in (0, 1), got {list(stages)}")
     if any(b <= a for a, b in zip(stages, stages[1:])):
         raise AsftError(f"{source}: stages must increase strictly, got {list(stages)}")
     return stages
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class DecisionLog:

@@ -1,0 +1,142 @@
+"""Bad input and unsafe outputs, through `asft_ray.cli.main` in this process (no Ray, no model load).
+
+Every case: exit code 2, exactly one line `asft: error: ...` on stderr, no traceback, and
+nothing on disk changed that asft-ray did not write.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from asft_ray.cli import main
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as stop:  # argparse errors
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(result, pattern: str) -> str:
+    code, _, err = result
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("asft: error:"), err
+    assert pattern in lines[0], err
+    return lines[0]
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes: to show that nothing was touched."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_yaml(path, values) -> str:
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+PRUNE = {"model": "smollm2-135m", "method": "magnitude", "sparsity": 0.5}
+
+
+# ---- item 1 and 5: every typed key is checked when the config is built ----
+
+def test_a_string_false_for_overwrite_is_refused_and_deletes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    config = write_yaml(tmp_path / "c.yaml", {**PRUNE, "out": str(out), "overwrite": "false"})
+    before = snapshot(tmp_path)
+    line = assert_one_line_error(run_cli(capsys, "prune", "--config", config), "key 'overwrite' must be true or false")
+    assert "got 'false'" in line
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("nsamples", 2.5, "key 'nsamples' must be an integer, got 2.5"),
+    ("nsamples", True, "key 'nsamples' must be an integer, got True"),
+    ("seqlen", "128", "key 'seqlen' must be an integer, got '128'"),
+    ("model", ["a", "b"], "key 'model' must be a string, got ['a', 'b']"),
+    ("sparsity", "0.5", "key 'sparsity' must be a number"),
+    ("stream", "yes", "key 'stream' must be true or false"),
+    ("worker_memory_gb", "4", "key 'worker_memory_gb' must be a number or null"),
+    ("schedule", 3, "key 'schedule' must be a string or a mapping"),
+])
+def test_prune_config_types(tmp_path, capsys, key, value, expected):
+    config = write_yaml(tmp_path / "c.yaml", {**PRUNE, "out": str(tmp_path / "out"), key: value})
+    assert_one_line_error(run_cli(capsys, "prune", "--config", config), expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_top_level_list_is_refused(tmp_path, capsys):
+    config = write_yaml(tmp_path / "c.yaml", [PRUNE])
+    assert_one_line_error(run_cli(capsys, "prune", "--config", config, "--out", tmp_path / "out"),
+                          "expected a mapping of settings, got a list")
+
+
+def test_non_numeric_custom_schedule_values(tmp_path, capsys):
+    schedule = write_yaml(tmp_path / "s.yaml", {"schedule": "custom", "layers": [0.5, "half"]})
+    assert_one_line_error(
+        run_cli(capsys, "prune", "--model", "smollm2-135m", "--method", "magnitude", "--sparsity", "0.5",
+                "--schedule", schedule, "--out", tmp_path / "out"),
+        "key 'layers' must be a list of numbers or null")
+
+
+STAGED = {"model": "smollm2-135m", "method": "wanda", "stages": [0.3, 0.5], "gate": {"max_ppl_ratio": 2.0}}
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"gate": {"max_ppl_ratio": "2"}}, "gate: key 'max_ppl_ratio' must be a number or null"),
+    ({"gate": {"manual": "false"}}, "gate: key 'manual' must be true or false"),
+    ({"stages": [0.3, "0.5"]}, "stages must be numbers"),
+    ({"overwrite": "no"}, "key 'overwrite' must be true or false"),
+])
+def test_staged_config_types(tmp_path, capsys, change, expected):
+    config = write_yaml(tmp_path / "c.yaml", {**STAGED, "out": str(tmp_path / "run"), **change})
+    assert_one_line_error(run_cli(capsys, "staged", config), expected)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"concurrency": "2"}, "key 'concurrency' must be an integer, got '2'"),
+    ({"trials": 4.0}, "key 'trials' must be an integer"),
+    ({"linear_offsets": [1]}, "key 'linear_offsets' must be a list of strings, got [1]"),
+])
+def test_sweep_config_types(tmp_path, capsys, change, expected):
+    config = write_yaml(tmp_path / "c.yaml", {**PRUNE, "method": "wanda", "out": str(tmp_path / "sweep"), **change})
+    assert_one_line_error(run_cli(capsys, "sweep", config), expected)
+    assert not (tmp_path / "sweep").exists()
+
+
+RUN = {"model": "smollm2-135m", "prune": {"method": "wanda", "stages": [0.5], "gate": {"max_ppl_ratio": 2.0}}}
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"eval": {"ppl_seqlen": "128"}}, "eval: key 'ppl_seqlen' must be an integer, got '128'"),
+    ({"eval": {"ppl_windows": 2.5}}, "eval: key 'ppl_windows' must be an integer or null"),
+    ({"eval": {"zeroshot": [1]}}, "key 'zeroshot' must be a task name or a list of them"),
+    ({"export": "compressed"}, "key 'export' must be a list of strings"),
+    ({"price_per_hour": "3"}, "key 'price_per_hour' must be a number or null"),
+    ({"prune": {**RUN["prune"], "nsamples": "8"}}, "prune: key 'nsamples' must be an integer"),
+    ({"recover": {"lr": "1e-4"}}, "recover: key 'lr' must be a number or null"),
+])
+def test_run_config_types(tmp_path, capsys, change, expected):
+    config = write_yaml(tmp_path / "c.yaml", {**RUN, "out": str(tmp_path / "run"), **change})
+    assert_one_line_error(run_cli(capsys, "run", config), expected)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"max_steps": "10"}, "key 'max_steps' must be an integer"),
+    ({"bf16": "false"}, "key 'bf16' must be true or false or null"),
+    ({"overwrite": "false"}, "key 'overwrite' must be true or false"),
+])
+def test_recover_config_types(tmp_path, capsys, change, expected):
+    config = write_yaml(tmp_path / "c.yaml", {"model": "smollm2-135m", "out": str(tmp_path / "out"), **change})
+    assert_one_line_error(run_cli(capsys, "recover", "--config", config), expected)
+    assert not (tmp_path / "out").exists()
