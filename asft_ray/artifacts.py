@@ -14,7 +14,10 @@ from pathlib import Path
 
 from asft_ray.errors import AsftError
 
-RUN_FILE = "asft_run.json"
+RUN_FILE = "asft_run.json"  # the run record of `asft prune` and `asft recover`
+# The record every kind of asft-ray output folder carries (prune/recover, staged run, exports).
+# A folder holding one of them was written by asft-ray: only such a folder may be replaced.
+RECORD_FILES = (RUN_FILE, "state.json", "compressed.json", "structured.json", "semistructured.json")
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -53,22 +56,60 @@ def read_run(out: Path) -> dict | None:
         return None
 
 
+def check_out_location(out: Path) -> None:
+    """Refuse, before any work, an `--out` that must never be written or replaced.
+
+    Not the working directory, one of its parents or a filesystem root (replacing it would
+    take everything in it along); not below a file; and the folder it goes in must accept a
+    new entry (checked by making and removing one: permission bits say nothing for root or on
+    a read-only mount).
+    """
+    out = Path(out).expanduser()
+    resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved.parent == resolved:
+        raise AsftError(f"--out {out} is a filesystem root; name a new folder for the output")
+    if resolved == cwd or resolved in cwd.parents:
+        where = "the current directory" if resolved == cwd else "a parent of the current directory"
+        raise AsftError(f"--out {out} is {where}; name a new folder for the output")
+    if resolved.exists() and not resolved.is_dir():
+        raise AsftError(f"--out {out} exists and is not a directory")
+    anchor = next(p for p in (resolved.parent, *resolved.parent.parents) if p.exists())
+    if not anchor.is_dir():
+        raise AsftError(f"--out {out} cannot be created: {anchor} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".asft-write-check-", dir=anchor))
+    except OSError as err:
+        raise AsftError(f"--out {out} cannot be created: {anchor} is not writable ({err.strerror})") from None
+
+
+def written_by_asft(folder: Path) -> bool:
+    """True when `folder` holds the record asft-ray writes into each of its outputs."""
+    return any((Path(folder) / name).is_file() for name in RECORD_FILES)
+
+
+def refuse_foreign_folder(out: Path) -> None:
+    """An existing, non-empty `out` that asft-ray did not write is never replaced, not even with --overwrite."""
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not written_by_asft(out):
+        raise AsftError(f"--out {out} holds files that asft-ray did not write (no asft-ray record such as {RUN_FILE}); "
+                        "asft-ray never replaces them: choose a new folder or remove them yourself")
+
+
 def check_output_dir(out: Path, identity: dict, overwrite: bool) -> bool:
     """Decide what to do with an existing `--out`. Returns True when it already holds this exact run.
 
-    Refuses (AsftError) when it holds anything else, unless `overwrite`.
+    Refuses (AsftError) an unusable location (check_out_location), a folder asft-ray did not
+    write (even with `overwrite`), and a different run unless `overwrite`.
     """
     out = Path(out)
-    if not out.exists():
+    check_out_location(out)
+    if not out.exists() or not any(out.iterdir()):
         return False
-    if not out.is_dir():
-        raise AsftError(f"--out {out} exists and is not a directory")
-    if not any(out.iterdir()):
-        return False
+    refuse_foreign_folder(out)
     run = read_run(out)
     if run is not None and run.get("inputs") == identity and not overwrite:
         return True
     if overwrite:
         return False
-    what = "a different run" if run is not None else "other files"
-    raise AsftError(f"--out {out} already holds {what}; pass --overwrite to replace it")
+    raise AsftError(f"--out {out} already holds a different run; pass --overwrite to replace it")

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from asft_ray.artifacts import check_out_location
 from asft_ray.config import METHODS, PruneConfig, load_yaml
 from asft_ray.errors import AsftError
 
@@ -192,7 +193,9 @@ def _staged(args) -> None:
     from asft_ray.data import resolve_data_dir
     from asft_ray.distributed.runner import staged_on_ray
     from asft_ray.models import resolve_model
+    from asft_ray.staged import check_run_folder
 
+    check_run_folder(cfg)
     resolve_model(cfg.prune.model)
     resolve_data_dir(cfg.prune.data_dir)
     result = staged_on_ray(values, address=args.address, show_progress=not args.no_progress)
@@ -222,6 +225,7 @@ def _sweep(args) -> None:
     from asft_ray.models import resolve_model
     from asft_ray.tune import run_sweep
 
+    check_out_location(cfg.prune.out)
     resolve_model(cfg.prune.model)
     resolve_data_dir(cfg.prune.data_dir)
     init_ray(args.address)

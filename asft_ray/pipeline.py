@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from asft_ray.artifacts import write_json_atomic
+from asft_ray.artifacts import check_out_location, write_json_atomic
 from asft_ray.config import check_field_types, check_keys
 from asft_ray.errors import AsftError
 
@@ -150,6 +150,7 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
     from asft_ray.models import resolve_model
 
     run = Path(cfg.out).resolve()
+    check_out_location(run)
     run.mkdir(parents=True, exist_ok=True)
     resolve_model(cfg.model)
     data_dir = resolve_data_dir(cfg.data_dir)

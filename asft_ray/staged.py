@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from asft_ray.artifacts import atomic_output_dir, write_json_atomic
+from asft_ray.artifacts import atomic_output_dir, check_out_location, refuse_foreign_folder, write_json_atomic
 from asft_ray.config import PruneConfig, check_field_types, check_keys
 from asft_ray.errors import AsftError
 
@@ -232,6 +232,28 @@ def _floor(model) -> dict:
             for name, fraction in linear_sparsity(prunable_linears(layer))["linears"].items()}
 
 
+def check_run_folder(cfg: StagedConfig) -> str:
+    """What a run may do with its folder: "new" (absent or empty), "continue" (this run's state)
+    or "replace" (another staged run's, with overwrite). A folder that holds anything else is
+    refused, overwrite or not: only what a staged run wrote is ever deleted. Cheap: call it
+    before Ray starts."""
+    run = Path(cfg.prune.out)
+    check_out_location(run)
+    if not run.exists() or not any(run.iterdir()):
+        return "new"
+    state = _read_json(run / STATE)
+    if state is None:
+        refuse_foreign_folder(run)  # another asft-ray output may be replaced, anything else never
+        if not cfg.prune.overwrite:
+            raise AsftError(f"--out {run} already holds another asft-ray output; pass --overwrite to replace it")
+        return "replace"
+    if state.get("identity") == cfg.identity():
+        return "continue"
+    if not cfg.prune.overwrite:
+        raise AsftError(f"{run} holds a different staged run; pass overwrite: true (--overwrite) to replace it")
+    return "replace"
+
+
 def run_staged(cfg: StagedConfig, show_progress: bool = True, make_runner=None, sum_gradients=None) -> dict:
     """Run (or continue) a staged run in `cfg.prune.out`. Returns {"status": finished | awaiting_approval, ...}."""
     from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration, wikitext2_ids
@@ -246,15 +268,9 @@ def run_staged(cfg: StagedConfig, show_progress: bool = True, make_runner=None, 
     pc, gate = cfg.prune, cfg.gate
     run = Path(pc.out)
     state = _read_json(run / STATE)
-    if state is not None and state.get("identity") != cfg.identity():
-        if not pc.overwrite:
-            raise AsftError(f"{run} holds a different staged run; pass overwrite: true (--overwrite) to replace it")
+    if check_run_folder(cfg) == "replace":
         shutil.rmtree(run)
         state = None
-    elif state is None and run.exists() and any(run.iterdir()):
-        if not pc.overwrite:
-            raise AsftError(f"--out {run} already holds other files; pass --overwrite to replace it")
-        shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     if state is None:
         state = {"identity": cfg.identity(), "passed": None, "results": {}, "pending": None, "finished": False}

@@ -6,6 +6,8 @@ nothing on disk changed that asft-ray did not write.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -32,8 +34,8 @@ def assert_one_line_error(result, pattern: str) -> str:
 
 
 def snapshot(folder):
-    """Every file under `folder` with its bytes: to show that nothing was touched."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file and folder under `folder` (files with their bytes): to show that nothing was touched or left."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 def write_yaml(path, values) -> str:
@@ -140,3 +142,103 @@ def test_recover_config_types(tmp_path, capsys, change, expected):
     config = write_yaml(tmp_path / "c.yaml", {"model": "smollm2-135m", "out": str(tmp_path / "out"), **change})
     assert_one_line_error(run_cli(capsys, "recover", "--config", config), expected)
     assert not (tmp_path / "out").exists()
+
+
+# ---- item 2: --overwrite replaces only what asft-ray wrote; --out must be a safe, writable place ----
+
+def foreign_folder(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.csv").write_text("1,2")
+    return out
+
+
+def prune_args(out):
+    return ["prune", "--model", "smollm2-135m", "--method", "magnitude", "--sparsity", "0.5", "--out", out]
+
+
+def staged_config(tmp_path, out):
+    return write_yaml(tmp_path / "staged.yaml", {**STAGED, "out": str(out)})
+
+
+def commands_writing_to(tmp_path, out):
+    """Every command that writes a folder, aimed at `out`, with --overwrite."""
+    return {
+        "prune": [*prune_args(out), "--overwrite"],
+        "staged": ["staged", staged_config(tmp_path, out), "--overwrite"],
+        "export": ["export", "--model", "smollm2-135m", "--format", "compressed", "--out", out, "--overwrite"],
+        "recover": ["recover", "--model", "smollm2-135m", "--out", out, "--overwrite"],
+    }
+
+
+@pytest.mark.parametrize("command", ["prune", "staged", "export", "recover"])
+def test_overwrite_never_replaces_a_folder_asft_did_not_write(tmp_path, capsys, command):
+    out = foreign_folder(tmp_path)
+    args = commands_writing_to(tmp_path, out)[command]
+    before = snapshot(tmp_path)
+    line = assert_one_line_error(run_cli(capsys, *args), "holds files that asft-ray did not write")
+    assert "--overwrite" not in line  # the refusal must not suggest the flag that would delete them
+    assert snapshot(tmp_path) == before
+
+
+def test_without_overwrite_a_foreign_folder_is_refused_without_suggesting_overwrite(tmp_path, capsys):
+    out = foreign_folder(tmp_path)
+    line = assert_one_line_error(run_cli(capsys, *prune_args(out)), "holds files that asft-ray did not write")
+    assert "--overwrite" not in line
+
+
+def test_an_asft_output_may_still_be_replaced_with_overwrite(tmp_path):
+    from asft_ray.artifacts import RUN_FILE, check_output_dir
+
+    out = tmp_path / "old-run"
+    out.mkdir()
+    (out / RUN_FILE).write_text('{"inputs": {"model": "other"}}')
+    assert check_output_dir(out, {"model": "this"}, overwrite=True) is False  # proceed and replace
+    with pytest.raises(Exception, match="pass --overwrite"):
+        check_output_dir(out, {"model": "this"}, overwrite=False)
+
+
+def test_every_output_record_marks_a_folder_as_asft_written():
+    from asft_ray.artifacts import RECORD_FILES, RUN_FILE
+    from asft_ray.export.compressed import MANIFEST
+    from asft_ray.export.structured import REPORT
+    from asft_ray.staged import STATE
+
+    assert {RUN_FILE, STATE, MANIFEST, REPORT} <= set(RECORD_FILES)
+
+
+@pytest.mark.parametrize("command", ["prune", "staged", "export", "recover", "run", "sweep"])
+@pytest.mark.parametrize("where", [".", "..", "/"])
+def test_out_that_would_take_the_working_directory_along_is_refused(tmp_path, capsys, monkeypatch, command, where):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    args = {
+        **commands_writing_to(tmp_path, where),
+        "run": ["run", write_yaml(tmp_path / "run.yaml", {**RUN, "out": where})],
+        "sweep": ["sweep", write_yaml(tmp_path / "sweep.yaml", {**PRUNE, "method": "wanda", "out": where})],
+    }[command]
+    before = snapshot(tmp_path)
+    expected = {".": "is the current directory", "..": "is a parent of the current directory", "/": "is a filesystem root"}
+    line = assert_one_line_error(run_cli(capsys, *args), expected[where])
+    assert "--overwrite" not in line
+    assert snapshot(tmp_path) == before
+
+
+def test_out_below_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    assert_one_line_error(run_cli(capsys, *prune_args(tmp_path / "a-file" / "out")), "is not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder; no read-only mount to use here")
+def test_out_in_a_read_only_folder_is_refused_before_any_work(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert_one_line_error(run_cli(capsys, *prune_args(locked / "out")), "is not writable")
+    finally:
+        locked.chmod(0o755)
