@@ -8,7 +8,7 @@ import os
 import sys
 
 from asft_ray.artifacts import check_out_location
-from asft_ray.config import METHODS, PruneConfig, load_yaml
+from asft_ray.config import METHODS, PruneConfig, check_device, load_yaml
 from asft_ray.errors import AsftError
 
 
@@ -129,9 +129,16 @@ def _eval_task(value: str) -> str:
     return value
 
 
+def _device(value: str) -> str:
+    try:
+        return check_device(value)
+    except AsftError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="data folder, or 'hub' (default: $ASFT_DATA_DIR, ../shared/data)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -48,6 +48,13 @@ class Pattern:
         return "unstructured" if self.kind == "unstructured" else f"{self.n}:{self.m}"
 
 
+def check_device(device: str) -> str:
+    """`auto`, `cpu`, `cuda` or `cuda:N`; anything else is one line before any work."""
+    if device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device):
+        return device
+    raise AsftError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """One one-shot pruning run: `asft prune` builds this from its flags."""
@@ -76,6 +83,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise AsftError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        check_device(self.device)
         pattern = Pattern.parse(self.pattern)
         if not 0.0 <= self.sparsity < 1.0:
             raise AsftError(f"sparsity {self.sparsity} is outside [0, 1)")

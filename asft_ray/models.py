@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from asft_ray.errors import AsftError
@@ -65,6 +66,9 @@ def resolve_model(spec: str) -> ModelSource:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    from asft_ray.config import check_device
+
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -87,7 +91,7 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a truncated or garbage weights file
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AsftError(f"could not load model {spec!r}: {first_line}") from err
     if source.gguf_file:

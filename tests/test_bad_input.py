@@ -242,3 +242,89 @@ def test_out_in_a_read_only_folder_is_refused_before_any_work(tmp_path, capsys):
         assert_one_line_error(run_cli(capsys, *prune_args(locked / "out")), "is not writable")
     finally:
         locked.chmod(0o755)
+
+
+# ---- item 5: broken files and unknown devices are one line, not a traceback ----
+
+@pytest.mark.parametrize("command", [
+    ["prune", "--model", "smollm2-135m", "--method", "magnitude", "--sparsity", "0.5", "--out", "OUT"],
+    ["eval", "--model", "smollm2-135m"],
+    ["export", "--model", "smollm2-135m", "--format", "compressed", "--out", "OUT"],
+    ["recover", "--model", "smollm2-135m", "--out", "OUT"],
+])
+def test_an_unknown_device_is_one_line(tmp_path, capsys, command):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in command]
+    assert_one_line_error(run_cli(capsys, *args, "--device", "tpu"), "unknown device 'tpu'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_device_in_a_config_is_one_line(tmp_path, capsys):
+    config = write_yaml(tmp_path / "c.yaml", {**PRUNE, "out": str(tmp_path / "out"), "device": "tpu"})
+    assert_one_line_error(run_cli(capsys, "prune", "--config", config), "unknown device 'tpu'")
+
+
+BROKEN_WEIGHTS = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "garbage": lambda data: b"this is not a safetensors file" * 8,
+    "empty": lambda data: b"",
+}
+
+
+@pytest.fixture
+def broken_model(tiny_model_dir, tmp_path, request):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(BROKEN_WEIGHTS[request.param](weights.read_bytes()))
+    return folder
+
+
+@pytest.mark.parametrize("broken_model", list(BROKEN_WEIGHTS), indirect=True)
+def test_broken_weights_are_one_line_when_loaded(broken_model, capsys, data_dir):
+    assert_one_line_error(run_cli(capsys, "eval", "--model", broken_model, "--data-dir", data_dir, "--no-progress"),
+                          f"could not load model '{broken_model}'")
+
+
+@pytest.mark.parametrize("broken_model", list(BROKEN_WEIGHTS), indirect=True)
+def test_broken_weights_are_one_line_when_streamed(broken_model):
+    from asft_ray.errors import AsftError
+    from asft_ray.pruning.streaming import SafetensorsReader
+
+    with pytest.raises(AsftError, match="not a valid safetensors file|is truncated"):
+        SafetensorsReader(broken_model)
+
+
+BROKEN_C4 = {
+    "empty": (b"", "is empty"),
+    "truncated": (b'{"text": "a whole document"}\n{"text": "cut in the mid', "could not be read as JSON lines"),
+    "garbage": (b"\x00\x01 not json at all\n", "could not be read as JSON lines"),
+    "no text field": (b'{"url": "http://x", "body": "words"}\n', "has no `text` field"),
+    "text not a string": (b'{"text": 5}\n', "could not be read as JSON lines|must be a string|holds no text"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_C4))
+def test_broken_c4_is_one_clear_error(tmp_path, case):
+    from asft_ray.data import C4_FILE, c4_documents
+    from asft_ray.errors import AsftError
+
+    content, message = BROKEN_C4[case]
+    path = tmp_path / C4_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(AsftError, match=message) as err:
+        c4_documents(str(tmp_path))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n \n"], ids=["empty", "blank"])
+def test_empty_wikitext_is_one_line_in_eval(tmp_path, capsys, tiny_model_dir, content):
+    from asft_ray.data import WIKITEXT_FILES
+
+    path = tmp_path / WIKITEXT_FILES["test"]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    assert_one_line_error(run_cli(capsys, "eval", "--model", tiny_model_dir, "--data-dir", tmp_path, "--no-progress"),
+                          "test.txt")
