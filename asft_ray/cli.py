@@ -155,7 +155,7 @@ def _prune(args) -> None:
     if args.device != "auto" or "device" not in values:
         values["device"] = args.device
     cfg = PruneConfig.from_dict(values, source=args.config or "flags")
-    # Fail fast, before Ray starts, on everything that can be checked without the model.
+    # Fail fast, before Ray starts, on everything that can be checked without the model's weights.
     resolve_model(cfg.model)
     if cfg.needs_calibration:
         resolve_data_dir(cfg.data_dir)
@@ -167,7 +167,9 @@ def _prune(args) -> None:
         else:
             print(f"{cfg.out} already holds this run; nothing to do (--overwrite to redo it)")
         return
+    from asft_ray.prune import check_against_model_config
 
+    check_against_model_config(cfg)
     from asft_ray.distributed.runner import prune_on_ray
 
     record = prune_on_ray(cfg, address=args.address, show_progress=not args.no_progress)
@@ -205,6 +207,9 @@ def _staged(args) -> None:
     check_run_folder(cfg)
     resolve_model(cfg.prune.model)
     resolve_data_dir(cfg.prune.data_dir)
+    from asft_ray.prune import check_against_model_config
+
+    check_against_model_config(cfg.prune, cfg.stages, seqlen_used=True)  # the gate measures seqlen windows
     result = staged_on_ray(values, address=args.address, show_progress=not args.no_progress)
     if result["status"] == "awaiting_approval":
         print(f"stage {result['stage']} is done and awaits a decision: asft approve {cfg.prune.out} "
@@ -235,6 +240,9 @@ def _sweep(args) -> None:
     check_out_location(cfg.prune.out)
     resolve_model(cfg.prune.model)
     resolve_data_dir(cfg.prune.data_dir)
+    from asft_ray.prune import check_against_model_config
+
+    check_against_model_config(cfg.prune, seqlen_used=True)  # validation windows of seqlen tokens
     init_ray(args.address)
     summary = run_sweep(cfg, show_progress=not args.no_progress)
     best = summary["best"]
@@ -262,7 +270,7 @@ def _eval(args) -> None:
     from asft_ray.data import resolve_data_dir, wikitext2_ids
     from asft_ray.eval.perplexity import perplexity
     from asft_ray.eval.sparsity import model_sparsity
-    from asft_ray.models import load_model, resolve_model
+    from asft_ray.models import check_seqlen, load_model, model_config
 
     if args.task != "wikitext2":
         return _eval_zeroshot(args)
@@ -270,7 +278,7 @@ def _eval(args) -> None:
         raise AsftError(f"seqlen must be at least 2, got {args.seqlen}")
     if args.max_windows is not None and args.max_windows < 1:
         raise AsftError(f"--max-windows must be at least 1, got {args.max_windows}")
-    resolve_model(args.model)
+    check_seqlen(args.seqlen, model_config(args.model), "--seqlen")  # before any weight is read
     resolve_data_dir(args.data_dir)
     model, tokenizer = load_model(args.model, args.device, show_progress=not args.no_progress)
     ids = wikitext2_ids(tokenizer, args.split, args.data_dir)

@@ -156,6 +156,11 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
     data_dir = resolve_data_dir(cfg.data_dir)
     started = time.perf_counter()
     staged = cfg.staged_config()
+    from asft_ray.models import check_seqlen, model_config
+    from asft_ray.prune import check_against_model_config
+
+    check_against_model_config(staged.prune, staged.stages, seqlen_used=True)
+    check_seqlen(cfg.eval.ppl_seqlen, model_config(cfg.model), "eval ppl_seqlen")
     steps = []
     owned = init_ray(address)
     try:

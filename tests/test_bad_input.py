@@ -7,6 +7,7 @@ nothing on disk changed that asft-ray did not write.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import yaml
@@ -328,3 +329,74 @@ def test_empty_wikitext_is_one_line_in_eval(tmp_path, capsys, tiny_model_dir, co
     path.write_bytes(content)
     assert_one_line_error(run_cli(capsys, "eval", "--model", tiny_model_dir, "--data-dir", tmp_path, "--no-progress"),
                           "test.txt")
+
+
+# ---- items 6 and 7: what the model's config decides is checked before Ray starts or a weight loads ----
+
+def fail_if_ray_starts(monkeypatch):
+    import asft_ray.distributed.runner as runner
+
+    def refuse(*_, **__):
+        raise AssertionError("Ray was started before the config-only checks")
+
+    monkeypatch.setattr(runner, "init_ray", refuse)
+
+
+def fail_if_weights_load(monkeypatch):
+    import asft_ray.models as models
+
+    def refuse(*_, **__):
+        raise AssertionError("weights were loaded before the config-only checks")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+def test_prune_seqlen_past_the_context_is_refused_before_ray(tiny_model_dir, tmp_path, capsys, monkeypatch, data_dir):
+    fail_if_ray_starts(monkeypatch)  # the tiny model has max_position_embeddings 512
+    assert_one_line_error(run_cli(capsys, "prune", "--model", tiny_model_dir, "--method", "wanda", "--sparsity", "0.5",
+                                  "--seqlen", "513", "--data-dir", data_dir, "--out", tmp_path / "out"),
+                          "seqlen 513 is longer than the model's context: max_position_embeddings is 512")
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_seqlen_past_the_context_is_refused_before_loading(tiny_model_dir, capsys, monkeypatch, data_dir):
+    fail_if_weights_load(monkeypatch)
+    assert_one_line_error(run_cli(capsys, "eval", "--model", tiny_model_dir, "--seqlen", "4096", "--data-dir", data_dir),
+                          "--seqlen 4096 is longer than the model's context")
+
+
+def test_the_context_limit_itself_is_accepted(tiny_model_dir):
+    from asft_ray.models import check_seqlen, model_config
+
+    check_seqlen(512, model_config(str(tiny_model_dir)))  # exactly the context: no error
+
+
+def test_nm_that_does_not_fit_the_width_is_refused_before_ray(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    fail_if_ray_starts(monkeypatch)  # widths 64 and 128: 7 divides neither
+    assert_one_line_error(run_cli(capsys, "prune", "--model", tiny_model_dir, "--method", "magnitude",
+                                  "--pattern", "2:7", "--out", tmp_path / "out"), "is not a multiple of 7")
+
+
+def test_a_schedule_for_another_layer_count_is_refused_before_ray(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    fail_if_ray_starts(monkeypatch)  # the tiny model has 2 layers
+    schedule = write_yaml(tmp_path / "s.yaml", {"schedule": "custom", "layers": [0.4, 0.5, 0.6]})
+    assert_one_line_error(run_cli(capsys, "prune", "--model", tiny_model_dir, "--method", "magnitude", "--sparsity", "0.5",
+                                  "--schedule", schedule, "--out", tmp_path / "out"),
+                          "custom schedule layers lists 3 layers, the model has 2")
+
+
+def test_staged_checks_the_model_config_before_ray(tiny_model_dir, tmp_path, capsys, monkeypatch, data_dir):
+    fail_if_ray_starts(monkeypatch)
+    config = write_yaml(tmp_path / "c.yaml", {**STAGED, "model": str(tiny_model_dir), "seqlen": 1024, "data_dir": data_dir,
+                                              "out": str(tmp_path / "run")})
+    assert_one_line_error(run_cli(capsys, "staged", config), "seqlen 1024 is longer than the model's context")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_mistyped_relative_model_path_is_no_such_directory(tmp_path, capsys, monkeypatch):
+    (tmp_path / "runs" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    assert_one_line_error(run_cli(capsys, "eval", "--model", "runs/bas"), "model 'runs/bas': no such file or directory")
+    assert time.perf_counter() - start < 5  # no hub look-up
