@@ -284,7 +284,7 @@ def broken_model(tiny_model_dir, tmp_path, request):
 
 @pytest.mark.parametrize("broken_model", list(BROKEN_WEIGHTS), indirect=True)
 def test_broken_weights_are_one_line_when_loaded(broken_model, capsys, data_dir):
-    assert_one_line_error(run_cli(capsys, "eval", "--model", broken_model, "--data-dir", data_dir, "--no-progress"),
+    assert_one_line_error(run_cli(capsys, "eval", "--model", broken_model, "--seqlen", "64", "--data-dir", data_dir, "--no-progress"),
                           f"could not load model '{broken_model}'")
 
 
@@ -327,7 +327,7 @@ def test_empty_wikitext_is_one_line_in_eval(tmp_path, capsys, tiny_model_dir, co
     path = tmp_path / WIKITEXT_FILES["test"]
     path.parent.mkdir(parents=True)
     path.write_bytes(content)
-    assert_one_line_error(run_cli(capsys, "eval", "--model", tiny_model_dir, "--data-dir", tmp_path, "--no-progress"),
+    assert_one_line_error(run_cli(capsys, "eval", "--model", tiny_model_dir, "--seqlen", "64", "--data-dir", tmp_path, "--no-progress"),
                           "test.txt")
 
 
