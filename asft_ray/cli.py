@@ -234,7 +234,7 @@ def _sweep(args) -> None:
     cfg = SweepConfig.from_dict(_config_values(args), source=args.config)
     from asft_ray.data import resolve_data_dir
     from asft_ray.distributed.runner import init_ray
-    from asft_ray.models import resolve_model
+    from asft_ray.models import model_config, resolve_model
     from asft_ray.tune import run_sweep
 
     check_out_location(cfg.prune.out)
@@ -243,6 +243,7 @@ def _sweep(args) -> None:
     from asft_ray.prune import check_against_model_config
 
     check_against_model_config(cfg.prune, seqlen_used=True)  # validation windows of seqlen tokens
+    cfg.check_fits_model(model_config(cfg.prune.model))
     init_ray(args.address)
     summary = run_sweep(cfg, show_progress=not args.no_progress)
     best = summary["best"]

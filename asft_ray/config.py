@@ -18,6 +18,7 @@ from asft_ray.errors import AsftError
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "fisher")
 CALIBRATED_METHODS = ("wanda", "sparsegpt", "taylor", "fisher")
+LAYERWISE_METHODS = ("wanda", "sparsegpt")  # the layer-by-layer engine: true-sequential, streaming, per-layer resume
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,13 @@ class PruneConfig:
             raise AsftError(f"seqlen must be at least 2, got {self.seqlen}")
         if not self.out:
             raise AsftError("--out is required")
-        if self.true_sequential and self.method not in ("wanda", "sparsegpt"):
+        if self.true_sequential and self.method not in LAYERWISE_METHODS:
             raise AsftError(f"true_sequential works with wanda and sparsegpt, not {self.method}")
-        if self.stream and self.method not in ("wanda", "sparsegpt"):
+        if self.stream and self.method not in LAYERWISE_METHODS:
             raise AsftError(f"layer streaming works with wanda and sparsegpt, not {self.method}")
+        if self.resume and self.method not in LAYERWISE_METHODS:
+            raise AsftError(f"resume continues a wanda or sparsegpt run after its last finished layer; {self.method} "
+                            "prunes in one step and has nothing to resume")
         if self.workers < 0 or self.worker_cpus <= 0 or self.worker_gpus < 0:
             raise AsftError("workers must be >= 0, worker_cpus > 0 and worker_gpus >= 0")
         spec = self.schedule_spec  # parses (and reads a schedule file) now, so errors come before any work

@@ -10,7 +10,7 @@ import torch
 
 import asft_ray
 from asft_ray.artifacts import RUN_FILE, atomic_output_dir, check_output_dir, read_run, write_json_atomic
-from asft_ray.config import PruneConfig
+from asft_ray.config import LAYERWISE_METHODS, PruneConfig
 from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration
 from asft_ray.errors import AsftError
 from asft_ray.eval.sparsity import model_sparsity, sparsity_from_report
@@ -26,8 +26,6 @@ from asft_ray.pruning.engine import (
 from asft_ray.pruning.streaming import StreamedLayers, build_skeleton
 from asft_ray.schedules import achieved_sparsity, build_schedule, linear_sizes
 from asft_ray.schedules.owl import layer_outlier_ratios
-
-LAYERWISE_METHODS = ("wanda", "sparsegpt")
 
 
 def run_prune(

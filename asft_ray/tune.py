@@ -66,6 +66,12 @@ class SweepConfig:
             raise AsftError(f"{source}: a sweep needs a global sparsity above 0")
         return cfg
 
+    def check_fits_model(self, model_config) -> None:
+        """Every block group needs at least one layer."""
+        n_layers = model_config.num_hidden_layers
+        if self.groups > n_layers:
+            raise AsftError(f"groups {self.groups} is more than the model's {n_layers} layers")
+
 
 def search_space(cfg: SweepConfig) -> dict:
     from ray import tune

@@ -400,3 +400,18 @@ def test_a_mistyped_relative_model_path_is_no_such_directory(tmp_path, capsys, m
     start = time.perf_counter()
     assert_one_line_error(run_cli(capsys, "eval", "--model", "runs/bas"), "model 'runs/bas': no such file or directory")
     assert time.perf_counter() - start < 5  # no hub look-up
+
+
+# ---- item 8: options that would silently do nothing ----
+
+def test_resume_with_a_one_step_method_is_refused(tmp_path, capsys):
+    assert_one_line_error(run_cli(capsys, *prune_args(tmp_path / "out"), "--resume"),
+                          "magnitude prunes in one step and has nothing to resume")
+
+
+def test_sweep_groups_beyond_the_layer_count_are_refused_before_ray(tiny_model_dir, tmp_path, capsys, monkeypatch, data_dir):
+    fail_if_ray_starts(monkeypatch)  # the tiny model has 2 layers
+    config = write_yaml(tmp_path / "c.yaml", {**PRUNE, "model": str(tiny_model_dir), "method": "wanda", "seqlen": 64,
+                                              "data_dir": data_dir, "groups": 3, "out": str(tmp_path / "sweep")})
+    assert_one_line_error(run_cli(capsys, "sweep", config), "groups 3 is more than the model's 2 layers")
+    assert not (tmp_path / "sweep").exists()
