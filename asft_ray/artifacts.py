@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -31,10 +32,14 @@ def write_json_atomic(path: Path, obj) -> None:
 
 @contextmanager
 def atomic_output_dir(out: Path):
-    """Yield a fresh temporary folder beside `out`; on success it replaces `out` in one rename."""
+    """Yield a fresh temporary folder beside `out`; on success it replaces `out` in one rename.
+
+    The folder is `.OUT.tmp-PID-*` (PID: the writing process); what a killed writer left
+    beside `out` is removed first (remove_stale_temp_dirs)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temp_dirs(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
     except BaseException:
@@ -47,6 +52,33 @@ def atomic_output_dir(out: Path):
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def remove_stale_temp_dirs(out: Path) -> list[Path]:
+    """Remove the `.OUT.tmp-PID-*` and `.OUT.old-PID` folders beside `out` whose writing process
+    is no longer running on this host (a run killed with -9, or an actor killed on an interrupt).
+    A folder of a live process, or without a PID in its name, is left alone. Returns what went."""
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp-(\d+)-.*|old-(\d+))")
+    for path in out.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not _process_alive(int(match.group(1) or match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def read_run(out: Path) -> dict | None:

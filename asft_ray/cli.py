@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from asft_ray.artifacts import check_out_location
 from asft_ray.config import METHODS, PruneConfig, check_device, load_yaml
@@ -350,19 +352,33 @@ def _recover(args) -> None:
     recover_from_args(args)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds exactly as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handlers = {"prune": _prune, "submit": _submit, "eval": _eval, "export": _export, "staged": _staged,
+                "approve": _decide, "reject": _decide, "sweep": _sweep, "run": _run, "recover": _recover}
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
-        handlers = {"prune": _prune, "submit": _submit, "eval": _eval, "export": _export, "staged": _staged,
-                    "approve": _decide, "reject": _decide, "sweep": _sweep, "run": _run, "recover": _recover}
         handlers[args.command](args)
     except AsftError as err:
         print(f"asft: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("asft: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C (130) or SIGTERM (143): temporary outputs are removed on the way out
+        terminated = isinstance(stop, Terminated)
+        print(f"asft: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

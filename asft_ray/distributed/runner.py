@@ -6,6 +6,8 @@ The actor owns the model while it is pruned; the driver holds only the config an
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 import ray
 
@@ -41,10 +43,15 @@ def init_ray(address: str | None = None) -> bool:
                         f"{address} names an existing cluster (its store was sized when it started): unset one of them")
     else:
         check_cluster_reachable(address)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="ERROR", **options)
     except ConnectionError as err:
         raise AsftError(f"could not reach the Ray cluster at {address}: {err}") from err
+    finally:
+        if in_main_thread and sigterm is not None:  # ray.init installs sys.exit(15); keep the CLI's own handling
+            signal.signal(signal.SIGTERM, sigterm)
     return True
 
 
@@ -184,6 +191,9 @@ def _on_ray(cfg: PruneConfig, method: str, payload: dict, address, num_cpus, sho
         hint = "; the node ran low on memory" if "memory" in str(err).lower() else ""
         raise AsftError(f"the pruning worker died ({str(err).strip().splitlines()[0]}{hint})") from None
     finally:
-        ray.kill(worker)
+        ray.kill(worker)  # on an interrupt too: it cannot clean up after itself then
         if owned:  # also flushes the worker's last log lines before our caller prints anything
             ray.shutdown()
+        from asft_ray.artifacts import remove_stale_temp_dirs
+
+        remove_stale_temp_dirs(cfg.out)  # the killed worker's unfinished output folder
