@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
-from asft_ray.config import METHODS, PruneConfig, load_yaml
+from asft_ray.artifacts import check_out_location
+from asft_ray.config import METHODS, PruneConfig, check_device, load_yaml
 from asft_ray.errors import AsftError
 
 
@@ -138,9 +141,16 @@ def _eval_task(value: str) -> str:
     return value
 
 
+def _device(value: str) -> str:
+    try:
+        return check_device(value)
+    except AsftError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="data folder, or 'hub' (default: $ASFT_DATA_DIR, ../shared/data)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -158,7 +168,7 @@ def _prune(args) -> None:
     if args.device != "auto" or "device" not in values:
         values["device"] = args.device
     cfg = PruneConfig.from_dict(values, source=args.config or "flags")
-    # Fail fast, before Ray starts, on everything that can be checked without the model.
+    # Fail fast, before Ray starts, on everything that can be checked without the model's weights.
     resolve_model(cfg.model)
     if cfg.needs_calibration:
         resolve_data_dir(cfg.data_dir)
@@ -170,7 +180,9 @@ def _prune(args) -> None:
         else:
             print(f"{cfg.out} already holds this run; nothing to do (--overwrite to redo it)")
         return
+    from asft_ray.prune import check_against_model_config
 
+    check_against_model_config(cfg)
     from asft_ray.distributed.runner import prune_on_ray
 
     record = prune_on_ray(cfg, address=args.address, show_progress=not args.no_progress)
@@ -203,9 +215,14 @@ def _staged(args) -> None:
     from asft_ray.data import resolve_data_dir
     from asft_ray.distributed.runner import staged_on_ray
     from asft_ray.models import resolve_model
+    from asft_ray.staged import check_run_folder
 
+    check_run_folder(cfg)
     resolve_model(cfg.prune.model)
     resolve_data_dir(cfg.prune.data_dir)
+    from asft_ray.prune import check_against_model_config
+
+    check_against_model_config(cfg.prune, cfg.stages, seqlen_used=True)  # the gate measures seqlen windows
     result = staged_on_ray(values, address=args.address, show_progress=not args.no_progress)
     if result["status"] == "awaiting_approval":
         print(f"stage {result['stage']} is done and awaits a decision: asft approve {cfg.prune.out} "
@@ -230,11 +247,16 @@ def _sweep(args) -> None:
     cfg = SweepConfig.from_dict(_config_values(args), source=args.config)
     from asft_ray.data import resolve_data_dir
     from asft_ray.distributed.runner import init_ray
-    from asft_ray.models import resolve_model
+    from asft_ray.models import model_config, resolve_model
     from asft_ray.tune import run_sweep
 
+    check_out_location(cfg.prune.out)
     resolve_model(cfg.prune.model)
     resolve_data_dir(cfg.prune.data_dir)
+    from asft_ray.prune import check_against_model_config
+
+    check_against_model_config(cfg.prune, seqlen_used=True)  # validation windows of seqlen tokens
+    cfg.check_fits_model(model_config(cfg.prune.model))
     init_ray(args.address)
     summary = run_sweep(cfg, show_progress=not args.no_progress)
     best = summary["best"]
@@ -262,7 +284,7 @@ def _eval(args) -> None:
     from asft_ray.data import resolve_data_dir, wikitext2_ids
     from asft_ray.eval.perplexity import perplexity
     from asft_ray.eval.sparsity import model_sparsity
-    from asft_ray.models import is_safetensors_dir, load_model, resolve_model
+    from asft_ray.models import check_seqlen, is_safetensors_dir, load_model, model_config, resolve_model
 
     if args.task != "wikitext2":
         return _eval_zeroshot(args)
@@ -273,6 +295,7 @@ def _eval(args) -> None:
     if args.workers < 0 or args.worker_cpus <= 0 or args.worker_gpus < 0:
         raise AsftError("--workers must be >= 0, --worker-cpus > 0 and --worker-gpus >= 0")
     source = resolve_model(args.model)
+    check_seqlen(args.seqlen, model_config(args.model), "--seqlen")  # before any weight is read
     resolve_data_dir(args.data_dir)
     stream = args.stream
     if stream is None:
@@ -360,19 +383,33 @@ def _recover(args) -> None:
     recover_from_args(args)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds exactly as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handlers = {"prune": _prune, "submit": _submit, "eval": _eval, "export": _export, "staged": _staged,
+                "approve": _decide, "reject": _decide, "sweep": _sweep, "run": _run, "recover": _recover}
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
-        handlers = {"prune": _prune, "submit": _submit, "eval": _eval, "export": _export, "staged": _staged,
-                    "approve": _decide, "reject": _decide, "sweep": _sweep, "run": _run, "recover": _recover}
         handlers[args.command](args)
     except AsftError as err:
         print(f"asft: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("asft: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C (130) or SIGTERM (143): temporary outputs are removed on the way out
+        terminated = isinstance(stop, Terminated)
+        print(f"asft: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +18,7 @@ from asft_ray.errors import AsftError
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "fisher")
 CALIBRATED_METHODS = ("wanda", "sparsegpt", "taylor", "fisher")
-LAYERWISE_METHODS = ("wanda", "sparsegpt")  # input statistics layer by layer, through the pruned layers before
+LAYERWISE_METHODS = ("wanda", "sparsegpt")  # the layer-by-layer engine: true-sequential, per-layer resume
 STREAMABLE_METHODS = ("magnitude", *LAYERWISE_METHODS)  # need at most one decoder layer in memory
 
 
@@ -46,6 +48,13 @@ class Pattern:
 
     def __str__(self) -> str:
         return "unstructured" if self.kind == "unstructured" else f"{self.n}:{self.m}"
+
+
+def check_device(device: str) -> str:
+    """`auto`, `cpu`, `cuda` or `cuda:N`; anything else is one line before any work."""
+    if device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device):
+        return device
+    raise AsftError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise AsftError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        check_device(self.device)
         pattern = Pattern.parse(self.pattern)
         if not 0.0 <= self.sparsity < 1.0:
             raise AsftError(f"sparsity {self.sparsity} is outside [0, 1)")
@@ -95,6 +105,9 @@ class PruneConfig:
             raise AsftError(f"true_sequential works with {' and '.join(LAYERWISE_METHODS)}, not {self.method}")
         if self.stream and self.method not in STREAMABLE_METHODS:
             raise AsftError(f"layer streaming works with {', '.join(STREAMABLE_METHODS)}, not {self.method}")
+        if self.resume and self.method not in LAYERWISE_METHODS:
+            raise AsftError(f"resume continues a wanda or sparsegpt run after its last finished layer; {self.method} "
+                            "prunes in one step and has nothing to resume")
         if self.workers < 0 or self.worker_cpus <= 0 or self.worker_gpus < 0:
             raise AsftError("workers must be >= 0, worker_cpus > 0 and worker_gpus >= 0")
         if (self.coordinator_cpus is not None and self.coordinator_cpus <= 0) or (self.coordinator_gpus or 0) < 0:
@@ -111,11 +124,12 @@ class PruneConfig:
 
     @staticmethod
     def from_dict(values: dict, source: str = "config") -> "PruneConfig":
-        """Build from a mapping (a YAML file, job arguments); unknown keys are an error."""
+        """Build from a mapping (a YAML file, job arguments); unknown keys and mistyped values are an error."""
         check_keys(values, PruneConfig, source)
+        check_field_types(values, PruneConfig, source)
         values = dict(values)
         if values.get("sparsity") is None:
-            implied = Pattern.parse(str(values.get("pattern", "unstructured"))).implied_sparsity
+            implied = Pattern.parse(values.get("pattern", "unstructured")).implied_sparsity
             if implied is None:
                 raise AsftError(f"{source}: sparsity is required for unstructured pruning")
             values["sparsity"] = implied
@@ -195,8 +209,74 @@ def check_keys(values, known, source: str, what: str = "key") -> None:
         raise AsftError(f"{source}: unknown {what}(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
+def check_field_types(values: dict, cls, source: str, skip: tuple[str, ...] = ()) -> None:
+    """Every value in `values` must fit the annotation of `cls`'s field of that name.
+
+    YAML and JSON give strings, numbers, booleans, lists and mappings; a quoted `"false"` or
+    `"2"` is a string and is refused here, before it can mean something else later. A bool is
+    not an int, an int is a float, a list fits a `tuple[...]` field. Keys in `skip` are left to
+    the caller (values it converts itself); keys that are not fields are check_keys' business.
+    """
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in skip or key not in hints:
+            continue
+        if not _fits(value, hints[key]):
+            raise AsftError(f"{source}: key {key!r} must be {_describe(hints[key])}, got {value!r}")
+
+
+def _fits(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return not args or (len(args) == len(value) and all(_fits(v, a) for v, a in zip(value, args)))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation this checker does not know: accept, the dataclass checks the value
+
+
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+          type(None): "null"}
+
+
+def _describe(hint) -> str:
+    """The annotation in words: `float | None` -> 'a number or null'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if hint is tuple or origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_plural(args[0])}"
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if hint in _NAMES:
+        return _NAMES[hint]
+    return f"a {getattr(hint, '__name__', hint)}"
+
+
+def _plural(hint) -> str:
+    words = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+    return words.get(hint, f"({_describe(hint)})")
+
+
 def load_yaml(path: str) -> dict:
-    """Read a YAML run config, with a one-line error for a missing or malformed file."""
+    """Read a YAML run config (a mapping of settings), with a one-line error for a missing or malformed file."""
     import yaml
 
     try:
@@ -208,4 +288,8 @@ def load_yaml(path: str) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise AsftError(f"config {path} is not valid YAML{where}") from err
-    return values if values is not None else {}
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise AsftError(f"config {path}: expected a mapping of settings, got a {type(values).__name__}")
+    return values

@@ -63,9 +63,8 @@ def wikitext2_rows(split: str = "test", data_dir: str | None = None) -> list[str
         hub_split = {"test": "test", "valid": "validation"}[split]
         ds = _hub(lambda: load_dataset("wikitext", "wikitext-2-raw-v1", split=hub_split), "wikitext2")
         return list(ds["text"])
-    path = _local_file(data_dir, WIKITEXT_FILES[split])
-    ds = load_dataset("text", data_files={split: path}, split=split, keep_linebreaks=True)
-    return [row if row.strip() else "" for row in ds["text"]]
+    rows = _local_texts("text", _local_file(data_dir, WIKITEXT_FILES[split]), keep_linebreaks=True)
+    return [row if row.strip() else "" for row in rows]
 
 
 def wikitext2_ids(tokenizer, split: str = "test", data_dir: str | None = None) -> torch.Tensor:
@@ -82,9 +81,37 @@ def c4_documents(data_dir: str | None = None) -> list[str]:
     if data_dir == HUB:
         files = {"train": "en/c4-train.00000-of-01024.json.gz"}
         ds = _hub(lambda: load_dataset("allenai/c4", data_files=files, split="train"), "c4")
-    else:
-        ds = load_dataset("json", data_files={"train": _local_file(data_dir, C4_FILE)}, split="train")
-    return list(ds["text"])
+        return list(ds["text"])
+    return _local_texts("json", _local_file(data_dir, C4_FILE))
+
+
+def _local_texts(builder: str, path: str, **options) -> list[str]:
+    """The `text` column of a local file read by `datasets` (`text` or `json` lines); a file that is
+    empty, malformed, truncated mid-record or without a `text` field is one clear line."""
+    import datasets
+
+    if Path(path).stat().st_size == 0:
+        raise AsftError(f"data file {path} is empty")
+    kind = {"json": "JSON lines", "text": "text"}[builder]
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a local file reads in a moment; its bar would only clutter stderr
+    try:
+        ds = datasets.load_dataset(builder, data_files={"train": path}, split="train", **options)
+    except Exception as err:  # datasets wraps the parser's error in several kinds
+        cause = err.__cause__ or err
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        raise AsftError(f"data file {path} could not be read as {kind}: {reason}") from err
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    if "text" not in ds.column_names:
+        raise AsftError(f"data file {path} has no `text` field (fields: {', '.join(ds.column_names) or 'none'})")
+    texts = ds["text"]
+    if not any(isinstance(t, str) and t.strip() for t in texts):
+        raise AsftError(f"data file {path} holds no text")
+    if not all(isinstance(t, str) for t in texts):
+        raise AsftError(f"data file {path}: every `text` value must be a string")
+    return list(texts)
 
 
 def sample_calibration(documents: list[str], tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:

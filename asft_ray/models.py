@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from asft_ray.errors import AsftError
@@ -57,7 +58,10 @@ def resolve_model(spec: str) -> ModelSource:
         if len(ggufs) == 1:
             return ModelSource(str(path), ggufs[0])
         raise AsftError(f"model directory {spec!r} has no config.json and not exactly one .gguf file")
-    if not path.exists() and _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    looks_local = spec.startswith((".", "/", "~")) or Path(path.parts[0]).is_dir()  # `runs/bas` when ./runs exists
+    if looks_local and not path.exists():
+        raise AsftError(f"model {spec!r}: no such file or directory")
+    if not path.exists() and _HUB_ID.match(spec):
         return ModelSource(spec, is_hub=True)
     raise AsftError(
         f"unknown model {spec!r}: not an alias ({', '.join(ALIASES)}), a model directory, a .gguf file or a hub id"
@@ -71,7 +75,40 @@ def is_safetensors_dir(source: ModelSource) -> bool:
         (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
+def model_config(spec: str):
+    """The model's transformers config, read without any weights (config.json, or a GGUF file's metadata)."""
+    from transformers import AutoConfig
+
+    source = resolve_model(spec)
+    kwargs = {"trust_remote_code": False}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return AutoConfig.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AsftError(f"could not load model {spec!r}: {first_line}") from err
+
+
+def model_skeleton(config) -> nn.Module:
+    """The model built from its config on the `meta` device: every module and shape, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_seqlen(seqlen: int, config, what: str = "seqlen") -> None:
+    """A window longer than the model's context would be measured past the positions it was trained on."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise AsftError(f"{what} {seqlen} is longer than the model's context: max_position_embeddings is {limit}")
+
+
 def pick_device(device: str = "auto") -> torch.device:
+    from asft_ray.config import check_device
+
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -94,7 +131,7 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a truncated or garbage weights file
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AsftError(f"could not load model {spec!r}: {first_line}") from err
     if source.gguf_file:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from asft_ray.artifacts import write_json_atomic
-from asft_ray.config import check_keys
+from asft_ray.artifacts import check_out_location, write_json_atomic
+from asft_ray.config import check_field_types, check_keys
 from asft_ray.errors import AsftError
 
 EXPORTS = ("compressed",)
@@ -55,16 +55,21 @@ class RunConfig:
     def from_dict(values: dict, source: str = "config") -> "RunConfig":
         """Validate everything that needs no model, including the nested stage configs."""
         check_keys(values, RunConfig, source)
+        check_field_types(values, RunConfig, source, skip=("eval",))
         for key in ("model", "out", "prune"):
             if not values.get(key):
                 raise AsftError(f"{source}: missing required key {key}")
         values = dict(values)
         ev = dict(values.get("eval") or {})
         check_keys(ev, EvalSpec, f"{source} eval", "eval key")
+        check_field_types(ev, EvalSpec, f"{source} eval", skip=("zeroshot",))
         if "zeroshot" in ev:
             from asft_ray.eval.zeroshot_tasks import parse_tasks
 
-            ev["zeroshot"] = tuple(parse_tasks(",".join(ev["zeroshot"]) if isinstance(ev["zeroshot"], list) else ev["zeroshot"]))
+            tasks = ev["zeroshot"]
+            if not (isinstance(tasks, str) or isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
+                raise AsftError(f"{source} eval: key 'zeroshot' must be a task name or a list of them, got {tasks!r}")
+            ev["zeroshot"] = tuple(parse_tasks(",".join(tasks) if isinstance(tasks, list) else tasks))
         values["eval"] = EvalSpec(**ev)
         exports = values.get("export") or ()
         bad = [e for e in exports if e not in EXPORTS]
@@ -145,11 +150,17 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
     from asft_ray.models import resolve_model
 
     run = Path(cfg.out).resolve()
+    check_out_location(run)
     run.mkdir(parents=True, exist_ok=True)
     resolve_model(cfg.model)
     data_dir = resolve_data_dir(cfg.data_dir)
     started = time.perf_counter()
     staged = cfg.staged_config()
+    from asft_ray.models import check_seqlen, model_config
+    from asft_ray.prune import check_against_model_config
+
+    check_against_model_config(staged.prune, staged.stages, seqlen_used=True)
+    check_seqlen(cfg.eval.ppl_seqlen, model_config(cfg.model), "eval ppl_seqlen")
     steps = []
     owned = init_ray(address)
     try:

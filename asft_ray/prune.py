@@ -14,7 +14,7 @@ from asft_ray.config import LAYERWISE_METHODS, PruneConfig
 from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration
 from asft_ray.errors import AsftError
 from asft_ray.eval.sparsity import model_sparsity, sparsity_from_report
-from asft_ray.models import load_model, resolve_model, save_model
+from asft_ray.models import check_seqlen, load_model, model_config, model_skeleton, resolve_model, save_model
 from asft_ray.pruning.checkpoint import LayerCheckpoint
 from asft_ray.pruning.engine import (
     LocalRunner,
@@ -124,6 +124,20 @@ def plan_sparsity(cfg: PruneConfig, model, calib_ids, make_runner=LocalRunner, s
         "layers": [plan[i] for i in sorted(plan)], "outliers": outliers}
     plan["lm_head"] = {"lm_head": cfg.sparsity}
     return plan, record
+
+
+def check_against_model_config(cfg: PruneConfig, targets: tuple[float, ...] = (), seqlen_used: bool | None = None) -> None:
+    """What the model's config alone decides, checked before Ray starts or a weight is read: the
+    window fits the model's context, an N:M group fits every pruned linear's input width, a
+    schedule's lists match the layers and linears (non-owl schedules: owl needs data)."""
+    config = model_config(cfg.model)
+    if cfg.needs_calibration if seqlen_used is None else seqlen_used:
+        check_seqlen(cfg.seqlen, config)
+    skeleton = model_skeleton(config)
+    check_pattern_fits(skeleton, cfg.parsed_pattern, cfg.prune_lm_head)
+    if not cfg.is_uniform and cfg.schedule_spec.name != "owl":
+        for target in targets or (cfg.sparsity,):
+            build_schedule(cfg.schedule_spec, skeleton, target)
 
 
 def _load_skeleton(spec: str, load_head: bool = True):

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from asft_ray.artifacts import atomic_output_dir, write_json_atomic
-from asft_ray.config import PruneConfig, check_keys
+from asft_ray.artifacts import atomic_output_dir, check_out_location, refuse_foreign_folder, write_json_atomic
+from asft_ray.config import PruneConfig, check_field_types, check_keys
 from asft_ray.errors import AsftError
 
 STATE = "state.json"
@@ -103,6 +103,7 @@ class StagedConfig:
         if not isinstance(gate_values, dict):
             raise AsftError(f"{source}: a `gate:` mapping is required (e.g. max_ppl_ratio: 1.5, windows: 4)")
         check_keys(gate_values, Gate, source, "gate key")
+        check_field_types(gate_values, Gate, f"{source} gate")
         gate = Gate(**gate_values)
         if "sparsity" in values:
             raise AsftError(f"{source}: a staged run takes `stages`, not `sparsity`")
@@ -128,6 +129,8 @@ def _parse_stages(stages, source: str) -> tuple[float, ...]:
         unknown = set(stages) - {"start", "step", "stop"}
         if unknown or not {"start", "step", "stop"} <= set(stages):
             raise AsftError(f"{source}: a stage rule needs exactly start, step and stop")
+        if not all(_is_number(stages[k]) for k in ("start", "step", "stop")):
+            raise AsftError(f"{source}: stage start, step and stop must be numbers, got {stages}")
         start, step, stop = (float(stages[k]) for k in ("start", "step", "stop"))
         if step <= 0:
             raise AsftError(f"{source}: stage step must be positive, got {step}")
@@ -135,15 +138,18 @@ def _parse_stages(stages, source: str) -> tuple[float, ...]:
         stages = [round(start + i * step, 6) for i in range(max(count, 0)) if start + i * step <= stop + 1e-9]
     if not isinstance(stages, (list, tuple)) or not stages:
         raise AsftError(f"{source}: `stages` must be a list of sparsities (e.g. [0.2, 0.35, 0.5]) or {{start, step, stop}}")
-    try:
-        stages = tuple(float(s) for s in stages)
-    except (TypeError, ValueError):
-        raise AsftError(f"{source}: stages must be numbers") from None
+    if not all(_is_number(s) for s in stages):
+        raise AsftError(f"{source}: stages must be numbers, got {list(stages)}")
+    stages = tuple(float(s) for s in stages)
     if any(not 0 < s < 1 for s in stages):
         raise AsftError(f"{source}: every stage must be in (0, 1), got {list(stages)}")
     if any(b <= a for a, b in zip(stages, stages[1:])):
         raise AsftError(f"{source}: stages must increase strictly, got {list(stages)}")
     return stages
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class DecisionLog:
@@ -226,6 +232,28 @@ def _floor(model) -> dict:
             for name, fraction in linear_sparsity(prunable_linears(layer))["linears"].items()}
 
 
+def check_run_folder(cfg: StagedConfig) -> str:
+    """What a run may do with its folder: "new" (absent or empty), "continue" (this run's state)
+    or "replace" (another staged run's, with overwrite). A folder that holds anything else is
+    refused, overwrite or not: only what a staged run wrote is ever deleted. Cheap: call it
+    before Ray starts."""
+    run = Path(cfg.prune.out)
+    check_out_location(run)
+    if not run.exists() or not any(run.iterdir()):
+        return "new"
+    state = _read_json(run / STATE)
+    if state is None:
+        refuse_foreign_folder(run)  # another asft-ray output may be replaced, anything else never
+        if not cfg.prune.overwrite:
+            raise AsftError(f"--out {run} already holds another asft-ray output; pass --overwrite to replace it")
+        return "replace"
+    if state.get("identity") == cfg.identity():
+        return "continue"
+    if not cfg.prune.overwrite:
+        raise AsftError(f"{run} holds a different staged run; pass overwrite: true (--overwrite) to replace it")
+    return "replace"
+
+
 def run_staged(cfg: StagedConfig, show_progress: bool = True, make_runner=None, sum_gradients=None) -> dict:
     """Run (or continue) a staged run in `cfg.prune.out`. Returns {"status": finished | awaiting_approval, ...}."""
     from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration, wikitext2_ids
@@ -240,15 +268,9 @@ def run_staged(cfg: StagedConfig, show_progress: bool = True, make_runner=None, 
     pc, gate = cfg.prune, cfg.gate
     run = Path(pc.out)
     state = _read_json(run / STATE)
-    if state is not None and state.get("identity") != cfg.identity():
-        if not pc.overwrite:
-            raise AsftError(f"{run} holds a different staged run; pass overwrite: true (--overwrite) to replace it")
+    if check_run_folder(cfg) == "replace":
         shutil.rmtree(run)
         state = None
-    elif state is None and run.exists() and any(run.iterdir()):
-        if not pc.overwrite:
-            raise AsftError(f"--out {run} already holds other files; pass --overwrite to replace it")
-        shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     if state is None:
         state = {"identity": cfg.identity(), "passed": None, "results": {}, "pending": None, "finished": False}

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from asft_ray.config import CALIBRATED_METHODS, PruneConfig
+from asft_ray.config import CALIBRATED_METHODS, PruneConfig, check_field_types
 from asft_ray.errors import AsftError
 from asft_ray.schedules.owl import M_GRID
 
@@ -49,11 +49,9 @@ class SweepConfig:
         values = dict(values)
         own = {f.name for f in dataclasses.fields(SweepConfig)} - {"prune"}
         mine = {k: values.pop(k) for k in list(values) if k in own}
+        check_field_types(mine, SweepConfig, source)
         if "linear_offsets" in mine:
-            names = mine["linear_offsets"]
-            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-                raise AsftError(f"{source}: linear_offsets must be a list of linear names, e.g. [mlp.down_proj]")
-            mine["linear_offsets"] = tuple(names)
+            mine["linear_offsets"] = tuple(mine["linear_offsets"])
         if "schedule" in values:
             raise AsftError(f"{source}: a sweep searches the schedule; remove `schedule`")
         prune = PruneConfig.from_dict(values, source)
@@ -67,6 +65,12 @@ class SweepConfig:
         if prune.sparsity <= 0:
             raise AsftError(f"{source}: a sweep needs a global sparsity above 0")
         return cfg
+
+    def check_fits_model(self, model_config) -> None:
+        """Every block group needs at least one layer."""
+        n_layers = model_config.num_hidden_layers
+        if self.groups > n_layers:
+            raise AsftError(f"groups {self.groups} is more than the model's {n_layers} layers")
 
 
 def search_space(cfg: SweepConfig) -> dict:

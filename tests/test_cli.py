@@ -97,7 +97,7 @@ def test_out_holding_other_files_is_refused(tiny_model_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     proc = asft("prune", "--model", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5",
                 "--out", str(tmp_path))
-    assert_one_line_error(proc, "already holds other files")
+    assert_one_line_error(proc, "holds files that asft-ray did not write")
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

@@ -104,4 +104,4 @@ def test_cli_export_compressed(tiny_model_dir, tmp_path, capsys):
     assert all(torch.equal(bits(v), bits(loaded.state_dict()[k])) for k, v in original.state_dict().items())
     assert (out / "tokenizer.json").is_file()
     assert main(["export", "--model", str(tiny_model_dir), "--format", "compressed", "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already holds an asft-ray output" in capsys.readouterr().err

@@ -17,9 +17,11 @@ def test_resolve_model_kinds(tmp_path, tiny_model_dir):
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").is_hub
 
 
-@pytest.mark.parametrize("spec", ["no-such-model", "./missing/dir", "/abs/missing"])
-def test_unknown_model_is_a_clear_error(spec):
-    with pytest.raises(AsftError, match="unknown model"):
+@pytest.mark.parametrize("spec,message", [("no-such-model", "unknown model"),
+                                          ("./missing/dir", "no such file or directory"),
+                                          ("/abs/missing", "no such file or directory")])
+def test_unknown_model_is_a_clear_error(spec, message):
+    with pytest.raises(AsftError, match=message):
         resolve_model(spec)
 
 

@@ -251,6 +251,7 @@ def test_bad_input_is_one_line_and_leaves_out_alone(case, message, capsys, tmp_p
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (out / "asft_run.json").write_text("{}")  # an earlier asft-ray output: --overwrite may replace it, errors must not
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     args = {"dense": ["--model", str(tiny_model_dir)],
@@ -260,7 +261,7 @@ def test_bad_input_is_one_line_and_leaves_out_alone(case, message, capsys, tmp_p
                          "--data-dir", data_dir, "--out", str(out), "--overwrite")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("asft: error:") and message in lines[0], err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["asft_run.json", "keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert not (tmp_path / ".out.recover").exists()
 
 

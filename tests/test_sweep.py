@@ -101,7 +101,7 @@ def test_a_best_schedule_with_linear_offsets_reproduces_the_trials_plan(tmp_path
 
 
 def test_sweep_linear_offsets_must_be_names():
-    with pytest.raises(AsftError, match="list of linear names"):
+    with pytest.raises(AsftError, match="key .linear_offsets. must be a list of strings"):
         SweepConfig.from_dict({"model": "m", "method": "wanda", "sparsity": 0.6, "out": "o", "linear_offsets": "mlp"})
 
 

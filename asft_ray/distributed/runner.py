@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import threading
 
 import ray
 
@@ -14,8 +16,17 @@ from asft_ray.config import PruneConfig
 from asft_ray.errors import AsftError
 
 
+CONNECT_TIMEOUT_ENV = "ASFT_CONNECT_TIMEOUT_S"
+DEFAULT_CONNECT_TIMEOUT_S = 30.0
+
+
 def init_ray(address: str | None = None, object_store_bytes: int | None = None) -> bool:
-    """Join `address` (or $RAY_ADDRESS); otherwise start an embedded local cluster, dashboard off.
+    """The one place asft-ray starts or joins Ray.
+
+    With `address` (or $RAY_ADDRESS): join that cluster, after checking within
+    $ASFT_CONNECT_TIMEOUT_S (default 30 s) that its GCS port answers. Without: start a private
+    embedded cluster (`address="local"`), never one that `ray start` left recorded in Ray's temp
+    dir (on a shared host anyone could have put it there). Dashboard off.
 
     An embedded cluster's shared-memory object store (Ray spills beyond it) is $ASFT_OBJECT_STORE_GB,
     else `object_store_bytes` (see `streaming_object_store_bytes`), else Ray's default.
@@ -23,16 +34,29 @@ def init_ray(address: str | None = None, object_store_bytes: int | None = None) 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    store_gb = os.environ.get("ASFT_OBJECT_STORE_GB")  # an embedded cluster's shared-memory object store (Ray spills beyond it)
     options = {}
-    store_gb = os.environ.get("ASFT_OBJECT_STORE_GB")
-    if store_gb:
-        object_store_bytes = int(float(store_gb) * 2**30)
-    if object_store_bytes and not (address or os.environ.get("RAY_ADDRESS")):
-        options["object_store_memory"] = object_store_bytes
+    if address is None:
+        address = "local"
+        if store_gb:
+            object_store_bytes = _object_store_bytes(store_gb)
+        if object_store_bytes:
+            options["object_store_memory"] = object_store_bytes
+    elif store_gb:
+        raise AsftError(f"ASFT_OBJECT_STORE_GB sizes the embedded cluster's object store, but --address/RAY_ADDRESS "
+                        f"{address} names an existing cluster (its store was sized when it started): unset one of them")
+    else:
+        check_cluster_reachable(address)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="ERROR", **options)
     except ConnectionError as err:
-        raise AsftError(f"could not reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {err}") from err
+        raise AsftError(f"could not reach the Ray cluster at {address}: {err}") from err
+    finally:
+        if in_main_thread and sigterm is not None:  # ray.init installs sys.exit(15); keep the CLI's own handling
+            signal.signal(signal.SIGTERM, sigterm)
     return True
 
 
@@ -50,6 +74,62 @@ def streaming_object_store_bytes(model_spec: str) -> int | None:
 
     weight_bytes = sum(f.stat().st_size for f in Path(source.location).glob("*.safetensors"))
     return max(int(0.3 * 2**30), weight_bytes // 10)
+
+
+def _object_store_bytes(text: str) -> int:
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = 0.0
+    if not gb > 0:
+        raise AsftError(f"ASFT_OBJECT_STORE_GB must be a positive number of GiB, got {text!r}")
+    return int(gb * 2**30)
+
+
+def connect_timeout_s() -> float:
+    text = os.environ.get(CONNECT_TIMEOUT_ENV)
+    if text is None:
+        return DEFAULT_CONNECT_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise AsftError(f"{CONNECT_TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return seconds
+
+
+def gcs_host_port(address: str) -> tuple[str, int]:
+    """`host:port` or `ray://host:port` (Ray Client) -> (host, port); anything else is one clear line."""
+    text = address.strip()
+    if text.startswith("ray://"):
+        text = text[len("ray://"):]
+    elif "://" in text:
+        raise AsftError(f"--address {address!r} is a URL; a Ray cluster address is the GCS host:port (e.g. "
+                        "127.0.0.1:6379) or ray://host:10001 for Ray Client (http:// job-server addresses are for `asft submit`)")
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
+    if not host or any(c.isspace() or c in "/[]" for c in host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AsftError(f"--address {address!r} is not host:port (e.g. 127.0.0.1:6379)")
+    return host, int(port)
+
+
+def check_cluster_reachable(address: str) -> None:
+    """Ray retries an unreachable GCS for many minutes without a word: try its port first, with a timeout."""
+    import socket
+
+    if address == "auto":  # Ray's own lookup of the cluster recorded on this host: asked for by name
+        return
+    host, port = gcs_host_port(address)
+    timeout = connect_timeout_s()
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except TimeoutError:
+        raise AsftError(f"could not reach the Ray cluster at {address}: no answer within {timeout:g} s "
+                        f"(${CONNECT_TIMEOUT_ENV} sets the limit)") from None
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise AsftError(f"could not reach the Ray cluster at {address}: {reason}") from None
 
 
 @ray.remote
@@ -192,6 +272,9 @@ def _on_ray(cfg: PruneConfig, method: str, payload: dict, address, num_cpus, sho
         hint = "; the node ran low on memory" if "memory" in str(err).lower() else ""
         raise AsftError(f"the pruning worker died ({str(err).strip().splitlines()[0]}{hint})") from None
     finally:
-        ray.kill(worker)
+        ray.kill(worker)  # on an interrupt too: it cannot clean up after itself then
         if owned:  # also flushes the worker's last log lines before our caller prints anything
             ray.shutdown()
+        from asft_ray.artifacts import remove_stale_temp_dirs
+
+        remove_stale_temp_dirs(cfg.out)  # the killed worker's unfinished output folder

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from asft_ray.artifacts import atomic_output_dir, write_json_atomic
+from asft_ray.artifacts import atomic_output_dir, check_out_location, refuse_foreign_folder, write_json_atomic
 from asft_ray.errors import AsftError
 from asft_ray.models import load_model, save_model
 
@@ -26,9 +26,13 @@ def parse_ratio(text: str | float) -> float | list[float]:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
+    """A new or empty --out, or (with overwrite) one that asft-ray wrote; never a folder of other files."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise AsftError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
+    check_out_location(out)
+    if out.exists() and any(out.iterdir()):
+        refuse_foreign_folder(out)
+        if not overwrite:
+            raise AsftError(f"--out {out} already holds an asft-ray output; pass --overwrite to replace it")
 
 
 def export_model(model_spec: str, fmt: str, out: Path, *, mlp_ratio="0", head_ratio="0", nsamples: int = 0,

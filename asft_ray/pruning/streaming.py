@@ -34,10 +34,20 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
+    """(tensor entries, where the data starts); a file that is not whole safetensors is one clear line."""
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
+        if not 2 <= size <= file_size - 8:
+            raise AsftError(f"{path} is not a valid safetensors file (truncated or not safetensors)")
+        try:
+            header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise AsftError(f"{path} is not a valid safetensors file (unreadable header)") from None
+    if 8 + size + data_end > file_size:
+        raise AsftError(f"{path} is truncated: its header describes {8 + size + data_end} bytes, the file has {file_size}")
     return header, 8 + size
 
 

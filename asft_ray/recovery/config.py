@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from asft_ray.config import check_keys
+from asft_ray.config import check_field_types, check_keys
 from asft_ray.errors import AsftError
 
 DATASETS = ("c4",)
@@ -116,6 +116,7 @@ class RecoverConfig:
     def from_dict(values: dict, source: str = "config") -> "RecoverConfig":
         """Build from a mapping (a YAML file, job arguments); unknown keys are an error."""
         check_keys(values, RecoverConfig, source)
+        check_field_types(values, RecoverConfig, source)
         missing = sorted(k for k in ("model", "out") if not values.get(k))
         if missing:
             raise AsftError(f"{source}: missing required key(s) {', '.join(missing)}")

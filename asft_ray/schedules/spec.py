@@ -72,6 +72,9 @@ class ScheduleSpec:
         values = {k: v for k, v in values.items() if k not in ("global_sparsity", "meta")}
         if "schedule" in values:  # written by `asft sweep` / a user: `schedule: custom`
             values["name"] = values.pop("schedule")
+        from asft_ray.config import check_field_types
+
+        check_field_types(values, ScheduleSpec, source, skip=("linear_offsets", "linears"))  # mappings in YAML, converted below
         for key in ("group_offsets", "layers", "attention", "mlp"):
             if values.get(key) is not None:
                 if not isinstance(values[key], (list, tuple)):
