@@ -6,6 +6,7 @@ variable set to stay in bounds:
 
   * `asft prune --method sparsegpt --workers 2` and `--workers 1` (fp32; same output bits expected);
   * `asft eval --workers 2` and `--workers 1` (streamed; windows sharded over the workers);
+  * `asft export --format compressed` of the pruned model (streamed: one decoder layer at a time);
   * `asft prune --method sparsegpt --workers 2` on the bf16 copy (output size = input size).
 
 Each command runs under a sampler of /proc (benchmarks/memory_streaming.PeakRss) that records the
@@ -50,7 +51,8 @@ def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
     row = {"label": label, "command": " ".join(args), "wall_s": wall, "peak_rss_bytes": top,
            "max_peak_bytes": max(peaks.values()), "max_private_bytes": max(private.values()),
            **{f"max_peak_fraction_of_{k}": max(peaks.values()) / v for k, v in weight_bytes.items()}}
-    for key in ("timings", "sparsity", "ppl", "seconds", "windows", "tokens", "window_nll", "streamed"):
+    for key in ("timings", "sparsity", "ppl", "seconds", "windows", "tokens", "window_nll", "streamed",
+                "file_ratio", "weights_file_bytes"):
         if key in record:
             row[key] = record[key] if key != "sparsity" or not isinstance(record[key], dict) else record[key]["total"]
     append_row("large_model", row)
@@ -96,6 +98,8 @@ def main():
                               "--workers", "1", "--out", str(work / "sgpt-w1"), *calib],
         "eval-w2": ["eval", "--model", str(work / "sgpt-w2"), "--workers", "2", *evaluation],
         "eval-w1": ["eval", "--model", str(work / "sgpt-w2"), "--workers", "1", *evaluation],
+        "export-compressed": ["export", "--model", str(work / "sgpt-w2"), "--format", "compressed",
+                              "--out", str(work / "sgpt-w2-compressed"), "--overwrite"],
         "sparsegpt-bf16-w2": ["prune", "--model", str(bf16), "--method", "sparsegpt", "--sparsity", "0.5",
                               "--workers", "2", "--out", str(work / "sgpt-bf16-w2"), *calib],
     }

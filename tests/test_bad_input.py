@@ -284,8 +284,16 @@ def broken_model(tiny_model_dir, tmp_path, request):
 
 @pytest.mark.parametrize("broken_model", list(BROKEN_WEIGHTS), indirect=True)
 def test_broken_weights_are_one_line_when_loaded(broken_model, capsys, data_dir):
-    assert_one_line_error(run_cli(capsys, "eval", "--model", broken_model, "--seqlen", "64", "--data-dir", data_dir, "--no-progress"),
+    assert_one_line_error(run_cli(capsys, "eval", "--model", broken_model, "--seqlen", "64", "--data-dir", data_dir,
+                                  "--no-stream", "--no-progress"),
                           f"could not load model '{broken_model}'")
+
+
+@pytest.mark.parametrize("broken_model", list(BROKEN_WEIGHTS), indirect=True)
+def test_broken_weights_are_one_line_when_evaluated_streamed(broken_model, capsys, data_dir):
+    line = assert_one_line_error(run_cli(capsys, "eval", "--model", broken_model, "--seqlen", "64", "--data-dir", data_dir,
+                                         "--no-progress"), "model.safetensors")
+    assert "not a valid safetensors file" in line or "is truncated" in line, line
 
 
 @pytest.mark.parametrize("broken_model", list(BROKEN_WEIGHTS), indirect=True)

@@ -105,3 +105,22 @@ def test_cli_export_compressed(tiny_model_dir, tmp_path, capsys):
     assert (out / "tokenizer.json").is_file()
     assert main(["export", "--model", str(tiny_model_dir), "--format", "compressed", "--out", str(out)]) == 2
     assert "already holds an asft-ray output" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_export_reloads_to_the_same_bits_and_sizes_as_in_memory(tiny_model, tmp_path, dtype):
+    """From a sharded safetensors folder, one decoder layer at a time: the same weights (bit for bit)
+    and the same byte counts as the in-memory writer."""
+    from asft_ray.export.compressed import save_compressed_streamed
+
+    prune_half(tiny_model)
+    tiny_model.to(dtype).save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    in_memory = save_compressed(tiny_model, tmp_path / "whole")
+    streamed = save_compressed_streamed(tmp_path / "src", tmp_path / "streamed")
+    assert len(list((tmp_path / "streamed").glob("model.compressed-*.safetensors"))) > 2
+    for key in ("pruned_dense_bytes", "pruned_stored_bytes", "pruned_weights", "compressed_weights", "dense_bytes"):
+        assert streamed[key] == in_memory[key], key
+    a, b = load_compressed(tmp_path / "whole"), load_compressed(tmp_path / "streamed")
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for key, value in a.state_dict().items():
+        assert value.dtype == dtype and torch.equal(bits(value), bits(b.state_dict()[key])), key

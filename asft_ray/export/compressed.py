@@ -11,9 +11,11 @@ sparsity in float32 that is 1/32 + 1/2 = 53.1 % of the dense bytes; a weight is 
 only when this is smaller than dense (density below 1 - 1/(8*itemsize), 96.9 % for fp32).
 
 Folder: config.json (+ generation_config.json), tokenizer files when given,
-`model.compressed.safetensors`, and `compressed.json` (format, sizes). Tied weights are
-stored once and re-tied on load. The in-memory model after loading is a plain dense model:
-this format saves disk and download, not compute.
+`model.compressed.safetensors` (or, written from a safetensors model directory one decoder
+layer at a time, `model.compressed-*.safetensors` shards, each with its own metadata), and
+`compressed.json` (format, sizes). Tied weights are stored once and re-tied on load. The
+in-memory model after loading is a plain dense model: this format saves disk and download,
+not compute.
 """
 
 from __future__ import annotations
@@ -134,6 +136,63 @@ def save_compressed(model, out: Path, tokenizer=None) -> dict:
     return report
 
 
+def save_compressed_streamed(source: Path, out: Path, tokenizer=None) -> dict:
+    """`save_compressed` of a safetensors model directory, never more than one decoder layer in
+    memory: each layer's tensors are read, packed and written to a shard of their own, then every
+    other tensor one at a time (as stored: tied weights once)."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from asft_ray.models import model_skeleton
+    from asft_ray.pruning.streaming import SafetensorsReader, layers_prefix
+
+    source = Path(source)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    skeleton = model_skeleton(config)
+    reader, prefix = SafetensorsReader(source), layers_prefix(skeleton)
+    linears = [f"{name}.weight" for name in prunable_linears(decoder_layers(skeleton)[0])]
+    groups = [reader.keys_under(f"{prefix}.{i}.") for i in range(len(decoder_layers(skeleton)))]
+    inside = {key for group in groups for key in group}
+    groups += [[key] for key in reader.weight_map if key not in inside]
+    totals = {"pruned_dense_bytes": 0, "pruned_stored_bytes": 0, "pruned_weights": 0, "compressed_weights": 0,
+              "dense_bytes": 0, "weights_file_bytes": 0}
+    dtypes = set()
+    with atomic_output_dir(Path(out)) as tmp:
+        for number, keys in enumerate(groups):
+            stored, shapes = {}, {}
+            for name, t in reader.get_many(keys).items():
+                nbytes = t.numel() * t.element_size()
+                totals["dense_bytes"] += nbytes
+                dtypes.add(str(t.dtype).replace("torch.", ""))
+                pruned = name in inside and name.split(".", len(prefix.split(".")) + 1)[-1] in linears
+                if pruned:
+                    totals["pruned_weights"] += 1
+                    totals["pruned_dense_bytes"] += nbytes
+                if pruned and worth_compressing(t):
+                    stored[name + MASK], stored[name + VALUES] = pack(t)
+                    shapes[name] = list(t.shape)
+                    totals["pruned_stored_bytes"] += stored[name + MASK].numel() + stored[name + VALUES].numel() * t.element_size()
+                else:
+                    stored[name] = t
+                    totals["pruned_stored_bytes"] += nbytes if pruned else 0
+            shard = tmp / f"model.compressed-{number:05d}.safetensors"
+            save_file(stored, str(shard), metadata={"format": FORMAT, "shapes": json.dumps(shapes), "aliases": "{}"})
+            totals["compressed_weights"] += len(shapes)
+            totals["weights_file_bytes"] += shard.stat().st_size
+            del stored
+        config.save_pretrained(tmp)
+        if (source / "generation_config.json").is_file():
+            (tmp / "generation_config.json").write_bytes((source / "generation_config.json").read_bytes())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        report = {**totals, "file_format": FORMAT, "dtype": ",".join(sorted(dtypes)), "streamed": True,
+                  "pruned_ratio": totals["pruned_stored_bytes"] / max(1, totals["pruned_dense_bytes"]),
+                  "file_ratio": totals["weights_file_bytes"] / totals["dense_bytes"]}
+        write_json_atomic(tmp / MANIFEST, report)
+        report["total_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+    return report
+
+
 def read_manifest(folder: Path) -> dict:
     try:
         return json.loads((Path(folder) / MANIFEST).read_text())
@@ -145,21 +204,23 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
     """The full state dict (aliases included) from a compressed folder."""
     from safetensors import safe_open
 
-    path = Path(folder) / WEIGHTS_FILE
-    if not path.is_file():
-        raise AsftError(f"{folder} has no {WEIGHTS_FILE}")
-    state = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise AsftError(f"{path} is not in format {FORMAT} (found {meta.get('format')!r})")
-        shapes, aliases = json.loads(meta["shapes"]), json.loads(meta["aliases"])
-        keys = set(f.keys())
-        for name, shape in shapes.items():
-            state[name] = unpack(f.get_tensor(name + MASK), f.get_tensor(name + VALUES), tuple(shape))
-        for key in keys:
-            if not key.endswith((MASK, VALUES)):
-                state[key] = f.get_tensor(key)
+    folder = Path(folder)
+    paths = [folder / WEIGHTS_FILE] if (folder / WEIGHTS_FILE).is_file() else sorted(folder.glob("model.compressed-*.safetensors"))
+    if not paths:
+        raise AsftError(f"{folder} has no {WEIGHTS_FILE} (nor model.compressed-*.safetensors shards)")
+    state, aliases = {}, {}
+    for path in paths:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise AsftError(f"{path} is not in format {FORMAT} (found {meta.get('format')!r})")
+            shapes = json.loads(meta["shapes"])
+            aliases.update(json.loads(meta["aliases"]))
+            for name, shape in shapes.items():
+                state[name] = unpack(f.get_tensor(name + MASK), f.get_tensor(name + VALUES), tuple(shape))
+            for key in f.keys():
+                if not key.endswith((MASK, VALUES)):
+                    state[key] = f.get_tensor(key)
     for alias, source in aliases.items():
         state[alias] = state[source]
     return state

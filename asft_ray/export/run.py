@@ -50,6 +50,17 @@ def export_model(model_spec: str, fmt: str, out: Path, *, mlp_ratio="0", head_ra
         from asft_ray.export.semistructured import require_cuda
 
         require_cuda()  # before loading anything
+    from asft_ray.models import is_safetensors_dir, resolve_model
+
+    source = resolve_model(model_spec)
+    if fmt == "compressed" and is_safetensors_dir(source):  # one decoder layer in memory at a time
+        from transformers import AutoTokenizer
+
+        from asft_ray.export.compressed import save_compressed_streamed
+
+        tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
+        report = save_compressed_streamed(Path(source.location), out, tokenizer)
+        return {"format": fmt, "model": model_spec, "out": str(out), **report, "seconds": time.perf_counter() - start}
     model, tokenizer = load_model(model_spec, "cpu" if fmt == "semistructured" else device, show_progress=show_progress)
     if fmt == "compressed":
         from asft_ray.export.compressed import save_compressed
