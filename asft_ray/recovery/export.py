@@ -46,7 +46,10 @@ def export_sharded(model, trainable: list[str], dtypes: dict[str, torch.dtype], 
             numel *= d
         sizes.append((name, numel * dtypes[name].itemsize))
     sizes += [(n, b.numel() * b.element_size()) for n, b in buffers]
-    writer = ShardWriter(folder, plan_shards(sizes, max_shard_bytes)) if rank == 0 else None
+    writer = None
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        writer = ShardWriter(folder, plan_shards(sizes, max_shard_bytes))
     trained = set(trainable)
     for name, p in params:
         if name not in trained and checkpoint is not None and name in checkpoint:
