@@ -156,3 +156,11 @@ def test_sharded_export_reloads_with_identical_weights(zero3_facts):
     again = AutoModelForCausalLM.from_pretrained(export)
     params = dict(again.named_parameters())
     assert set(source) == set(params) and all(torch.equal(params[n], source[n]) for n in source)
+
+
+def test_gpu_check_exits_2_with_a_clear_message_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the check would run")
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check_recovery.py")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2 and "no CUDA device" in done.stderr and done.stdout == ""
