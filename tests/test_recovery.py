@@ -326,6 +326,15 @@ def test_zero3_stop_and_resume_equals_an_uninterrupted_run(ray_cluster, pruned_d
     assert len(full["losses"]) == 4 and full["world_size"] == 2 and len(full["memory"]) == 2
     _assert_masks_held(full, tmp_path / "full", pruned_dir)
     _assert_model_state_memory(full, pruned_dir, zero_stage=3)
+    from transformers import AutoModelForCausalLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    masked_elements = sum(dict(pruned.named_parameters())[n].numel() for n in linear_weight_names(pruned))
+    whole_bytes = sum(p.numel() * 4 for p in pruned.parameters())
+    for worker in full["memory"]:  # partitioned loading: no whole parameter, half the reads, half the masks
+        assert worker["load_full_param_bytes"] == 0, worker
+        assert 0.45 * whole_bytes <= worker["load_read_bytes"] <= 0.55 * whole_bytes, (worker, whole_bytes)
+        assert 0.45 * masked_elements <= worker["mask_bytes"] <= 0.55 * masked_elements, worker
 
     stopped = _recover(pruned_dir, tmp_path / "cut", data_dir, zero_stage=3, stop_after_steps=2, eval_every=2,
                        eval_windows=3)
@@ -359,6 +368,23 @@ def test_zero2_with_distillation_keeps_masks_through_resume(ray_cluster, pruned_
     assert record["deepspeed_config"]["zero_optimization"]["stage"] == 2
     assert all(m["peak_rss_mib"] >= m["train_rss_max_mib"] > 0 for m in record["memory"])
     _assert_model_state_memory(record, pruned_dir, zero_stage=2)
+
+
+def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(ray_cluster, pruned_dir, tiny_model_dir, tmp_path,
+                                                               data_dir):
+    """bf16 weights with an fp32 master, optimizer and parameters offloaded, the teacher partitioned:
+    masks hold in module, master and moments; the first loss (before any update) equals ZeRO-2's
+    with a whole teacher, and the curves agree to bf16 tolerance."""
+    kw = dict(teacher=str(tiny_model_dir), kd_weight=1.0, max_steps=3, checkpoint_every=0, bf16=True)
+    three = _recover(pruned_dir, tmp_path / "z3", data_dir, zero_stage=3, offload_optimizer=True, offload_params=True, **kw)
+    two = _recover(pruned_dir, tmp_path / "z2", data_dir, zero_stage=2, **kw)
+    _assert_masks_held(three, tmp_path / "z3", pruned_dir)
+    zo = three["deepspeed_config"]["zero_optimization"]
+    assert three["deepspeed_config"]["bf16"] == {"enabled": True}
+    assert zo["offload_optimizer"]["device"] == "cpu" and zo["offload_param"]["device"] == "cpu"
+    assert three["history"][0]["kd"] == pytest.approx(two["history"][0]["kd"], rel=1e-3, abs=1e-6)
+    assert three["losses"][0] == pytest.approx(two["losses"][0], rel=1e-4)
+    assert three["losses"] == pytest.approx(two["losses"], rel=1e-2)
 
 
 def test_demo_config_is_valid_and_the_job_entrypoint_needs_a_config(capsys):

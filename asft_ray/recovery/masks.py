@@ -6,6 +6,10 @@ multiplies every gradient by the mask before anything else sees it. Then the opt
 (AdamW: zero gradient -> zero moments -> zero update; decoupled decay of 0 is 0), gradient
 accumulation, clipping and DeepSpeed's fp32 master copy all keep masked entries at exactly 0.
 Re-zeroing the weights after each step instead would leave ZeRO-3's master copy unmasked.
+
+These masks are whole (one bool per weight) and serve ZeRO-2, where every worker holds whole
+weights anyway; under ZeRO-3 each worker keeps only its partition's mask (zero3.py). Either
+way a mask lives on its weight's device, so the hook never moves data between devices.
 """
 
 from __future__ import annotations
@@ -32,12 +36,35 @@ def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:
     """Masks of the decoder linears from the model's exact zeros. A model with none is not pruned."""
     params = dict(model.named_parameters())
     masks = {name: params[name].detach() != 0 for name in linear_weight_names(model)}
-    if all(bool(m.all()) for m in masks.values()):
+    require_zeros(not all(bool(m.all()) for m in masks.values()))
+    return masks
+
+
+def require_zeros(has_zeros: bool) -> None:
+    """A student without a single zero in its decoder linears was not pruned: nothing to keep."""
+    if not has_zeros:
         raise AsftError(
             "the model has no zero weights in its decoder linears, so there is no sparsity to keep: "
             "prune it first (asft prune) or pass --mask-file"
         )
-    return masks
+
+
+def check_mask_names(path, names, params) -> None:
+    """Every mask in a mask file must name a parameter; an empty file is an error."""
+    names = list(names)
+    if not names:
+        raise AsftError(f"mask file {path} holds no masks")
+    unknown = sorted(set(names) - set(params))
+    if unknown:
+        raise AsftError(f"mask file {path}: no parameter named {unknown[0]!r} in the model")
+
+
+def check_mask_entry(path, name: str, dtype: torch.dtype, shape: tuple, weight_shape: tuple) -> None:
+    """One mask of a mask file: bool, shaped like its weight."""
+    if dtype != torch.bool:
+        raise AsftError(f"mask file {path}: {name} is {dtype}, expected bool")
+    if tuple(shape) != tuple(weight_shape):
+        raise AsftError(f"mask file {path}: {name} has shape {tuple(shape)}, its weight {tuple(weight_shape)}")
 
 
 def student_masks(model: nn.Module, mask_file: str | None, dense: bool) -> dict[str, torch.Tensor]:
@@ -59,16 +86,10 @@ def load_mask_file(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor
     except (OSError, SafetensorError) as err:
         raise AsftError(f"cannot read mask file {path}: {err}") from err
     params = dict(model.named_parameters())
-    unknown = sorted(set(raw) - set(params))
-    if unknown:
-        raise AsftError(f"mask file {path}: no parameter named {unknown[0]!r} in the model")
-    if not raw:
-        raise AsftError(f"mask file {path} holds no masks")
+    check_mask_names(path, raw, params)
     for name, mask in raw.items():
-        if mask.dtype != torch.bool:
-            raise AsftError(f"mask file {path}: {name} is {mask.dtype}, expected bool")
-        if mask.shape != params[name].shape:
-            raise AsftError(f"mask file {path}: {name} has shape {tuple(mask.shape)}, its weight {tuple(params[name].shape)}")
+        check_mask_entry(path, name, mask.dtype, mask.shape, params[name].shape)
+        raw[name] = mask.to(params[name].device)
     return raw
 
 
@@ -81,8 +102,10 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 
 def mask_gradient(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The gradient with its masked-out entries set to exactly 0 (the hook's whole job)."""
-    return grad * mask.to(grad.dtype)
+    """The gradient with its masked-out entries set to exactly 0 (the hook's whole job). The mask
+    is expected on the gradient's device; one elsewhere (a ZeRO-3 partition offloaded to the CPU
+    whose gradient is reduced on the GPU) is copied over for this product."""
+    return grad * mask.to(grad.device, grad.dtype)
 
 
 def register_mask_hooks(model: nn.Module, masks: dict[str, torch.Tensor]) -> list:

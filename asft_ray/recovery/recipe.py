@@ -25,7 +25,8 @@ from asft_ray.recovery.batches import step_starts, token_stream
 from asft_ray.recovery.checkpoints import SUMMARY, prepare_state, state_dir
 from asft_ray.recovery.config import RecoverConfig
 from asft_ray.recovery.deepspeed_config import TrainingPlan, build_plan, load_user_config
-from asft_ray.recovery.masks import student_masks
+from asft_ray.recovery.masks import check_mask_entry, check_mask_names, linear_weight_names, require_zeros, student_masks
+from asft_ray.recovery.shards import Checkpoint
 
 
 def model_config(spec: str):
@@ -58,15 +59,43 @@ def check_teacher(cfg: RecoverConfig, student_config) -> None:
 
 
 def check_student(cfg: RecoverConfig):
-    """Load the student once to prove its masks exist (zeros, or a matching mask file); returns
-    (tokenizer, mask summary). The workers rebuild the same masks from the same inputs."""
-    model, tokenizer = load_model(cfg.model, "cpu", show_progress=False)
-    masks = student_masks(model, cfg.mask_file, cfg.dense)
-    total = sum(m.numel() for m in masks.values())
-    kept = sum(int(m.sum()) for m in masks.values())
-    check_teacher(cfg, model.config)
-    del model
-    return tokenizer, {"masked_params": len(masks), "weights": total, "sparsity": 1 - kept / total}
+    """Prove the student's masks exist (zeros, or a matching mask file) without holding the model:
+    weights and masks are read one tensor at a time from the safetensors and checked against a
+    skeleton on the `meta` device. Returns (tokenizer, mask summary); the workers rebuild the
+    same masks. (A GGUF or hub model has no safetensors to stream: it is loaded whole here.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(cfg.model)
+    config = model_config(cfg.model)
+    check_teacher(cfg, config)
+    if source.gguf_file or source.is_hub:
+        model, tokenizer = load_model(cfg.model, "cpu", show_progress=False)
+        masks = student_masks(model, cfg.mask_file, cfg.dense)
+        return tokenizer, _mask_summary([(m.numel(), int(m.sum())) for m in masks.values()])
+    tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    params = dict(skeleton.named_parameters())
+    if cfg.dense:
+        return tokenizer, _mask_summary([(params[n].numel(), params[n].numel()) for n in linear_weight_names(skeleton)])
+    if cfg.mask_file:
+        masks = Checkpoint.from_file(cfg.mask_file)
+        check_mask_names(cfg.mask_file, masks.names(), params)
+        counts = []
+        for name in masks.names():
+            check_mask_entry(cfg.mask_file, name, masks.dtype(name), masks.shape(name), params[name].shape)
+            counts.append((params[name].numel(), int(masks.read(name).sum())))
+        return tokenizer, _mask_summary(counts)
+    weights = Checkpoint.from_folder(source.location)
+    counts = [(params[n].numel(), int((weights.read(n) != 0).sum())) for n in linear_weight_names(skeleton)]
+    require_zeros(any(kept < total for total, kept in counts))
+    return tokenizer, _mask_summary(counts)
+
+
+def _mask_summary(counts: list[tuple[int, int]]) -> dict:
+    """From (weights, kept) per masked tensor."""
+    total, kept = sum(t for t, _ in counts), sum(k for _, k in counts)
+    return {"masked_params": len(counts), "weights": total, "sparsity": 1 - kept / total}
 
 
 def training_tokens(cfg: RecoverConfig, tokenizer, data_dir: str):

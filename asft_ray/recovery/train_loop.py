@@ -1,6 +1,14 @@
 """What each Ray Train worker runs: build the masked student, wrap it in DeepSpeed, train, export.
 
+Two ways to hold the student, by ZeRO stage:
+  ZeRO-2  every worker loads the whole model (ZeRO-2 keeps whole parameters anyway), moves it to
+          its device, and masks the full gradient with a hook (masks.py), masks on that device.
+  ZeRO-3  every worker builds the model partitioned from the start and loads only its own slice
+          of each weight from disk; masks are per partition and mask the reduced gradient
+          partition before each optimizer step (zero3.py). The teacher is partitioned the same
+          way, in a second DeepSpeed engine used for forward only.
 Every function taking `engine` is collective under ZeRO (all workers call it, in the same order).
+Every reduction runs on the engine's device (NCCL: CUDA tensors; gloo: CPU).
 Rank 0 alone writes files: the exported model into the driver's temporary output folder and
 `summary.json` into the state folder.
 """
@@ -14,22 +22,28 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from asft_ray.artifacts import write_json_atomic
-from asft_ray.models import load_model, save_model
+from asft_ray.models import load_model, resolve_model
 from asft_ray.recovery.batches import micro_batch
 from asft_ray.recovery.checkpoints import SUMMARY, latest_checkpoint, load_checkpoint, save_checkpoint
 from asft_ray.recovery.config import RecoverConfig
 from asft_ray.recovery.deepspeed_config import TrainingPlan, warmup_cosine
+from asft_ray.recovery.export import export_sharded
 from asft_ray.recovery.losses import Objective, recovery_loss
 from asft_ray.recovery.masks import (
     apply_masks,
     count_masked_nonzeros,
-    student_masks,
     register_mask_hooks,
     select_trainable,
+    student_masks,
 )
+from asft_ray.recovery.shards import Checkpoint
+from asft_ray.recovery import zero3
 
 
 def _import_deepspeed(use_gpu: bool):
@@ -39,18 +53,72 @@ def _import_deepspeed(use_gpu: bool):
     import deepspeed
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed()  # adopts Ray Train's process group; zero.Init needs the world size before initialize
     return deepspeed
 
 
-def build_student(cfg: RecoverConfig):
-    """(model, masks, trainable names): pruned weights masked once, gradient hooks on, the rest frozen."""
+@dataclass
+class Student:
+    """The student as this worker holds it. `masks`: full bool masks (ZeRO-2) or this worker's
+    partition masks (ZeRO-3, `partitioned`). `source_dtypes`: each parameter's dtype on disk (the
+    export writes it back in it). `checkpoint`: the source safetensors (None for GGUF / hub).
+    `keep_alive`: transformers' HfDeepSpeedConfig, referenced while the model lives."""
+
+    model: torch.nn.Module
+    masks: dict
+    trainable: list
+    source_dtypes: dict
+    checkpoint: Checkpoint | None
+    partitioned: bool
+    keep_alive: object = None
+
+
+def _source_checkpoint(spec: str) -> Checkpoint | None:
+    source = resolve_model(spec)
+    return None if source.gguf_file or source.is_hub else Checkpoint.from_folder(source.location)
+
+
+def train_dtype(plan: TrainingPlan) -> torch.dtype:
+    """bf16 weights and activations with an fp32 master (DeepSpeed `bf16.enabled`), else fp32."""
+    return torch.bfloat16 if plan.ds_config["bf16"]["enabled"] else torch.float32
+
+
+def build_student(cfg: RecoverConfig, plan: TrainingPlan, device: torch.device) -> Student:
+    """The masked student, frozen except its trainable weights (see the module docstring)."""
+    if plan.zero_stage == 3:
+        model, keep_alive, checkpoint = zero3.build_partitioned(cfg.model, plan.ds_config, train_dtype(plan))
+        dtypes = zero3.load_partitions(model, cfg.model, checkpoint)
+        masks = zero3.partition_masks(model, cfg.model, checkpoint, cfg.mask_file, cfg.dense)
+        trainable = select_trainable(model, masks, cfg.train_norms, cfg.train_biases)
+        model.train()
+        return Student(model, masks, trainable, dtypes, checkpoint, True, keep_alive)
     model, _ = load_model(cfg.model, "cpu", show_progress=False)
+    checkpoint = _source_checkpoint(cfg.model)
+    dtypes = {n: checkpoint.dtype(n) if checkpoint is not None and n in checkpoint else p.dtype
+              for n, p in model.named_parameters()}
+    model.to(device)  # masks are made from the weights, so they live where the gradients will
     masks = student_masks(model, cfg.mask_file, cfg.dense)
     apply_masks(model, masks)
     trainable = select_trainable(model, masks, cfg.train_norms, cfg.train_biases)
     register_mask_hooks(model, masks)
     model.train()
-    return model, masks, trainable
+    return Student(model, masks, trainable, dtypes, checkpoint, False)
+
+
+def build_teacher(cfg: RecoverConfig, plan: TrainingPlan, deepspeed, device: torch.device):
+    """(teacher, keep_alive) for forward only, in the student's dtype. Under ZeRO-3 it is partitioned
+    like the student and wrapped in its own DeepSpeed engine (no optimizer), which gathers one
+    layer at a time for the forward; under ZeRO-2 each worker holds it whole, as it holds the student."""
+    if plan.zero_stage != 3:
+        teacher, _ = load_model(cfg.teacher, str(device), dtype=train_dtype(plan), show_progress=False)
+        return teacher, None
+    ds_config = {k: v for k, v in plan.ds_config.items() if k not in ("optimizer", "scheduler")}
+    model, keep_alive, checkpoint = zero3.build_partitioned(cfg.teacher, ds_config, train_dtype(plan))
+    zero3.load_partitions(model, cfg.teacher, checkpoint)
+    model.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine, keep_alive
 
 
 def build_optimizer(model, plan: TrainingPlan, max_steps: int):
@@ -68,8 +136,9 @@ def build_optimizer(model, plan: TrainingPlan, max_steps: int):
 
 
 def train_step(engine, teacher, objective: Objective, stream, cfg: RecoverConfig, plan: TrainingPlan, step: int,
-               rank: int, world: int) -> dict:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean loss terms over all workers."""
+               rank: int, world: int, before_update: Callable[[], None] | None = None) -> dict:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss terms over all workers.
+    `before_update` runs after the last micro-step's backward, before the optimizer update."""
     import torch.distributed as dist
 
     sums: dict[str, float] = {}
@@ -84,11 +153,13 @@ def train_step(engine, teacher, objective: Objective, stream, cfg: RecoverConfig
                 teacher_out = teacher(input_ids=ids, output_hidden_states=hidden, use_cache=False)
         loss, parts = recovery_loss(objective, ids, out, teacher_out)
         engine.backward(loss)
+        if before_update is not None and engine.is_gradient_accumulation_boundary():
+            before_update()
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         for key, value in {"loss": float(loss.detach()), **parts}.items():
             sums[key] = sums.get(key, 0.0) + value
     keys = sorted(sums)
-    total = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    total = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=engine.device)
     dist.all_reduce(total)
     return {k: float(v) / (plan.grad_accum * world) for k, v in zip(keys, total)}
 
@@ -104,20 +175,20 @@ def evaluate(engine, ids: torch.Tensor, seqlen: int, rank: int, world: int) -> f
 
     n = ids.numel() // seqlen
     engine.eval()
-    local = torch.zeros(2, dtype=torch.float64)
+    local = torch.zeros(2, dtype=torch.float64, device=engine.device)
     for k in range(math.ceil(n / world)):
         w = k * world + rank
         x = ids[(w if w < n else 0) * seqlen :][:seqlen].unsqueeze(0).long().to(engine.device)
         nll = float(lm_loss(engine(input_ids=x, use_cache=False).logits, x))
         if w < n:
-            local += torch.tensor([nll, 1.0], dtype=torch.float64)
+            local += torch.tensor([nll, 1.0], dtype=torch.float64, device=engine.device)
     engine.train()
     dist.all_reduce(local)
     return math.exp(float(local[0] / local[1]))
 
 
 def mask_report(model, masks: dict, trainable: list[str], optimizer_state: bool = True) -> dict:
-    """Count masked-out entries that are not exactly zero: in the module weights (gathered under
+    """(ZeRO-2's full masks; zero3.partition_mask_report checks partition masks.) Count masked-out entries that are not exactly zero: in the module weights (gathered under
     ZeRO-3), in DeepSpeed's fp32 master copy and (if `optimizer_state`) in the Adam moments.
     Collective. Right after loading a ZeRO-2 checkpoint the moments are not linked to their
     parameters until the next step, so a check there must pass optimizer_state=False."""
@@ -150,33 +221,15 @@ def mask_report(model, masks: dict, trainable: list[str], optimizer_state: bool 
     return report
 
 
-def gather_weights(model, trainable: list[str], rank: int) -> dict:
-    """Full fp32 weights on rank 0 (None elsewhere): gathered module weights, and for trained
-    parameters DeepSpeed's fp32 master (equal in fp32 training, more precise under bf16). Collective."""
-    from deepspeed.runtime.zero import GatheredParameters
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    weights = {}
-    for name, p in model.named_parameters():
-        with GatheredParameters([p], modifier_rank=None):
-            value = p.data.detach().float().cpu().clone() if rank == 0 else None
-        if name in trainable:
-            master = safe_get_full_fp32_param(p)
-            if master is not None and rank == 0:
-                value = master.detach().float().cpu().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape).clone()
-        if rank == 0:
-            weights[name] = value
-    return weights if rank == 0 else None
-
-
-def export_model(cfg: RecoverConfig, weights: dict, folder: Path) -> None:
-    """Write the recovered weights as a normal HF model (safetensors) into `folder` (rank 0)."""
-    model, tokenizer = load_model(cfg.model, "cpu", show_progress=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    save_model(model, tokenizer, folder)
+def _load_stats(student: Student) -> dict:
+    """What loading the student cost this worker: bytes read from the safetensors, the largest
+    tensor read at once (elements), and the bytes of parameters it holds at full size right after
+    loading (0 under ZeRO-3: every parameter is only a partition then)."""
+    full = sum(p.data.numel() * p.data.element_size() for p in student.model.parameters()
+               if p.data.numel() == getattr(p, "ds_numel", p.data.numel()))
+    ckpt = student.checkpoint
+    return {"load_read_bytes": ckpt.bytes_read if ckpt else None, "load_largest_read": ckpt.largest_read if ckpt else None,
+            "load_full_param_bytes": full}
 
 
 def rss_mib() -> float:
@@ -246,17 +299,25 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
 
-    model, masks, trainable = build_student(cfg)
+    student = build_student(cfg, plan, device)
+    model, masks, trainable = student.model, student.masks, student.trainable
+    load_stats = _load_stats(student)
     optimizer, scheduler = build_optimizer(model, plan, cfg.max_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=plan.ds_config,
         model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad],
     )
+    before_update = zero3.enforce_masks_on_partitions(model, masks) if student.partitioned else None
+
+    def check_masks(optimizer_state: bool = True) -> dict:
+        if student.partitioned:
+            return zero3.partition_mask_report(model, masks, trainable, engine.device, optimizer_state)
+        return mask_report(model, masks, trainable, optimizer_state)
+
     objective = Objective(cfg.lm_weight, cfg.effective_kd_weight, cfg.hidden_weight, cfg.temperature)
-    teacher = None
+    teacher = teacher_keep_alive = None
     if objective.needs_teacher:
-        dtype = torch.bfloat16 if plan.ds_config["bf16"]["enabled"] else torch.float32
-        teacher, _ = load_model(cfg.teacher, str(engine.device), dtype=dtype, show_progress=False)
+        teacher, teacher_keep_alive = build_teacher(cfg, plan, deepspeed, engine.device)
     stream, eval_ids = config["stream"], config["eval_ids"]
     eval_seqlen = cfg.eval_seqlen or cfg.seqlen
 
@@ -264,7 +325,7 @@ def train_loop(config: dict) -> None:
     if latest_checkpoint(state) is not None:
         client = load_checkpoint(engine, state)
         start, history, evals = client["step"], client["history"], client["evals"]
-        resumed_check = mask_report(model, masks, trainable, optimizer_state=False)
+        resumed_check = check_masks(optimizer_state=False)
     if cfg.eval_every and start == 0:
         evals.append({"step": 0, "ppl": evaluate(engine, eval_ids, eval_seqlen, rank, world)})
 
@@ -274,7 +335,7 @@ def train_loop(config: dict) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(start, cfg.max_steps):
         t, lr = time.perf_counter(), engine.get_lr()[0]
-        row = train_step(engine, teacher, objective, stream, cfg, plan, step, rank, world)
+        row = train_step(engine, teacher, objective, stream, cfg, plan, step, rank, world, before_update)
         row.update(step=step + 1, seconds=time.perf_counter() - t, lr=lr)
         history.append(row)
         train_rss_max = max(train_rss_max, rss_mib())
@@ -296,14 +357,14 @@ def train_loop(config: dict) -> None:
     summary = {"stopped": stopped, "steps_done": len(history), "resumed_from_step": start, "history": history,
                "evals": evals, "tokens_per_step": tokens_per_step, "world_size": world}
     if not stopped:
-        summary["mask_check"] = mask_report(model, masks, trainable)
+        summary["mask_check"] = check_masks()
         summary["mask_check_after_resume"] = resumed_check
-        weights = gather_weights(model, trainable, rank)
-        if rank == 0:
-            export_model(cfg, weights, Path(config["export_dir"]))
+        export_sharded(model, trainable, student.source_dtypes, cfg.model, Path(config["export_dir"]), rank,
+                       student.checkpoint)
         summary["trainable_params"] = len(trainable)
     memory = [None] * world
-    dist.all_gather_object(memory, {**peak_memory_mib(device, train_rss_max), **held})
+    dist.all_gather_object(memory, {**peak_memory_mib(device, train_rss_max), **held, **load_stats,
+                                    "mask_bytes": sum(m.numel() * m.element_size() for m in masks.values())})
     summary["memory"] = memory
     if rank == 0:
         write_json_atomic(state / SUMMARY, summary)
