@@ -108,7 +108,7 @@ def main() -> int:
 
     recovery = REPO / "benchmarks" / "gpu_check_recovery.py"
     if recovery.is_file():
-        done = subprocess.run([sys.executable, str(recovery), "--model", str(out / "wanda-gpu")], cwd=REPO,
+        done = subprocess.run([sys.executable, str(recovery), "--pruned", str(out / "wanda-gpu")], cwd=REPO,
                               capture_output=True, text=True)
         result["recovery"] = {"returncode": done.returncode, "stdout_tail": done.stdout[-2000:],
                               "stderr_tail": done.stderr[-2000:]}
