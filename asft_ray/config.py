@@ -113,7 +113,7 @@ class PruneConfig:
         if (self.coordinator_cpus is not None and self.coordinator_cpus <= 0) or (self.coordinator_gpus or 0) < 0:
             raise AsftError("coordinator_cpus must be > 0 and coordinator_gpus >= 0")
         spec = self.schedule_spec  # parses (and reads a schedule file) now, so errors come before any work
-        if spec.name != "uniform" or spec.group_offsets or spec.attn_offset:
+        if not spec.is_uniform:
             if pattern.kind == "nm":
                 raise AsftError(f"a per-layer schedule needs unstructured pruning; pattern {pattern} fixes every layer's sparsity")
             if self.stream and spec.name == "owl":
@@ -175,10 +175,7 @@ class PruneConfig:
 
     @property
     def is_uniform(self) -> bool:
-        from asft_ray.schedules import ScheduleSpec
-
-        spec = self.schedule_spec
-        return spec == ScheduleSpec(min_sparsity=spec.min_sparsity, max_sparsity=spec.max_sparsity)
+        return self.schedule_spec.is_uniform
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -139,9 +139,16 @@ def test_a_custom_list_of_the_wrong_length_fails_before_pruning():
         build_schedule(ScheduleSpec(name="custom", layers=(0.5, 0.5, 0.5)), build_tiny_llama(), 0.5)
 
 
-def test_schedules_need_unstructured_pruning():
+@pytest.mark.parametrize("schedule", ["owl", {"name": "uniform", "linear_offsets": {"mlp.down_proj": 0.05}},
+                                      {"name": "uniform", "attn_offset": 0.1}])
+def test_schedules_need_unstructured_pruning(schedule):
+    """Any schedule that would give linears different sparsities, linear offsets alone included
+    (they were once accepted with N:M and then silently ignored)."""
     with pytest.raises(AsftError, match="needs unstructured"):
-        PruneConfig(model="m", method="wanda", sparsity=0.5, pattern="2:4", out="o", schedule="owl")
+        PruneConfig(model="m", method="wanda", sparsity=0.5, pattern="2:4", out="o", schedule=schedule)
+    assert not PruneConfig(model="m", method="wanda", sparsity=0.5, out="o", schedule=schedule).is_uniform
+    assert PruneConfig(model="m", method="wanda", sparsity=0.5, pattern="2:4", out="o",
+                       schedule={"name": "uniform", "max_sparsity": 0.9}).is_uniform
 
 
 def test_a_schedule_file_round_trips(tmp_path):

@@ -41,6 +41,12 @@ class ScheduleSpec:
     min_sparsity: float = 0.0
     max_sparsity: float = 0.99
 
+    @property
+    def is_uniform(self) -> bool:
+        """One sparsity for every linear: the default schedule with no offset of any kind (bounds aside).
+        The one rule for "is this schedule uniform" (validation and the run identity use it)."""
+        return dataclasses.replace(self, min_sparsity=0.0, max_sparsity=0.99) == ScheduleSpec()
+
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
             raise AsftError(f"unknown schedule {self.name!r}: choose one of {', '.join(SCHEDULES)} or a YAML file")
