@@ -76,27 +76,24 @@ def streaming_object_store_bytes(model_spec: str) -> int | None:
     return max(int(0.3 * 2**30), weight_bytes // 10)
 
 
-def _object_store_bytes(text: str) -> int:
+def positive_env_number(name: str, text: str, unit: str) -> float:
+    """The value of environment variable `name`, which must be a positive number (of `unit`)."""
     try:
-        gb = float(text)
+        value = float(text)
     except ValueError:
-        gb = 0.0
-    if not gb > 0:
-        raise AsftError(f"ASFT_OBJECT_STORE_GB must be a positive number of GiB, got {text!r}")
-    return int(gb * 2**30)
+        value = 0.0
+    if not value > 0:
+        raise AsftError(f"{name} must be a positive number of {unit}, got {text!r}")
+    return value
+
+
+def _object_store_bytes(text: str) -> int:
+    return int(positive_env_number("ASFT_OBJECT_STORE_GB", text, "GiB") * 2**30)
 
 
 def connect_timeout_s() -> float:
     text = os.environ.get(CONNECT_TIMEOUT_ENV)
-    if text is None:
-        return DEFAULT_CONNECT_TIMEOUT_S
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = 0.0
-    if not seconds > 0:
-        raise AsftError(f"{CONNECT_TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
-    return seconds
+    return DEFAULT_CONNECT_TIMEOUT_S if text is None else positive_env_number(CONNECT_TIMEOUT_ENV, text, "seconds")
 
 
 def gcs_host_port(address: str) -> tuple[str, int]:

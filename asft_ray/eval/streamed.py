@@ -11,7 +11,6 @@ evaluation's to float tolerance.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asft_ray.errors import AsftError
+from asft_ray.eval.perplexity import count_windows, ppl_result
 from asft_ray.models import decoder_layers
 from asft_ray.progress import progress
 
@@ -54,11 +53,7 @@ def streamed_perplexity(folder: Path, ids: torch.Tensor, seqlen: int, max_window
     from asft_ray.pruning.streaming import StreamedLayers, build_skeleton
 
     ids = ids.reshape(-1)
-    windows = ids.numel() // seqlen
-    if max_windows is not None:
-        windows = min(windows, max_windows)
-    if windows < 1:
-        raise AsftError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    windows = count_windows(ids, seqlen, max_windows)
     start = time.perf_counter()
     rows = ids[: windows * seqlen].reshape(windows, seqlen)
     model, reader = build_skeleton(Path(folder), load_head=True)
@@ -70,9 +65,7 @@ def streamed_perplexity(folder: Path, ids: torch.Tensor, seqlen: int, max_window
         layers.release(index, layer)
     final = FinalHead(model.base_model.norm, model.get_output_embeddings())
     nlls = runner.nlls(final, list(rows))
-    mean_nll = math.fsum(nlls) / windows
-    return {"ppl": math.exp(mean_nll), "mean_nll": mean_nll, "windows": windows, "tokens": windows * seqlen,
-            "seqlen": seqlen, "seconds": time.perf_counter() - start, "window_nll": nlls, "streamed": True}
+    return {**ppl_result(nlls, seqlen, time.perf_counter() - start), "streamed": True}
 
 
 def evaluate_streamed(folder, ids: torch.Tensor, seqlen: int, max_windows: int | None, workers: int = 0,
