@@ -26,20 +26,15 @@ NO_GPU_EXIT = 2
 
 
 def magnitude_pruned(folder: Path, sparsity: float = 0.5) -> Path:
-    """SmolLM2 with the smallest |w| of every decoder linear zeroed (a quick stand-in for `asft prune`)."""
-    import torch
-
-    from asft_ray.models import decoder_layers, load_model, prunable_linears, save_model
+    """SmolLM2 magnitude-pruned by the engine (every decoder linear, exact sparsity), saved once."""
+    from asft_ray.config import Pattern
+    from asft_ray.models import load_model, save_model
+    from asft_ray.pruning.engine import prune_model
 
     if (folder / "config.json").is_file():
         return folder
     model, tokenizer = load_model(DENSE, "cpu", show_progress=False)
-    with torch.no_grad():
-        for layer in decoder_layers(model):
-            for lin in prunable_linears(layer).values():
-                k = int(lin.weight.numel() * sparsity)
-                threshold = lin.weight.abs().flatten().kthvalue(k).values
-                lin.weight[lin.weight.abs() <= threshold] = 0
+    prune_model(model, "magnitude", Pattern.parse("unstructured"), sparsity, show_progress=False)
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, tokenizer, folder)
     return folder

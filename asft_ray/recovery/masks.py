@@ -138,3 +138,26 @@ def select_trainable(model: nn.Module, masks: dict[str, torch.Tensor], norms: bo
 def count_masked_nonzeros(value: torch.Tensor, mask: torch.Tensor) -> int:
     """How many entries that the mask removes are not exactly zero (0 means the mask held)."""
     return int((value.detach().reshape(mask.shape)[~mask.to(value.device)] != 0).sum())
+
+
+def copies_mask_report(weight, param, mask, trainable: bool, get_master, get_state, optimizer_state: bool) -> dict:
+    """Masked-out entries that are not exactly zero in one parameter's copies: `weight` (the module's,
+    whole or a partition), the fp32 master `get_master(param)` and the Adam moments `get_state(param, key)`
+    (DeepSpeed's safe_get_full_* for whole masks, safe_get_local_* for partition masks)."""
+    report = {"module": count_masked_nonzeros(weight, mask), "master": 0, "exp_avg": 0, "exp_avg_sq": 0,
+              "master_checked": 0, "state_checked": 0}
+    if not trainable:
+        return report
+    master = get_master(param)
+    if master is not None:
+        report["master"] += count_masked_nonzeros(master, mask)
+        report["master_checked"] = 1
+    for key in ("exp_avg", "exp_avg_sq") if optimizer_state else ():
+        try:
+            state = get_state(param, key)
+        except (KeyError, AttributeError):  # an optimizer without Adam moments
+            state = None
+        if state is not None:
+            report[key] += count_masked_nonzeros(state, mask)
+            report["state_checked"] = 1
+    return report

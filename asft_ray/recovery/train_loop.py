@@ -37,7 +37,7 @@ from asft_ray.recovery.export import export_sharded
 from asft_ray.recovery.losses import Objective, recovery_loss
 from asft_ray.recovery.masks import (
     apply_masks,
-    count_masked_nonzeros,
+    copies_mask_report,
     register_mask_hooks,
     select_trainable,
     student_masks,
@@ -188,10 +188,11 @@ def evaluate(engine, ids: torch.Tensor, seqlen: int, rank: int, world: int) -> f
 
 
 def mask_report(model, masks: dict, trainable: list[str], optimizer_state: bool = True) -> dict:
-    """(ZeRO-2's full masks; zero3.partition_mask_report checks partition masks.) Count masked-out entries that are not exactly zero: in the module weights (gathered under
-    ZeRO-3), in DeepSpeed's fp32 master copy and (if `optimizer_state`) in the Adam moments.
-    Collective. Right after loading a ZeRO-2 checkpoint the moments are not linked to their
-    parameters until the next step, so a check there must pass optimizer_state=False."""
+    """(ZeRO-2's full masks; zero3.partition_mask_report checks partition masks.) Count masked-out
+    entries that are not exactly zero: in the module weights (gathered under ZeRO-3), in DeepSpeed's
+    fp32 master copy and (if `optimizer_state`) in the Adam moments. Collective. Right after loading
+    a ZeRO-2 checkpoint the moments are not linked to their parameters until the next step, so a
+    check there must pass optimizer_state=False."""
     from deepspeed.runtime.zero import GatheredParameters
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -201,23 +202,10 @@ def mask_report(model, masks: dict, trainable: list[str], optimizer_state: bool 
     for name, mask in masks.items():
         p = params[name]
         with GatheredParameters([p], modifier_rank=None):
-            report["module"] += count_masked_nonzeros(p.data, mask)
-        if name not in trainable:
-            continue
-        master = safe_get_full_fp32_param(p)
-        if master is not None:
-            report["master"] += count_masked_nonzeros(master, mask)
-            report["master_checked"] += 1
-        checked = False
-        for key in ("exp_avg", "exp_avg_sq") if optimizer_state else ():
-            try:
-                state = safe_get_full_optimizer_state(p, key)
-            except (KeyError, AttributeError):  # an optimizer without Adam moments
-                state = None
-            if state is not None:
-                report[key] += count_masked_nonzeros(state, mask)
-                checked = True
-        report["state_checked"] += int(checked)
+            one = copies_mask_report(p.data, p, mask, name in trainable, safe_get_full_fp32_param,
+                                     safe_get_full_optimizer_state, optimizer_state)
+        for key, value in one.items():
+            report[key] += value
     return report
 
 

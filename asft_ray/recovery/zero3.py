@@ -29,7 +29,7 @@ from asft_ray.models import resolve_model
 from asft_ray.recovery.masks import (
     check_mask_entry,
     check_mask_names,
-    count_masked_nonzeros,
+    copies_mask_report,
     linear_weight_names,
     mask_gradient,
 )
@@ -182,23 +182,12 @@ def partition_mask_report(model, masks: dict, trainable: list[str], device, opti
     master_checked = state_checked = 0
     for name, mask in masks.items():
         p = params[name]
-        found["module"] += count_masked_nonzeros(p.ds_tensor, mask)
-        if name not in trainable:
-            continue
-        master = safe_get_local_fp32_param(p)
-        if master is not None:
-            found["master"] += count_masked_nonzeros(master, mask)
-            master_checked += 1
-        checked = False
-        for key in ("exp_avg", "exp_avg_sq") if optimizer_state else ():
-            try:
-                state = safe_get_local_optimizer_state(p, key)
-            except (KeyError, AttributeError):  # an optimizer without Adam moments
-                state = None
-            if state is not None:
-                found[key] += count_masked_nonzeros(state, mask)
-                checked = True
-        state_checked += int(checked)
+        one = copies_mask_report(p.ds_tensor, p, mask, name in trainable, safe_get_local_fp32_param,
+                                 safe_get_local_optimizer_state, optimizer_state)
+        for key in keys:
+            found[key] += one[key]
+        master_checked += one["master_checked"]
+        state_checked += one["state_checked"]
     sums = torch.tensor([found[k] for k in keys], dtype=torch.int64, device=device)
     dist.all_reduce(sums)
     checked = torch.tensor([master_checked, state_checked], dtype=torch.int64, device=device)
