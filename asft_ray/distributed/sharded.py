@@ -46,6 +46,7 @@ from asft_ray.pruning.engine import (
     untie_lm_head,
 )
 from asft_ray.pruning.stats import InputStats, sum_in_order
+from asft_ray.pruning.streaming import return_free_memory
 
 
 @dataclass(frozen=True)
@@ -153,17 +154,23 @@ class ScoringWorker:
         if list(stats.hessians) != list(sources):
             raise AsftError(f"layer inputs {list(stats.hessians)} differ from the expected {list(sources)}")
         small = stats_to_cpu(InputStats(stats.source, stats.sq_norms, {}))
+        return_free_memory()
         return (small, *(stats.hessians[s].cpu().numpy() for s in sources))
 
     def add(self, total, part):
-        """One step of an in-order sum (`total` is None for the first chunk)."""
-        return part if total is None else total + part
+        """One step of an in-order sum: the total so far plus the next chunk's partial."""
+        total = total + part
+        return_free_memory()
+        return total
 
     def solve(self, method: str, pattern: Pattern, weight, sparsity: float, hessian=None) -> torch.Tensor:
         """One linear pruned (SparseGPT: with its weight update) on this worker's device."""
         weight = _tensor(weight).to(self.device)
         stats = {"hessian": _tensor(hessian).to(self.device)} if hessian is not None else {}
-        return prune_weight(method, weight, pattern, sparsity, **stats).cpu()
+        pruned = prune_weight(method, weight, pattern, sparsity, **stats).cpu()
+        del stats, weight
+        return_free_memory()
+        return pruned
 
     def nlls(self, final, chunk, targets) -> list[float]:
         from asft_ray.eval.streamed import chunk_nlls
@@ -282,8 +289,8 @@ class ShardedRunner:
             refs = self._worker(k).stats_split.options(num_returns=1 + len(sources)).remote(
                 layer_ref, chunk, self.context, sources, only)
             small_parts.append(refs[0])
-            for source, part in zip(sources, refs[1:]):
-                totals[source] = self.workers[owners[source]].add.remote(totals[source], part)
+            for source, part in zip(sources, refs[1:]):  # the first chunk's partial is the total so far
+                totals[source] = part if k == 0 else self.workers[owners[source]].add.remote(totals[source], part)
             pending.append(list(totals.values()))
             unreduced = sum(len(ray.wait(r, num_returns=len(r), timeout=0)[0]) < len(r) for r in pending)
             self.peak_pending = max(self.peak_pending, unreduced)

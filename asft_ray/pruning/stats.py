@@ -116,7 +116,10 @@ class LayerInputStats:
         self.sq_norms[name] = self.sq_norms[name] + sq if name in self.sq_norms else sq
         if self.want_hessian:
             gram = (x.T @ x).double()
-            self.hessians[name] = self.hessians[name] + gram if name in self.hessians else gram
+            if name in self.hessians:
+                self.hessians[name].add_(gram)  # in place: the same sums, one i x i float64 matrix fewer
+            else:
+                self.hessians[name] = gram
 
     def result(self) -> InputStats:
         return InputStats(dict(self.source), dict(self.sq_norms), dict(self.hessians))

@@ -168,7 +168,7 @@ def _materialise_outside_layers(model: nn.Module, reader: SafetensorsReader, loa
         raise AsftError(f"the checkpoint lacks {missing[0]} ({len(missing)} tensors outside the layers missing)")
 
 
-def _return_free_memory() -> None:
+def return_free_memory() -> None:
     """Ask glibc to give freed heap pages back to the OS, so the resident set shrinks after each layer."""
     try:
         import ctypes
@@ -214,14 +214,14 @@ class StreamedLayers:
             head.weight = embeddings.weight  # moving to meta makes new parameters: tie them again
         elif head is not None:
             head.to("meta")
-        _return_free_memory()
+        return_free_memory()
 
     def release(self, index: int, layer: nn.Module) -> None:
         if self.out_dir is not None:
             prefix = f"{self.prefix}.{index}."
             self._write({prefix + k: v for k, v in layer.state_dict().items()}, f"model-layer-{index:05d}.safetensors")
         layer.to("meta")
-        _return_free_memory()
+        return_free_memory()
 
     def finish(self, model: nn.Module) -> None:
         """Write everything outside the decoder layers, and the shard index transformers reads.
@@ -237,6 +237,6 @@ class StreamedLayers:
             tensor = self.reader.get(key) if param.is_meta else param  # freed after capture: copy from the source
             self._write({key: tensor}, f"model-rest-{number:05d}.safetensors")
             del tensor
-            _return_free_memory()
+            return_free_memory()
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))

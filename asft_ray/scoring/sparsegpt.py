@@ -21,7 +21,9 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, weight: torch.Tensor, percda
     H[dead, dead] = 1
     weight[:, dead] = 0
     H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
-    H = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    # one step at a time, so that at most two cols x cols float64 matrices are alive
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
     return torch.linalg.cholesky(H, upper=True)
 
 
@@ -35,7 +37,8 @@ def prune(
 ) -> torch.Tensor:
     W = weight.detach().float().clone()
     rows, cols = W.shape
-    Hinv = inverse_hessian_cholesky(hessian, W, percdamp).to(W.dtype)
+    Hinv = inverse_hessian_cholesky(hessian, W, percdamp)
+    Hinv = Hinv.to(W.dtype)  # the float64 factor is freed here
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
