@@ -19,7 +19,6 @@ from asft_ray.errors import AsftError
 METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "fisher")
 CALIBRATED_METHODS = ("wanda", "sparsegpt", "taylor", "fisher")
 LAYERWISE_METHODS = ("wanda", "sparsegpt")  # the layer-by-layer engine: true-sequential, per-layer resume
-STREAMABLE_METHODS = ("magnitude", *LAYERWISE_METHODS)  # need at most one decoder layer in memory
 
 
 @dataclass(frozen=True)
@@ -103,8 +102,6 @@ class PruneConfig:
             raise AsftError("--out is required")
         if self.true_sequential and self.method not in LAYERWISE_METHODS:
             raise AsftError(f"true_sequential works with {' and '.join(LAYERWISE_METHODS)}, not {self.method}")
-        if self.stream and self.method not in STREAMABLE_METHODS:
-            raise AsftError(f"layer streaming works with {', '.join(STREAMABLE_METHODS)}, not {self.method}")
         if self.resume and self.method not in LAYERWISE_METHODS:
             raise AsftError(f"resume continues a wanda or sparsegpt run after its last finished layer; {self.method} "
                             "prunes in one step and has nothing to resume")
@@ -162,7 +159,7 @@ class PruneConfig:
         whenever the method and schedule allow it and the model is a local safetensors directory."""
         if self.stream is not None:
             return self.stream
-        if self.method not in STREAMABLE_METHODS or self.schedule_spec.name == "owl":
+        if self.schedule_spec.name == "owl":  # needs a pass over the whole dense model first
             return False
         from asft_ray.models import is_safetensors_dir, resolve_model
 
@@ -170,8 +167,11 @@ class PruneConfig:
 
     @property
     def uses_scoring_workers(self) -> bool:
-        """Scoring actors are started when asked for and the method has statistics to shard."""
-        return bool(self.workers) and self.method in CALIBRATED_METHODS
+        """Scoring actors are started when asked for and the method has statistics to shard. (Not yet
+        for taylor/fisher streamed: their layer-streamed backward runs in the pruning coordinator.)"""
+        if not self.workers or self.method not in CALIBRATED_METHODS:
+            return False
+        return self.method in LAYERWISE_METHODS or not self.streams()
 
     @property
     def is_uniform(self) -> bool:

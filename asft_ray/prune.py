@@ -46,7 +46,9 @@ def run_prune(
     stream = cfg.streams()
 
     if stream:
-        model, tokenizer, reader = _load_skeleton(cfg.model, load_head=cfg.prune_lm_head)
+        # the gradient methods need lm_head for the loss
+        needs_head = cfg.prune_lm_head or cfg.method not in ("magnitude", *LAYERWISE_METHODS)
+        model, tokenizer, reader = _load_skeleton(cfg.model, load_head=needs_head)
     else:
         model, tokenizer = load_model(cfg.model, cfg.device, show_progress=show_progress)
         saved_dtype = source_dtype(cfg.model)

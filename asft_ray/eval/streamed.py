@@ -58,11 +58,11 @@ def streamed_perplexity(folder: Path, ids: torch.Tensor, seqlen: int, max_window
     rows = ids[: windows * seqlen].reshape(windows, seqlen)
     model, reader = build_skeleton(Path(folder), load_head=True)
     runner = (make_runner or LocalRunner)(*capture_layer0_inputs(model, rows))
-    layers = StreamedLayers(model, reader, out_dir=None)  # read only: nothing is written
+    layers = StreamedLayers(model, reader, out_dir=None)  # read only
     for index, layer in enumerate(progress(decoder_layers(model), "ppl layers", show_progress)):
         layers.load(index, layer)
         runner.advance(layer)
-        layers.release(index, layer)
+        layers.free(index, layer)
     final = FinalHead(model.base_model.norm, model.get_output_embeddings())
     nlls = runner.nlls(final, list(rows))
     return {**ppl_result(nlls, seqlen, time.perf_counter() - start), "streamed": True}

@@ -248,6 +248,9 @@ class ResidentLayers:
     def release(self, index: int, layer: nn.Module) -> None:
         pass
 
+    def free(self, index: int, layer: nn.Module) -> None:
+        pass
+
     def after_capture(self, model: nn.Module) -> None:
         pass
 
@@ -435,5 +438,11 @@ def prune_model(
             model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head, make_runner, checkpoint,
             layer_store, true_sequential,
         )
+    if layer_store is not None:  # one layer in memory: the gradients from a layer-streamed backward
+        if prune_lm_head:
+            raise AsftError(f"{method} with layer streaming keeps lm_head dense; prune it without streaming")
+        from asft_ray.pruning.layer_gradients import prune_with_layer_gradients
+
+        return prune_with_layer_gradients(model, calib_ids, method, pattern, sparsity, layer_store, show_progress)
     grads = sum_gradients(model, calib_ids, show_progress, lm_head=prune_lm_head)
     return _prune_each_linear(model, method, pattern, sparsity, grads, prune_lm_head)

@@ -216,6 +216,11 @@ class StreamedLayers:
             head.to("meta")
         return_free_memory()
 
+    def free(self, index: int, layer: nn.Module) -> None:
+        """Back to `meta` without writing anything (the layer was only read)."""
+        layer.to("meta")
+        return_free_memory()
+
     def release(self, index: int, layer: nn.Module) -> None:
         if self.out_dir is not None:
             prefix = f"{self.prefix}.{index}."
