@@ -7,6 +7,7 @@ variable set to stay in bounds:
   * `asft prune --method sparsegpt --workers 2` and `--workers 1` (fp32; same output bits expected);
   * `asft eval --workers 2` and `--workers 1` (streamed; windows sharded over the workers);
   * `asft export --format compressed` of the pruned model (streamed: one decoder layer at a time);
+  * `asft prune --method fisher --workers 2` (the layer-streamed backward; the workers are not used);
   * `asft prune --method sparsegpt --workers 2` on the bf16 copy (output size = input size).
 
 Each command runs under a sampler of /proc (benchmarks/memory_streaming.PeakRss) that records the
@@ -100,6 +101,8 @@ def main():
         "eval-w1": ["eval", "--model", str(work / "sgpt-w2"), "--workers", "1", *evaluation],
         "export-compressed": ["export", "--model", str(work / "sgpt-w2"), "--format", "compressed",
                               "--out", str(work / "sgpt-w2-compressed"), "--overwrite"],
+        "fisher-fp32-w2": ["prune", "--model", str(fp32), "--method", "fisher", "--sparsity", "0.5",
+                           "--workers", "2", "--out", str(work / "fisher-w2"), *calib],
         "sparsegpt-bf16-w2": ["prune", "--model", str(bf16), "--method", "sparsegpt", "--sparsity", "0.5",
                               "--workers", "2", "--out", str(work / "sgpt-bf16-w2"), *calib],
     }
