@@ -53,7 +53,7 @@ class LayerCheckpoint:
         layer.load_state_dict(load_file(self._path(index)), strict=True)
 
     def save_layer(self, index: int, layer: nn.Module, row: dict) -> None:
-        tensors = {k: v.detach().contiguous().cpu().clone() for k, v in layer.state_dict().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}  # written, not kept: no copy
         tmp = self._path(index).with_suffix(".tmp")
         save_file(tensors, tmp)
         os.replace(tmp, self._path(index))
