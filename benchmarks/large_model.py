@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import psutil
-from memory_streaming import PeakRss, build_model
+from memory_streaming import PeakRss, add_model_shape_args, build_model
 from results_io import append_row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,10 +67,7 @@ def folder_bytes(folder: Path) -> int:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=28)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_model_shape_args(parser)
     parser.add_argument("--nsamples", type=int, default=8, help="calibration windows (8 = two chunks of 4)")
     parser.add_argument("--seqlen", type=int, default=256, help="calibration and evaluation window length")
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows")

@@ -90,12 +90,17 @@ def build_model(folder: Path, hidden: int, intermediate: int, layers: int, vocab
     return params
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def add_model_shape_args(parser: argparse.ArgumentParser) -> None:
+    """The random-init Llama's shape (default: the 1.57 B-parameter model of the large-model benchmarks)."""
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--vocab", type=int, default=32000)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    add_model_shape_args(parser)
     parser.add_argument("--nsamples", type=int, default=8, help="8 = two chunks of 4: both workers score")
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--workdir", default="runs/memory-bench")
