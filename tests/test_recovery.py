@@ -182,6 +182,17 @@ def test_deepspeed_config_fills_defaults_and_passes_user_keys_through():
     assert not own.build_optimizer and own.lr == 1e-3 and own.ds_config["optimizer"]["params"]["weight_decay"] == 0.0
 
 
+def test_zero3_buffers_are_sized_from_the_model_unless_the_file_sets_them():
+    user = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1000}}
+    zero = build_plan(_cfg(), user, world=2, largest_linear=576 * 1536).ds_config["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == 1000  # the file's value wins
+    assert zero["reduce_bucket_size"] == 2 * 10**6 and zero["stage3_max_live_parameters"] == 5 * 10**6  # unit: 1e6
+    big = build_plan(_cfg(), {"zero_optimization": {"stage": 3}}, world=2, largest_linear=8192 * 28672)
+    assert big.ds_config["zero_optimization"]["sub_group_size"] == 10 * 8192 * 28672
+    stage2 = build_plan(_cfg(), {}, world=2, largest_linear=576 * 1536).ds_config["zero_optimization"]
+    assert "reduce_bucket_size" not in stage2  # ZeRO-2 keeps DeepSpeed's own
+
+
 @pytest.mark.parametrize("flags, user, message", [
     ({"zero_stage": 2}, {"zero_optimization": {"stage": 3}}, "zero_optimization.stage = 3 conflicts with --zero-stage 2"),
     ({"micro_batch": 1}, {"train_micro_batch_size_per_gpu": 4}, "conflicts with --micro-batch 1"),

@@ -179,8 +179,9 @@ def run_recover(cfg: RecoverConfig, address: str | None = None) -> dict:
     identity = {**cfg.identity(), "deepspeed_config": user_ds}
     if check_output_dir(cfg.out, identity, cfg.overwrite):
         return {**read_run(cfg.out), "reused": True}
-    plan = build_plan(cfg, user_ds, cfg.workers, source=cfg.deepspeed or "deepspeed config")
     resolve_model(cfg.model)
+    plan = build_plan(cfg, user_ds, cfg.workers, source=cfg.deepspeed or "deepspeed config",
+                      largest_linear=largest_linear(cfg.model))
     if cfg.teacher:
         resolve_model(cfg.teacher)
     data_dir = resolve_data_dir(cfg.data_dir)
@@ -228,6 +229,15 @@ def _check_masks_held(summary: dict) -> None:
         check = summary.get(key)
         if check and any(check[k] for k in ("module", "master", "exp_avg", "exp_avg_sq")):
             raise AsftError(f"pruned weights did not stay zero ({key}: {check}); nothing was written")
+
+
+def largest_linear(model_spec: str) -> int | None:
+    """Weights in the model's largest decoder linear (hidden x max(MLP width, hidden)), from its config."""
+    from asft_ray.models import model_config
+
+    config = model_config(model_spec)
+    hidden = getattr(config, "hidden_size", None)
+    return hidden * max(getattr(config, "intermediate_size", None) or hidden, hidden) if hidden else None
 
 
 def _record(cfg, identity, plan, summary, mask_info, data_dir, stream_tokens, prepared_s, total_s) -> dict:
