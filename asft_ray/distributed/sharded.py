@@ -40,7 +40,7 @@ from asft_ray.pruning.engine import (
     chunk_forward,
     chunk_stats,
     gradient_sums,
-    needed_stats,
+    prune_jobs,
     prune_weight,
     split_chunks,
     untie_lm_head,
@@ -303,8 +303,7 @@ class ShardedRunner:
         """SparseGPT: each linear solved by its input's owner (in parallel across owners);
         the other methods: here (a sort per row, cheap next to moving the weight)."""
         if method != "sparsegpt":
-            return {job.name: prune_weight(method, job.weight, pattern, job.sparsity, **needed_stats(method, stats, job.name))
-                    for job in jobs}
+            return prune_jobs(method, pattern, jobs, stats)
         results = {}
         for job in jobs:
             hessian = stats.hessian(job.name)

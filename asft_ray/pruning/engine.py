@@ -65,6 +65,12 @@ def needed_stats(method: str, stats: InputStats, name: str) -> dict:
     return {"hessian": stats.hessian(name)} if method == "sparsegpt" else {"sq_norms": stats.sq_norm(name)}
 
 
+def prune_jobs(method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
+    """{name: pruned weight} for each job, one after another in this process."""
+    return {job.name: prune_weight(method, job.weight, pattern, job.sparsity, **needed_stats(method, stats, job.name))
+            for job in jobs}
+
+
 def sparsity_of(sparsity, layer, name: str) -> float:
     """One linear's sparsity: `sparsity` is one float for every linear, or a per-layer plan
     {layer index (or "lm_head"): {linear name: sparsity}} from asft_ray.schedules."""
@@ -218,8 +224,7 @@ class LocalRunner:
         return sum_in_order(chunk_stats(layer, c, self.args, self.kwargs, hessian, only) for c in self.chunks)
 
     def prune(self, method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
-        return {job.name: prune_weight(method, job.weight, pattern, job.sparsity, **needed_stats(method, stats, job.name))
-                for job in jobs}
+        return prune_jobs(method, pattern, jobs, stats)
 
     def advance(self, layer: nn.Module) -> None:
         layer = computing_copy(layer)
