@@ -11,8 +11,9 @@ benchmarks/results/recovery.jsonl; rows already there are skipped, so the script
              tokens/s against lm-zero2's
   memory-w2  ZeRO-2 then ZeRO-3, 2 steps of 128 tokens, 2 workers: the parameter + optimizer-state
   memory-w4  MiB each worker holds (model_state_mib), and ZeRO-3's share of ZeRO-2's; 4 workers
+  kd-zero3   kd-zero2 with ZeRO-3 (partitioned load, ZeRO-3 teacher): the same curve and test ppl
   full-test  full WikiText-2 test ppl of the pruned model and of the recovered run with the lowest
-             final valid ppl
+             final valid ppl (--recovered-key KEY: of that run)
 
     python benchmarks/recovery.py                       # everything (hours on 2 CPU cores)
     python benchmarks/recovery.py --only pruned lm-zero2
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.results_io import RESULTS_DIR, append_row, asft, read_rows, wikitext_ppl  # noqa: E402
 
 DENSE = "smollm2-135m"
-ROWS = ("pruned", "lm-zero2", "kd-zero2", "lm-zero3", "memory-w2", "memory-w4", "full-test")
+ROWS = ("pruned", "lm-zero2", "kd-zero2", "lm-zero3", "kd-zero3", "memory-w2", "memory-w4", "full-test")
 
 
 def ensure_pruned(folder: Path, nsamples: int, seqlen: int) -> None:
@@ -48,11 +49,20 @@ def ensure_pruned(folder: Path, nsamples: int, seqlen: int) -> None:
 def full_test_row(args, name: str) -> dict:
     """Full WikiText-2 test ppl of the pruned model and of the recovered run with the lowest final
     *valid* ppl (the test split plays no part in choosing it)."""
-    rows = read_rows(name)
-    best = min((r for r in rows if r.get("curve_valid_ppl")), key=lambda r: r["curve_valid_ppl"][-1][1])
+    rows = [r for r in read_rows(name) if r.get("curve_valid_ppl")]
+    if args.recovered_key:  # one named run (e.g. the ZeRO-3 re-run of the chosen setting)
+        rows = [r for r in rows if r["key"] == args.recovered_key]
+        if not rows:
+            raise SystemExit(f"no recovery row {args.recovered_key!r} in {name}.jsonl")
+    best = min(rows, key=lambda r: r["curve_valid_ppl"][-1][1])
     recovered = args.runs / best["key"]
-    return {"key": "full-test", "pruned": str(args.pruned), "recovered": str(recovered), "chosen_by": "final valid ppl",
-            "test_seqlen": args.test_seqlen, "pruned_test_ppl_full": wikitext_ppl(args.pruned, None, seqlen=args.test_seqlen)["ppl"],
+    key = "full-test" + (f"@{best['key']}" if args.recovered_key else "")
+    return {"key": key, "pruned": str(args.pruned), "recovered": str(recovered),
+            "chosen_by": "named run" if args.recovered_key else "final valid ppl",
+            "test_seqlen": args.test_seqlen,
+            # the pruned model's full test ppl is measured once, in the unnamed row
+            **({} if args.recovered_key else
+               {"pruned_test_ppl_full": wikitext_ppl(args.pruned, None, seqlen=args.test_seqlen)["ppl"]}),
             "recovered_test_ppl_full": wikitext_ppl(recovered, None, seqlen=args.test_seqlen)["ppl"]}
 
 
@@ -163,6 +173,8 @@ def main() -> None:
     parser.add_argument("--test-windows", type=int, default=16)
     parser.add_argument("--test-seqlen", type=int, default=2048)
     parser.add_argument("--checkpoint-every", type=int, default=20)
+    parser.add_argument("--recovered-key", default=None,
+                        help="full-test: the recovery row to test (default: the lowest final valid ppl)")
     parser.add_argument("--plot", action="store_true", help="only draw results/recovery.png from the rows")
     parser.add_argument("--tag", default="", help="suffix for a variant's row key and folder (e.g. another --lr)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings, results in recovery-smoke.jsonl")
@@ -187,7 +199,8 @@ def main() -> None:
     if args.tag:
         args.tag = "@" + args.tag
     for key in args.only or ROWS:
-        if key + args.tag in done:
+        row_key = f"full-test@{args.recovered_key}" if key == "full-test" and args.recovered_key else key + args.tag
+        if row_key in done:
             print(f"{key}: already in {name}.jsonl, skipped")
             continue
         append_row(name, run_row(args, key))
