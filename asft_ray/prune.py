@@ -73,7 +73,8 @@ def run_prune(
     floor = None
     if keep_zeros:  # read from the weights as they are on disk (streamed) or in memory
         floor = linear_zero_fractions_in(reader.folder) if stream else linear_zero_fractions(model)
-    sparsity, schedule = plan_sparsity(cfg, model, calib_ids, make_runner, show_progress, outliers, floor)
+    sparsity, schedule = plan_sparsity(cfg, model, calib_ids, make_runner, show_progress, outliers, floor,
+                                       StreamedLayers(model, reader, None) if stream else None)
     timings["schedule_s"] = time.perf_counter() - t
 
     checkpoint, resumed = None, 0
@@ -120,17 +121,17 @@ def run_prune(
 
 
 def plan_sparsity(cfg: PruneConfig, model, calib_ids, make_runner=LocalRunner, show_progress: bool = True,
-                  outliers: dict | None = None, floor: dict | None = None):
+                  outliers: dict | None = None, floor: dict | None = None, layer_store=None):
     """(what the engine prunes to: cfg.sparsity or a per-layer plan, the schedule's record for asft_run.json).
 
-    The owl schedule first measures the dense model's outlier ratios (one calibration pass)
-    unless `outliers` are given."""
+    The owl schedule first measures the dense model's outlier ratios (one calibration pass,
+    reading the layers through `layer_store` when streaming) unless `outliers` are given."""
     spec = cfg.schedule_spec
     if cfg.is_uniform and floor is None:
         return cfg.sparsity, {"spec": spec.to_dict(), "target": cfg.sparsity}
     if spec.name == "owl" and outliers is None:
         outliers = layer_outlier_ratios(model, make_runner(*capture_layer0_inputs(model, calib_ids)),
-                                        show_progress=show_progress)
+                                        show_progress=show_progress, layer_store=layer_store)
     plan = build_schedule(spec, model, cfg.sparsity, outliers, floor)
     record = {"spec": spec.to_dict(), "target": cfg.sparsity, "achieved": achieved_sparsity(
         {(i, n): s for i, row in plan.items() for n, s in row.items()}, linear_sizes(model)),
