@@ -58,33 +58,26 @@ class Gate:
         if self.windows < 1:
             raise AsftError(f"gate windows must be at least 1, got {self.windows}")
 
+    def tolerances(self, dense: float, previous: float) -> list[tuple[float, str]]:
+        """(limit, how it is computed) for every tolerance that is set: the one rule both
+        `limit` and `check` read."""
+        rules = [(self.max_ppl_ratio, lambda r: (r * dense, f"{r:g} x dense {dense:.3f} = {r * dense:.3f}")),
+                 (self.max_stage_increase, lambda d: (previous + d, f"previous {previous:.3f} + {d:g} = {previous + d:.3f}")),
+                 (self.max_ppl, lambda c: (c, f"ceiling {c:g}"))]
+        return [rule(value) for value, rule in rules if value is not None]
+
     def limit(self, dense: float, previous: float) -> float | None:
         """The tightest ppl the tolerances allow (None when only a manual gate is set)."""
-        limits = [self.max_ppl_ratio * dense if self.max_ppl_ratio is not None else None,
-                  previous + self.max_stage_increase if self.max_stage_increase is not None else None, self.max_ppl]
-        limits = [x for x in limits if x is not None]
+        limits = [limit for limit, _ in self.tolerances(dense, previous)]
         return min(limits) if limits else None
 
     def check(self, ppl: float, dense: float, previous: float) -> tuple[bool, str]:
         """(passed, the reason in words)."""
-        failures, limits = [], []
-        if self.max_ppl_ratio is not None:
-            limit = self.max_ppl_ratio * dense
-            limits.append(f"ppl {ppl:.3f} vs {self.max_ppl_ratio:g} x dense {dense:.3f} = {limit:.3f}")
-            if ppl > limit:
-                failures.append(limits[-1])
-        if self.max_stage_increase is not None:
-            limit = previous + self.max_stage_increase
-            limits.append(f"ppl {ppl:.3f} vs previous {previous:.3f} + {self.max_stage_increase:g} = {limit:.3f}")
-            if ppl > limit:
-                failures.append(limits[-1])
-        if self.max_ppl is not None:
-            limits.append(f"ppl {ppl:.3f} vs ceiling {self.max_ppl:g}")
-            if ppl > self.max_ppl:
-                failures.append(limits[-1])
+        said = [(ppl > limit, f"ppl {ppl:.3f} vs {how}") for limit, how in self.tolerances(dense, previous)]
+        failures = [words for failed, words in said if failed]
         if failures:
             return False, "exceeds " + "; ".join(failures)
-        return True, "within " + "; ".join(limits) if limits else "no tolerance set"
+        return True, "within " + "; ".join(words for _, words in said) if said else "no tolerance set"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from asft_ray import prune as prune_mod
 from asft_ray.errors import AsftError
-from asft_ray.staged import StagedConfig, decide, run_staged
+from asft_ray.staged import Gate, StagedConfig, decide, run_staged
 from tests.conftest import build_tiny_llama, build_tokenizer
 
 STAGES = [0.2, 0.4, 0.6, 0.8]
@@ -202,3 +202,17 @@ def test_cli_staged_runs_on_ray_and_approve_continues_it(model_dir, tmp_path, ca
     assert main(["staged", str(config), "--no-progress"]) == 0
     assert "final model = stage-02" in capsys.readouterr().out
     assert main(["reject", str(tmp_path / "run")]) == 2  # nothing is waiting any more
+
+
+@pytest.mark.parametrize("gate", [Gate(max_ppl_ratio=1.5), Gate(max_stage_increase=2.0), Gate(max_ppl=23.0),
+                                  Gate(max_ppl_ratio=1.5, max_stage_increase=2.0, max_ppl=30.0)])
+def test_a_gate_passes_exactly_up_to_its_tightest_limit(gate):
+    dense, previous = 16.0, 20.0
+    limit = gate.limit(dense, previous)
+    assert limit == min(x for x in (1.5 * dense if gate.max_ppl_ratio else None,
+                                    previous + 2.0 if gate.max_stage_increase else None,
+                                    gate.max_ppl) if x is not None)
+    for ppl in (limit - 0.01, limit, limit + 0.01):
+        passed, reason = gate.check(ppl, dense, previous)
+        assert passed == (ppl <= limit), (ppl, reason)
+        assert reason.startswith("within" if passed else "exceeds")
