@@ -260,8 +260,14 @@ def _sweep(args) -> None:
 
     check_against_model_config(cfg.prune, seqlen_used=True)  # validation windows of seqlen tokens
     cfg.check_fits_model(model_config(cfg.prune.model))
-    init_ray(args.address)
-    summary = run_sweep(cfg, show_progress=not args.no_progress)
+    owned = init_ray(args.address)
+    try:
+        summary = run_sweep(cfg, show_progress=not args.no_progress)
+    finally:
+        if owned:  # our embedded cluster: stop it (a cluster we joined is left running)
+            import ray
+
+            ray.shutdown()
     best = summary["best"]
     print(f"{summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA) in {summary['sweep_s']:.0f}s; "
           f"best validation ppl {best['val_ppl']:.3f} -> {cfg.prune.out}/best_schedule.yaml")
