@@ -86,6 +86,7 @@ def main():
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows")
     parser.add_argument("--workdir", default="runs/large-model")
     parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
+    parser.add_argument("--eval-model", default="sgpt-w2", help="the model (under --workdir) the eval rows read")
     opts = parser.parse_args()
     work = ROOT / opts.workdir
     fp32, bf16 = work / "model-fp32", work / "model-bf16"
@@ -107,8 +108,8 @@ def main():
                               "--workers", "2", "--out", str(work / "sgpt-w2"), *calib],
         "sparsegpt-fp32-w1": ["prune", "--model", str(fp32), "--method", "sparsegpt", "--sparsity", "0.5",
                               "--workers", "1", "--out", str(work / "sgpt-w1"), *calib],
-        "eval-w2": ["eval", "--model", str(work / "sgpt-w2"), "--workers", "2", *evaluation],
-        "eval-w1": ["eval", "--model", str(work / "sgpt-w2"), "--workers", "1", *evaluation],
+        "eval-w2": ["eval", "--model", str(work / opts.eval_model), "--workers", "2", *evaluation],
+        "eval-w1": ["eval", "--model", str(work / opts.eval_model), "--workers", "1", *evaluation],
         "staged-wanda-w2": ["staged", str(_staged_config(work, fp32, opts)), "--overwrite"],
         "export-compressed": ["export", "--model", str(work / "sgpt-w2"), "--format", "compressed",
                               "--out", str(work / "sgpt-w2-compressed"), "--overwrite"],
