@@ -69,6 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", default=None, help="replace a run folder that holds a different run")
     s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded one)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--json", action="store_true", help="print the run's state (state.json) as JSON")
     r = sub.add_parser("run", help="the whole pipeline from one YAML: staged prune -> recover -> export -> eval -> report")
     r.add_argument("config", help="YAML run config (see configs/demo.yaml)")
     r.add_argument("--out", default=None, help="run folder (overrides the config's out); an unfinished run there continues")
@@ -224,7 +225,9 @@ def _staged(args) -> None:
 
     check_against_model_config(cfg.prune, cfg.stages, seqlen_used=True)  # the gate measures seqlen windows
     result = staged_on_ray(values, address=args.address, show_progress=not args.no_progress)
-    if result["status"] == "awaiting_approval":
+    if args.json:
+        print(json.dumps(result))
+    elif result["status"] == "awaiting_approval":
         print(f"stage {result['stage']} is done and awaits a decision: asft approve {cfg.prune.out} "
               f"(or asft reject {cfg.prune.out}), then run this command again")
     else:
@@ -257,8 +260,14 @@ def _sweep(args) -> None:
 
     check_against_model_config(cfg.prune, seqlen_used=True)  # validation windows of seqlen tokens
     cfg.check_fits_model(model_config(cfg.prune.model))
-    init_ray(args.address)
-    summary = run_sweep(cfg, show_progress=not args.no_progress)
+    owned = init_ray(args.address)
+    try:
+        summary = run_sweep(cfg, show_progress=not args.no_progress)
+    finally:
+        if owned:  # our embedded cluster: stop it (a cluster we joined is left running)
+            import ray
+
+            ray.shutdown()
     best = summary["best"]
     print(f"{summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA) in {summary['sweep_s']:.0f}s; "
           f"best validation ppl {best['val_ppl']:.3f} -> {cfg.prune.out}/best_schedule.yaml")

@@ -113,8 +113,6 @@ class PruneConfig:
         if not spec.is_uniform:
             if pattern.kind == "nm":
                 raise AsftError(f"a per-layer schedule needs unstructured pruning; pattern {pattern} fixes every layer's sparsity")
-            if self.stream and spec.name == "owl":
-                raise AsftError("the owl schedule needs a pass over the dense model and does not work with --stream yet")
         from asft_ray.schedules import check_reachable
 
         check_reachable(spec, self.sparsity)
@@ -159,8 +157,6 @@ class PruneConfig:
         whenever the method and schedule allow it and the model is a local safetensors directory."""
         if self.stream is not None:
             return self.stream
-        if self.schedule_spec.name == "owl":  # needs a pass over the whole dense model first
-            return False
         from asft_ray.models import is_safetensors_dir, resolve_model
 
         return is_safetensors_dir(resolve_model(self.model))

@@ -122,9 +122,7 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
     from transformers.utils import logging as hf_logging
 
     source = resolve_model(spec)
-    kwargs = {"trust_remote_code": False}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
+    kwargs = _source_kwargs(source)
     hf_logging.set_verbosity_error()
     if not show_progress:
         hf_logging.disable_progress_bar()
@@ -139,6 +137,21 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
     model.config.use_cache = False
     model.eval()
     return model.to(pick_device(device)), tokenizer
+
+
+def _source_kwargs(source: ModelSource) -> dict:
+    return {"trust_remote_code": False, **({"gguf_file": source.gguf_file} if source.gguf_file else {})}
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a model spec, without its weights."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(spec)
+    try:
+        return AutoTokenizer.from_pretrained(source.location, **_source_kwargs(source))
+    except (OSError, ValueError) as err:
+        raise AsftError(f"could not load the tokenizer of {spec!r}: {str(err).strip().splitlines()[0]}") from err
 
 
 def _forget_gguf_origin(model) -> None:

@@ -189,7 +189,7 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
         exports = {}
         for fmt in cfg.export:
             _log(f"stage 3/5: export {fmt}")
-            exports[fmt] = _export(fmt, final_dir, run / "export" / fmt, cfg.device)
+            exports[fmt] = _export_final(fmt, final_dir, run / "export" / fmt, cfg.device)
             steps.append(f"Exported the final model as {fmt}: {exports[fmt].get('summary', '')}")
         _log("stage 4/5: evaluation (dense, pruned" + (", recovered)" if recovery else ")"))
         models = {}
@@ -233,13 +233,13 @@ def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: b
     return cached
 
 
-def _export(fmt: str, model_dir: Path, out: Path, device: str) -> dict:
-    from asft_ray.export.compressed import read_manifest, save_compressed
-    from asft_ray.models import load_model
+def _export_final(fmt: str, model_dir: Path, out: Path, device: str) -> dict:
+    """The final model in `fmt` (asft_ray.export.run: streamed for a safetensors folder), written once."""
+    from asft_ray.export.compressed import read_manifest
+    from asft_ray.export.run import export_model
 
     if not (out / "compressed.json").exists():
-        model, tokenizer = load_model(str(model_dir), device, show_progress=False)
-        save_compressed(model, out, tokenizer)
+        export_model(str(model_dir), fmt, out, device=device, overwrite=True, show_progress=False)
     report = read_manifest(out)
     total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     report["summary"] = (f"{report['weights_file_bytes'] / 2**20:.1f} MB of weights vs {report['dense_bytes'] / 2**20:.1f} MB "

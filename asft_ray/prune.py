@@ -13,7 +13,12 @@ from asft_ray.artifacts import RUN_FILE, atomic_output_dir, check_output_dir, re
 from asft_ray.config import LAYERWISE_METHODS, PruneConfig
 from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration
 from asft_ray.errors import AsftError
-from asft_ray.eval.sparsity import model_sparsity, sparsity_from_report
+from asft_ray.eval.sparsity import (
+    linear_zero_fractions,
+    linear_zero_fractions_in,
+    model_sparsity,
+    sparsity_from_report,
+)
 from asft_ray.models import check_seqlen, load_model, model_config, model_skeleton, resolve_model, save_model
 from asft_ray.pruning.checkpoint import LayerCheckpoint
 from asft_ray.pruning.engine import (
@@ -29,13 +34,16 @@ from asft_ray.schedules.owl import layer_outlier_ratios
 
 
 def run_prune(
-    cfg: PruneConfig, show_progress: bool = True, make_runner=LocalRunner, sum_gradients=chunked_gradient_sums
+    cfg: PruneConfig, show_progress: bool = True, make_runner=LocalRunner, sum_gradients=chunked_gradient_sums,
+    *, keep_zeros: bool = False, outliers: dict | None = None,
 ) -> dict:
     """Prune `cfg.model` and write it to `cfg.out` (atomically) with `asft_run.json`. Returns that record.
 
     If `cfg.out` already holds this exact run, nothing is recomputed. `make_runner` says where
     calibration activations are pushed through the layers (see pruning.engine.LocalRunner),
-    `sum_gradients` where Taylor/Fisher gradients are computed.
+    `sum_gradients` where Taylor/Fisher gradients are computed. With `keep_zeros` (a staged
+    run's later stages) no linear's planned sparsity goes below the zeros it already has;
+    `outliers` are OWL's dense-model outlier ratios when already measured.
     """
     if check_output_dir(cfg.out, cfg.identity(), cfg.overwrite):
         return {**read_run(cfg.out), "reused": True}
@@ -62,7 +70,11 @@ def run_prune(
         timings["calibration_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sparsity, schedule = plan_sparsity(cfg, model, calib_ids, make_runner, show_progress)
+    floor = None
+    if keep_zeros:  # read from the weights as they are on disk (streamed) or in memory
+        floor = linear_zero_fractions_in(reader.folder) if stream else linear_zero_fractions(model)
+    sparsity, schedule = plan_sparsity(cfg, model, calib_ids, make_runner, show_progress, outliers, floor,
+                                       StreamedLayers(model, reader, None) if stream else None)
     timings["schedule_s"] = time.perf_counter() - t
 
     checkpoint, resumed = None, 0
@@ -109,17 +121,17 @@ def run_prune(
 
 
 def plan_sparsity(cfg: PruneConfig, model, calib_ids, make_runner=LocalRunner, show_progress: bool = True,
-                  outliers: dict | None = None, floor: dict | None = None):
+                  outliers: dict | None = None, floor: dict | None = None, layer_store=None):
     """(what the engine prunes to: cfg.sparsity or a per-layer plan, the schedule's record for asft_run.json).
 
-    The owl schedule first measures the dense model's outlier ratios (one calibration pass)
-    unless `outliers` are given."""
+    The owl schedule first measures the dense model's outlier ratios (one calibration pass,
+    reading the layers through `layer_store` when streaming) unless `outliers` are given."""
     spec = cfg.schedule_spec
     if cfg.is_uniform and floor is None:
         return cfg.sparsity, {"spec": spec.to_dict(), "target": cfg.sparsity}
     if spec.name == "owl" and outliers is None:
         outliers = layer_outlier_ratios(model, make_runner(*capture_layer0_inputs(model, calib_ids)),
-                                        show_progress=show_progress)
+                                        show_progress=show_progress, layer_store=layer_store)
     plan = build_schedule(spec, model, cfg.sparsity, outliers, floor)
     record = {"spec": spec.to_dict(), "target": cfg.sparsity, "achieved": achieved_sparsity(
         {(i, n): s for i, row in plan.items() for n, s in row.items()}, linear_sizes(model)),

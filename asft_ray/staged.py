@@ -58,33 +58,26 @@ class Gate:
         if self.windows < 1:
             raise AsftError(f"gate windows must be at least 1, got {self.windows}")
 
+    def tolerances(self, dense: float, previous: float) -> list[tuple[float, str]]:
+        """(limit, how it is computed) for every tolerance that is set: the one rule both
+        `limit` and `check` read."""
+        rules = [(self.max_ppl_ratio, lambda r: (r * dense, f"{r:g} x dense {dense:.3f} = {r * dense:.3f}")),
+                 (self.max_stage_increase, lambda d: (previous + d, f"previous {previous:.3f} + {d:g} = {previous + d:.3f}")),
+                 (self.max_ppl, lambda c: (c, f"ceiling {c:g}"))]
+        return [rule(value) for value, rule in rules if value is not None]
+
     def limit(self, dense: float, previous: float) -> float | None:
         """The tightest ppl the tolerances allow (None when only a manual gate is set)."""
-        limits = [self.max_ppl_ratio * dense if self.max_ppl_ratio is not None else None,
-                  previous + self.max_stage_increase if self.max_stage_increase is not None else None, self.max_ppl]
-        limits = [x for x in limits if x is not None]
+        limits = [limit for limit, _ in self.tolerances(dense, previous)]
         return min(limits) if limits else None
 
     def check(self, ppl: float, dense: float, previous: float) -> tuple[bool, str]:
         """(passed, the reason in words)."""
-        failures, limits = [], []
-        if self.max_ppl_ratio is not None:
-            limit = self.max_ppl_ratio * dense
-            limits.append(f"ppl {ppl:.3f} vs {self.max_ppl_ratio:g} x dense {dense:.3f} = {limit:.3f}")
-            if ppl > limit:
-                failures.append(limits[-1])
-        if self.max_stage_increase is not None:
-            limit = previous + self.max_stage_increase
-            limits.append(f"ppl {ppl:.3f} vs previous {previous:.3f} + {self.max_stage_increase:g} = {limit:.3f}")
-            if ppl > limit:
-                failures.append(limits[-1])
-        if self.max_ppl is not None:
-            limits.append(f"ppl {ppl:.3f} vs ceiling {self.max_ppl:g}")
-            if ppl > self.max_ppl:
-                failures.append(limits[-1])
+        said = [(ppl > limit, f"ppl {ppl:.3f} vs {how}") for limit, how in self.tolerances(dense, previous)]
+        failures = [words for failed, words in said if failed]
         if failures:
             return False, "exceeds " + "; ".join(failures)
-        return True, "within " + "; ".join(limits) if limits else "no tolerance set"
+        return True, "within " + "; ".join(words for _, words in said) if said else "no tolerance set"
 
 
 @dataclass(frozen=True)
@@ -111,8 +104,6 @@ class StagedConfig:
             raise AsftError(f"{source}: staged pruning needs the unstructured pattern (N:M fixes the sparsity)")
         values["sparsity"] = stages[-1]
         prune = PruneConfig.from_dict(values, source)
-        if prune.stream:
-            raise AsftError(f"{source}: staged pruning keeps the model in memory; stream is not supported")
         from asft_ray.schedules import check_reachable
 
         for target in stages:
@@ -203,35 +194,6 @@ def decide(run_dir: str, decision: str, note: str = "") -> dict:
     return record
 
 
-def _save_stage(model, tokenizer, folder: Path, record: dict) -> None:
-    from asft_ray.models import save_model
-
-    with atomic_output_dir(folder) as tmp:
-        save_model(model, tokenizer, tmp)
-        write_json_atomic(tmp / "stage.json", record)
-
-
-def _load_weights(model, folder: Path) -> None:
-    """Put a saved stage's weights back into `model` (exact: the same float32 values)."""
-    from safetensors.torch import load_file
-
-    state = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any("embed" not in k and "lm_head" not in k for k in missing):
-        raise AsftError(f"stage checkpoint {folder} does not match the model")
-
-
-def _floor(model) -> dict:
-    """Each linear's current fraction of zeros: a stage may only add to it."""
-    from asft_ray.eval.sparsity import linear_sparsity
-    from asft_ray.models import decoder_layers, prunable_linears
-
-    return {(i, name): fraction for i, layer in enumerate(decoder_layers(model))
-            for name, fraction in linear_sparsity(prunable_linears(layer))["linears"].items()}
-
-
 def check_run_folder(cfg: StagedConfig) -> str:
     """What a run may do with its folder: "new" (absent or empty), "continue" (this run's state)
     or "replace" (another staged run's, with overwrite). A folder that holds anything else is
@@ -254,169 +216,246 @@ def check_run_folder(cfg: StagedConfig) -> str:
     return "replace"
 
 
+@dataclass
+class RunState:
+    """What `state.json` holds: everything a staged run has decided so far."""
+
+    identity: dict
+    dense: float | None = None  # the dense model's gate ppl
+    passed: str | None = None  # the last passing stage (its folder under stages/), None: the dense model
+    results: dict = dataclasses.field(default_factory=dict)  # stage name -> {target, achieved, value, seconds}
+    pending: dict | None = None  # a manual gate's open question: {"stage": k, "previous": passed before it}
+    failed: str | None = None
+    outliers: dict | None = None  # OWL's dense outlier ratios, measured by the first stage
+    finished: bool = False
+    final: str | None = None
+
+    @staticmethod
+    def read(run: Path) -> "RunState | None":
+        values = _read_json(run / STATE)
+        if values is None:
+            return None
+        known = {f.name for f in dataclasses.fields(RunState)}
+        return RunState(**{k: v for k, v in values.items() if k in known})
+
+    def write(self, run: Path) -> None:
+        write_json_atomic(run / STATE, dataclasses.asdict(self))
+
+
+class StagedRun:
+    """One staged run in `cfg.prune.out`. Every stage is a one-shot prune (asft_ray.prune.run_prune)
+    of the last passing stage's folder into `stages/NAME`, so a run never holds more of the model
+    than that prune does (with streaming: one decoder layer), a rollback is only a choice of folder,
+    and a stage interrupted mid-prune resumes from its own layer checkpoint."""
+
+    def __init__(self, cfg: StagedConfig, show_progress: bool, make_runner, sum_gradients):
+        from asft_ray.config import LAYERWISE_METHODS
+        from asft_ray.data import resolve_data_dir, wikitext2_ids
+        from asft_ray.models import load_tokenizer
+
+        self.cfg, self.show_progress = cfg, show_progress
+        self.make_runner, self.sum_gradients = make_runner, sum_gradients
+        self.run = Path(cfg.prune.out)
+        self.stream = cfg.prune.streams()  # decided once, on the source model: every stage the same way
+        self.resumable = cfg.prune.method in LAYERWISE_METHODS
+        gate, pc = cfg.gate, cfg.prune
+        ids = wikitext2_ids(load_tokenizer(pc.model), gate.split, resolve_data_dir(pc.data_dir))
+        self.val_ids = ids[:, : gate.windows * pc.seqlen]
+        self.metric = f"wikitext2-{gate.split} ppl ({gate.windows}x{pc.seqlen})"
+        self.log = DecisionLog(self.run)
+        self.state = RunState.read(self.run)
+
+    # -- models on disk -------------------------------------------------------------------
+    def source(self) -> str:
+        """The model the next stage prunes: the last passing stage, or the dense model."""
+        passed = self.state.passed
+        return self.cfg.prune.model if passed is None else str(self.run / "stages" / passed)
+
+    def validation_ppl(self, spec: str) -> float:
+        return self._measure(spec)[0]
+
+    def _measure(self, spec: str, sparsity: bool = False) -> tuple[float, float | None]:
+        """(gate ppl of the model `spec`, its measured sparsity if asked), streamed or in memory."""
+        from asft_ray.eval.perplexity import perplexity
+        from asft_ray.eval.sparsity import model_sparsity, sparsity_from_safetensors
+        from asft_ray.models import load_model, resolve_model
+
+        gate, pc = self.cfg.gate, self.cfg.prune
+        if self.stream:
+            from asft_ray.eval.streamed import streamed_perplexity
+
+            location = Path(resolve_model(spec).location)
+            ppl = streamed_perplexity(location, self.val_ids, pc.seqlen, gate.windows, self.make_runner,
+                                      show_progress=False)["ppl"]
+            return ppl, sparsity_from_safetensors(location)["total"] if sparsity else None
+        model, _ = load_model(spec, pc.device, show_progress=False)
+        ppl = perplexity(model, self.val_ids, pc.seqlen, gate.windows, show_progress=False)["ppl"]
+        return ppl, model_sparsity(model)["total"] if sparsity else None
+
+    def prune_stage(self, name: str, target: float) -> dict:
+        """Prune the current source to `target` into stages/NAME and measure its gate ppl."""
+        from asft_ray.artifacts import read_run
+        from asft_ray.prune import run_prune
+
+        t = time.perf_counter()
+        folder = self.run / "stages" / name
+        sub = dataclasses.replace(self.cfg.prune, model=self.source(), out=str(folder), sparsity=target,
+                                  stream=self.stream, resume=self.resumable, overwrite=False)
+        if folder.exists() and (read_run(folder) or {}).get("inputs") != sub.identity():
+            shutil.rmtree(folder)  # a stage this run wrote earlier and then discarded
+        outliers = None if self.state.outliers is None else {float(m): r for m, r in self.state.outliers.items()}
+        record = run_prune(sub, self.show_progress, self.make_runner, self.sum_gradients,
+                           keep_zeros=True, outliers=outliers)
+        if self.state.outliers is None and record["schedule"].get("outliers"):
+            self.state.outliers = {str(m): r for m, r in record["schedule"]["outliers"].items()}
+        return {"target": target, "achieved": record["sparsity"]["total"], "layer_sparsity": record["sparsity"]["layers"],
+                "value": self.validation_ppl(str(folder)), "seconds": time.perf_counter() - t}
+
+    def discard(self, name: str) -> None:
+        shutil.rmtree(self.run / "stages" / name, ignore_errors=True)
+        self.state.results.pop(name, None)
+
+    # -- the gate ----------------------------------------------------------------------------
+    def previous_ppl(self) -> float:
+        passed = self.state.passed
+        return self.state.dense if passed is None else self.state.results[passed]["value"]
+
+    def threshold(self) -> float | None:
+        return self.cfg.gate.limit(self.state.dense, self.previous_ppl())
+
+    def rolled_back(self) -> str:
+        return f"rolled back to {self.state.passed or 'dense'}"
+
+    def record(self, name: str, stage: int, result: dict, event: str, verdict: str, reason: str) -> None:
+        self.log.add(stage=stage, event=event, metric=self.metric, threshold=self.threshold(), verdict=verdict,
+                     reason=reason, **result)
+        if verdict != "fail":
+            self.state.results[name] = {k: v for k, v in result.items() if k != "layer_sparsity"}
+
+    def measure_dense(self) -> None:
+        t = time.perf_counter()
+        self.state.dense, achieved = self._measure(self.cfg.prune.model, sparsity=True)
+        self.log.add(stage=0, event="dense", target=0.0, achieved=achieved, metric=self.metric,
+                     value=self.state.dense, verdict="baseline", reason="dense model", seconds=time.perf_counter() - t)
+        self.state.write(self.run)
+
+    def settle_pending(self, k: int, target: float) -> str:
+        """A manual gate's stage k: "wait" (no decision yet), "approved" or "rejected"."""
+        pending = self.state.pending
+        decision = _read_json(self.run / APPROVAL)
+        if decision is None or decision.get("stage") != k:
+            return "wait"
+        (self.run / APPROVAL).unlink()
+        self.state.pending = None
+        name = f"stage-{k:02d}"
+        if decision["decision"] == "approve":
+            self.state.passed = name
+            self.log.add(stage=k, event="approve", target=target, verdict="approved", reason=decision.get("note") or "approved")
+            self.state.write(self.run)
+            return "approved"
+        self.discard(name)
+        self.state.passed = pending["previous"]
+        self.log.add(stage=k, event="reject", target=target, verdict="rejected",
+                     reason=f"{decision.get('note') or 'rejected'}; {self.rolled_back()}")
+        self.state.write(self.run)
+        return "rejected"
+
+    def step(self, k: int, target: float) -> str:
+        """Prune and gate stage k: "next" (passed), "wait" (manual gate) or "stop" (failed)."""
+        gate, name = self.cfg.gate, f"stage-{k:02d}"
+        result = self.prune_stage(name, target)
+        passed, reason = gate.check(result["value"], self.state.dense, self.previous_ppl())
+        if gate.manual:
+            self.record(name, k, result, "stage", "pending", f"awaiting approval; automatic gate would say: {reason}")
+            self.state.pending = {"stage": k, "previous": self.state.passed}  # not passing until approved
+            self.state.write(self.run)
+            return "wait"
+        if passed:
+            self.record(name, k, result, "stage", "pass", reason)
+            self.state.passed = name
+            self.state.write(self.run)
+            return "next"
+        self.record(name, k, result, "stage", "fail", f"{reason}; {self.rolled_back()}")
+        self.discard(name)
+        if gate.retry_smaller_step:
+            self.retry(k, target)
+        self.state.failed = name  # written last: a run killed before this repeats the stage (deterministic)
+        self.state.write(self.run)
+        return "stop"
+
+    def retry(self, k: int, target: float) -> None:
+        """One half-size step from the last passing stage towards the failed target."""
+        last = self.state.results[self.state.passed]["target"] if self.state.passed else 0.0
+        smaller, name = round((last + target) / 2, 6), f"stage-{k:02d}-retry"
+        result = self.prune_stage(name, smaller)
+        passed, reason = self.cfg.gate.check(result["value"], self.state.dense, self.previous_ppl())
+        if passed:
+            self.record(name, k, result, "retry", "pass", f"half step to {smaller:g}: {reason}")
+            self.state.passed = name
+        else:
+            self.record(name, k, result, "retry", "fail", f"half step to {smaller:g}: {reason}; {self.rolled_back()}")
+            self.discard(name)
+
+    # -- the run -------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        if self.state.finished:
+            return {"status": "finished", **dataclasses.asdict(self.state)}
+        if self.state.dense is None:
+            self.measure_dense()
+        for k, target in enumerate(self.cfg.stages, start=1):
+            if self.state.failed is not None:
+                break  # the run stopped at a failed stage in an earlier call
+            pending = self.state.pending
+            if pending is not None and pending["stage"] == k:
+                outcome = self.settle_pending(k, target)
+                if outcome == "wait":
+                    return {"status": "awaiting_approval", "stage": k, "run": str(self.run)}
+                if outcome == "rejected":
+                    break
+                continue
+            if f"stage-{k:02d}" in self.state.results:
+                continue  # done in an earlier call
+            outcome = self.step(k, target)
+            if outcome == "wait":
+                return {"status": "awaiting_approval", "stage": k, "run": str(self.run)}
+            if outcome == "stop":
+                break
+        return self.finish()
+
+    def finish(self) -> dict:
+        """`RUN/model`: a byte copy of the last passing stage (or of the dense model if none passed)."""
+        final, passed = self.run / "model", self.state.passed
+        with atomic_output_dir(final) as tmp:
+            _copy_model(self.source(), tmp, self.cfg.prune.device)
+        result = self.state.results[passed] if passed else {"target": 0.0, "achieved": 0.0, "value": self.state.dense}
+        self.log.add(stage=None, event="final", verdict="done", reason=f"final model = {passed or 'dense'}",
+                     target=result["target"], achieved=result["achieved"], value=result["value"])
+        self.state.finished, self.state.final = True, passed or "dense"
+        self.state.write(self.run)
+        return {"status": "finished", **dataclasses.asdict(self.state)}
+
+
+def _copy_model(spec: str, folder: Path, device: str) -> None:
+    """The files of a model directory, copied byte for byte (a GGUF or hub model: loaded and saved)."""
+    from asft_ray.models import load_model, resolve_model, save_model
+
+    source = resolve_model(spec)
+    if source.gguf_file or source.is_hub:
+        save_model(*load_model(spec, device, show_progress=False), folder)
+        return
+    for item in Path(source.location).iterdir():
+        if item.is_file() and not item.name.startswith("."):
+            shutil.copy2(item, folder / item.name)
+
+
 def run_staged(cfg: StagedConfig, show_progress: bool = True, make_runner=None, sum_gradients=None) -> dict:
     """Run (or continue) a staged run in `cfg.prune.out`. Returns {"status": finished | awaiting_approval, ...}."""
-    from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration, wikitext2_ids
-    from asft_ray.eval.perplexity import perplexity
-    from asft_ray.eval.sparsity import model_sparsity
-    from asft_ray.models import load_model
-    from asft_ray.prune import plan_sparsity
-    from asft_ray.pruning.engine import LocalRunner, chunked_gradient_sums, prune_model
+    from asft_ray.pruning.engine import LocalRunner, chunked_gradient_sums
 
-    make_runner = make_runner or LocalRunner
-    sum_gradients = sum_gradients or chunked_gradient_sums
-    pc, gate = cfg.prune, cfg.gate
-    run = Path(pc.out)
-    state = _read_json(run / STATE)
+    run = Path(cfg.prune.out)
     if check_run_folder(cfg) == "replace":
         shutil.rmtree(run)
-        state = None
     run.mkdir(parents=True, exist_ok=True)
-    if state is None:
-        state = {"identity": cfg.identity(), "passed": None, "results": {}, "pending": None, "finished": False}
-        write_json_atomic(run / STATE, state)
-    log = DecisionLog(run)
-    if state["finished"]:
-        return {"status": "finished", **state}
-
-    def save_state():
-        write_json_atomic(run / STATE, state)
-
-    data_dir = resolve_data_dir(pc.data_dir)
-    model, tokenizer = load_model(pc.model, pc.device, show_progress=show_progress)
-    val_ids = wikitext2_ids(tokenizer, gate.split, data_dir)[:, : gate.windows * pc.seqlen]
-    metric = f"wikitext2-{gate.split} ppl ({gate.windows}x{pc.seqlen})"
-
-    def evaluate() -> float:
-        return perplexity(model, val_ids, pc.seqlen, gate.windows, show_progress=False)["ppl"]
-
-    if "dense" not in state:
-        t = time.perf_counter()
-        state["dense"] = evaluate()
-        log.add(stage=0, event="dense", target=0.0, achieved=model_sparsity(model)["total"], metric=metric,
-                value=state["dense"], verdict="baseline", reason="dense model", seconds=time.perf_counter() - t)
-        save_state()
-    calib_ids = (sample_calibration(c4_documents(data_dir), tokenizer, pc.nsamples, pc.seqlen, pc.seed)
-                 if pc.needs_calibration else None)
-    if pc.schedule_spec.name == "owl" and "outliers" not in state:  # measured once, on the dense model
-        from asft_ray.pruning.engine import capture_layer0_inputs
-        from asft_ray.schedules.owl import layer_outlier_ratios
-
-        runner = make_runner(*capture_layer0_inputs(model, calib_ids))
-        state["outliers"] = {str(m): r for m, r in layer_outlier_ratios(model, runner, show_progress=show_progress).items()}
-        save_state()
-    outliers = {float(m): r for m, r in state["outliers"].items()} if "outliers" in state else None
-
-    def restore_last_passing():
-        if state["passed"] is None:
-            fresh, _ = load_model(pc.model, pc.device, show_progress=False)
-            model.load_state_dict(fresh.state_dict())
-        else:
-            _load_weights(model, run / "stages" / state["passed"])
-
-    def prune_to(target: float) -> dict:
-        t = time.perf_counter()
-        sub = dataclasses.replace(pc, sparsity=target)
-        sparsity, _ = plan_sparsity(sub, model, calib_ids, make_runner, show_progress, outliers, _floor(model))
-        prune_model(model, pc.method, pc.parsed_pattern, sparsity, calib_ids, show_progress, pc.prune_lm_head,
-                    make_runner, sum_gradients=sum_gradients, true_sequential=pc.true_sequential)
-        measured = model_sparsity(model)
-        ppl = evaluate()
-        return {"target": target, "achieved": measured["total"], "layer_sparsity": measured["layers"], "value": ppl,
-                "seconds": time.perf_counter() - t}
-
-    def previous_ppl() -> float:
-        return state["dense"] if state["passed"] is None else state["results"][state["passed"]]["value"]
-
-    def threshold() -> float | None:
-        return gate.limit(state["dense"], previous_ppl())
-
-    def accept(name: str, stage: int, result: dict, event: str, verdict: str, reason: str):
-        _save_stage(model, tokenizer, run / "stages" / name, result)
-        log.add(stage=stage, event=event, metric=metric, threshold=threshold(), verdict=verdict, reason=reason, **result)
-        state["results"][name] = {k: v for k, v in result.items() if k != "layer_sparsity"}
-        state["passed"] = name
-
-    if state["passed"] is not None:  # resume: continue from the last passing stage's exact weights
-        _load_weights(model, run / "stages" / state["passed"])
-
-    for k, target in enumerate(cfg.stages, start=1):
-        name = f"stage-{k:02d}"
-        pending = state["pending"]
-        if name in state["results"] and (pending is None or pending["stage"] != k):
-            continue  # done in an earlier call
-        if pending is not None and pending["stage"] == k:
-            decision = _read_json(run / APPROVAL)
-            if decision is None or decision.get("stage") != k:
-                return {"status": "awaiting_approval", "stage": k, "run": str(run)}
-            (run / APPROVAL).unlink()
-            state["pending"] = None
-            if decision["decision"] == "approve":
-                state["passed"] = name
-                log.add(stage=k, event="approve", target=target, verdict="approved", reason=decision.get("note") or "approved")
-                save_state()
-                continue
-            shutil.rmtree(run / "stages" / name, ignore_errors=True)
-            state["results"].pop(name, None)
-            state["passed"] = pending["previous"]
-            log.add(stage=k, event="reject", target=target, verdict="rejected",
-                    reason=f"{decision.get('note') or 'rejected'}; rolled back to {state['passed'] or 'dense'}")
-            save_state()
-            restore_last_passing()
-            break
-        result = prune_to(target)
-        passed, reason = gate.check(result["value"], state["dense"], previous_ppl())
-        if gate.manual:
-            previous = state["passed"]
-            accept(name, k, result, "stage", "pending", f"awaiting approval; automatic gate would say: {reason}")
-            state["passed"] = previous  # not passing until approved
-            state["pending"] = {"stage": k, "previous": previous}
-            save_state()
-            return {"status": "awaiting_approval", "stage": k, "run": str(run)}
-        if passed:
-            accept(name, k, result, "stage", "pass", reason)
-            save_state()
-            continue
-        log.add(stage=k, event="stage", metric=metric, threshold=threshold(), verdict="fail",
-                reason=f"{reason}; rolled back to {state['passed'] or 'dense'}",
-                **result)
-        state["failed"] = name
-        save_state()
-        restore_last_passing()
-        if gate.retry_smaller_step:
-            last = state["results"][state["passed"]]["target"] if state["passed"] else 0.0
-            smaller = round((last + target) / 2, 6)
-            result = prune_to(smaller)
-            passed, reason = gate.check(result["value"], state["dense"], previous_ppl())
-            if passed:
-                accept(f"{name}-retry", k, result, "retry", "pass", f"half step to {smaller:g}: {reason}")
-            else:
-                log.add(stage=k, event="retry", metric=metric, threshold=threshold(), verdict="fail",
-                        reason=f"half step to {smaller:g}: {reason}; rolled back to {state['passed'] or 'dense'}",
-                        **result)
-                restore_last_passing()
-            save_state()
-        break
-    return _finish(run, state, log, model, tokenizer, pc)
-
-
-def _finish(run: Path, state: dict, log: DecisionLog, model, tokenizer, pc: PruneConfig) -> dict:
-    """`RUN/model`: a byte copy of the last passing stage (or the dense model if none passed)."""
-    final = run / "model"
-    with atomic_output_dir(final) as tmp:
-        if state["passed"] is None:
-            from asft_ray.models import save_model
-
-            save_model(model, tokenizer, tmp)
-        else:
-            for item in (run / "stages" / state["passed"]).iterdir():
-                shutil.copy2(item, tmp / item.name)
-    final_stage = state["passed"] or "dense"
-    log.add(stage=None, event="final", verdict="done", reason=f"final model = {final_stage}",
-            target=state["results"][final_stage]["target"] if state["passed"] else 0.0,
-            achieved=state["results"][final_stage]["achieved"] if state["passed"] else 0.0,
-            value=state["results"][final_stage]["value"] if state["passed"] else state["dense"])
-    state["finished"] = True
-    state["final"] = final_stage
-    write_json_atomic(run / STATE, state)
-    return {"status": "finished", **state}
+    if RunState.read(run) is None:
+        RunState(identity=cfg.identity()).write(run)
+    return StagedRun(cfg, show_progress, make_runner or LocalRunner, sum_gradients or chunked_gradient_sums).execute()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from pathlib import Path
 from asft_ray.config import CALIBRATED_METHODS, PruneConfig, check_field_types
 from asft_ray.errors import AsftError
 from asft_ray.schedules.owl import M_GRID
+
+TRIALS = "trials"  # streamed trials' pruned models, under the sweep folder while they run
 
 
 @dataclass(frozen=True)
@@ -103,27 +106,65 @@ def spec_from_trial(params: dict, cfg: SweepConfig):
 
 
 def trial(params: dict, model, calib_ids, val_ids, outliers, cfg: SweepConfig) -> None:
-    """One Tune trial: prune a copy of the dense model with this schedule, report ppl window by window."""
+    """One Tune trial: prune a copy of the dense model with this schedule, report ppl window by window.
+    With `model` None (a streamed model) the trial streams: see streamed_trial."""
     import copy
 
     import torch
-    from ray import tune
 
     from asft_ray.eval.perplexity import window_nll
     from asft_ray.pruning.engine import prune_model
     from asft_ray.schedules import build_schedule
 
     torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
+    if model is None:
+        return streamed_trial(params, val_ids, outliers, cfg)
     pc = cfg.prune
     model = copy.deepcopy(model)
     plan = build_schedule(spec_from_trial(params, cfg), model, pc.sparsity, outliers)
     start = time.perf_counter()
     prune_model(model, pc.method, pc.parsed_pattern, plan, calib_ids, show_progress=False,
                 true_sequential=pc.true_sequential)
+    _report_windows(lambda w: window_nll(model, val_ids, pc.seqlen, w), cfg, time.perf_counter() - start)
+
+
+def streamed_trial(params: dict, val_ids, outliers, cfg: SweepConfig) -> None:
+    """A trial on a streamed model: a one-shot streamed prune (asft_ray.prune.run_prune) into
+    `OUT/trials/TRIAL`, then each validation window read through the pruned model one decoder layer
+    at a time (so ASHA's early stop also saves the reads). The folder is removed when the trial ends;
+    the sweep removes what stopped trials leave."""
+    import shutil
+
+    from ray import tune
+
+    from asft_ray.eval.streamed import streamed_perplexity
+    from asft_ray.prune import run_prune
+
+    pc = cfg.prune
+    folder = Path(pc.out) / TRIALS / tune.get_context().get_trial_id()
+    sub = dataclasses.replace(pc, schedule=spec_from_trial(params, cfg).to_dict(), out=str(folder), stream=True,
+                              overwrite=True, resume=False)
+    start = time.perf_counter()
+    run_prune(sub, show_progress=False, outliers=outliers)
     prune_s = time.perf_counter() - start
+
+    def window(w: int) -> float:  # one window's mean NLL: the log of its perplexity
+        ids = val_ids[:, w * pc.seqlen: (w + 1) * pc.seqlen]
+        return math.log(streamed_perplexity(folder, ids, pc.seqlen, 1, show_progress=False)["ppl"])
+
+    try:
+        _report_windows(window, cfg, prune_s)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _report_windows(window_nll, cfg: SweepConfig, prune_s: float) -> None:
+    """ASHA's time axis: the running validation ppl after each window."""
+    from ray import tune
+
     nll = []
-    for w in range(cfg.val_windows):  # ASHA's time axis: the running ppl after each window
-        nll.append(window_nll(model, val_ids, pc.seqlen, w))
+    for w in range(cfg.val_windows):
+        nll.append(window_nll(w))
         tune.report({"val_ppl": math.exp(math.fsum(nll) / len(nll)), "windows": len(nll), "prune_s": prune_s})
 
 
@@ -144,6 +185,23 @@ def best_schedule_yaml(cfg: SweepConfig, params: dict, model, outliers, val_ppl:
                      "val_ppl": val_ppl, "val_windows": cfg.val_windows, "trial_params": params}}
 
 
+def dense_outliers(pc: PruneConfig, model, calib_ids, stream: bool, show_progress: bool) -> dict:
+    """OWL's outlier ratios of the dense model: in memory, or read one decoder layer at a time."""
+    from asft_ray.models import resolve_model
+    from asft_ray.pruning.engine import LocalRunner, capture_layer0_inputs
+    from asft_ray.pruning.streaming import StreamedLayers, build_skeleton
+    from asft_ray.schedules.owl import layer_outlier_ratios
+
+    layers = None
+    if stream:
+        model, reader = build_skeleton(Path(resolve_model(pc.model).location), load_head=False)
+        layers = StreamedLayers(model, reader, None)
+    runner = LocalRunner(*capture_layer0_inputs(model, calib_ids))
+    if stream:
+        layers.after_capture(model)  # the embeddings are not needed again
+    return layer_outlier_ratios(model, runner, show_progress=show_progress, layer_store=layers)
+
+
 def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> dict:
     """Run (or resume) the sweep in cfg.prune.out. Call with Ray initialised."""
     import pandas as pd
@@ -155,16 +213,19 @@ def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> dict:
 
     from asft_ray.artifacts import write_json_atomic
     from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration, wikitext2_ids
-    from asft_ray.models import decoder_layers, load_model, prunable_linears
-    from asft_ray.pruning.engine import LocalRunner, capture_layer0_inputs
-    from asft_ray.schedules.owl import layer_outlier_ratios
+    from asft_ray.models import decoder_layers, load_model, load_tokenizer, model_config, model_skeleton, prunable_linears
 
     pc = cfg.prune
     out = Path(pc.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data_dir = resolve_data_dir(pc.data_dir)
-    model, tokenizer = load_model(pc.model, "cpu", show_progress=show_progress)
+    stream = pc.streams()
+    tokenizer = load_tokenizer(pc.model)
+    if stream:  # trials prune and evaluate one decoder layer at a time; the driver holds a skeleton
+        model = model_skeleton(model_config(pc.model))
+    else:
+        model, tokenizer = load_model(pc.model, "cpu", show_progress=show_progress)
     known = set(prunable_linears(decoder_layers(model)[0]))
     unknown = [name for name in cfg.linear_offsets if name not in known]
     if unknown:
@@ -174,11 +235,12 @@ def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> dict:
     val_ids = wikitext2_ids(tokenizer, "valid", data_dir)[:, : cfg.val_windows * pc.seqlen]
     if val_ids.shape[1] < cfg.val_windows * pc.seqlen:
         raise AsftError(f"the validation split has fewer than {cfg.val_windows} windows of {pc.seqlen} tokens")
-    outliers = layer_outlier_ratios(model, LocalRunner(*capture_layer0_inputs(model, calib_ids)), show_progress=show_progress)
+    outliers = dense_outliers(pc, model, calib_ids, stream, show_progress)
     prepare_s = time.perf_counter() - start
 
     trainable = tune.with_resources(
-        tune.with_parameters(trial, model=model, calib_ids=calib_ids, val_ids=val_ids, outliers=outliers, cfg=cfg),
+        tune.with_parameters(trial, model=None if stream else model, calib_ids=calib_ids, val_ids=val_ids,
+                             outliers=outliers, cfg=cfg),
         {"cpu": cfg.cpus_per_trial},
     )
     name = "tune"
@@ -197,6 +259,7 @@ def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> dict:
             run_config=tune.RunConfig(name=name, storage_path=str(out), verbose=1 if show_progress else 0),
         )
     grid = tuner.fit()
+    shutil.rmtree(out / TRIALS, ignore_errors=True)  # what early-stopped streamed trials left
     sweep_s = time.perf_counter() - start - prepare_s
 
     rows = []

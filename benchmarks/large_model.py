@@ -6,6 +6,7 @@ variable set to stay in bounds:
 
   * `asft prune --method sparsegpt --workers 2` and `--workers 1` (fp32; same output bits expected);
   * `asft eval --workers 2` and `--workers 1` (streamed; windows sharded over the workers);
+  * `asft staged` with Wanda, 2 workers, stages 30 % -> 50 % and a gate of 4 windows (streamed);
   * `asft export --format compressed` of the pruned model (streamed: one decoder layer at a time);
   * `asft prune --method fisher --workers 2` (the layer-streamed backward; the workers are not used);
   * `asft prune --method sparsegpt --workers 2` on the bf16 copy (output size = input size).
@@ -53,12 +54,24 @@ def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
            "max_peak_bytes": max(peaks.values()), "max_private_bytes": max(private.values()),
            **{f"max_peak_fraction_of_{k}": max(peaks.values()) / v for k, v in weight_bytes.items()}}
     for key in ("timings", "sparsity", "ppl", "seconds", "windows", "tokens", "window_nll", "streamed",
-                "file_ratio", "weights_file_bytes"):
+                "file_ratio", "weights_file_bytes", "dense", "results", "final"):
         if key in record:
             row[key] = record[key] if key != "sparsity" or not isinstance(record[key], dict) else record[key]["total"]
     append_row("large_model", row)
     print(json.dumps({k: v for k, v in row.items() if k not in ("window_nll", "peak_rss_bytes")}), flush=True)
     return row
+
+
+def _staged_config(work: Path, model: Path, opts) -> Path:
+    """A 2-stage run (30 % then 50 %) whose gate passes both stages: the model is random, the run
+    measures memory and time of the staged path (prune a stage, gate it, keep it), not quality."""
+    import yaml
+
+    config = work / "staged.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(model), "method": "wanda", "nsamples": opts.nsamples, "seqlen": opts.seqlen, "workers": 2,
+        "out": str(work / "staged-w2"), "stages": [0.3, 0.5], "gate": {"max_ppl_ratio": 100.0, "windows": 4}}))
+    return config
 
 
 def folder_bytes(folder: Path) -> int:
@@ -73,6 +86,7 @@ def main():
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows")
     parser.add_argument("--workdir", default="runs/large-model")
     parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
+    parser.add_argument("--eval-model", default="sgpt-w2", help="the model (under --workdir) the eval rows read")
     opts = parser.parse_args()
     work = ROOT / opts.workdir
     fp32, bf16 = work / "model-fp32", work / "model-bf16"
@@ -94,8 +108,9 @@ def main():
                               "--workers", "2", "--out", str(work / "sgpt-w2"), *calib],
         "sparsegpt-fp32-w1": ["prune", "--model", str(fp32), "--method", "sparsegpt", "--sparsity", "0.5",
                               "--workers", "1", "--out", str(work / "sgpt-w1"), *calib],
-        "eval-w2": ["eval", "--model", str(work / "sgpt-w2"), "--workers", "2", *evaluation],
-        "eval-w1": ["eval", "--model", str(work / "sgpt-w2"), "--workers", "1", *evaluation],
+        "eval-w2": ["eval", "--model", str(work / opts.eval_model), "--workers", "2", *evaluation],
+        "eval-w1": ["eval", "--model", str(work / opts.eval_model), "--workers", "1", *evaluation],
+        "staged-wanda-w2": ["staged", str(_staged_config(work, fp32, opts)), "--overwrite"],
         "export-compressed": ["export", "--model", str(work / "sgpt-w2"), "--format", "compressed",
                               "--out", str(work / "sgpt-w2-compressed"), "--overwrite"],
         "fisher-fp32-w2": ["prune", "--model", str(fp32), "--method", "fisher", "--sparsity", "0.5",

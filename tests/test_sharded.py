@@ -169,3 +169,28 @@ def test_everything_a_worker_gets_moves_to_its_device():
     (c, s), kwargs = moved
     assert c.is_meta and s.is_meta and kwargs["attention_mask"].is_meta
     assert kwargs["position_ids"] is None and kwargs["flag"] is True
+
+
+def test_the_coordinator_stays_at_most_one_layer_ahead_of_the_workers(local_ray):
+    """advance() returns once the previous layer is computed: however fast the caller reads layers,
+    at most two layers are ever submitted and not yet computed (the object store never holds the
+    model), and the outputs are those of the in-process runner."""
+    from asft_ray.distributed.sharded import ShardedRunner
+    from asft_ray.models import decoder_layers
+    from asft_ray.pruning.engine import LocalRunner, capture_layer0_inputs
+    from tests.conftest import build_tiny_llama
+
+    model = build_tiny_llama(num_hidden_layers=8)
+    ids = torch.randint(0, 512, (16, 256), generator=torch.Generator().manual_seed(4))  # enough work per layer
+    workers = start_workers(1, WorkerResources(cpus=1))
+    try:
+        runner = ShardedRunner(workers, *capture_layer0_inputs(model, ids))
+        local = LocalRunner(*capture_layer0_inputs(model, ids))
+        for layer in decoder_layers(model):
+            runner.advance(layer)
+            local.advance(layer)
+        outputs = runner.outputs()
+    finally:
+        ray.kill(workers[0])
+    assert 1 <= runner.peak_layers_ahead <= 2
+    assert all(torch.equal(a, b) for a, b in zip(outputs, local.outputs()))

@@ -48,6 +48,24 @@ def test_sweep_runs_trials_stops_some_early_and_writes_a_reusable_schedule(ray_l
     pruned = sum(round(sizes[(i, n)] * s) for i, row in plan.items() for n, s in row.items())
     assert abs(pruned / sum(sizes.values()) - 0.6) <= 1e-3
     assert json.loads((out / "sweep.json").read_text())["trials"] == 6
+    # the model directory streamed: the best trial's reported ppl is what an in-memory prune with its
+    # schedule measures, and no trial folder is left behind
+    assert not (out / "trials").exists()
+    from asft_ray.eval.perplexity import perplexity
+    from asft_ray.prune import run_prune
+    from asft_ray.tune import spec_from_trial
+
+    params = {k[len("param_"):]: v for k, v in best.items() if k.startswith("param_")}
+    outliers = {float(m): r for m, r in summary["outliers"].items()}
+    check = PruneConfig(model=str(tiny_model_dir), method="wanda", sparsity=0.6, nsamples=2, seqlen=64, device="cpu",
+                        out=str(tmp_path / "check"), schedule=spec_from_trial(params, cfg).to_dict(), stream=False)
+    run_prune(check, show_progress=False, outliers=outliers)
+    from asft_ray.data import wikitext2_ids
+    from asft_ray.models import load_model
+
+    pruned, tokenizer = load_model(str(tmp_path / "check"), "cpu", show_progress=False)
+    ids = wikitext2_ids(tokenizer, "valid", None)[:, : 4 * 64]
+    assert perplexity(pruned, ids, 64, 4, show_progress=False)["ppl"] == pytest.approx(best["val_ppl"], rel=1e-5)
     # resuming a finished sweep restores it instead of starting over
     again = run_sweep(cfg, show_progress=False)
     assert again["trials"] == 6 and again["best"]["val_ppl"] == best["val_ppl"]

@@ -258,6 +258,8 @@ class ShardedRunner:
         self.context = ray.put((to_device(args, "cpu"), to_device(kwargs, "cpu")))
         self.max_pending = max_pending or len(workers)
         self.peak_pending = 0  # the most chunks seen with partials not yet added (checked by the tests)
+        self.peak_layers_ahead = 0  # layers submitted to the workers and not yet computed, at most (tests)
+        self._submitted: list[list] = []
         self._sources: dict[tuple | None, list[str]] = {}
 
     def _worker(self, k: int):
@@ -311,8 +313,15 @@ class ShardedRunner:
         return {name: ray.get(ref) for name, ref in results.items()}
 
     def advance(self, layer) -> None:
+        """Push the activations through `layer` on the workers. Returns once the *previous* layer's
+        outputs are computed: the caller reads the next layer from disk while this one runs, but
+        never gets further ahead, so the object store holds at most two layers (not the whole model)."""
         layer_ref = ray.put(SharedLayer(layer))
-        self.chunks = [self._worker(k).forward.remote(layer_ref, c, self.context) for k, c in enumerate(self.chunks)]
+        inputs = self.chunks
+        self.chunks = [self._worker(k).forward.remote(layer_ref, c, self.context) for k, c in enumerate(inputs)]
+        self._submitted = [refs for refs in self._submitted + [self.chunks] if not _all_ready(refs)]
+        self.peak_layers_ahead = max(self.peak_layers_ahead, len(self._submitted))
+        ray.wait(inputs, num_returns=len(inputs), fetch_local=False)
 
     def outputs(self) -> list[torch.Tensor]:
         return [x for chunk in ray.get(self.chunks) for x in chunk]
@@ -322,6 +331,10 @@ class ShardedRunner:
         per_chunk = split_chunks(targets, self.chunk_size)
         parts = [self._worker(k).nlls.remote(final_ref, c, ids) for k, (c, ids) in enumerate(zip(self.chunks, per_chunk))]
         return [nll for part in parts for nll in ray.get(part)]
+
+
+def _all_ready(refs: list) -> bool:
+    return not ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[1]
 
 
 def sharded_runner_factory(workers: list, chunk_size: int = CHUNK_SIZE):

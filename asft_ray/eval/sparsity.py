@@ -48,8 +48,15 @@ def sparsity_from_report(rows: list[dict]) -> dict:
     }
 
 
-def sparsity_from_safetensors(folder) -> dict:
-    """model_sparsity of a safetensors model directory, read one linear at a time (never the whole model)."""
+def linear_zero_fractions(model: nn.Module) -> dict[tuple[int, str], float]:
+    """{(layer index, linear name): fraction of exact zeros} of a model in memory."""
+    return {(i, name): fraction for i, layer in enumerate(decoder_layers(model))
+            for name, fraction in linear_sparsity(prunable_linears(layer))["linears"].items()}
+
+
+def _linear_zero_counts(folder):
+    """(meta-device model, reader, [(layer, linear name, zeros, size)]) of a safetensors model
+    directory, read one linear at a time (never the whole model)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -58,14 +65,27 @@ def sparsity_from_safetensors(folder) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
     reader, prefix = SafetensorsReader(folder), layers_prefix(model)
-    rows = []
+    counts = []
     for index, layer in enumerate(decoder_layers(model)):
-        zeros, sizes = {}, {}
         for name in prunable_linears(layer):
             weight = reader.get(f"{prefix}.{index}.{name}.weight")
-            zeros[name], sizes[name] = int((weight == 0).sum()), weight.numel()
-        rows.append({"layer": index, "sparsity": sum(zeros.values()) / sum(sizes.values()),
-                     "zeros": sum(zeros.values()), "weights": sum(sizes.values())})
+            counts.append((index, name, int((weight == 0).sum()), weight.numel()))
+    return model, reader, counts
+
+
+def linear_zero_fractions_in(folder) -> dict[tuple[int, str], float]:
+    """linear_zero_fractions of a safetensors model directory, one linear in memory at a time."""
+    return {(i, name): zeros / size for i, name, zeros, size in _linear_zero_counts(folder)[2]}
+
+
+def sparsity_from_safetensors(folder) -> dict:
+    """model_sparsity of a safetensors model directory, read one linear at a time (never the whole model)."""
+    model, reader, counts = _linear_zero_counts(folder)
+    rows = []
+    for index in range(len(decoder_layers(model))):
+        mine = [(zeros, size) for i, _, zeros, size in counts if i == index]
+        zeros, sizes = sum(z for z, _ in mine), sum(n for _, n in mine)
+        rows.append({"layer": index, "sparsity": zeros / sizes, "zeros": zeros, "weights": sizes})
     head_key = next((k for k, p in model.named_parameters() if p is getattr(model.get_output_embeddings(), "weight", None)), None)
     if head_key in reader and not getattr(model.config, "tie_word_embeddings", False):
         rows.append({"layer": "lm_head", "sparsity": float((reader.get(head_key) == 0).float().mean())})

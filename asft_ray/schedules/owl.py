@@ -31,15 +31,22 @@ def layer_scores(layer, stats) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_outlier_ratios(model, runner, ms=M_GRID, show_progress: bool = True) -> dict[float, list[float]]:
+def layer_outlier_ratios(model, runner, ms=M_GRID, show_progress: bool = True,
+                         layer_store=None) -> dict[float, list[float]]:
     """{m: [outlier ratio of each decoder layer]} from one pass of the calibration inputs
-    through the dense layers. `runner` is the engine's LocalRunner or a ShardedRunner."""
+    through the dense layers. `runner` is the engine's LocalRunner or a ShardedRunner; with a
+    read-only `layer_store` (pruning.streaming.StreamedLayers) each layer is read from disk and
+    dropped again, so a streamed model is never whole in memory."""
     ratios = {float(m): [] for m in ms}
-    for layer in progress(decoder_layers(model), "owl outliers", show_progress):
+    for index, layer in enumerate(progress(decoder_layers(model), "owl outliers", show_progress)):
+        if layer_store is not None:
+            layer_store.load(index, layer)
         scores = layer_scores(layer, runner.collect(layer, hessian=False))
         for m in ratios:
             ratios[m].append(outlier_ratio(scores, m))
         runner.advance(layer)  # dense outputs feed the next layer
+        if layer_store is not None:
+            layer_store.free(index, layer)
     return ratios
 
 
