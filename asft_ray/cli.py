@@ -116,6 +116,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="structured: fraction of KV groups (a KV head with its query heads) to remove, or a comma list")
     x.add_argument("--nsamples", type=int, default=0,
                    help="structured: C4 calibration windows for |W|*||X|| scores (default 0: weight magnitude)")
+    x.add_argument("--drop-layers", type=int, default=0,
+                   help="structured: remove this many whole decoder layers, those of lowest block influence (needs --nsamples)")
+    x.add_argument("--refit", action="store_true",
+                   help="structured: refit down_proj / o_proj by least squares on the kept channels and heads (needs --nsamples)")
     x.add_argument("--seqlen", type=int, default=2048, help="structured: calibration window length")
     x.add_argument("--seed", type=int, default=0, help="structured: calibration sampling seed")
     x.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="semistructured: kernel dtype")
@@ -350,7 +354,7 @@ def _export(args) -> None:
     report = export_model(args.model, args.format, args.out, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
                           dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-                          show_progress=not args.no_progress)
+                          show_progress=not args.no_progress, drop_layers=args.drop_layers, refit=args.refit)
     if args.json:
         print(json.dumps(report, sort_keys=True, default=str))
     elif args.format == "compressed":

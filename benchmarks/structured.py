@@ -29,7 +29,9 @@ DENSE = "smollm2-135m"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--point", action="append", required=True, help="MLP_RATIO:HEAD_RATIO (repeatable)")
+    p.add_argument("--point", action="append", required=True,
+                   help="MLP_RATIO:HEAD_RATIO or MLP_RATIO:HEAD_RATIO:LAYERS_DROPPED (repeatable)")
+    p.add_argument("--refit", action="store_true", help="export with the least-squares refit of down_proj/o_proj")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--max-steps", type=int, default=40, help="recovery steps (0: exports only)")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -41,15 +43,19 @@ def main() -> None:
 
     scored = []
     for point in args.point:
-        mlp, heads = point.split(":")
-        out = runs / f"mlp{mlp}-heads{heads}"
+        mlp, heads, drop = (point.split(":") + ["0"])[:3]
+        out = runs / (f"mlp{mlp}-heads{heads}" + (f"-drop{drop}" if drop != "0" else "") + ("-refit" if args.refit else ""))
         if not (out / "config.json").is_file():
             asft("export", "--model", DENSE, "--format", "structured", "--mlp-ratio", mlp, "--head-ratio", heads,
+                 "--drop-layers", drop, *(["--refit"] if args.refit else []),
                  "--nsamples", str(args.nsamples), "--seqlen", "2048", "--out", str(out), "--no-progress")
         valid = wikitext_ppl(out, 8, "valid")
         test = wikitext_ppl(out, 16)
         scored.append((valid["ppl"], out))
+        report = json.loads((out / "structured.json").read_text())
         append_row("structured", {"stage": "export", "mlp_ratio": float(mlp), "head_ratio": float(heads),
+                                  "layers_dropped": report.get("layers_dropped", []), "refit": args.refit,
+                                  "parameter_ratio": report["parameter_ratio"],
                                   "nsamples": args.nsamples, "folder": str(out.relative_to(ROOT)),
                                   "valid_ppl_8w": valid["ppl"], "test_ppl_16w": test["ppl"]})
 

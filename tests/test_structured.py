@@ -106,3 +106,86 @@ def test_cli_export_structured(tiny_model_dir, data_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("asft: error: ") and "removes all 2" in err and "\n" not in err
+
+
+def test_the_least_squares_refit_is_the_lstsq_solution_and_beats_plain_removal():
+    from asft_ray.pruning.structured import refit_columns
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(12, 12, generator=g)
+    x = (mix @ torch.randn(12, 400, generator=g)).double()  # correlated inputs: removal leaves something to refit
+    w = torch.randn(8, 12, generator=g).double()
+    keep = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    refit = refit_columns(w, x @ x.T, keep, damp=0.0)
+    by_hand = torch.linalg.lstsq(x[keep].T, (w @ x).T).solution.T  # min ||W x - W' x_keep|| directly
+    assert torch.allclose(refit, by_hand, atol=1e-8)
+    plain_error = (w @ x - w[:, keep] @ x[keep]).pow(2).sum()
+    refit_error = (w @ x - refit @ x[keep]).pow(2).sum()
+    assert refit_error < 0.5 * plain_error
+
+
+def test_a_refit_structured_layer_is_closer_to_the_dense_layer_than_plain_removal(tiny_model, calib_ids):
+    from asft_ray.export.structured import refit_consumers
+
+    stats = collect_input_norms(tiny_model, calib_ids, hessian=True)
+    plan = plan_structured(tiny_model, mlp_ratio=0.5, head_ratio=0.5, stats=stats)
+    plain, refit = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    zero_units(plain, plan)
+    refit_consumers(refit, plan, stats)
+    zero_units(refit, plan)  # the removed rows of gate/up/q/k/v; down/o columns are already zero
+    inputs = []
+    handle = tiny_model.model.layers[1].mlp.register_forward_hook(lambda m, a, o: inputs.append(a[0]))
+    with torch.no_grad():
+        for i in range(calib_ids.shape[0]):
+            tiny_model(calib_ids[i : i + 1])
+    handle.remove()
+    x = torch.cat(inputs)
+    with torch.no_grad():
+        dense = tiny_model.model.layers[1].mlp(x)
+        plain_error = (plain.model.layers[1].mlp(x) - dense).pow(2).sum()
+        refit_error = (refit.model.layers[1].mlp(x) - dense).pow(2).sum()
+    assert refit_error < plain_error
+    assert (refit.model.layers[1].mlp.down_proj.weight == 0).all(0).sum() == 64  # half the channels gone
+
+
+def test_depth_pruning_reloads_with_fewer_layers_and_the_outputs_of_skipping_them(tmp_path, calib_ids):
+    from transformers import AutoModelForCausalLM
+
+    from asft_ray.export.structured import drop_layers, save_structured
+    from asft_ray.pruning.structured import block_influences, layers_to_drop
+    from tests.conftest import build_tiny_llama
+
+    model = build_tiny_llama(num_hidden_layers=5)
+    influences = block_influences(model, calib_ids)
+    dropped = layers_to_drop(influences, 2)
+    assert len(dropped) == 2 and all(influences[i] <= min(influences[j] for j in range(5) if j not in dropped)
+                                     for i in dropped)
+    skipping = copy.deepcopy(model)  # the reference: the full model with the dropped layers passing their input through
+    for i in dropped:
+        skipping.model.layers[i].register_forward_hook(lambda m, a, kw, out: a[0] if a else kw["hidden_states"],
+                                                       with_kwargs=True)
+    drop_layers(model, dropped)
+    save_structured(model, None, tmp_path / "d", {"layers_dropped": dropped})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
+    assert reloaded.config.num_hidden_layers == 3 and len(reloaded.model.layers) == 3
+    assert [layer.self_attn.layer_idx for layer in reloaded.model.layers] == [0, 1, 2]
+    assert torch.allclose(logits(reloaded), logits(skipping), atol=1e-5)
+    with pytest.raises(AsftError, match="can drop 0 to 4"):
+        layers_to_drop(influences, 5)
+
+
+def test_cli_depth_and_refit_need_calibration_and_a_valid_count(tiny_model_dir, tmp_path, capsys):
+    from asft_ray.cli import main
+
+    base = ["export", "--model", str(tiny_model_dir), "--format", "structured", "--out", str(tmp_path / "o")]
+    assert main([*base, "--refit"]) == 2
+    assert "pass --nsamples" in capsys.readouterr().err
+    assert main([*base, "--drop-layers", "2", "--nsamples", "2", "--seqlen", "32"]) == 2  # the tiny model has 2 layers
+    assert "between 1 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main([*base, "--drop-layers", "1", "--refit", "--mlp-ratio", "0.25", "--nsamples", "2", "--seqlen", "32",
+                 "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["after"]["num_hidden_layers"] == 1 and len(report["layers_dropped"]) == 1 and report["refit"]

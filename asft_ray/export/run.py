@@ -37,13 +37,26 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def export_model(model_spec: str, fmt: str, out: Path, *, mlp_ratio="0", head_ratio="0", nsamples: int = 0,
                  seqlen: int = 2048, seed: int = 0, data_dir: str | None = None, dtype: str = "float16",
-                 device: str = "cpu", overwrite: bool = False, show_progress: bool = True) -> dict:
+                 device: str = "cpu", overwrite: bool = False, show_progress: bool = True,
+                 drop_layers: int = 0, refit: bool = False) -> dict:
     """Write `model_spec` as `fmt` into `out`; returns the format's report plus timings.
 
     `device` is where the model is loaded (structured calibration runs there); the 2:4 format
-    always loads on the CPU first and moves to the GPU itself."""
+    always loads on the CPU first and moves to the GPU itself. Structured only: `drop_layers`
+    whole decoder layers of lowest block influence go, and `refit` refits down_proj / o_proj by
+    least squares on the kept channels and heads (both need calibration: nsamples > 0)."""
     if fmt not in FORMATS:
         raise AsftError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")
+    if (drop_layers or refit) and fmt != "structured":
+        raise AsftError("--drop-layers and --refit belong to --format structured")
+    if (drop_layers or refit) and nsamples < 1:
+        raise AsftError("--drop-layers and --refit measure on calibration data: pass --nsamples (e.g. 32)")
+    if drop_layers:
+        from asft_ray.models import model_config
+
+        layers = model_config(model_spec).num_hidden_layers
+        if not 0 < drop_layers < layers:
+            raise AsftError(f"--drop-layers must be between 1 and {layers - 1} for a {layers}-layer model, got {drop_layers}")
     check_out(out, overwrite)
     start = time.perf_counter()
     if fmt == "semistructured":
@@ -68,26 +81,42 @@ def export_model(model_spec: str, fmt: str, out: Path, *, mlp_ratio="0", head_ra
         report = save_compressed(model, out, tokenizer)
     elif fmt == "structured":
         report = _structured(model, tokenizer, out, parse_ratio(mlp_ratio), parse_ratio(head_ratio), nsamples,
-                             seqlen, seed, data_dir)
+                             seqlen, seed, data_dir, drop_layers, refit)
     else:
         report = _semistructured(model, tokenizer, out, dtype)
     return {"format": fmt, "model": model_spec, "out": str(out), **report, "seconds": time.perf_counter() - start}
 
 
-def _structured(model, tokenizer, out, mlp_ratio, head_ratio, nsamples, seqlen, seed, data_dir) -> dict:
-    from asft_ray.export.structured import save_structured, shrink
-    from asft_ray.pruning.structured import collect_input_norms, plan_structured
+def _structured(model, tokenizer, out, mlp_ratio, head_ratio, nsamples, seqlen, seed, data_dir,
+                drop=0, refit=False) -> dict:
+    from asft_ray.export.structured import drop_layers, refit_consumers, save_structured, shrink
+    from asft_ray.pruning.structured import block_influences, collect_input_norms, layers_to_drop, plan_structured
 
-    stats = None
+    stats, influences = None, None
     if nsamples > 0:
         from asft_ray.data import c4_documents, sample_calibration
 
         calib = sample_calibration(c4_documents(data_dir), tokenizer, nsamples, seqlen, seed)
-        stats = collect_input_norms(model, calib)
+        stats = collect_input_norms(model, calib, hessian=refit)
+        if drop:
+            influences = block_influences(model, calib)  # the dense model's, as ShortGPT measures them
     plan = plan_structured(model, mlp_ratio, head_ratio, stats)
+    if refit:
+        refit_consumers(model, plan, stats)
+    del stats
     report = shrink(model, plan)
-    report.update({"mlp_ratio": mlp_ratio, "head_ratio": head_ratio, "nsamples": nsamples,
-                   "scores": "wanda-style |W|*||X||" if stats is not None else "magnitude |W|"})
+    dropped = layers_to_drop(influences, drop) if drop else []
+    if dropped:
+        before = report["after"]["parameters"]
+        drop_layers(model, dropped)
+        from asft_ray.export.structured import parameter_count
+
+        report["after"] = {**report["after"], "parameters": parameter_count(model),
+                           "num_hidden_layers": model.config.num_hidden_layers}
+        report["parameter_ratio"] *= report["after"]["parameters"] / before
+    report.update({"mlp_ratio": mlp_ratio, "head_ratio": head_ratio, "nsamples": nsamples, "refit": refit,
+                   "layers_dropped": dropped, "block_influence": influences,
+                   "scores": "wanda-style |W|*||X||" if nsamples > 0 else "magnitude |W|"})
     return save_structured(model, tokenizer, out, report)
 
 

@@ -85,6 +85,48 @@ def zero_units(model: nn.Module, plan: list[dict], only_dropped: bool = False) -
                 lin.bias[rows] = 0
 
 
+def own_units(plan_layer: dict, unit: str) -> torch.Tensor:
+    """The units a layer keeps by its own count (ascending): `*_keep` minus the ones kept only for shape."""
+    keep = plan_layer[f"{unit}_keep"]
+    return keep[plan_layer[f"{unit}_rank"][keep] < plan_layer[f"{unit}_count"]]
+
+
+@torch.no_grad()
+def refit_consumers(model: nn.Module, plan: list[dict], stats: list) -> None:
+    """Least-squares refit (pruning.structured.refit_columns) of the weights that read the removed
+    units, in the full-size model: down_proj on its layer's kept MLP channels, o_proj on the kept
+    query heads; the removed columns become zero. The kept units' inputs are the dense model's,
+    so on the calibration tokens this is the best any reweighting of the kept columns can do."""
+    from asft_ray.pruning.structured import refit_columns
+
+    cfg = model.config
+    hd, rep = _head_dim(cfg), cfg.num_attention_heads // cfg.num_key_value_heads
+    for layer, p, s in zip(decoder_layers(model), plan, stats):
+        for lin, name, keep in ((layer.mlp.down_proj, "mlp.down_proj", own_units(p, "mlp")),
+                                (layer.self_attn.o_proj, "self_attn.o_proj", group_rows(own_units(p, "groups"), rep * hd))):
+            refit = refit_columns(lin.weight, s.hessian(name), keep)
+            lin.weight.zero_()
+            lin.weight[:, keep.to(lin.weight.device)] = refit
+
+
+@torch.no_grad()
+def drop_layers(model: nn.Module, indices: list[int]) -> None:
+    """Remove whole decoder layers in place (depth pruning); the rest are renumbered as transformers
+    would build them, so the saved model reloads with `num_hidden_layers` fewer layers."""
+    layers = decoder_layers(model)
+    kept = [layer for i, layer in enumerate(layers) if i not in set(indices)]
+    for new_index, layer in enumerate(kept):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_index
+    layers_parent = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers_parent.layers = nn.ModuleList(kept)
+    cfg = model.config
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in set(indices)]
+    cfg.num_hidden_layers = len(kept)
+
+
 def parameter_count(model: nn.Module) -> int:
     """Parameters, counting tied tensors once."""
     return sum(p.numel() for p in model.parameters())

@@ -76,9 +76,10 @@ def layer_ratios(ratio: float | list[float], n_layers: int, what: str) -> list[f
 
 
 @torch.no_grad()
-def collect_input_norms(model: nn.Module, calib_ids: torch.Tensor) -> list[InputStats]:
-    """Summed squared inputs of every decoder linear, from one pass of the dense model per window."""
-    collectors = [LayerInputStats(prunable_linears(layer), hessian=False) for layer in decoder_layers(model)]
+def collect_input_norms(model: nn.Module, calib_ids: torch.Tensor, hessian: bool = False) -> list[InputStats]:
+    """Summed squared inputs of every decoder linear (and, with `hessian`, sum x x^T per distinct
+    input, for the least-squares refit), from one pass of the dense model per window."""
+    collectors = [LayerInputStats(prunable_linears(layer), hessian=hessian) for layer in decoder_layers(model)]
     device = next(model.parameters()).device
     with ExitStack() as stack:
         for c in collectors:
@@ -118,3 +119,55 @@ def plan_structured(model: nn.Module, mlp_ratio: float | list[float] = 0.0, head
             "groups_rank": torch.argsort(torch.argsort(group_scores, descending=True, stable=True)),
         })
     return plan
+
+
+def refit_columns(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weight on the kept input columns that best reproduces the layer's output with all of them:
+    W' = argmin sum_t ||W x_t - W' x_t[keep]||^2 = W H[:, keep] H[keep, keep]^-1, with H = sum_t x_t x_t^T
+    (dampened by `damp` x the mean of its kept diagonal, as SparseGPT does). Plain removal keeps
+    W[:, keep] instead; the refit is never worse on the calibration inputs (up to the damping)."""
+    h = hessian.double()
+    keep = keep.to(h.device)
+    h_kept = h[keep][:, keep]
+    h_kept = h_kept + damp * h_kept.diagonal().mean().clamp_min(1e-12) * torch.eye(len(keep), dtype=h.dtype, device=h.device)
+    rhs = weight.detach().double() @ h[:, keep]  # out x kept
+    return torch.linalg.solve(h_kept, rhs.T).T.to(weight.dtype)
+
+
+def block_influence(inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[float, int]:
+    """(sum over tokens of 1 - cos(x_in, x_out), tokens): ShortGPT's block influence of one decoder
+    layer, summed so that windows add up. A layer that barely changes its input scores near 0."""
+    x, y = inputs.reshape(-1, inputs.shape[-1]).double(), outputs.reshape(-1, outputs.shape[-1]).double()
+    cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
+    return float((1 - cos).sum()), cos.numel()
+
+
+@torch.no_grad()
+def block_influences(model: nn.Module, calib_ids: torch.Tensor) -> list[float]:
+    """Mean block influence of every decoder layer over the calibration windows (dense model)."""
+    sums = [[0.0, 0] for _ in decoder_layers(model)]
+
+    def hook(index):
+        def record(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            total, count = block_influence(x, y)
+            sums[index][0] += total
+            sums[index][1] += count
+        return record
+
+    device = next(model.parameters()).device
+    with ExitStack() as stack:
+        for i, layer in enumerate(decoder_layers(model)):
+            stack.callback(layer.register_forward_hook(hook(i), with_kwargs=True).remove)
+        for i in range(calib_ids.shape[0]):
+            model(input_ids=calib_ids[i : i + 1].to(device), use_cache=False)
+    return [total / count for total, count in sums]
+
+
+def layers_to_drop(influences: list[float], count: int) -> list[int]:
+    """The `count` layers of lowest block influence (ties: the later layer goes first), ascending."""
+    if not 0 <= count < len(influences):
+        raise AsftError(f"can drop 0 to {len(influences) - 1} of the model's {len(influences)} layers, not {count}")
+    order = sorted(range(len(influences)), key=lambda i: (influences[i], -i))
+    return sorted(order[:count])
