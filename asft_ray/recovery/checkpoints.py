@@ -30,7 +30,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from asft_ray.artifacts import write_json_atomic
+from asft_ray.artifacts import same_run, write_json_atomic
 from asft_ray.errors import AsftError
 
 STATE = "state.json"
@@ -69,7 +69,7 @@ def verify_resume(folder: Path, identity: dict) -> dict | None:
     folder = Path(folder)
     _check_owned(folder, folder)
     saved = _read_json(folder, folder / STATE, "its run record")
-    if not isinstance(saved, dict) or saved.get("identity") != identity:
+    if not isinstance(saved, dict) or not same_run(saved.get("identity"), identity):
         raise AsftError(f"--resume: {folder} holds a different run's state; drop --resume to start over")
     root = folder / "ckpt"
     if not (root / LATEST).exists():
