@@ -49,12 +49,13 @@ def identity_digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def prepare_state(folder: Path, identity: dict, resume: bool) -> dict | None:
+def prepare_state(folder: Path, identity: dict, resume: bool, verified: dict | None = None) -> dict | None:
     """Keep the folder for `resume` (this run's, verified: see verify_resume; else an error); otherwise
-    start it afresh. Returns the latest complete checkpoint's record, or None (start at step 0)."""
+    start it afresh. Returns the latest complete checkpoint's record, or None (start at step 0).
+    `verified`: what verify_resume returned for this folder earlier in this process (not repeated)."""
     folder = Path(folder)
     if resume and (folder / STATE).is_file():
-        latest = verify_resume(folder, identity)
+        latest = verified if verified is not None else verify_resume(folder, identity)
         (folder / SUMMARY).unlink(missing_ok=True)
         return latest
     shutil.rmtree(folder, ignore_errors=True)

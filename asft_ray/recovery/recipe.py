@@ -22,7 +22,7 @@ from asft_ray.data import c4_documents, resolve_data_dir, wikitext2_ids
 from asft_ray.errors import AsftError
 from asft_ray.models import load_model, resolve_model
 from asft_ray.recovery.batches import step_starts, token_stream
-from asft_ray.recovery.checkpoints import SUMMARY, identity_digest, prepare_state, state_dir
+from asft_ray.recovery.checkpoints import STATE, SUMMARY, identity_digest, prepare_state, state_dir, verify_resume
 from asft_ray.recovery.config import RecoverConfig
 from asft_ray.recovery.deepspeed_config import TrainingPlan, build_plan, load_user_config
 from asft_ray.recovery.masks import check_mask_entry, check_mask_names, linear_weight_names, require_zeros, student_masks
@@ -182,6 +182,8 @@ def run_recover(cfg: RecoverConfig, address: str | None = None) -> dict:
     identity = {**cfg.identity(), "deepspeed_config": user_ds}
     if check_output_dir(cfg.out, identity, cfg.overwrite):
         return {**read_run(cfg.out), "reused": True}
+    folder = state_dir(cfg.out)
+    verified = verify_resume(folder, identity) if cfg.resume and (folder / STATE).is_file() else None  # reads only
     resolve_model(cfg.model)
     plan = build_plan(cfg, user_ds, cfg.workers, source=cfg.deepspeed or "deepspeed config",
                       largest_linear=largest_linear(cfg.model))
@@ -190,8 +192,7 @@ def run_recover(cfg: RecoverConfig, address: str | None = None) -> dict:
     data_dir = resolve_data_dir(cfg.data_dir)
     tokenizer, mask_info = check_student(cfg)
     stream, eval_ids = training_tokens(cfg, tokenizer, data_dir)
-    folder = state_dir(cfg.out)
-    resume_from = prepare_state(folder, identity, cfg.resume)  # a checkpoint is verified here, before Ray starts
+    resume_from = prepare_state(folder, identity, cfg.resume, verified)  # the checkpoint verified before Ray starts
     prepared_s = time.perf_counter() - start
 
     owned = init_ray(address)
