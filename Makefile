@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.asft-installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: install test test-slow demo demo-prune bench gpu-check clean
+.PHONY: install test test-slow test-faults demo demo-prune bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
+
+# The fault suite (kill -9 / SIGINT / SIGTERM of the driver, then --resume; about 15 min on 2 cores).
+test-faults: $(STAMP)
+	$(BIN)/pytest -q -m "slow or not slow" tests/test_fault_suite.py tests/test_faults.py tests/test_reaper.py
 
 # The main job: the whole pipeline on SmolLM2-135M on the embedded Ray cluster (configs/run-demo.yaml):
 # staged Wanda/OWL pruning with a gate -> DeepSpeed recovery on Ray Train -> compressed export ->

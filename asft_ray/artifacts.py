@@ -128,6 +128,36 @@ def refuse_foreign_folder(out: Path) -> None:
                         "asft-ray never replaces them: choose a new folder or remove them yourself")
 
 
+_MODEL_KEYS = ("model", "teacher")
+_PATH_KEYS = ("data_dir", "mask_file", "deepspeed")
+
+
+def canonical_identity(identity):
+    """A run identity with every model and local path in it as config.model_identity / path_identity
+    write them now (also inside nested identities such as a staged run's `prune`). Records written
+    before local paths were resolved then compare equal to today's identity of the same run."""
+    from asft_ray.config import model_identity, path_identity
+
+    if not isinstance(identity, dict):
+        return identity
+    canonical = {}
+    for key, value in identity.items():
+        if isinstance(value, str) and key in _MODEL_KEYS:
+            value = model_identity(value)
+        elif isinstance(value, str) and key in _PATH_KEYS:
+            value = path_identity(value)
+        elif isinstance(value, dict):
+            value = canonical_identity(value)
+        canonical[key] = value
+    return canonical
+
+
+def same_run(saved, identity: dict) -> bool:
+    """The one comparison of a saved run identity (a run record's `inputs`, a checkpoint's state) with
+    this run's: equal, also when `saved` names the same model or files by another path."""
+    return saved == identity or canonical_identity(saved) == canonical_identity(identity)
+
+
 def check_output_dir(out: Path, identity: dict, overwrite: bool) -> bool:
     """Decide what to do with an existing `--out`. Returns True when it already holds this exact run.
 
@@ -140,7 +170,7 @@ def check_output_dir(out: Path, identity: dict, overwrite: bool) -> bool:
         return False
     refuse_foreign_folder(out)
     run = read_run(out)
-    if run is not None and run.get("inputs") == identity and not overwrite:
+    if run is not None and same_run(run.get("inputs"), identity) and not overwrite:
         return True
     if overwrite:
         return False

@@ -400,7 +400,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that it unwinds exactly as on Ctrl-C."""
 
 
+_signals_received: list[int] = []  # SIGTERMs during the current command
+
+
 def _raise_terminated(signum, frame):
+    _signals_received.append(signum)  # ray.get turns any KeyboardInterrupt into a plain one: remember what it was
     raise Terminated()
 
 
@@ -411,13 +415,14 @@ def main(argv: list[str] | None = None) -> int:
                 "approve": _decide, "reject": _decide, "sweep": _sweep, "run": _run, "recover": _recover}
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    _signals_received.clear()
     try:
         handlers[args.command](args)
     except AsftError as err:
         print(f"asft: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C (130) or SIGTERM (143): temporary outputs are removed on the way out
-        terminated = isinstance(stop, Terminated)
+        terminated = isinstance(stop, Terminated) or bool(_signals_received)
         print(f"asft: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
     finally:

@@ -56,6 +56,24 @@ def check_device(device: str) -> str:
     raise AsftError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
 
 
+def path_identity(value: str | None) -> str | None:
+    """A local path as it goes into a run identity: its absolute real path when it exists (relative,
+    `~`, a symbolic link or a trailing slash all name the same file), else the text as given."""
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def model_identity(spec: str) -> str:
+    """The one rule for a model in a run identity (prune, staged, sweep, recover, the pipeline): the
+    same model by another path is the same run. An alias (`smollm2-135m`, which resolve_model also
+    takes first) and a hub id stay as they are; a local directory or file becomes its real path."""
+    from asft_ray.models import ALIASES
+
+    return spec if spec in ALIASES else path_identity(spec)
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """One one-shot pruning run: `asft prune` builds this from its flags."""
@@ -183,6 +201,8 @@ class PruneConfig:
                     "coordinator_cpus", "coordinator_gpus", "coordinator_memory_gb"):
             d.pop(key)  # where and how it runs, not what it computes
         d["out"] = str(Path(self.out).resolve())
+        d["model"] = model_identity(self.model)  # the same model by another path is the same run
+        d["data_dir"] = path_identity(self.data_dir)
         d["schedule"] = self.schedule_spec.to_dict()  # the content, not the file name
         if self.is_uniform:
             d.pop("schedule")  # one ratio for every layer, as before schedules existed

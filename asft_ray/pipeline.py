@@ -217,9 +217,12 @@ def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: b
     each model's speed and peak memory are not disturbed by the models evaluated before it."""
     import ray
 
-    key = json.loads(json.dumps({"model": spec, "eval": dataclasses.asdict(cfg.eval)}))  # as it reads back
+    from asft_ray.artifacts import same_run
+    from asft_ray.config import model_identity
+
+    key = json.loads(json.dumps({"model": model_identity(spec), "eval": dataclasses.asdict(cfg.eval)}))  # as it reads back
     cached = json.loads(path.read_text()) if path.exists() else None
-    if cached is not None and cached.get("key") == key:
+    if cached is not None and same_run(cached.get("key"), key):
         return cached
     path.parent.mkdir(exist_ok=True)
     # Nothing else of this run is busy now: use every core of the node (Ray would give a task

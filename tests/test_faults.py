@@ -104,3 +104,19 @@ def test_init_ray_keeps_the_clis_sigterm_handling(monkeypatch):
         assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_inside_ray_get_is_still_terminated(capsys, monkeypatch):
+    """ray.get turns the KeyboardInterrupt our SIGTERM handler raises into a plain KeyboardInterrupt (found by the
+    fault suite: a SIGTERM during a real prune said 'interrupted', 130); a stand-in for ray.get does just that."""
+    def handler(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt() from None  # as ray._raylet's check_status does for an interrupted wait
+    monkeypatch.setattr(cli, "_eval", handler)
+    assert cli.main(["eval", "--model", "m"]) == 143
+    assert capsys.readouterr().err.strip() == "asft: terminated"
+    monkeypatch.setattr(cli, "_eval", lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))  # a later Ctrl-C
+    assert cli.main(["eval", "--model", "m"]) == 130

@@ -276,6 +276,23 @@ def test_bad_input_is_one_line_and_leaves_out_alone(case, message, capsys, tmp_p
     assert not (tmp_path / ".out.recover").exists()
 
 
+def test_resume_from_a_state_folder_others_can_write_is_one_line_before_ray(capsys, tmp_path, pruned_dir, data_dir):
+    """Issue 17 item 12: a checkpoint is unpickled, so --resume refuses a state folder it cannot trust,
+    before Ray starts and without deleting it (tests/test_recover_trust.py has every other refusal)."""
+    import ray
+
+    state = tmp_path / ".out.recover"
+    (state / "ckpt").mkdir(parents=True)
+    (state / "state.json").write_text("{}")
+    state.chmod(0o777)
+    code, err = _run_cli(capsys, "--model", str(pruned_dir), "--max-steps", "2", "--seqlen", "32", "--data-dir", data_dir,
+                         "--out", str(tmp_path / "out"), "--resume")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "is writable by every user" in lines[0], err
+    assert lines[0].startswith("asft: error: --resume:") and not ray.is_initialized()
+    assert (state / "state.json").read_text() == "{}" and (state / "ckpt").is_dir()
+
+
 # ---------------------------------------------------------------- 2 Ray Train workers, DeepSpeed ZeRO
 
 
@@ -371,6 +388,13 @@ def test_zero2_with_distillation_keeps_masks_through_resume(ray_cluster, pruned_
     kw = dict(zero_stage=2, teacher=str(tiny_model_dir), kd_weight=1.0, hidden_weight=0.1, eval_every=2, eval_windows=2,
               max_steps=3)
     assert _recover(pruned_dir, tmp_path / "kd", data_dir, stop_after_steps=2, **kw)["stopped"]
+    # the checkpoint DeepSpeed wrote is listed byte for byte: a changed file is refused, not unpickled
+    shard = next((tmp_path / ".kd.recover" / "ckpt" / "step-000002").glob("*optim_states.pt"))
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(AsftError, match="is not the one this run wrote"):
+        _recover(pruned_dir, tmp_path / "kd", data_dir, resume=True, **kw)
+    shard.write_bytes(original)
     record = _recover(pruned_dir, tmp_path / "kd", data_dir, resume=True, **kw)
     assert record["resumed_from_step"] == 2 and len(record["losses"]) == 3
     _assert_masks_held(record, tmp_path / "kd", pruned_dir)

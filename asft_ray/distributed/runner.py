@@ -26,7 +26,8 @@ def init_ray(address: str | None = None, object_store_bytes: int | None = None) 
     With `address` (or $RAY_ADDRESS): join that cluster, after checking within
     $ASFT_CONNECT_TIMEOUT_S (default 30 s) that its GCS port answers. Without: start a private
     embedded cluster (`address="local"`), never one that `ray start` left recorded in Ray's temp
-    dir (on a shared host anyone could have put it there). Dashboard off.
+    dir (on a shared host anyone could have put it there). Dashboard off. Its processes end with
+    this driver, also after a kill -9 (distributed/reaper.py).
 
     An embedded cluster's shared-memory object store (Ray spills beyond it) is $ASFT_OBJECT_STORE_GB,
     else `object_store_bytes` (see `streaming_object_store_bytes`), else Ray's default.
@@ -57,6 +58,10 @@ def init_ray(address: str | None = None, object_store_bytes: int | None = None) 
     finally:
         if in_main_thread and sigterm is not None:  # ray.init installs sys.exit(15); keep the CLI's own handling
             signal.signal(signal.SIGTERM, sigterm)
+    if address == "local":  # the embedded cluster's processes end with this driver, also after a kill -9
+        from asft_ray.distributed.reaper import start_reaper
+
+        start_reaper()
     return True
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from asft_ray.artifacts import write_json_atomic
+from asft_ray.artifacts import same_run, write_json_atomic
 
 STATE = "state.json"
 
@@ -25,7 +25,7 @@ class LayerCheckpoint:
         self.folder = Path(folder)
         self.identity = identity
         state = self._read_state()
-        if resume and state is not None and state.get("identity") == identity:
+        if resume and state is not None and same_run(state.get("identity"), identity):
             self.rows = state["layers"]
         else:
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from asft_ray.config import check_field_types, check_keys
+from asft_ray.config import check_field_types, check_keys, model_identity, path_identity
 from asft_ray.errors import AsftError
 
 DATASETS = ("c4",)
@@ -135,4 +135,8 @@ class RecoverConfig:
                     "eval_every", "eval_windows", "eval_seqlen"):
             d.pop(key)  # how and where it runs, what it reports, not what it computes
         d["out"] = str(Path(self.out).resolve())
+        d["model"] = model_identity(self.model)  # the same model (or file) by another path is the same run
+        d["teacher"] = model_identity(self.teacher) if self.teacher else None
+        for key in ("mask_file", "deepspeed", "data_dir"):
+            d[key] = path_identity(d[key])
         return d

@@ -22,7 +22,7 @@ from asft_ray.data import c4_documents, resolve_data_dir, wikitext2_ids
 from asft_ray.errors import AsftError
 from asft_ray.models import load_model, resolve_model
 from asft_ray.recovery.batches import step_starts, token_stream
-from asft_ray.recovery.checkpoints import SUMMARY, prepare_state, state_dir
+from asft_ray.recovery.checkpoints import STATE, SUMMARY, identity_digest, prepare_state, state_dir, verify_resume
 from asft_ray.recovery.config import RecoverConfig
 from asft_ray.recovery.deepspeed_config import TrainingPlan, build_plan, load_user_config
 from asft_ray.recovery.masks import check_mask_entry, check_mask_names, linear_weight_names, require_zeros, student_masks
@@ -121,8 +121,10 @@ def _use_gpu(cfg: RecoverConfig, ray) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= cfg.workers
 
 
-def fit(cfg: RecoverConfig, plan: TrainingPlan, stream, eval_ids, folder: Path, export_dir: Path) -> None:
-    """Run train_loop on `cfg.workers` Ray Train workers (gloo on CPU, NCCL on GPU)."""
+def fit(cfg: RecoverConfig, plan: TrainingPlan, stream, eval_ids, folder: Path, export_dir: Path, identity: dict,
+        resume_from: dict | None) -> None:
+    """Run train_loop on `cfg.workers` Ray Train workers (gloo on CPU, NCCL on GPU), from the checkpoint
+    `resume_from` (verified by prepare_state) or from step 0."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -140,7 +142,8 @@ def fit(cfg: RecoverConfig, plan: TrainingPlan, stream, eval_ids, folder: Path, 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "plan": plan, "stream": stream, "eval_ids": eval_ids, "use_gpu": use_gpu,
-                           "state_dir": str(folder), "export_dir": str(export_dir)},
+                           "state_dir": str(folder), "export_dir": str(export_dir),
+                           "identity": identity_digest(identity), "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.worker_cpus, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name=f"recover-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(folder / "ray"),
@@ -179,6 +182,8 @@ def run_recover(cfg: RecoverConfig, address: str | None = None) -> dict:
     identity = {**cfg.identity(), "deepspeed_config": user_ds}
     if check_output_dir(cfg.out, identity, cfg.overwrite):
         return {**read_run(cfg.out), "reused": True}
+    folder = state_dir(cfg.out)
+    verified = verify_resume(folder, identity) if cfg.resume and (folder / STATE).is_file() else None  # reads only
     resolve_model(cfg.model)
     plan = build_plan(cfg, user_ds, cfg.workers, source=cfg.deepspeed or "deepspeed config",
                       largest_linear=largest_linear(cfg.model))
@@ -187,14 +192,13 @@ def run_recover(cfg: RecoverConfig, address: str | None = None) -> dict:
     data_dir = resolve_data_dir(cfg.data_dir)
     tokenizer, mask_info = check_student(cfg)
     stream, eval_ids = training_tokens(cfg, tokenizer, data_dir)
-    folder = state_dir(cfg.out)
-    prepare_state(folder, identity, cfg.resume)
+    resume_from = prepare_state(folder, identity, cfg.resume, verified)  # the checkpoint verified before Ray starts
     prepared_s = time.perf_counter() - start
 
     owned = init_ray(address)
     try:
         with atomic_output_dir(cfg.out) as tmp:
-            fit(cfg, plan, stream, eval_ids, folder, tmp)
+            fit(cfg, plan, stream, eval_ids, folder, tmp, identity, resume_from)
             summary = json.loads((folder / SUMMARY).read_text())
             if summary["stopped"]:
                 raise _Stopped(summary)

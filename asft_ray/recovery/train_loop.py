@@ -30,7 +30,7 @@ import torch
 from asft_ray.artifacts import write_json_atomic
 from asft_ray.models import load_model, resolve_model
 from asft_ray.recovery.batches import micro_batch
-from asft_ray.recovery.checkpoints import SUMMARY, latest_checkpoint, load_checkpoint, save_checkpoint
+from asft_ray.recovery.checkpoints import SUMMARY, load_checkpoint, save_checkpoint
 from asft_ray.recovery.config import RecoverConfig
 from asft_ray.recovery.deepspeed_config import TrainingPlan, warmup_cosine
 from asft_ray.recovery.export import export_sharded
@@ -310,8 +310,8 @@ def train_loop(config: dict) -> None:
     eval_seqlen = cfg.eval_seqlen or cfg.seqlen
 
     history, evals, start, resumed_check = [], [], 0, None
-    if latest_checkpoint(state) is not None:
-        client = load_checkpoint(engine, state)
+    if config["resume_from"] is not None:  # verified by the driver before Ray started (checkpoints.verify_resume)
+        client = load_checkpoint(engine, state, config["resume_from"])
         start, history, evals = client["step"], client["history"], client["evals"]
         resumed_check = check_masks(optimizer_state=False)
     if cfg.eval_every and start == 0:
@@ -331,7 +331,8 @@ def train_loop(config: dict) -> None:
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             evals.append({"step": done, "ppl": evaluate(engine, eval_ids, eval_seqlen, rank, world)})
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-            save_checkpoint(engine, state, done, {"step": done, "history": history, "evals": evals}, rank)
+            save_checkpoint(engine, state, done, {"step": done, "history": history, "evals": evals}, rank,
+                            config["identity"])
         ray.train.report({"step": done, "loss": row["loss"]})
         if cfg.stop_after_steps == done:
             stopped = True
