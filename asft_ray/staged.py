@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from asft_ray.artifacts import atomic_output_dir, check_out_location, refuse_foreign_folder, write_json_atomic
+from asft_ray.artifacts import (
+    atomic_output_dir,
+    check_out_location,
+    refuse_foreign_folder,
+    same_run,
+    write_json_atomic,
+)
 from asft_ray.config import PruneConfig, check_field_types, check_keys
 from asft_ray.errors import AsftError
 
@@ -209,7 +215,7 @@ def check_run_folder(cfg: StagedConfig) -> str:
         if not cfg.prune.overwrite:
             raise AsftError(f"--out {run} already holds another asft-ray output; pass --overwrite to replace it")
         return "replace"
-    if state.get("identity") == cfg.identity():
+    if same_run(state.get("identity"), cfg.identity()):
         return "continue"
     if not cfg.prune.overwrite:
         raise AsftError(f"{run} holds a different staged run; pass overwrite: true (--overwrite) to replace it")
@@ -301,7 +307,7 @@ class StagedRun:
         folder = self.run / "stages" / name
         sub = dataclasses.replace(self.cfg.prune, model=self.source(), out=str(folder), sparsity=target,
                                   stream=self.stream, resume=self.resumable, overwrite=False)
-        if folder.exists() and (read_run(folder) or {}).get("inputs") != sub.identity():
+        if folder.exists() and not same_run((read_run(folder) or {}).get("inputs"), sub.identity()):
             shutil.rmtree(folder)  # a stage this run wrote earlier and then discarded
         outliers = None if self.state.outliers is None else {float(m): r for m, r in self.state.outliers.items()}
         record = run_prune(sub, self.show_progress, self.make_runner, self.sum_gradients,
