@@ -81,11 +81,16 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def read_run(out: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or unreadable (the one reader of state files)."""
     try:
-        return json.loads((Path(out) / RUN_FILE).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_run(out: Path) -> dict | None:
+    return read_json(Path(out) / RUN_FILE)
 
 
 def check_out_location(out: Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from asft_ray.artifacts import (
     atomic_output_dir,
     check_out_location,
+    read_json,
     refuse_foreign_folder,
     same_run,
     write_json_atomic,
@@ -33,7 +34,7 @@ from asft_ray.artifacts import (
 from asft_ray.config import PruneConfig, check_field_types, check_keys
 from asft_ray.errors import AsftError
 
-STATE = "state.json"
+RUN_STATE = "state.json"
 APPROVAL = "approval.json"
 LOG = "decisions.jsonl"
 
@@ -178,19 +179,12 @@ class DecisionLog:
         tmp.replace(self.folder / "decisions.parquet")
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def decide(run_dir: str, decision: str, note: str = "") -> dict:
     """`asft approve` / `asft reject`: record the decision for the stage the run is waiting on."""
     run = Path(run_dir)
-    state = _read_json(run / STATE)
+    state = read_json(run / RUN_STATE)
     if state is None:
-        raise AsftError(f"{run_dir} is not a staged run (no {STATE})")
+        raise AsftError(f"{run_dir} is not a staged run (no {RUN_STATE})")
     pending = state.get("pending")
     if pending is None:
         raise AsftError(f"{run_dir} is not waiting for a decision")
@@ -209,7 +203,7 @@ def check_run_folder(cfg: StagedConfig) -> str:
     check_out_location(run)
     if not run.exists() or not any(run.iterdir()):
         return "new"
-    state = _read_json(run / STATE)
+    state = read_json(run / RUN_STATE)
     if state is None:
         refuse_foreign_folder(run)  # another asft-ray output may be replaced, anything else never
         if not cfg.prune.overwrite:
@@ -238,14 +232,14 @@ class RunState:
 
     @staticmethod
     def read(run: Path) -> "RunState | None":
-        values = _read_json(run / STATE)
+        values = read_json(run / RUN_STATE)
         if values is None:
             return None
         known = {f.name for f in dataclasses.fields(RunState)}
         return RunState(**{k: v for k, v in values.items() if k in known})
 
     def write(self, run: Path) -> None:
-        write_json_atomic(run / STATE, dataclasses.asdict(self))
+        write_json_atomic(run / RUN_STATE, dataclasses.asdict(self))
 
 
 class StagedRun:
@@ -348,7 +342,7 @@ class StagedRun:
     def settle_pending(self, k: int, target: float) -> str:
         """A manual gate's stage k: "wait" (no decision yet), "approved" or "rejected"."""
         pending = self.state.pending
-        decision = _read_json(self.run / APPROVAL)
+        decision = read_json(self.run / APPROVAL)
         if decision is None or decision.get("stage") != k:
             return "wait"
         (self.run / APPROVAL).unlink()

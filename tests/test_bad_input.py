@@ -205,9 +205,9 @@ def test_every_output_record_marks_a_folder_as_asft_written():
     from asft_ray.artifacts import RECORD_FILES, RUN_FILE
     from asft_ray.export.compressed import MANIFEST
     from asft_ray.export.structured import REPORT
-    from asft_ray.staged import STATE
+    from asft_ray.staged import RUN_STATE
 
-    assert {RUN_FILE, STATE, MANIFEST, REPORT} <= set(RECORD_FILES)
+    assert {RUN_FILE, RUN_STATE, MANIFEST, REPORT} <= set(RECORD_FILES)
 
 
 @pytest.mark.parametrize("command", ["prune", "staged", "export", "recover", "run", "sweep"])

@@ -23,7 +23,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def _absolute_paths(values: dict) -> dict:
+def _absolute_config_paths(values: dict) -> dict:
     values = dict(values)
     if values.get("method") != "magnitude":  # the default data dir is found here, where ../shared is
         values["data_dir"] = resolve_data_dir(values.get("data_dir"))
@@ -73,7 +73,7 @@ def submit(config_path: str, address: str, wait: bool = True, timeout_s: float =
     """Validate the config here, submit `python jobs/prune.py config.yaml`, optionally wait.
 
     Returns {"job_id", "status"}; raises AsftError when the job fails or times out."""
-    values = _absolute_paths(load_yaml(config_path))
+    values = _absolute_config_paths(load_yaml(config_path))
     PruneConfig.from_dict(values, source=config_path)  # fail here, not on the cluster
     client = _client(address)
     folder = _job_folder(values)

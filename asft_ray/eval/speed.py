@@ -104,7 +104,7 @@ def weights_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _median_of(fn, repeats: int, warmup: int) -> list[float]:
+def _timed_samples(fn, repeats: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     return [fn() for _ in range(repeats)]
@@ -122,8 +122,8 @@ def measure_speed(model, prompt_len: int = 512, new_tokens: int = 64, repeats: i
         raise ValueError("need prompt_len >= 1, new_tokens >= 2, repeats >= 1, warmup >= 0")
     device = _device(model)
     ids = prompt_ids(model.config.vocab_size, prompt_len, seed).to(device)
-    prefill = _median_of(lambda: prefill_seconds(model, ids), repeats, warmup)
-    decode = _median_of(lambda: decode_seconds(model, ids, new_tokens)[0], repeats, warmup)
+    prefill = _timed_samples(lambda: prefill_seconds(model, ids), repeats, warmup)
+    decode = _timed_samples(lambda: decode_seconds(model, ids, new_tokens)[0], repeats, warmup)
     with PeakMemory(device) as mem:
         decode_seconds(model, ids, new_tokens)
     steps = new_tokens - 1  # the first new token comes from the prefill

@@ -17,7 +17,7 @@ from torch import nn
 
 from asft_ray.artifacts import same_run, write_json_atomic
 
-STATE = "state.json"
+LAYERS_STATE = "state.json"
 
 
 class LayerCheckpoint:
@@ -35,12 +35,12 @@ class LayerCheckpoint:
 
     def _read_state(self) -> dict | None:
         try:
-            return json.loads((self.folder / STATE).read_text())
+            return json.loads((self.folder / LAYERS_STATE).read_text())
         except (OSError, ValueError):
             return None
 
     def _write_state(self) -> None:
-        write_json_atomic(self.folder / STATE, {"identity": self.identity, "layers": self.rows})
+        write_json_atomic(self.folder / LAYERS_STATE, {"identity": self.identity, "layers": self.rows})
 
     def _path(self, index: int) -> Path:
         return self.folder / f"layer-{index:04d}.safetensors"
