@@ -74,6 +74,17 @@ def model_identity(spec: str) -> str:
     return spec if spec in ALIASES else path_identity(spec)
 
 
+def how_it_runs(default):
+    """A config field that says where or how a run executes, not what it computes: left out of the
+    run identity (see `identity_values`), so changing it never makes "a different run"."""
+    return dataclasses.field(default=default, metadata={"identity": False})
+
+
+def identity_values(config) -> dict:
+    """A config dataclass's fields, without those marked `how_it_runs`."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("identity", True)}
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """One one-shot pruning run: `asft prune` builds this from its flags."""
@@ -89,17 +100,17 @@ class PruneConfig:
     prune_lm_head: bool = False  # embeddings, norms and lm_head are kept dense unless asked
     true_sequential: bool = False  # wanda/sparsegpt: score each group of a layer's linears after pruning the groups before it
     data_dir: str | None = None  # None: ASFT_DATA_DIR, then ../shared/data, then the hub
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    overwrite: bool = False  # replace an --out that holds a different run
-    resume: bool = False  # continue a killed wanda/sparsegpt run after its last finished layer
-    stream: bool | None = None  # one decoder layer at a time from safetensors; None: whenever the model and method allow
-    workers: int = 0  # scoring actors (statistics or gradients); 0 = score inside the one pruning actor
-    worker_cpus: float = 1
-    worker_gpus: float = 0
-    worker_memory_gb: float | None = None
-    coordinator_cpus: float | None = None  # None: 1 with scoring workers, else every CPU of the largest node
-    coordinator_gpus: float | None = None  # None: 1 when the device is cuda (or auto on a cluster with GPUs, no workers)
-    coordinator_memory_gb: float | None = None  # memory Ray reserves for the pruning coordinator
+    device: str = how_it_runs("auto")  # "auto", "cpu", "cuda", "cuda:1", ...
+    overwrite: bool = how_it_runs(False)  # replace an --out that holds a different run
+    resume: bool = how_it_runs(False)  # continue a killed wanda/sparsegpt run after its last finished layer
+    stream: bool | None = how_it_runs(None)  # one decoder layer at a time from safetensors; None: whenever the model and method allow
+    workers: int = how_it_runs(0)  # scoring actors (statistics or gradients); 0 = score inside the one pruning actor
+    worker_cpus: float = how_it_runs(1)
+    worker_gpus: float = how_it_runs(0)
+    worker_memory_gb: float | None = how_it_runs(None)
+    coordinator_cpus: float | None = how_it_runs(None)  # None: 1 with scoring workers, else every CPU of the largest node
+    coordinator_gpus: float | None = how_it_runs(None)  # None: 1 when the device is cuda (or auto on a cluster with GPUs, no workers)
+    coordinator_memory_gb: float | None = how_it_runs(None)  # memory Ray reserves for the pruning coordinator
     schedule: str | dict = "uniform"  # per-layer sparsity: uniform, owl, ramp, a mapping or a YAML file (asft_ray.schedules)
 
     def __post_init__(self) -> None:
@@ -196,10 +207,7 @@ class PruneConfig:
 
     def identity(self) -> dict:
         """The inputs that decide the result: two runs with equal identity give equal models."""
-        d = self.to_dict()
-        for key in ("device", "overwrite", "resume", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb",
-                    "coordinator_cpus", "coordinator_gpus", "coordinator_memory_gb"):
-            d.pop(key)  # where and how it runs, not what it computes
+        d = identity_values(self)  # where and how it runs is not part of it
         d["out"] = str(Path(self.out).resolve())
         d["model"] = model_identity(self.model)  # the same model by another path is the same run
         d["data_dir"] = path_identity(self.data_dir)
