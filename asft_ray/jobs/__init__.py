@@ -2,6 +2,10 @@
 
 Each module is one line over `run_command`: the matching `asft` subcommand on a YAML config.
 Inside a Ray job the driver joins the job's cluster (Ray sets RAY_ADDRESS).
+
+Why two layers of entrypoints: these modules serve clusters whose image has asft-ray installed
+(the Dockerfile, KubeRay's RayJob); the top-level `jobs/NAME.py` scripts serve a `--working-dir .`
+upload to a cluster without it, and only put the uploaded folder on sys.path and call these.
 """
 
 import sys
