@@ -87,7 +87,10 @@ def check_student(cfg: RecoverConfig):
             counts.append((params[name].numel(), int(masks.read(name).sum())))
         return tokenizer, _mask_summary(counts)
     weights = Checkpoint.from_folder(source.location)
-    counts = [(params[n].numel(), int((weights.read(n) != 0).sum())) for n in linear_weight_names(skeleton)]
+    counts = []
+    for name in linear_weight_names(skeleton):
+        counts.append((params[name].numel(), int((weights.read(name) != 0).sum())))
+        weights.close()  # unmapped after each tensor, so the driver never holds the model's pages
     require_zeros(any(kept < total for total, kept in counts))
     return tokenizer, _mask_summary(counts)
 

@@ -89,6 +89,8 @@ def build_student(cfg: RecoverConfig, plan: TrainingPlan, device: torch.device) 
         model, keep_alive, checkpoint = zero3.build_partitioned(cfg.model, plan.ds_config, train_dtype(plan))
         dtypes = zero3.load_partitions(model, cfg.model, checkpoint)
         masks = zero3.partition_masks(model, cfg.model, checkpoint, cfg.mask_file, cfg.dense)
+        if checkpoint is not None:
+            checkpoint.close()  # the mapped pages read would stay in RSS; the export reopens
         trainable = select_trainable(model, masks, cfg.train_norms, cfg.train_biases)
         model.train()
         return Student(model, masks, trainable, dtypes, checkpoint, True, keep_alive)
@@ -115,6 +117,8 @@ def build_teacher(cfg: RecoverConfig, plan: TrainingPlan, deepspeed, device: tor
     ds_config = {k: v for k, v in plan.ds_config.items() if k not in ("optimizer", "scheduler")}
     model, keep_alive, checkpoint = zero3.build_partitioned(cfg.teacher, ds_config, train_dtype(plan))
     zero3.load_partitions(model, cfg.teacher, checkpoint)
+    if checkpoint is not None:
+        checkpoint.close()
     model.requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
