@@ -208,6 +208,17 @@ def test_deepspeed_config_conflicts_are_one_line_errors(flags, user, message):
     assert "\n" not in str(err.value) and str(err.value).startswith("ds.json: ")
 
 
+def test_workers_return_freed_weights_to_the_os(monkeypatch):
+    from asft_ray.recovery.recipe import worker_env
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    env = worker_env(use_gpu=False)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(2**20) and env["DS_ACCELERATOR"] == "cpu"
+    assert "DS_ACCELERATOR" not in worker_env(use_gpu=True)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert worker_env(use_gpu=False)["MALLOC_MMAP_THRESHOLD_"] == "65536"
+
+
 def test_warmup_cosine_schedule():
     assert warmup_cosine(0, 4, 20, 0.1) == pytest.approx(0.2)
     assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)
