@@ -208,6 +208,17 @@ def test_deepspeed_config_conflicts_are_one_line_errors(flags, user, message):
     assert "\n" not in str(err.value) and str(err.value).startswith("ds.json: ")
 
 
+def test_workers_return_freed_weights_to_the_os(monkeypatch):
+    from asft_ray.recovery.recipe import worker_env
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    env = worker_env(use_gpu=False)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(2**20) and env["DS_ACCELERATOR"] == "cpu"
+    assert "DS_ACCELERATOR" not in worker_env(use_gpu=True)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert worker_env(use_gpu=False)["MALLOC_MMAP_THRESHOLD_"] == "65536"
+
+
 def test_warmup_cosine_schedule():
     assert warmup_cosine(0, 4, 20, 0.1) == pytest.approx(0.2)
     assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)
@@ -329,12 +340,15 @@ def _assert_masks_held(record, out, pruned_dir):
     assert changed == 14  # every pruned linear's surviving weights trained
 
 
-def _assert_model_state_memory(record, pruned_dir, zero_stage):
+def _assert_model_state_memory(record, pruned_dir, zero_stage, teacher_bytes_per_param=0):
     """Each worker holds what ZeRO promises (fp32, 2 workers, N parameters of which T train):
     optimizer state = half of an fp32 master copy and of the two Adam moments (12T/2 bytes) under
     both stages; parameters 4N under ZeRO-2. Under ZeRO-3 each worker holds its half of every
     parameter, and DeepSpeed keeps whole copies of parameters below its persistence threshold
-    (1e5 elements: every parameter of this tiny model), so only the partitions' floor is checked."""
+    (1e4 elements: every decoder linear of this tiny model), so only the partitions' floor is checked.
+    Gradients at the update: ZeRO-3 holds exactly its fp32 partition (4T/2), ZeRO-2 at least that
+    and never a second whole copy. The teacher (same shape, `teacher_bytes_per_param` bytes each):
+    whole under ZeRO-2, at least half and less than whole under ZeRO-3; none without one."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(pruned_dir)
@@ -346,6 +360,16 @@ def _assert_model_state_memory(record, pruned_dir, zero_stage):
             assert abs(worker["params_mib"] / (4 * n / 2**20) - 1) < 0.05, (worker, n)
         else:
             assert worker["params_mib"] >= 4 * n / 2 / 2**20, (worker, n)
+        partition = 4 * t / 2 / 2**20
+        if zero_stage == 3:
+            assert abs(worker["grads_mib"] / partition - 1) < 0.05, (worker, t)
+        else:
+            assert 0.95 * partition <= worker["grads_mib"] < 4 * t / 2**20, (worker, t)
+        whole_teacher = teacher_bytes_per_param * n / 2**20
+        if not teacher_bytes_per_param:
+            assert worker["teacher_mib"] == 0, worker
+        else:
+            assert zero_stage == 2 and abs(worker["teacher_mib"] / whole_teacher - 1) < 0.05, (worker, n)
 
 
 def test_zero3_stop_and_resume_equals_an_uninterrupted_run(ray_cluster, pruned_dir, tmp_path, data_dir):
@@ -402,7 +426,7 @@ def test_zero2_with_distillation_keeps_masks_through_resume(ray_cluster, pruned_
     assert all({"lm", "kd", "hidden"} <= set(row) for row in record["history"])
     assert record["deepspeed_config"]["zero_optimization"]["stage"] == 2
     assert all(m["peak_rss_mib"] >= m["train_rss_max_mib"] > 0 for m in record["memory"])
-    _assert_model_state_memory(record, pruned_dir, zero_stage=2)
+    _assert_model_state_memory(record, pruned_dir, zero_stage=2, teacher_bytes_per_param=4)
 
 
 def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(ray_cluster, pruned_dir, tiny_model_dir, tmp_path,
@@ -420,6 +444,14 @@ def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(ray_cluster, prun
     assert three["history"][0]["kd"] == pytest.approx(two["history"][0]["kd"], rel=1e-3, abs=1e-6)
     assert three["losses"][0] == pytest.approx(two["losses"][0], rel=1e-4)
     assert three["losses"] == pytest.approx(two["losses"], rel=1e-2)
+    # the teacher's weights per worker, bf16: the whole model under ZeRO-2; under ZeRO-3 each worker's
+    # half of every parameter, plus whole copies of those below DeepSpeed's persistence threshold
+    sizes = [t.numel() for t in load_file(tiny_model_dir / "model.safetensors").values()]
+    threshold = zo["stage3_param_persistence_threshold"]
+    partitioned = sum(-(-n // 2) + (n if n < threshold else 0) for n in sizes)
+    assert all(abs(m["teacher_mib"] / (2 * sum(sizes) / 2**20) - 1) < 0.05 for m in two["memory"]), two["memory"]
+    assert all(abs(m["teacher_mib"] / (2 * partitioned / 2**20) - 1) < 0.05 for m in three["memory"]), (
+        sizes, [m["teacher_mib"] for m in three["memory"]])
 
 
 def test_demo_config_is_valid_and_the_job_entrypoint_needs_a_config(capsys):

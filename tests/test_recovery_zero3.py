@@ -41,6 +41,25 @@ def test_read_flat_reads_only_the_rows_it_needs(tmp_path):
     assert ck.bytes_read == 2 * 10 * 4 and ck.largest_read == 20
 
 
+def _rss_file_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+def test_closing_a_checkpoint_unmaps_the_pages_it_read(tmp_path):
+    """safetensors reads through a memory map: what was read stays in RSS until the file is closed."""
+    w = torch.arange(16 * 2**20, dtype=torch.float32)  # 64 MiB
+    save_file({"w": w}, tmp_path / "model.safetensors")
+    ck = Checkpoint.from_folder(tmp_path)
+    before = _rss_file_bytes()
+    assert torch.equal(ck.read("w"), w)
+    mapped = _rss_file_bytes()
+    ck.close()
+    after = _rss_file_bytes()
+    assert mapped - before > 48 * 2**20 and mapped - after > 48 * 2**20, (before, mapped, after)
+    assert torch.equal(ck.read_flat("w", 5, 9), w[5:9])  # reading again reopens
+
+
 def test_shards_are_cut_by_bytes_and_named_like_transformers():
     assert plan_shards([("a", 5), ("b", 5), ("c", 20), ("d", 1)], 10) == [["a", "b"], ["c"], ["d"]]
     assert plan_shards([("a", 5)], 10) == [["a"]]

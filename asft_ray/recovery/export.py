@@ -19,7 +19,8 @@ import torch
 from asft_ray.models import resolve_model
 from asft_ray.recovery.shards import ShardWriter, plan_shards
 
-DEFAULT_SHARD_BYTES = 2 * 2**30
+# what rank 0 holds at most besides one parameter (at 2 GiB a 0.5 B fp32 model was one shard: held whole)
+DEFAULT_SHARD_BYTES = 256 * 2**20
 _EXTRA_FILES = ("generation_config.json",)
 
 
@@ -64,6 +65,8 @@ def export_sharded(model, trainable: list[str], dtypes: dict[str, torch.dtype], 
             value = value.detach().reshape(_full_shape(p)).to("cpu", dtypes[name], copy=True)
         if rank == 0:
             writer.add(name, value)
+    if checkpoint is not None:
+        checkpoint.close()  # unmap the frozen weights read above (their pages would stay in RSS)
     if rank != 0:
         return
     for name, b in buffers:

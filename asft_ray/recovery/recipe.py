@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import shutil
 import time
@@ -87,7 +88,10 @@ def check_student(cfg: RecoverConfig):
             counts.append((params[name].numel(), int(masks.read(name).sum())))
         return tokenizer, _mask_summary(counts)
     weights = Checkpoint.from_folder(source.location)
-    counts = [(params[n].numel(), int((weights.read(n) != 0).sum())) for n in linear_weight_names(skeleton)]
+    counts = []
+    for name in linear_weight_names(skeleton):
+        counts.append((params[name].numel(), int((weights.read(name) != 0).sum())))
+        weights.close()  # unmapped after each tensor, so the driver never holds the model's pages
     require_zeros(any(kept < total for total, kept in counts))
     return tokenizer, _mask_summary(counts)
 
@@ -121,6 +125,20 @@ def _use_gpu(cfg: RecoverConfig, ray) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= cfg.workers
 
 
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """The Ray Train workers' environment. `MALLOC_MMAP_THRESHOLD_`: ZeRO-3 gathers every weight
+    for each forward and backward and frees it after; glibc's malloc serves blocks below its
+    dynamic mmap threshold (which grows up to 32 MiB) from the heap, where freed ones stay in
+    RSS, fragmented. Fixed at 1 MiB, a gathered weight is its own mapping, returned on free
+    (a 2-layer hidden-256 Llama, ZeRO-3, 2 workers: peak RSS 1073 -> 860 MiB). A value in the
+    driver's environment is kept."""
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
+           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(2**20))}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
 def fit(cfg: RecoverConfig, plan: TrainingPlan, stream, eval_ids, folder: Path, export_dir: Path, identity: dict,
         resume_from: dict | None) -> None:
     """Run train_loop on `cfg.workers` Ray Train workers (gloo on CPU, NCCL on GPU), from the checkpoint
@@ -136,9 +154,7 @@ def fit(cfg: RecoverConfig, plan: TrainingPlan, stream, eval_ids, folder: Path, 
     if have < cfg.workers * cfg.worker_cpus:
         raise AsftError(f"{cfg.workers} workers x {cfg.worker_cpus} CPUs need {cfg.workers * cfg.worker_cpus:g} CPUs, "
                         f"the Ray cluster has {have:g}")
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
+    env = worker_env(use_gpu)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "plan": plan, "stream": stream, "eval_ids": eval_ids, "use_gpu": use_gpu,

@@ -63,6 +63,12 @@ class Checkpoint:
             self._open[path] = safe_open(str(path), "pt")
         return self._open[path]
 
+    def close(self) -> None:
+        """Drop the open files. safetensors reads through a memory map, and every page read stays
+        in this process's RSS (as file pages) while the file is mapped: a reader that has read what
+        it needs closes, so it does not keep the bytes it read resident. Reading again reopens."""
+        self._open.clear()
+
     def __contains__(self, name: str) -> bool:
         return name in self.files
 

@@ -89,6 +89,8 @@ def build_student(cfg: RecoverConfig, plan: TrainingPlan, device: torch.device) 
         model, keep_alive, checkpoint = zero3.build_partitioned(cfg.model, plan.ds_config, train_dtype(plan))
         dtypes = zero3.load_partitions(model, cfg.model, checkpoint)
         masks = zero3.partition_masks(model, cfg.model, checkpoint, cfg.mask_file, cfg.dense)
+        if checkpoint is not None:
+            checkpoint.close()  # the mapped pages read would stay in RSS; the export reopens
         trainable = select_trainable(model, masks, cfg.train_norms, cfg.train_biases)
         model.train()
         return Student(model, masks, trainable, dtypes, checkpoint, True, keep_alive)
@@ -115,6 +117,8 @@ def build_teacher(cfg: RecoverConfig, plan: TrainingPlan, deepspeed, device: tor
     ds_config = {k: v for k, v in plan.ds_config.items() if k not in ("optimizer", "scheduler")}
     model, keep_alive, checkpoint = zero3.build_partitioned(cfg.teacher, ds_config, train_dtype(plan))
     zero3.load_partitions(model, cfg.teacher, checkpoint)
+    if checkpoint is not None:
+        checkpoint.close()
     model.requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
@@ -239,35 +243,65 @@ def peak_memory_mib(device: torch.device, train_rss_max: float) -> dict:
     return row
 
 
+def _storage_bytes(tensors, seen: set[int]) -> int:
+    """Bytes of the storages behind `tensors` (None and empty ones skipped), each storage once
+    across calls that share `seen`: views into one flat buffer count as that buffer."""
+    total = 0
+    for tensor in tensors:
+        if torch.is_tensor(tensor) and tensor.numel():
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
 def model_state_mib(engine) -> dict:
     """MiB this worker holds for the model state, split in two: `params_mib`, the module's
     parameters (under ZeRO-3 only this worker's partitions exist), and `optimizer_mib`, the
-    optimizer's fp32 partitions and Adam moments. Gradients and activations are not counted.
-    Each storage counts once, so views into DeepSpeed's flat buffers, and a ZeRO-3 fp32 master
-    that *is* the parameter partition (fp32 training), are not double-counted. ZeRO-3 empties
-    the inner optimizer's param groups between steps, so the state is read from `state` and
-    from the ZeRO optimizer's own lists."""
+    optimizer's fp32 partitions and Adam moments. Gradients (gradient_mib) and activations are
+    not counted. Each storage counts once, so views into DeepSpeed's flat buffers, and a ZeRO-3
+    fp32 master that *is* the parameter partition (fp32 training), are not double-counted.
+    ZeRO-3 empties the inner optimizer's param groups between steps, so the state is read from
+    `state` and from the ZeRO optimizer's own lists."""
     seen: set[int] = set()
-
-    def size(tensors) -> int:
-        total = 0
-        for tensor in tensors:
-            if torch.is_tensor(tensor) and tensor.numel():
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    total += storage.nbytes()
-        return total
-
-    params = size(t for p in engine.module.parameters() for t in (p.data, getattr(p, "ds_tensor", None)))
+    params = _storage_bytes((t for p in engine.module.parameters() for t in (p.data, getattr(p, "ds_tensor", None))),
+                            seen)
     zero = engine.optimizer
     inner = getattr(zero, "optimizer", zero)
     masters = [*getattr(zero, "single_partition_of_fp32_groups", []), *getattr(zero, "fp32_partitioned_groups_flat", []),
                *(p for g in inner.param_groups for p in g["params"])]
     states = [v for key, state in inner.state.items() for v in (key, *state.values())]
-    optimizer = size(masters) + size(states)
+    optimizer = _storage_bytes(masters, seen) + _storage_bytes(states, seen)
     return {"params_mib": params / 2**20, "optimizer_mib": optimizer / 2**20,
             "model_state_mib": (params + optimizer) / 2**20}
+
+
+def gradient_mib(engine) -> float:
+    """MiB of gradients this worker holds at an optimizer update (call it after the last backward
+    of an accumulation, before `engine.step()`): the module parameters' `.grad` and the ZeRO
+    optimizer's gradient partitions (ZeRO-3's flat partition buffer; ZeRO-2's contiguous
+    partition buffer and averaged partitions; the fp32 masters' `.grad`). Each storage once.
+    Reduce buckets are not counted: they are buffers of a fixed size, not one gradient each."""
+    zero = engine.optimizer
+    tensors = [p.grad for p in engine.module.parameters()]
+    tensors += [getattr(zero, name, None) for name in ("grad_partitions_flat_buffer", "grads_in_partition")]
+    averaged = getattr(zero, "averaged_gradients", None) or {}
+    for group in (averaged.values() if isinstance(averaged, dict) else averaged):
+        tensors += list(group) if isinstance(group, (list, tuple)) else [group]
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        tensors += [getattr(master, "grad", None) for master in getattr(zero, name, [])]
+    return _storage_bytes(tensors, set()) / 2**20
+
+
+def teacher_mib(teacher) -> float:
+    """MiB of the teacher's weights this worker holds: the whole model under ZeRO-2, this worker's
+    partitions (plus DeepSpeed's small persistent whole parameters) under ZeRO-3. 0 without a teacher."""
+    if teacher is None:
+        return 0.0
+    module = getattr(teacher, "module", teacher)  # a DeepSpeed engine wraps the model
+    tensors = (t for p in module.parameters() for t in (p.data, getattr(p, "ds_tensor", None)))
+    return _storage_bytes(tensors, set()) / 2**20
 
 
 def train_loop(config: dict) -> None:
@@ -295,7 +329,13 @@ def train_loop(config: dict) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=plan.ds_config,
         model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad],
     )
-    before_update = zero3.enforce_masks_on_partitions(model, masks) if student.partitioned else None
+    enforce = zero3.enforce_masks_on_partitions(model, masks) if student.partitioned else None
+    grads_held: list[float] = []
+
+    def before_update() -> None:
+        if enforce is not None:
+            enforce()
+        grads_held.append(gradient_mib(engine))
 
     def check_masks(optimizer_state: bool = True) -> dict:
         if student.partitioned:
@@ -339,7 +379,8 @@ def train_loop(config: dict) -> None:
             break
 
     try:  # after a step, so Adam's moments exist; a statistic must not cost the run
-        held = model_state_mib(engine)
+        held = {**model_state_mib(engine), "grads_mib": max(grads_held, default=None),
+                "teacher_mib": teacher_mib(teacher)}
     except Exception as err:  # noqa: BLE001 - DeepSpeed internals differ across versions
         print(f"warning: could not measure model-state memory: {err}", file=sys.stderr)
         held = {}
