@@ -75,7 +75,7 @@ def model_identity(spec: str) -> str:
 
 
 def how_it_runs(default):
-    """A config field that says where or how a run executes, not what it computes: left out of the
+    """A config field that says where or how a run executes (or what it reports), not what it computes: left out of the
     run identity (see `identity_values`), so changing it never makes "a different run"."""
     return dataclasses.field(default=default, metadata={"identity": False})
 

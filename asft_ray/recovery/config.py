@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from asft_ray.config import check_field_types, check_keys, model_identity, path_identity
+from asft_ray.config import check_field_types, check_keys, how_it_runs, identity_values, model_identity, path_identity
 from asft_ray.errors import AsftError
 
 DATASETS = ("c4",)
@@ -52,15 +52,15 @@ class RecoverConfig:
     min_lr_ratio: float | None = None  # cosine decays to lr * this
     deepspeed: str | None = None  # user DeepSpeed JSON/YAML, merged with the above
     # checkpoints, evaluation, where it runs
-    checkpoint_every: int = 0  # steps between DeepSpeed checkpoints (0: none)
-    eval_every: int = 0  # steps between WikiText-2 *valid* perplexity checks (0: none)
-    eval_windows: int = 4
-    eval_seqlen: int | None = None  # default: seqlen
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"  # auto (GPUs if the cluster has them), cpu, cuda
-    worker_cpus: float = 1
-    stop_after_steps: int | None = None  # test hook: stop (like a kill) after this step's checkpoint
+    checkpoint_every: int = how_it_runs(0)  # steps between DeepSpeed checkpoints (0: none)
+    eval_every: int = how_it_runs(0)  # steps between WikiText-2 *valid* perplexity checks (0: none)
+    eval_windows: int = how_it_runs(4)
+    eval_seqlen: int | None = how_it_runs(None)  # default: seqlen
+    resume: bool = how_it_runs(False)
+    overwrite: bool = how_it_runs(False)
+    device: str = how_it_runs("auto")  # auto (GPUs if the cluster has them), cpu, cuda
+    worker_cpus: float = how_it_runs(1)
+    stop_after_steps: int | None = how_it_runs(None)  # test hook: stop (like a kill) after this step's checkpoint
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -130,10 +130,7 @@ class RecoverConfig:
 
     def identity(self) -> dict:
         """What decides the recovered weights; a resumed run must match the saved identity."""
-        d = self.to_dict()
-        for key in ("resume", "overwrite", "device", "worker_cpus", "stop_after_steps", "checkpoint_every",
-                    "eval_every", "eval_windows", "eval_seqlen"):
-            d.pop(key)  # how and where it runs, what it reports, not what it computes
+        d = identity_values(self)  # how and where it runs, what it reports, is not part of it
         d["out"] = str(Path(self.out).resolve())
         d["model"] = model_identity(self.model)  # the same model (or file) by another path is the same run
         d["teacher"] = model_identity(self.teacher) if self.teacher else None
