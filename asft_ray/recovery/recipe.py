@@ -139,13 +139,62 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
+def trainer_class():
+    """Ray Train's TorchTrainer less two parts of its controller (Ray Train V2) that do not suit a command-line
+    driver on asft-ray's dashboard-less cluster:
+
+    * The PlacementGroupCleaner, a detached actor that polls the controller's liveness through the state API,
+      which needs the dashboard's HTTP server (off here) and finds its cluster by auto-detection. Seen in this
+      host's Ray logs: on a lone cluster it prints "Failed to query Ray Train Controller actor state ..." at every
+      check; with several Ray clusters on the host its thread dies with a "Found multiple active Ray instances"
+      traceback; Ray forwards both to the terminal. From Ray 2.60's code: with a cluster that `ray start`
+      recorded in Ray's temp dir it would ask *that* cluster about our controller (unknown there, so "dead") and
+      remove our placement group; a controller abort waits up to 12 s to stop it and logs an exception if it
+      cannot. The placement group is the driver's job's anyway: Ray removes it when the driver ends.
+    * Its SIGINT handler, which replaces Python's KeyboardInterrupt with an abort of the controller and then
+      `sys.exit(0)`, and stays installed after fit() returns (a later Ctrl-C in the same process would exit 0).
+      The CLI's own handling applies instead (remove temporary outputs, "asft: interrupted", 130), and `fit`
+      kills the controller on the way out (`controller`: its handle, recorded here instead)."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # a Ray without it (older, or Ray Train V1): nothing to leave out
+        PlacementGroupCleanerCallback = ()
+
+    class AsftTrainer(TorchTrainer):
+        controller = None
+
+        def _create_default_callbacks(self):
+            return [cb for cb in super()._create_default_callbacks()
+                    if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+        def _register_sigint_handler(self, controller):
+            self.controller = controller
+
+    return AsftTrainer
+
+
+def stop_controller(trainer) -> None:
+    """On an interrupt, before ray.shutdown: kill the Train controller (its worker actors go with it), so that
+    it does not run on into the shutdown and report the workers' and the driver's disappearance."""
+    import ray
+
+    controller = getattr(trainer, "controller", None)
+    if controller is None:
+        return
+    try:
+        ray.kill(controller, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone, or Ray is going down: nothing left to stop
+        pass
+
+
 def fit(cfg: RecoverConfig, plan: TrainingPlan, stream, eval_ids, folder: Path, export_dir: Path, identity: dict,
         resume_from: dict | None) -> None:
     """Run train_loop on `cfg.workers` Ray Train workers (gloo on CPU, NCCL on GPU), from the checkpoint
     `resume_from` (verified by prepare_state) or from step 0."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from asft_ray.recovery.train_loop import train_loop
 
@@ -155,7 +204,7 @@ def fit(cfg: RecoverConfig, plan: TrainingPlan, stream, eval_ids, folder: Path, 
         raise AsftError(f"{cfg.workers} workers x {cfg.worker_cpus} CPUs need {cfg.workers * cfg.worker_cpus:g} CPUs, "
                         f"the Ray cluster has {have:g}")
     env = worker_env(use_gpu)
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         train_loop,
         train_loop_config={"cfg": cfg, "plan": plan, "stream": stream, "eval_ids": eval_ids, "use_gpu": use_gpu,
                            "state_dir": str(folder), "export_dir": str(export_dir),
@@ -169,6 +218,9 @@ def fit(cfg: RecoverConfig, plan: TrainingPlan, stream, eval_ids, folder: Path, 
         trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise _worker_error(err) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.Terminated)
+        stop_controller(trainer)
+        raise
 
 
 def _worker_error(err: Exception) -> AsftError:
