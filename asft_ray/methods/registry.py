@@ -5,10 +5,11 @@ A method is declared once, in its own module in this package (found on first use
 linear's weight and those statistics. Everything else (which engine path runs it, what the
 runners collect, which config options apply, the CLI's list) is derived from the declaration.
 
-A method string may add mask refinements after the method: `wanda+dsnot`, `ria+dsnot:20`
-(`:N` is the refinement's one integer setting, e.g. its iterations). A refinement changes
-which weights are kept, never their values, so it follows only methods that do not update
-the kept weights.
+A method string may add refinements after the method: `wanda+dsnot`, `ria+dsnot:20`,
+`sparsegpt+lsq` (`:N` is the refinement's one integer setting, e.g. its iterations). A mask
+refinement (`changes="mask"`) changes which weights are kept, never their values, so it follows
+only methods that do not update the kept weights; a weight refinement (`changes="weights"`)
+sets the kept weights' values for the mask so far, so it comes last and may follow any method.
 
 This module imports neither torch nor Ray: config validation and the CLI stay fast.
 """
@@ -68,20 +69,25 @@ class Method:
 
 @dataclass(frozen=True)
 class Refinement:
-    """A mask refinement: `refine(weight, keep, pattern, stats, setting) -> keep`, with the same
-    number of kept weights per output row (and a valid N:M mask for N:M). `setting` is the
-    integer after `:` in the method string, else `default`."""
+    """A step after the method, `refine(weight, keep, pattern, stats, setting)` over the dense
+    `weight` and the keep-mask so far (True = kept). `changes="mask"`: returns the new keep-mask,
+    with the same number of kept weights per output row (and a valid N:M mask for N:M);
+    `changes="weights"`: returns the pruned weight (zero outside `keep`, new values inside).
+    `setting` is the integer after `:` in the method string, else `default`."""
 
     name: str
     needs: frozenset[str]
     summary: str
     refine: Callable
     default: int | None = None
+    changes: str = "mask"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "needs", frozenset(self.needs))
         if not self.needs <= INPUT_STATS:
             raise ValueError(f"refinement {self.name}: only input statistics are supported")
+        if self.changes not in ("mask", "weights"):
+            raise ValueError(f"refinement {self.name}: changes must be 'mask' or 'weights'")
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,9 @@ def resolve(spec: str) -> Recipe:
                             f"{', '.join(sorted(refinements())) or 'none'}")
         if setting and not (setting.isdigit() and int(setting) > 0):
             raise AsftError(f"method {spec!r}: the setting after {ref_name}: must be a positive integer")
-        if method.updates_weights:
+        if chosen and chosen[-1][0].changes == "weights":
+            raise AsftError(f"method {spec!r}: {chosen[-1][0].name} sets the kept weights, so it must come last")
+        if refinement.changes == "mask" and method.updates_weights:
             raise AsftError(f"method {spec!r}: {ref_name} refines a mask, but {name} also updates the kept weights")
         if method.needs & GRADIENT_STATS:
             raise AsftError(f"method {spec!r}: {ref_name} needs input statistics, which the gradient method {name} "

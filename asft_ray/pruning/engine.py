@@ -43,10 +43,16 @@ def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: 
     recipe = resolve(method)
     declared = recipe.method
     if declared.prune is not None:  # the method builds the weight itself (and may update the kept weights)
-        return declared.prune(weight, pattern, sparsity, stats)
-    scores = declared.score(weight, stats)
-    keep = make_mask(scores.float(), pattern, sparsity, per_row=declared.compare == "row")
+        pruned = declared.prune(weight, pattern, sparsity, stats)
+        if not recipe.refinements:
+            return pruned
+        keep = pruned != 0  # only weight refinements follow such methods (registry.resolve checks)
+    else:
+        scores = declared.score(weight, stats)
+        keep = make_mask(scores.float(), pattern, sparsity, per_row=declared.compare == "row")
     for refinement, setting in recipe.refinements:
+        if refinement.changes == "weights":  # the last step: new values for the kept weights
+            return refinement.refine(weight, keep, pattern, stats, setting)
         keep = refinement.refine(weight, keep, pattern, stats, setting)
     return torch.where(keep, weight, torch.zeros_like(weight))  # +0.0, not the -0.0 that weight * keep gives
 
