@@ -165,3 +165,80 @@ def test_dsnot_on_the_engine_with_true_sequential(tiny_model, calib_ids):
             assert is_valid_nm(lin.weight, 2, 4) and int((lin.weight == 0).sum()) == lin.weight.numel() // 2, name
             changed += int(((lin.weight == 0) != (prunable_linears(ref)[name].weight == 0)).sum())
     assert changed > 0
+
+
+@pytest.mark.parametrize("spec,plain_spec", [("ria+dsnot", "ria"), ("wanda+lsq", "wanda")])
+def test_refinements_are_identical_with_one_and_two_ray_workers(tiny_model, spec, plain_spec):
+    """The input sums and token counts DSnoT reads travel through the sharded runner like the squared
+    norms; +lsq is solved on the Hessian's owner actor with the other statistics the method needs."""
+    import ray
+
+    from asft_ray.distributed.sharded import WorkerResources, sharded_runner_factory, start_workers
+
+    calib = torch.randint(0, 512, (8, 48), generator=torch.Generator().manual_seed(1))
+    results = {}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        for n in (1, 2):
+            workers = start_workers(n, WorkerResources(cpus=1))
+            try:
+                model = copy.deepcopy(tiny_model)
+                prune_model(model, spec, Pattern.parse("unstructured"), 0.5, calib, show_progress=False,
+                            make_runner=sharded_runner_factory(workers))
+                results[n] = {k: v.clone() for k, v in model.state_dict().items()}
+            finally:
+                for w in workers:
+                    ray.kill(w)
+    finally:
+        ray.shutdown()
+    local = copy.deepcopy(tiny_model)
+    prune_model(local, spec, Pattern.parse("unstructured"), 0.5, calib, show_progress=False)
+    plain = copy.deepcopy(tiny_model)
+    prune_model(plain, plain_spec, Pattern.parse("unstructured"), 0.5, calib, show_progress=False)
+    differs = 0
+    for key, value in local.state_dict().items():
+        assert torch.equal(results[1][key], results[2][key]), key
+        assert ((results[1][key] == 0) == (value == 0)).float().mean() > 0.999, key
+        differs += int((value != plain.state_dict()[key]).sum())
+    assert differs > 0  # the refinement ran on the workers' statistics
+
+
+# --- least-squares reconstruction -------------------------------------------------------------
+
+def test_lsq_equals_a_per_row_least_squares_fit():
+    from asft_ray.scoring.lsq import lsq_reconstruct
+
+    torch.manual_seed(0)
+    x = inputs_with_means(256, 12).double()
+    w = torch.randn(5, 12, dtype=torch.float64)
+    keep = torch.rand(5, 12, generator=torch.Generator().manual_seed(3)) < 0.5
+    keep[0] = True  # a dense row stays as it is
+    got = lsq_reconstruct(w, keep, x.T @ x, percdamp=0.0, rows_per_batch=2)
+    for i in range(5):
+        k = keep[i]
+        best = torch.linalg.lstsq(x[:, k], (x @ w[i]).unsqueeze(1)).solution.squeeze(1)  # min ||X_K v - X w_i||
+        assert torch.allclose(got[i, k], best, atol=1e-8), i
+        assert (got[i, ~k] == 0).all()
+    assert torch.allclose(got[0], w[0])
+
+
+@pytest.mark.parametrize("base", ["wanda", "ria+dsnot", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_lsq_lowers_the_output_error_of_any_mask_and_keeps_it(base, pattern):
+    torch.manual_seed(0)
+    w = torch.randn(24, 48)
+    x = inputs_with_means(512, 48)
+    stats = {**layer_stats(x), "hessian": x.double().T @ x.double()}
+    pat = Pattern.parse(pattern)
+    before = prune_weight(base, w, pat, 0.5, **stats)
+    after = prune_weight(f"{base}+lsq", w, pat, 0.5, **stats)
+    assert torch.equal(after == 0, before == 0)  # the same mask
+    assert output_error(w, after, x) < output_error(w, before, x) * (0.999 if base == "sparsegpt" else 0.9)
+
+
+def test_lsq_comes_last_and_needs_input_statistics():
+    with pytest.raises(AsftError, match="lsq sets the kept weights, so it must come last"):
+        resolve("wanda+lsq+dsnot")
+    with pytest.raises(AsftError, match="gradient method fisher"):
+        resolve("fisher+lsq")
+    assert resolve("sparsegpt+lsq").layerwise and resolve("wanda+lsq").hessian
