@@ -268,3 +268,19 @@ def test_new_methods_streamed_equal_in_memory_and_write_their_method(tiny_model_
         assert torch.equal(resident[key], streamed[key]), key
         if key.endswith("proj.weight"):
             assert is_valid_nm(resident[key], 2, 4), key
+
+
+def test_obs_is_sparsegpts_update_for_any_mask():
+    torch.manual_seed(0)
+    w = torch.randn(24, 256)
+    x = inputs_with_means(512, 256)
+    stats = {**layer_stats(x), "hessian": x.double().T @ x.double()}
+    for pattern in ("unstructured", "2:4"):
+        pat = Pattern.parse(pattern)
+        sparsegpt = prune_weight("sparsegpt", w, pat, 0.5, **stats)
+        assert torch.equal(prune_weight("sparsegpt+obs", w, pat, 0.5, **stats), sparsegpt)  # its own mask: same bits
+        wanda = prune_weight("wanda", w, pat, 0.5, **stats)
+        obs = prune_weight("wanda+obs", w, pat, 0.5, **stats)
+        lsq = prune_weight("wanda+lsq", w, pat, 0.5, **stats)
+        assert torch.equal(obs == 0, wanda == 0)
+        assert output_error(w, lsq, x) < output_error(w, obs, x) < 0.9 * output_error(w, wanda, x)
