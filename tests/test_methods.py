@@ -284,3 +284,14 @@ def test_obs_is_sparsegpts_update_for_any_mask():
         lsq = prune_weight("wanda+lsq", w, pat, 0.5, **stats)
         assert torch.equal(obs == 0, wanda == 0)
         assert output_error(w, lsq, x) < output_error(w, obs, x) < 0.9 * output_error(w, wanda, x)
+
+
+def test_dsnot_never_revives_a_zero_weight():
+    """A weight already zero (pruned at an earlier stage) stays pruned: keeping it would change nothing
+    but leave one more zero in the row than the target. Inputs constant 1, pruned 0, 1 and -0.8 (e = 0.2):
+    reviving the zero (change 0) and pruning -0.1 (2*0.2*(-0.1) + 0.01 = -0.03) would be the best swap;
+    reviving 1 (+0.6) or -0.8 (+0.96) helps with no pruning, so nothing changes."""
+    w = torch.tensor([[3.0, -2.0, -0.1, 0.0, 1.0, -0.8]])
+    keep = torch.tensor([[True, True, True, False, False, False]])
+    ones = torch.ones(6)
+    assert torch.equal(dsnot_refine(w, keep, mean=ones, sq_mean=ones, cycles=10), keep)

@@ -3,8 +3,8 @@
 Which path runs a method follows from what its declaration (asft_ray.methods) needs:
 
 * no data (`magnitude`): every linear is pruned on its own.
-* input statistics (`wanda`, `sparsegpt`, `ria`, and any method followed by a mask refinement
-  such as `+dsnot`): layer by layer. Capture the inputs of decoder layer 0; for each layer, run
+* input statistics (`wanda`, `sparsegpt`, `ria`, and any method followed by a refinement such
+  as `+dsnot`, `+lsq`, `+obs`): layer by layer. Capture the inputs of decoder layer 0; for each layer, run
   the calibration inputs through it to collect input statistics, prune its linears, then run the
   inputs through the *pruned* layer to get the next layer's inputs. With `true_sequential`
   (SparseGPT's `--true-sequential`), the linears of a layer are pruned group by group (q/k/v,

@@ -50,9 +50,11 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, s
     inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
     row_ids = torch.arange(rows, device=w.device)
     grouped_a = a.view(rows, n_groups, group)
+    zero = (w == 0).view(rows, n_groups, group)  # never revived: keeping a zero changes nothing (staged runs)
     for _ in range(cycles):
         kept = keep.view(rows, n_groups, group)
-        revive = torch.where(kept, inf, -2 * error.view(rows, 1, 1) * grouped_a + revive_base.view(rows, n_groups, group))
+        revive = torch.where(kept | zero, inf,
+                             -2 * error.view(rows, 1, 1) * grouped_a + revive_base.view(rows, n_groups, group))
         revive_delta, revive_at = revive.min(-1)  # best revival per group
         error_after = error.view(rows, 1) - grouped_a.gather(-1, revive_at.unsqueeze(-1)).squeeze(-1)
         prune = torch.where(kept, 2 * error_after.unsqueeze(-1) * grouped_a + prune_base.view(rows, n_groups, group), inf)
