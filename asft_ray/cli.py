@@ -27,7 +27,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="one-shot prune a causal LM and save it")
     p.add_argument("--config", help="YAML file with any of the settings below (flags override it)")
     p.add_argument("--model", help="alias (smollm2-135m), HF model dir, .gguf file or hub id")
-    p.add_argument("--method", help=f"one of: {', '.join(METHODS)}")
+    p.add_argument("--method", help=f"one of: {', '.join(METHODS)}; refinements may follow: wanda+dsnot, "
+                                    "ria+dsnot:20 (at most 20 swaps per row), wanda+lsq (least-squares kept weights, last)")
     p.add_argument("--sparsity", type=float, help="fraction of decoder-linear weights to remove (implied by N:M)")
     p.add_argument("--pattern", help="unstructured (default), 2:4, 4:8 or any N:M")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 32; papers: 128)")

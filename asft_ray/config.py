@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from asft_ray import methods as _methods
 from asft_ray.errors import AsftError
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "fisher")
-CALIBRATED_METHODS = ("wanda", "sparsegpt", "taylor", "fisher")
-LAYERWISE_METHODS = ("wanda", "sparsegpt")  # the layer-by-layer engine: true-sequential, per-layer resume
+# Derived from the method registry (asft_ray.methods), the one place a method is declared.
+# A method string may add refinements (`wanda+dsnot`): use `PruneConfig.recipe` for those.
+METHODS = _methods.method_names()
+CALIBRATED_METHODS = tuple(n for n in METHODS if _methods.resolve(n).calibrated)
+LAYERWISE_METHODS = tuple(n for n in METHODS if _methods.resolve(n).layerwise)  # true-sequential, per-layer resume
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,7 @@ class PruneConfig:
     schedule: str | dict = "uniform"  # per-layer sparsity: uniform, owl, ramp, a mapping or a YAML file (asft_ray.schedules)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise AsftError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        recipe = self.recipe  # an unknown method or refinement is one line here
         check_device(self.device)
         pattern = Pattern.parse(self.pattern)
         if not 0.0 <= self.sparsity < 1.0:
@@ -129,11 +131,12 @@ class PruneConfig:
             raise AsftError(f"seqlen must be at least 2, got {self.seqlen}")
         if not self.out:
             raise AsftError("--out is required")
-        if self.true_sequential and self.method not in LAYERWISE_METHODS:
-            raise AsftError(f"true_sequential works with {' and '.join(LAYERWISE_METHODS)}, not {self.method}")
-        if self.resume and self.method not in LAYERWISE_METHODS:
-            raise AsftError(f"resume continues a wanda or sparsegpt run after its last finished layer; {self.method} "
-                            "prunes in one step and has nothing to resume")
+        if self.true_sequential and not recipe.layerwise:
+            raise AsftError(f"true_sequential works with {' and '.join(LAYERWISE_METHODS)} (the layer-wise methods, "
+                            f"also with refinements), not {self.method}")
+        if self.resume and not recipe.layerwise:
+            raise AsftError(f"resume continues a layer-wise run ({', '.join(LAYERWISE_METHODS)}) after its last "
+                            f"finished layer; {self.method} prunes in one step and has nothing to resume")
         if self.workers < 0 or self.worker_cpus <= 0 or self.worker_gpus < 0:
             raise AsftError("workers must be >= 0, worker_cpus > 0 and worker_gpus >= 0")
         if (self.coordinator_cpus is not None and self.coordinator_cpus <= 0) or (self.coordinator_gpus or 0) < 0:
@@ -166,6 +169,11 @@ class PruneConfig:
             raise AsftError(f"{source}: {err}") from err
 
     @property
+    def recipe(self) -> "_methods.Recipe":
+        """The method string resolved in the registry: what it needs, which engine path runs it."""
+        return _methods.resolve(self.method)
+
+    @property
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
 
@@ -179,7 +187,7 @@ class PruneConfig:
     @property
     def needs_calibration(self) -> bool:
         """Calibration data is needed by every method but magnitude, and by the owl schedule."""
-        return self.method in CALIBRATED_METHODS or self.schedule_spec.name == "owl"
+        return self.recipe.calibrated or self.schedule_spec.name == "owl"
 
     def streams(self) -> bool:
         """Prune one decoder layer at a time from the safetensors shards: as asked, or (stream: None)
@@ -194,9 +202,9 @@ class PruneConfig:
     def uses_scoring_workers(self) -> bool:
         """Scoring actors are started when asked for and the method has statistics to shard. (Not yet
         for taylor/fisher streamed: their layer-streamed backward runs in the pruning coordinator.)"""
-        if not self.workers or self.method not in CALIBRATED_METHODS:
+        if not self.workers or not self.recipe.calibrated:
             return False
-        return self.method in LAYERWISE_METHODS or not self.streams()
+        return self.recipe.layerwise or not self.streams()
 
     @property
     def is_uniform(self) -> bool:

@@ -10,7 +10,7 @@ import torch
 
 import asft_ray
 from asft_ray.artifacts import RUN_FILE, atomic_output_dir, check_output_dir, read_run, write_json_atomic
-from asft_ray.config import LAYERWISE_METHODS, PruneConfig
+from asft_ray.config import PruneConfig
 from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration
 from asft_ray.errors import AsftError
 from asft_ray.eval.sparsity import (
@@ -28,6 +28,7 @@ from asft_ray.pruning.engine import (
     chunked_gradient_sums,
     prune_model,
 )
+from asft_ray.pruning.hooks import EngineHooks
 from asft_ray.pruning.streaming import StreamedLayers, build_skeleton
 from asft_ray.schedules import achieved_sparsity, build_schedule, linear_sizes
 from asft_ray.schedules.owl import layer_outlier_ratios
@@ -55,7 +56,7 @@ def run_prune(
 
     if stream:
         # the gradient methods need lm_head for the loss
-        needs_head = cfg.prune_lm_head or cfg.method not in ("magnitude", *LAYERWISE_METHODS)
+        needs_head = cfg.prune_lm_head or cfg.recipe.gradients
         model, tokenizer, reader = _load_skeleton(cfg.model, load_head=needs_head)
     else:
         model, tokenizer = load_model(cfg.model, cfg.device, show_progress=show_progress)
@@ -78,7 +79,7 @@ def run_prune(
     timings["schedule_s"] = time.perf_counter() - t
 
     checkpoint, resumed = None, 0
-    if cfg.method in LAYERWISE_METHODS:
+    if cfg.recipe.layerwise:
         checkpoint = LayerCheckpoint(partial_dir(cfg.out), cfg.identity(), cfg.resume)
         resumed = len(checkpoint.completed())
     # A streamed model is written layer by layer while it is pruned, so all of it happens
@@ -86,10 +87,10 @@ def run_prune(
     with atomic_output_dir(cfg.out) as tmp:
         t = time.perf_counter()
         layer_store = StreamedLayers(model, reader, tmp) if stream else None
-        layers = prune_model(
-            model, cfg.method, cfg.parsed_pattern, sparsity, calib_ids, show_progress, cfg.prune_lm_head,
-            make_runner, checkpoint, layer_store, sum_gradients, cfg.true_sequential,
-        )
+        hooks = EngineHooks(make_runner=make_runner, layer_store=layer_store, checkpoint=checkpoint,
+                            sum_gradients=sum_gradients)
+        layers = prune_model(model, cfg.method, cfg.parsed_pattern, sparsity, calib_ids, show_progress,
+                             cfg.prune_lm_head, true_sequential=cfg.true_sequential, hooks=hooks)
         timings["prune_s"] = time.perf_counter() - t
         record = {
             "inputs": cfg.identity(),

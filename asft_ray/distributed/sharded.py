@@ -33,6 +33,7 @@ import torch
 
 from asft_ray.config import Pattern
 from asft_ray.errors import AsftError
+from asft_ray.methods import resolve
 from asft_ray.pruning.engine import (
     CHUNK_SIZE,
     LinearJob,
@@ -116,8 +117,10 @@ def to_device(value, device):
 
 
 def stats_to_cpu(stats: InputStats) -> InputStats:
-    return InputStats(dict(stats.source), {k: v.cpu() for k, v in stats.sq_norms.items()},
-                      {k: v.cpu() for k, v in stats.hessians.items()})
+    def cpu(table):
+        return {k: v.cpu() for k, v in table.items()}
+
+    return InputStats(dict(stats.source), cpu(stats.sq_norms), cpu(stats.hessians), cpu(stats.sums), cpu(stats.tokens))
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
@@ -153,7 +156,7 @@ class ScoringWorker:
         stats = chunk_stats(*self._on_device(layer, chunk, context), True, only)
         if list(stats.hessians) != list(sources):
             raise AsftError(f"layer inputs {list(stats.hessians)} differ from the expected {list(sources)}")
-        small = stats_to_cpu(InputStats(stats.source, stats.sq_norms, {}))
+        small = stats_to_cpu(InputStats(stats.source, stats.sq_norms, {}, stats.sums, stats.tokens))
         return_free_memory()
         return (small, *(stats.hessians[s].cpu().numpy() for s in sources))
 
@@ -163,10 +166,13 @@ class ScoringWorker:
         return_free_memory()
         return total
 
-    def solve(self, method: str, pattern: Pattern, weight, sparsity: float, hessian=None) -> torch.Tensor:
-        """One linear pruned (SparseGPT: with its weight update) on this worker's device."""
+    def solve(self, method: str, pattern: Pattern, weight, sparsity: float, hessian=None, others=None) -> torch.Tensor:
+        """One linear pruned (SparseGPT: with its weight update) on this worker's device, from its
+        Hessian and the `others` statistics the method needs."""
         weight = _tensor(weight).to(self.device)
-        stats = {"hessian": _tensor(hessian).to(self.device)} if hessian is not None else {}
+        stats = {k: v.to(self.device) for k, v in (others or {}).items()}
+        if hessian is not None:
+            stats["hessian"] = _tensor(hessian).to(self.device)
         pruned = prune_weight(method, weight, pattern, sparsity, **stats).cpu()
         del stats, weight
         return_free_memory()
@@ -302,14 +308,17 @@ class ShardedRunner:
         return InputStats(small.source, small.sq_norms, hessians)
 
     def prune(self, method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
-        """SparseGPT: each linear solved by its input's owner (in parallel across owners);
-        the other methods: here (a sort per row, cheap next to moving the weight)."""
-        if method != "sparsegpt":
+        """Methods that need the Hessian (SparseGPT): each linear solved by its input's owner (in
+        parallel across owners); the others: here (a sort per row, cheap next to moving the weight)."""
+        recipe = resolve(method)
+        if not recipe.hessian:
             return prune_jobs(method, pattern, jobs, stats)
         results = {}
         for job in jobs:
             hessian = stats.hessian(job.name)
-            results[job.name] = hessian.owner.solve.remote(method, pattern, _as_array(job.weight), job.sparsity, hessian.ref)
+            others = {s: stats.get(s, job.name) for s in sorted(recipe.needs - {"hessian"})}
+            results[job.name] = hessian.owner.solve.remote(method, pattern, _as_array(job.weight), job.sparsity,
+                                                           hessian.ref, others or None)
         return {name: ray.get(ref) for name, ref in results.items()}
 
     def advance(self, layer) -> None:

@@ -1,19 +1,23 @@
 """The pruning loop, separate from the methods (as in the SparseGPT/Wanda reference code).
 
-* `magnitude` needs no data: every linear is pruned on its own.
-* `wanda`, `sparsegpt`: layer by layer. Capture the inputs of decoder layer 0; for each
-  layer, run the calibration inputs through it to collect input statistics, prune its
-  linears, then run the inputs through the *pruned* layer to get the next layer's inputs.
-  With `true_sequential` (SparseGPT's `--true-sequential`), the linears of a layer are
-  pruned group by group (q/k/v, then o, then gate/up, then down in a Llama layer), each
-  group scored on inputs that already went through the pruned groups before it.
-* `taylor`, `fisher`: gradients of the causal-LM loss of the dense model over the
+Which path runs a method follows from what its declaration (asft_ray.methods) needs:
+
+* no data (`magnitude`): every linear is pruned on its own.
+* input statistics (`wanda`, `sparsegpt`, `ria`, and any method followed by a refinement such
+  as `+dsnot`, `+lsq`, `+obs`): layer by layer. Capture the inputs of decoder layer 0; for each layer, run
+  the calibration inputs through it to collect input statistics, prune its linears, then run the
+  inputs through the *pruned* layer to get the next layer's inputs. With `true_sequential`
+  (SparseGPT's `--true-sequential`), the linears of a layer are pruned group by group (q/k/v,
+  then o, then gate/up, then down in a Llama layer), each group scored on inputs that already
+  went through the pruned groups before it.
+* gradients (`taylor`, `fisher`): gradients of the causal-LM loss of the dense model over the
   calibration set (one forward+backward per sample), then every linear is pruned.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,30 +28,32 @@ from torch import nn
 from asft_ray.config import Pattern
 from asft_ray.errors import AsftError
 from asft_ray.eval.sparsity import linear_sparsity
+from asft_ray.methods import resolve
 from asft_ray.models import decoder_layers, prunable_linears
 from asft_ray.progress import progress
+from asft_ray.pruning.hooks import EngineHooks
 from asft_ray.pruning.masks import make_mask
 from asft_ray.pruning.stats import InputStats, LayerInputStats, StopLayer, input_groups, sum_in_order
-from asft_ray.scoring import fisher_scores, magnitude_scores, sparsegpt, taylor_scores, wanda_scores
 
 
 def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: float, **stats) -> torch.Tensor:
-    """The pruned weight of one linear. `stats` holds what the method needs:
-    sq_norms (wanda), hessian (sparsegpt), grad_sum (taylor), grad_sq_sum (fisher)."""
-    if method == "sparsegpt":
-        return sparsegpt.prune(weight, stats["hessian"], sparsity, pattern)
-    if method == "magnitude":
-        scores = magnitude_scores(weight)
-    elif method == "wanda":
-        scores = wanda_scores(weight.float(), stats["sq_norms"])  # float32 scores for 16-bit weights too
-    elif method == "taylor":
-        scores = taylor_scores(weight, stats["grad_sum"])
-    elif method == "fisher":
-        scores = fisher_scores(weight, stats["grad_sq_sum"])
+    """The pruned weight of one linear. `method` is a method string (asft_ray.methods.resolve);
+    `stats` holds at least what it needs: sq_norms (wanda), hessian (sparsegpt), grad_sum
+    (taylor), grad_sq_sum (fisher), sums and tokens (dsnot)..."""
+    recipe = resolve(method)
+    declared = recipe.method
+    if declared.prune is not None:  # the method builds the weight itself (and may update the kept weights)
+        pruned = declared.prune(weight, pattern, sparsity, stats)
+        if not recipe.refinements:
+            return pruned
+        keep = pruned != 0  # only weight refinements follow such methods (registry.resolve checks)
     else:
-        raise ValueError(f"unknown method {method!r}")
-    # Magnitude compares weights across the whole matrix; the others within each output row (as Wanda does).
-    keep = make_mask(scores.float(), pattern, sparsity, per_row=method != "magnitude")
+        scores = declared.score(weight, stats)
+        keep = make_mask(scores.float(), pattern, sparsity, per_row=declared.compare == "row")
+    for refinement, setting in recipe.refinements:
+        if refinement.changes == "weights":  # the last step: new values for the kept weights
+            return refinement.refine(weight, keep, pattern, stats, setting)
+        keep = refinement.refine(weight, keep, pattern, stats, setting)
     return torch.where(keep, weight, torch.zeros_like(weight))  # +0.0, not the -0.0 that weight * keep gives
 
 
@@ -61,8 +67,8 @@ class LinearJob:
 
 
 def needed_stats(method: str, stats: InputStats, name: str) -> dict:
-    """The statistics `prune_weight` needs for linear `name`."""
-    return {"hessian": stats.hessian(name)} if method == "sparsegpt" else {"sq_norms": stats.sq_norm(name)}
+    """The statistics `prune_weight` needs for linear `name` (what the method string declares)."""
+    return {stat: stats.get(stat, name) for stat in sorted(resolve(method).needs)}
 
 
 def prune_jobs(method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
@@ -264,7 +270,7 @@ def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_seque
     """Prune one decoder layer's linears: all on the dense layer's inputs, or (true_sequential)
     one input group at a time, each group's statistics taken after the groups before it were pruned."""
     linears = prunable_linears(layer)
-    hessian = method == "sparsegpt"
+    hessian = resolve(method).hessian
     stats = runner.collect(layer, hessian)
     groups = input_groups(stats) if true_sequential else [list(linears)]
     for position, group in enumerate(groups):
@@ -306,7 +312,7 @@ def _prune_layerwise(
     if prune_lm_head:
         start = time.perf_counter()
         head, norm = untie_lm_head(model), _final_norm(model)
-        collector = LayerInputStats({"lm_head": head}, hessian=method == "sparsegpt")
+        collector = LayerInputStats({"lm_head": head}, hessian=resolve(method).hessian)
         for x in runner.outputs():
             collector.add("lm_head", norm(x))
         stats = collector.result()
@@ -381,7 +387,8 @@ def _prune_each_linear(model, method, pattern, sparsity, grads=None, prune_lm_he
         for name, linear in linears.items():
             needed = {}
             if grads is not None:
-                needed = {"grad_sum": grads[(index, name)][0], "grad_sq_sum": grads[(index, name)][1]}
+                summed = dict(zip(("grad_sum", "grad_sq_sum"), grads[(index, name)]))
+                needed = {stat: summed[stat] for stat in sorted(resolve(method).needs)}
             linear.weight.data = prune_weight(method, linear.weight.data, pattern, sparsity_of(sparsity, index, name), **needed)
         report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(linears)})
         if index != "lm_head":
@@ -413,34 +420,43 @@ def prune_model(
     calib_ids: torch.Tensor | None = None,
     show_progress: bool = True,
     prune_lm_head: bool = False,
-    make_runner=LocalRunner,
+    make_runner=None,
+    *,
+    true_sequential: bool = False,
+    hooks: EngineHooks | None = None,
     checkpoint=None,
     layer_store=None,
-    sum_gradients=chunked_gradient_sums,
-    true_sequential: bool = False,
+    sum_gradients=None,
 ) -> list[dict]:
     """Prune every linear in the decoder layers in place (and lm_head if asked, untied from the
-    input embeddings). Returns one report row per layer. `sparsity` is one float, or a per-layer
-    plan {layer index: {linear name: sparsity}} (and "lm_head") from asft_ray.schedules.
+    input embeddings). Returns one report row per layer. `method` is a method string
+    (asft_ray.methods: `wanda`, `ria+dsnot`, ...). `sparsity` is one float, or a per-layer plan
+    {layer index: {linear name: sparsity}} (and "lm_head") from asft_ray.schedules.
+    `true_sequential` (layer-wise methods) prunes each layer's linears group by group, as
+    described at the top of this module.
 
-    `make_runner(inputs, args, kwargs)` decides where calibration activations live and are
-    pushed through layers (wanda, sparsegpt): here (LocalRunner) or on Ray actors.
-    `checkpoint` (a pruning.checkpoint.LayerCheckpoint) saves each finished layer of the
-    layer-wise methods and restores finished layers when resuming. `layer_store` (wanda,
-    sparsegpt) loads each layer just before it is pruned and writes/frees it after; default:
-    the layers are resident in `model`. `sum_gradients` (taylor, fisher) computes the summed
-    gradients: here chunk by chunk, or on Ray actors. `true_sequential` (wanda, sparsegpt) prunes
-    each layer's linears group by group, as described at the top of this module."""
+    `hooks` (pruning.hooks.EngineHooks) says where the work is done: `make_runner(inputs, args,
+    kwargs)` where calibration activations live and are pushed through layers (layer-wise
+    methods): here (LocalRunner) or on Ray actors; `checkpoint` (a pruning.checkpoint.LayerCheckpoint)
+    saves each finished layer of the layer-wise methods and restores finished layers when
+    resuming; `layer_store` loads each layer just before it is pruned and writes/frees it after
+    (default: the layers are resident in `model`); `sum_gradients` (gradient methods) computes
+    the summed gradients: here chunk by chunk, or on Ray actors. The keywords `make_runner`,
+    `checkpoint`, `layer_store` and `sum_gradients` are accepted as well and fill the same fields."""
+    hooks = _merge_hooks(hooks, make_runner=make_runner, checkpoint=checkpoint, layer_store=layer_store,
+                         sum_gradients=sum_gradients)
+    recipe = resolve(method)
+    layer_store, make_runner = hooks.layer_store, hooks.make_runner or LocalRunner
     check_pattern_fits(model, pattern, prune_lm_head)
-    if method == "magnitude":
+    if not recipe.calibrated:
         if layer_store is not None and not prune_lm_head:
             layer_store.after_capture(model)  # no inputs to capture: embeddings are not needed
         return _prune_each_linear(model, method, pattern, sparsity, prune_lm_head=prune_lm_head, layer_store=layer_store)
     if calib_ids is None:
         raise ValueError(f"method {method!r} needs calibration data")
-    if method in ("wanda", "sparsegpt"):
+    if recipe.layerwise:
         return _prune_layerwise(
-            model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head, make_runner, checkpoint,
+            model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head, make_runner, hooks.checkpoint,
             layer_store, true_sequential,
         )
     if layer_store is not None:  # one layer in memory: the gradients from a layer-streamed backward
@@ -449,5 +465,19 @@ def prune_model(
         from asft_ray.pruning.layer_gradients import prune_with_layer_gradients
 
         return prune_with_layer_gradients(model, calib_ids, method, pattern, sparsity, layer_store, show_progress)
+    sum_gradients = hooks.sum_gradients or chunked_gradient_sums
     grads = sum_gradients(model, calib_ids, show_progress, lm_head=prune_lm_head)
     return _prune_each_linear(model, method, pattern, sparsity, grads, prune_lm_head)
+
+
+def _merge_hooks(hooks: EngineHooks | None, **given) -> EngineHooks:
+    """`hooks` with the hook keywords given to prune_model filled in (a field set both ways is an error)."""
+    hooks = hooks or EngineHooks()
+    values = {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if getattr(hooks, name) is not None:
+            raise TypeError(f"prune_model: {name} given both as a keyword and in hooks")
+        values[name] = value
+    return dataclasses.replace(hooks, **values) if values else hooks

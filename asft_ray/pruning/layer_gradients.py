@@ -100,7 +100,9 @@ def prune_with_layer_gradients(model, calib_ids: torch.Tensor, method: str, patt
     out_grads = loss_gradients(head, inputs, calib_ids)
     del inputs, head
     rows = {}
-    squared = method == "fisher"
+    from asft_ray.methods import resolve
+
+    squared = "grad_sq_sum" in resolve(method).needs  # the one sum the method reads (taylor: grad_sum)
     for index in progress(reversed(range(len(layers))), f"{method} backward", show_progress):
         start = time.perf_counter()
         layer = layers[index]

@@ -19,6 +19,13 @@ class InputStats:
     source: dict[str, str] = field(default_factory=dict)  # linear -> linear whose accumulator it shares
     sq_norms: dict[str, torch.Tensor] = field(default_factory=dict)
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # sum_t x_t (input means, with `tokens`)
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # tokens seen (a float64 scalar)
+
+    def get(self, stat: str, name: str) -> torch.Tensor:
+        """Statistic `stat` (a name in asft_ray.methods.INPUT_STATS) of linear `name`'s input."""
+        table = {"sq_norms": self.sq_norms, "hessian": self.hessians, "sums": self.sums, "tokens": self.tokens}[stat]
+        return table[self.source[name]]
 
     def sq_norm(self, name: str) -> torch.Tensor:
         return self.sq_norms[self.source[name]]
@@ -31,6 +38,8 @@ class InputStats:
             {**self.source, **other.source},
             _add_dicts(self.sq_norms, other.sq_norms),
             _add_dicts(self.hessians, other.hessians),
+            _add_dicts(self.sums, other.sums),
+            _add_dicts(self.tokens, other.tokens),
         )
 
 
@@ -59,7 +68,8 @@ def input_groups(stats: InputStats) -> list[list[str]]:
 
 
 class LayerInputStats:
-    """Forward hooks that add up, per linear input: sum_t x_t^2 (Wanda) and optionally sum_t x_t x_t^T (SparseGPT).
+    """Forward hooks that add up, per linear input: sum_t x_t^2 (Wanda), sum_t x_t and the token count
+    (input means: DSnoT) and optionally sum_t x_t x_t^T (SparseGPT).
 
     With `stop_early`, the hooks raise StopLayer as soon as every linear in `linears` has seen
     its input in the current pass (used to collect one group's statistics without running
@@ -72,6 +82,8 @@ class LayerInputStats:
         self.want_hessian = hessian
         self.sq_norms: dict[str, torch.Tensor] = {}
         self.hessians: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, torch.Tensor] = {}
         self.source: dict[str, str] = {}  # linear name -> name of the linear whose accumulator it shares
         self._seen: list[tuple[torch.Tensor, str]] = []
         self._handles: list = []
@@ -114,6 +126,10 @@ class LayerInputStats:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         sq = x.pow(2).sum(0, dtype=torch.float64)
         self.sq_norms[name] = self.sq_norms[name] + sq if name in self.sq_norms else sq
+        total = x.sum(0, dtype=torch.float64)
+        self.sums[name] = self.sums[name] + total if name in self.sums else total
+        count = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+        self.tokens[name] = self.tokens[name] + count if name in self.tokens else count
         if self.want_hessian:
             gram = (x.T @ x).double()
             if name in self.hessians:
@@ -122,4 +138,5 @@ class LayerInputStats:
                 self.hessians[name] = gram
 
     def result(self) -> InputStats:
-        return InputStats(dict(self.source), dict(self.sq_norms), dict(self.hessians))
+        return InputStats(dict(self.source), dict(self.sq_norms), dict(self.hessians), dict(self.sums),
+                          dict(self.tokens))

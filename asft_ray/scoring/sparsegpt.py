@@ -4,6 +4,9 @@
 and returns the pruned, updated weight. It follows the reference implementation
 (blocked, dampened, adaptive mask per block of 128 columns), with one difference: the
 number of weights pruned per block is exact (k lowest), not a `<=` threshold.
+
+With `keep` (a keep-mask from any method), the mask is taken as given and only SparseGPT's
+weight update runs: the `+obs` refinement.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def prune(
     pattern: Pattern,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     W = weight.detach().float().clone()
     rows, cols = W.shape
@@ -47,13 +51,15 @@ def prune(
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
         # saliency w^2 / [H^-1]_jj^2 decides the mask; pruned = True
-        if pattern.kind == "unstructured":
+        if keep is not None:
+            pruned = ~keep[:, i1:i2].to(W.device)
+        elif pattern.kind == "unstructured":
             saliency = W1**2 / d.unsqueeze(0) ** 2
             pruned = ~prune_lowest(saliency.reshape(1, -1), round(saliency.numel() * sparsity)).reshape(W1.shape)
         else:
             pruned = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
-            if pattern.kind == "nm" and i % pattern.m == 0:
+            if keep is None and pattern.kind == "nm" and i % pattern.m == 0:
                 saliency = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].unsqueeze(0) ** 2
                 pruned[:, i : i + pattern.m] = ~prune_lowest(saliency, pattern.m - pattern.n)
             w = W1[:, i]

@@ -1,0 +1,15 @@
+"""RIA (Zhang et al., ICLR 2024): relative importance times ||X||^0.5, compared per output row.
+
+N:M keeps the n best of each group of m inputs; the paper's channel permutation for N:M is not
+implemented."""
+
+from asft_ray.methods.registry import Method, register
+
+
+def score(weight, stats):
+    from asft_ray.scoring.ria import ria_scores
+
+    return ria_scores(weight, stats["sq_norms"])
+
+
+register(Method("ria", needs=("sq_norms",), compare="row", summary="(|W|/Σrow + |W|/Σcol)·‖X‖^0.5", score=score))

@@ -1,0 +1,57 @@
+"""RIA, +dsnot and +obs against Wanda (and SparseGPT) on SmolLM2-135M, WikiText-2 *valid* only.
+
+Selection data for issue #15: C4 calibration (`--nsamples` x 2048, seed 0), the first
+`--windows` 2048-token windows of WikiText-2 valid, in memory, one process. Test numbers are not
+computed here (they are reported once, after a choice is made on valid).
+
+    flock /tmp/asft-heavy.lock python benchmarks/methods_valid.py --nsamples 8 --windows 16
+
+Rows already in results/methods_valid.jsonl (same method, pattern, nsamples, windows) are skipped.
+"""
+
+import argparse
+import copy
+import time
+
+from results_io import append_row, read_rows
+
+from asft_ray.config import Pattern
+from asft_ray.data import c4_documents, sample_calibration, wikitext2_ids
+from asft_ray.eval.perplexity import perplexity
+from asft_ray.models import load_model
+from asft_ray.pruning.engine import prune_model
+
+METHODS = ("wanda", "ria", "wanda+dsnot", "ria+dsnot", "wanda+obs", "ria+dsnot+obs", "sparsegpt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nsamples", type=int, default=8)
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    args = parser.parse_args()
+    done = {(r["method"], r["pattern"], r["nsamples"], r["windows"]) for r in read_rows("methods_valid")}
+    model, tokenizer = load_model("smollm2-135m", "cpu", show_progress=False)
+    calib = sample_calibration(c4_documents(), tokenizer, args.nsamples, 2048, 0)
+    valid = wikitext2_ids(tokenizer, "valid")
+    base = {"nsamples": args.nsamples, "windows": args.windows, "sparsity": 0.5}
+    if ("dense", "-", args.nsamples, args.windows) not in done:
+        append_row("methods_valid", {**base, "method": "dense", "pattern": "-",
+                                     "ppl_valid": perplexity(model, valid, 2048, args.windows, False)["ppl"]})
+    for pattern in args.patterns:
+        for method in args.methods:
+            if (method, pattern, args.nsamples, args.windows) in done:
+                continue
+            pruned = copy.deepcopy(model)
+            start = time.perf_counter()
+            prune_model(pruned, method, Pattern.parse(pattern), 0.5, calib, show_progress=False)
+            prune_s = time.perf_counter() - start
+            ppl = perplexity(pruned, valid, 2048, args.windows, False)["ppl"]
+            append_row("methods_valid", {**base, "method": method, "pattern": pattern, "ppl_valid": ppl,
+                                         "prune_s": round(prune_s, 1)})
+            del pruned
+
+
+if __name__ == "__main__":
+    main()
