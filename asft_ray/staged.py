@@ -249,7 +249,6 @@ class StagedRun:
     and a stage interrupted mid-prune resumes from its own layer checkpoint."""
 
     def __init__(self, cfg: StagedConfig, show_progress: bool, make_runner, sum_gradients):
-        from asft_ray.config import LAYERWISE_METHODS
         from asft_ray.data import resolve_data_dir, wikitext2_ids
         from asft_ray.models import load_tokenizer
 
@@ -257,7 +256,7 @@ class StagedRun:
         self.make_runner, self.sum_gradients = make_runner, sum_gradients
         self.run = Path(cfg.prune.out)
         self.stream = cfg.prune.streams()  # decided once, on the source model: every stage the same way
-        self.resumable = cfg.prune.method in LAYERWISE_METHODS
+        self.resumable = cfg.prune.recipe.layerwise  # per-layer checkpoints
         gate, pc = cfg.gate, cfg.prune
         ids = wikitext2_ids(load_tokenizer(pc.model), gate.split, resolve_data_dir(pc.data_dir))
         self.val_ids = ids[:, : gate.windows * pc.seqlen]

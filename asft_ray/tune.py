@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from asft_ray.config import CALIBRATED_METHODS, PruneConfig, check_field_types
+from asft_ray.config import PruneConfig, check_field_types
 from asft_ray.errors import AsftError
 from asft_ray.schedules.owl import M_GRID
 
@@ -61,8 +61,6 @@ class SweepConfig:
         cfg = SweepConfig(prune=prune, **mine)
         if prune.parsed_pattern.kind != "unstructured":
             raise AsftError(f"{source}: a schedule sweep needs unstructured pruning")
-        if prune.method not in CALIBRATED_METHODS and prune.method != "magnitude":
-            raise AsftError(f"{source}: unknown method {prune.method}")
         if cfg.trials < 1 or cfg.concurrency < 1 or cfg.val_windows < 1 or cfg.groups < 1:
             raise AsftError(f"{source}: trials, concurrency, val_windows and groups must be at least 1")
         if prune.sparsity <= 0:

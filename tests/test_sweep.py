@@ -128,3 +128,10 @@ def test_a_sweep_naming_a_linear_the_model_lacks_fails_before_any_trial(tiny_mod
     with pytest.raises(AsftError, match="no linear mlp.fc9"):
         run_sweep(cfg, show_progress=False)
     assert not (tmp_path / "sweep" / "tune").exists()
+
+
+def test_a_sweep_takes_any_method_string_the_registry_resolves(tmp_path):
+    cfg = SweepConfig.from_dict(_values("model", tmp_path / "s", method="ria+dsnot:5"))
+    assert cfg.prune.recipe.layerwise
+    with pytest.raises(AsftError, match="method"):
+        SweepConfig.from_dict(_values("model", tmp_path / "s", method="wandaa"))
