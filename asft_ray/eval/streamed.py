@@ -45,6 +45,14 @@ def chunk_nlls(final: nn.Module, chunk: list[torch.Tensor], targets: list[torch.
     return nlls
 
 
+def _output_head(model: nn.Module, reader) -> nn.Module:
+    """The output projection, read from the shards now (the tied embedding's tensor when tied)."""
+    head = model.get_output_embeddings()
+    key = next(k for k, p in model.named_parameters(remove_duplicate=False) if p is head.weight and k in reader)
+    head.weight = nn.Parameter(reader.get(key), requires_grad=False)
+    return head
+
+
 @torch.no_grad()
 def streamed_perplexity(folder: Path, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
                         make_runner=None, show_progress: bool = True) -> dict:
@@ -56,14 +64,15 @@ def streamed_perplexity(folder: Path, ids: torch.Tensor, seqlen: int, max_window
     windows = count_windows(ids, seqlen, max_windows)
     start = time.perf_counter()
     rows = ids[: windows * seqlen].reshape(windows, seqlen)
-    model, reader = build_skeleton(Path(folder), load_head=True)
+    model, reader = build_skeleton(Path(folder), load_head=False)
     runner = (make_runner or LocalRunner)(*capture_layer0_inputs(model, rows))
     layers = StreamedLayers(model, reader, out_dir=None)  # read only
+    layers.after_capture(model)  # the embeddings go until the end: never beside a decoder layer
     for index, layer in enumerate(progress(decoder_layers(model), "ppl layers", show_progress)):
         layers.load(index, layer)
         runner.advance(layer)
         layers.free(index, layer)
-    final = FinalHead(model.base_model.norm, model.get_output_embeddings())
+    final = FinalHead(model.base_model.norm, _output_head(model, reader))
     nlls = runner.nlls(final, list(rows))
     return {**ppl_result(nlls, seqlen, time.perf_counter() - start), "streamed": True}
 
