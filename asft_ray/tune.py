@@ -131,8 +131,6 @@ def streamed_trial(params: dict, val_ids, outliers, cfg: SweepConfig) -> None:
     `OUT/trials/TRIAL`, then each validation window read through the pruned model one decoder layer
     at a time (so ASHA's early stop also saves the reads). The folder is removed when the trial ends;
     the sweep removes what stopped trials leave."""
-    import shutil
-
     from ray import tune
 
     from asft_ray.eval.streamed import streamed_perplexity
