@@ -4,7 +4,8 @@ Selection data for issue #15: C4 calibration (`--nsamples` x 2048, seed 0), the 
 `--windows` 2048-token windows of WikiText-2 valid, in memory, one process. Test numbers are not
 computed here (they are reported once, after a choice is made on valid).
 
-    flock /tmp/asft-heavy.lock python benchmarks/methods_valid.py --nsamples 8 --windows 16
+    flock /tmp/asft-heavy.lock python benchmarks/methods_valid.py --nsamples 8 --windows 8
+    ... --true-sequential --methods sparsegpt   (each linear group pruned on the outputs of the pruned groups before it)
 
 Rows already in results/methods_valid.jsonl (same method, pattern, nsamples, windows) are skipped.
 """
@@ -30,25 +31,30 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--true-sequential", action="store_true",
+                        help="prune each layer's linears group by group (asft_ray.pruning.engine)")
     args = parser.parse_args()
-    done = {(r["method"], r["pattern"], r["nsamples"], r["windows"]) for r in read_rows("methods_valid")}
+    done = {(r["method"], r["pattern"], r["nsamples"], r["windows"], r.get("true_sequential", False))
+            for r in read_rows("methods_valid")}
     model, tokenizer = load_model("smollm2-135m", "cpu", show_progress=False)
     calib = sample_calibration(c4_documents(), tokenizer, args.nsamples, 2048, 0)
     valid = wikitext2_ids(tokenizer, "valid")
     base = {"nsamples": args.nsamples, "windows": args.windows, "sparsity": 0.5}
-    if ("dense", "-", args.nsamples, args.windows) not in done:
+    if ("dense", "-", args.nsamples, args.windows, False) not in done:
         append_row("methods_valid", {**base, "method": "dense", "pattern": "-",
                                      "ppl_valid": perplexity(model, valid, 2048, args.windows, False)["ppl"]})
     for pattern in args.patterns:
         for method in args.methods:
-            if (method, pattern, args.nsamples, args.windows) in done:
+            if (method, pattern, args.nsamples, args.windows, args.true_sequential) in done:
                 continue
             pruned = copy.deepcopy(model)
             start = time.perf_counter()
-            prune_model(pruned, method, Pattern.parse(pattern), 0.5, calib, show_progress=False)
+            prune_model(pruned, method, Pattern.parse(pattern), 0.5, calib, show_progress=False,
+                        true_sequential=args.true_sequential)
             prune_s = time.perf_counter() - start
             ppl = perplexity(pruned, valid, 2048, args.windows, False)["ppl"]
             append_row("methods_valid", {**base, "method": method, "pattern": pattern, "ppl_valid": ppl,
+                                         "true_sequential": args.true_sequential,
                                          "prune_s": round(prune_s, 1)})
             del pruned
 
