@@ -1,10 +1,12 @@
 """`asft run CONFIG`: the whole pipeline from one YAML, every stage resumable, one run folder.
 
     RUN/prune/        staged pruning with gates (asft_ray.staged); the final model in RUN/prune/model
+    RUN/structure/model  or, with `structure:` instead of `prune:`, a smaller dense model (MLP channels,
+                      KV groups, whole layers removed; asft export --format structured)
     RUN/recover/      recovery fine-tuning of the pruned model (asft_ray.recovery), if `recover:` is set
     RUN/export/NAME/  deployment exports (`export: [compressed]`)
     RUN/eval/NAME.json  perplexity, zero-shot and speed of dense / pruned / recovered, measured here
-    RUN/report.html, RUN/report.json
+    RUN/report.html, RUN/report.json  (with the recommendation: the cheapest model within `tolerance:`)
 
 Each stage writes its output atomically and is skipped when that output is already there, so
 running the same command after a kill (or after `asft approve`) continues where it stopped.
@@ -24,6 +26,7 @@ from pathlib import Path
 from asft_ray.artifacts import check_out_location, write_json_atomic
 from asft_ray.config import check_field_types, check_keys
 from asft_ray.errors import AsftError
+from asft_ray.report.recommend import Tolerance
 
 EXPORTS = ("compressed",)
 
@@ -40,14 +43,47 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
+class StructureSpec:
+    """`structure:` (instead of `prune:`): a smaller dense model, the form that is cheaper on a CPU
+    or any dense runtime (asft export --format structured, scores |W|*||X|| on C4 calibration)."""
+
+    mlp_ratio: float = 0.0  # share of each layer's MLP channels removed
+    head_ratio: float = 0.0  # share of each layer's KV groups (with their query heads) removed
+    drop_layers: int = 0  # whole decoder layers removed, lowest block influence first
+    refit: bool = True  # least-squares refit of down_proj / o_proj on the kept channels and heads
+    nsamples: int = 16  # C4 calibration windows
+    seqlen: int = 2048
+    seed: int = 0
+
+    def check(self, source: str = "structure") -> None:
+        for name in ("mlp_ratio", "head_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                raise AsftError(f"{source}: {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.drop_layers < 0:
+            raise AsftError(f"{source}: drop_layers must be >= 0, got {self.drop_layers}")
+        if not (self.mlp_ratio or self.head_ratio or self.drop_layers):
+            raise AsftError(f"{source}: nothing to remove: set mlp_ratio, head_ratio or drop_layers")
+        if self.nsamples < 1 or self.seqlen < 1:
+            raise AsftError(f"{source}: nsamples and seqlen must be positive")
+
+    def describe(self) -> str:
+        parts = [f"MLP channels -{100 * self.mlp_ratio:g} %" if self.mlp_ratio else "",
+                 f"KV groups -{100 * self.head_ratio:g} %" if self.head_ratio else "",
+                 f"{self.drop_layers} decoder layers removed" if self.drop_layers else ""]
+        return ", ".join(p for p in parts if p) + (", least-squares refit" if self.refit else "")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: str
     out: str
-    prune: dict  # asft_ray.staged settings without model/out/data_dir/device: method, schedule, stages, gate, ...
+    prune: dict | None = None  # asft_ray.staged settings without model/out/data_dir/device: method, schedule, stages, gate, ...
+    structure: StructureSpec | None = None  # instead of prune: remove whole channels, heads, layers
     recover: dict | None = None  # asft_ray.recovery settings without model/out/data_dir; `distill: true` uses the dense teacher
     export: tuple[str, ...] = ()
     eval: EvalSpec = field(default_factory=EvalSpec)
     price_per_hour: float | None = None  # machine price for the cost per million tokens; None: "cost not computed"
+    tolerance: Tolerance = field(default_factory=Tolerance)  # the quality the recommendation may give up
     data_dir: str | None = None
     device: str = "cpu"
 
@@ -55,11 +91,21 @@ class RunConfig:
     def from_dict(values: dict, source: str = "config") -> "RunConfig":
         """Validate everything that needs no model, including the nested stage configs."""
         check_keys(values, RunConfig, source)
-        check_field_types(values, RunConfig, source, skip=("eval",))
-        for key in ("model", "out", "prune"):
+        check_field_types(values, RunConfig, source, skip=("eval", "structure", "tolerance"))
+        for key in ("model", "out"):
             if not values.get(key):
                 raise AsftError(f"{source}: missing required key {key}")
+        if bool(values.get("prune")) == bool(values.get("structure")):
+            raise AsftError(f"{source}: give exactly one of prune (sparse weights) and structure (a smaller dense model)")
         values = dict(values)
+        for key, cls in (("structure", StructureSpec), ("tolerance", Tolerance)):
+            if values.get(key) is not None:
+                check_keys(values[key], cls, f"{source} {key}", f"{key} key")
+                check_field_types(values[key], cls, f"{source} {key}")
+                values[key] = cls(**values[key])
+                values[key].check(f"{source} {key}")
+        if values.get("tolerance") is None:
+            values.pop("tolerance", None)
         ev = dict(values.get("eval") or {})
         check_keys(ev, EvalSpec, f"{source} eval", "eval key")
         check_field_types(ev, EvalSpec, f"{source} eval", skip=("zeroshot",))
@@ -69,7 +115,7 @@ class RunConfig:
             tasks = ev["zeroshot"]
             if not (isinstance(tasks, str) or isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
                 raise AsftError(f"{source} eval: key 'zeroshot' must be a task name or a list of them, got {tasks!r}")
-            ev["zeroshot"] = tuple(parse_tasks(",".join(tasks) if isinstance(tasks, list) else tasks))
+            ev["zeroshot"] = tuple(parse_tasks(",".join(tasks) if isinstance(tasks, list) else tasks)) if tasks else ()
         values["eval"] = EvalSpec(**ev)
         exports = values.get("export") or ()
         bad = [e for e in exports if e not in EXPORTS]
@@ -80,7 +126,8 @@ class RunConfig:
         if price is not None and (not isinstance(price, (int, float)) or price <= 0):
             raise AsftError(f"{source}: price_per_hour must be a positive number")
         cfg = RunConfig(**values)
-        cfg.staged_config()  # validates prune: (stages, gate, method...)
+        if cfg.prune is not None:
+            cfg.staged_config()  # validates prune: (stages, gate, method...)
         if cfg.recover is not None:
             cfg.recover_config()
         return cfg
@@ -96,16 +143,25 @@ class RunConfig:
         return StagedConfig.from_dict({**self.prune, "model": self.model, "out": str(Path(self.out).resolve() / "prune"),
                                        "data_dir": self.data_dir, "device": self.device}, source="prune")
 
+    @property
+    def pruned_dir(self) -> Path:
+        """Where the first stage leaves its model: RUN/prune/model or RUN/structure/model."""
+        return Path(self.out).resolve() / ("structure" if self.structure else "prune") / "model"
+
     def recover_config(self):
         from asft_ray.recovery.config import RecoverConfig
 
         values = dict(self.recover)
         distill = values.pop("distill", False)
         clash = sorted(set(values) & {"model", "out", "data_dir", "teacher"})
+        if self.structure is not None and "dense" in values:
+            clash.append("dense")  # a structured model has no zeros to keep: every weight trains
         if clash:
             raise AsftError(f"recover: {', '.join(clash)} are set by the pipeline (use distill: true for the dense teacher)")
+        if self.structure is not None:
+            values["dense"] = True
         run = Path(self.out).resolve()
-        return RecoverConfig.from_dict({**values, "model": str(run / "prune" / "model"),
+        return RecoverConfig.from_dict({**values, "model": str(self.pruned_dir),
                                         "out": str(run / "recover"), "data_dir": self.data_dir,
                                         "teacher": self.model if distill else None}, source="recover")
 
@@ -146,8 +202,8 @@ def evaluate_model(spec: str, ev: EvalSpec, data_dir: str | None, device: str, f
 def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool = True) -> dict:
     """Run (or continue) every stage; returns {"status": ..., "report": path}."""
     from asft_ray.data import resolve_data_dir
-    from asft_ray.distributed.runner import init_ray, staged_on_ray
-    from asft_ray.models import resolve_model
+    from asft_ray.distributed.runner import init_ray
+    from asft_ray.models import check_seqlen, model_config, resolve_model
 
     run = Path(cfg.out).resolve()
     check_out_location(run)
@@ -155,26 +211,29 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
     resolve_model(cfg.model)
     data_dir = resolve_data_dir(cfg.data_dir)
     started = time.perf_counter()
-    staged = cfg.staged_config()
-    from asft_ray.models import check_seqlen, model_config
-    from asft_ray.prune import check_against_model_config
+    if cfg.prune is not None:
+        from asft_ray.prune import check_against_model_config
 
-    check_against_model_config(staged.prune, staged.stages, seqlen_used=True)
+        staged = cfg.staged_config()
+        check_against_model_config(staged.prune, staged.stages, seqlen_used=True)
+    else:
+        check_seqlen(cfg.structure.seqlen, model_config(cfg.model), "structure seqlen")
     check_seqlen(cfg.eval.ppl_seqlen, model_config(cfg.model), "eval ppl_seqlen")
     steps = []
     owned = init_ray(address)
     try:
-        _log("stage 1/5: staged pruning with gates")
-        values = {**cfg.prune, "model": cfg.model, "out": staged.prune.out, "data_dir": cfg.data_dir, "device": cfg.device}
-        result = staged_on_ray(values, show_progress=show_progress)
-        if result["status"] != "finished":
-            _log(f"pruning stage {result['stage']} awaits a decision: asft approve {staged.prune.out} (or reject), "
-                 "then run this command again")
-            return {"status": "awaiting_approval", "stage": result["stage"]}
-        pruned_dir = run / "prune" / "model"
-        steps.append(f"Pruned with {staged.prune.method} ({staged.prune.schedule_spec.name} schedule, "
-                     f"{staged.prune.nsamples} x {staged.prune.seqlen} C4 calibration tokens) in stages "
-                     f"{', '.join(f'{100 * s:g} %' for s in staged.stages)}, gate on WikiText-2 valid; kept: {result['final']}.")
+        if cfg.prune is not None:
+            _log("stage 1/5: staged pruning with gates")
+            result = _staged_pruning(cfg, show_progress)
+            if result["status"] != "finished":
+                _log(f"pruning stage {result['stage']} awaits a decision: asft approve {run / 'prune'} (or reject), "
+                     "then run this command again")
+                return {"status": "awaiting_approval", "stage": result["stage"]}
+        else:
+            _log("stage 1/5: structured pruning (a smaller dense model)")
+            result = _structured_pruning(cfg, data_dir)
+        steps.append(result["step"])
+        pruned_dir = cfg.pruned_dir
         final_name, final_dir, recovery = "pruned", pruned_dir, None
         if cfg.recover is not None:
             _log("stage 2/5: recovery fine-tuning")
@@ -183,17 +242,17 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
             rc = cfg.recover_config()
             recovery = run_recover(rc)
             final_name, final_dir = "recovered", Path(rc.out)
-            steps.append(f"Fine-tuned the remaining weights for {rc.max_steps} steps of {rc.seqlen} tokens on C4 "
-                         f"with DeepSpeed ZeRO on {rc.workers} Ray Train workers"
-                         + (" with distillation from the dense model." if rc.teacher else "."))
+            steps.append(f"Fine-tuned {'every remaining weight' if rc.dense else 'the remaining weights'} for "
+                         f"{rc.max_steps} steps of {rc.seqlen} tokens on C4 with DeepSpeed ZeRO on {rc.workers} "
+                         "Ray Train workers" + (" with distillation from the dense model." if rc.teacher else "."))
         exports = {}
         for fmt in cfg.export:
             _log(f"stage 3/5: export {fmt}")
             exports[fmt] = _export_final(fmt, final_dir, run / "export" / fmt, cfg.device)
             steps.append(f"Exported the final model as {fmt}: {exports[fmt].get('summary', '')}")
         _log("stage 4/5: evaluation (dense, pruned" + (", recovered)" if recovery else ")"))
-        models = {}
-        for name, spec in (("dense", cfg.model), ("pruned", str(pruned_dir)), ("recovered", str(final_dir) if recovery else None)):
+        models, paths = {}, {"dense": cfg.model, "pruned": str(pruned_dir), "recovered": str(final_dir) if recovery else None}
+        for name, spec in paths.items():
             if spec is not None:
                 models[name] = _evaluation(run / "eval" / f"{name}.json", spec, cfg, data_dir, name != "dense")
     finally:
@@ -207,9 +266,67 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
                  + f"and decode speed ({cfg.eval.speed_prompt}-token prompt, {cfg.eval.speed_new_tokens} new tokens, "
                    f"median of {cfg.eval.speed_repeats}) for every model on this machine.")
     _log("stage 5/5: report")
-    report = write_report(cfg, run, staged, models, final_name, recovery, exports, steps, time.perf_counter() - started)
+    report = write_report(cfg, run, result, models, paths, final_name, recovery, exports, steps,
+                          time.perf_counter() - started)
     _log(f"report: {report}")
     return {"status": "finished", "report": str(report), "final": final_name}
+
+
+def _staged_pruning(cfg: RunConfig, show_progress: bool) -> dict:
+    """Stage 1 with `prune:`: the staged run on the pruning actor, into RUN/prune."""
+    from asft_ray.distributed.runner import staged_on_ray
+
+    staged = cfg.staged_config()
+    values = {**cfg.prune, "model": cfg.model, "out": staged.prune.out, "data_dir": cfg.data_dir, "device": cfg.device}
+    result = staged_on_ray(values, show_progress=show_progress)
+    p = staged.prune
+    return {**result, "method": p.method,
+            "step": f"Pruned with {p.method} ({p.schedule_spec.name} schedule, {p.nsamples} x {p.seqlen} C4 calibration "
+                    f"tokens) in stages {', '.join(f'{100 * s:g} %' for s in staged.stages)}, gate on WikiText-2 valid; "
+                    f"kept: {result.get('final')}."}
+
+
+def _structured_pruning(cfg: RunConfig, data_dir: str) -> dict:
+    """Stage 1 with `structure:`: the structured export of the dense model into RUN/structure/model,
+    in a fresh Ray worker process (the driver stays small); skipped when it is already there."""
+    import ray
+
+    from asft_ray.export.run import export_model
+
+    s, out = cfg.structure, cfg.pruned_dir
+    if not (out / "structured.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(export_model))
+        ray.get(task.remote(_node_threads(), cfg.model, "structured", out, mlp_ratio=s.mlp_ratio, head_ratio=s.head_ratio,
+                            drop_layers=s.drop_layers, refit=s.refit, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed,
+                            data_dir=data_dir, device=cfg.device, show_progress=False))
+    report = json.loads((out / "structured.json").read_text())
+    before, after = report["before"]["parameters"], report["after"]["parameters"]
+    return {"status": "finished", "method": f"structured pruning ({s.describe()})",
+            "what": f"made smaller by structured pruning ({s.describe()}): {before / 1e6:.1f} M -> {after / 1e6:.1f} M parameters",
+            "step": f"Removed whole structures ({s.describe()}) scored by |W|*||X|| on {s.nsamples} x {s.seqlen} C4 "
+                    f"calibration tokens: {before / 1e6:.1f} M -> {after / 1e6:.1f} M parameters "
+                    f"({100 * after / before:.1f} %), saved as a smaller dense model."}
+
+
+def _node_threads() -> int:
+    """Nothing else of this run is busy when a stage runs in a fresh process: use every core of the
+    node (Ray gives a task one thread per CPU it reserved, and a reservation can wait on actors
+    Ray Train left behind)."""
+    import ray
+
+    return max(1, min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1))
+
+
+def _with_threads(fn):
+    def run(threads: int, *args, **kwargs):
+        import torch
+
+        torch.set_num_threads(threads)
+        return fn(*args, **kwargs)
+
+    run.__name__ = fn.__name__
+    return run
 
 
 def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: bool) -> dict:
@@ -225,12 +342,9 @@ def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: b
     if cached is not None and same_run(cached.get("key"), key):
         return cached
     path.parent.mkdir(exist_ok=True)
-    # Nothing else of this run is busy now: use every core of the node (Ray would give a task
-    # one thread per CPU it reserved, and a reservation can wait on actors Ray Train left behind).
-    threads = max(1, min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1))
     task = ray.remote(num_cpus=1, max_calls=1)(evaluate_model)
     start = time.perf_counter()
-    result = ray.get(task.remote(spec, cfg.eval, data_dir, cfg.device, Path(spec) if on_disk else None, threads))
+    result = ray.get(task.remote(spec, cfg.eval, data_dir, cfg.device, Path(spec) if on_disk else None, _node_threads()))
     cached = {"key": key, **result, "seconds": time.perf_counter() - start}
     write_json_atomic(path, cached)
     return cached
@@ -250,27 +364,49 @@ def _export_final(fmt: str, model_dir: Path, out: Path, device: str) -> dict:
     return report
 
 
-def write_report(cfg: RunConfig, run: Path, staged, models: dict, final_name: str, recovery: dict | None,
-                 exports: dict, steps: list[str], seconds: float) -> Path:
+def write_report(cfg: RunConfig, run: Path, first_stage: dict, models: dict, paths: dict, final_name: str,
+                 recovery: dict | None, exports: dict, steps: list[str], seconds: float) -> Path:
     import asft_ray
     from asft_ray.report.html import build_report
     from asft_ray.staged import DecisionLog
 
     facts = {
-        "run": str(run), "model": cfg.model, "method": staged.prune.method, "final_model": final_name,
+        "run": str(run), "model": cfg.model, "method": first_stage["method"], "what": first_stage.get("what"),
+        "final_model": final_name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.node()} ({platform.machine()})",
         "version": asft_ray.__version__, "steps": steps, "models": models, "price_per_hour": cfg.price_per_hour,
-        "decisions": DecisionLog(run / "prune").rows, "recovery_evals": (recovery or {}).get("evals"),
+        "decisions": DecisionLog(run / "prune").rows if cfg.prune is not None else [],
+        "recovery_evals": (recovery or {}).get("evals"),
         "exports": exports, "ppl_split": "test", "ppl_seqlen": cfg.eval.ppl_seqlen, "pipeline_seconds": seconds,
         "zeroshot_note": f"log-likelihood scoring as lm-evaluation-harness does; first {cfg.eval.zeroshot_limit} items per task"
         if cfg.eval.zeroshot_limit else "log-likelihood scoring as lm-evaluation-harness does; all items",
         "speed_note": "Measured one after another in this run on this machine, each model in a fresh process (CPU, fp32, torch threads "
                       f"{models['dense'].get('threads')}). Unstructured zeros are stored as dense weights in memory, "
                       "so they do not speed up CPU decoding; only structured pruning or 2:4 kernels on a GPU do.",
+        "recommendation": recommendation(cfg, run, models, paths),
     }
+    facts["recommended"] = (facts["recommendation"]["recommended"] or None) and {
+        k: facts["recommendation"]["recommended"][k] for k in ("name", "path", "ppl", "relative_cost", "cost_per_million")
+        if k in facts["recommendation"]["recommended"]}
     write_json_atomic(run / "report.json", facts)
     html_text = build_report(facts)
     tmp = run / ".report.html.tmp"
     tmp.write_text(html_text, encoding="utf-8")
     tmp.replace(run / "report.html")
     return run / "report.html"
+
+
+def recommendation(cfg: RunConfig, run: Path, models: dict, paths: dict) -> dict:
+    """Every evaluated model as a candidate (asft_ray.report.recommend), the cheapest within the
+    tolerance named; paths of the run's own models relative to the run folder."""
+    from asft_ray.report.recommend import candidate_row, recommend
+
+    dense = models["dense"]
+    rows = []
+    for name, measured in models.items():
+        path = paths.get(name)
+        if path is not None and Path(path).is_absolute() and Path(path).is_relative_to(run):
+            path = str(Path(path).relative_to(run))
+        rows.append(candidate_row(name, path, measured, dense, cfg.tolerance, cfg.price_per_hour))
+    return {"candidates": rows, "tolerance": dataclasses.asdict(cfg.tolerance),
+            "ppl_bound": cfg.tolerance.max_ppl_ratio * dense["ppl"], **recommend(rows, cfg.tolerance, dense["ppl"])}

@@ -64,6 +64,14 @@ def test_pipeline_without_recovery_writes_every_artifact_and_resumes(tiny_model_
     ({"eval": {"zeroshot": ["nope"]}}, "unknown task"),
     ({"colour": 1}, "unknown key"),
     ({"recover": {"model": "x"}}, "set by the pipeline"),
+    ({"structure": {"mlp_ratio": 0.3}}, "exactly one of prune"),
+    ({"prune": None}, "exactly one of prune"),
+    ({"prune": None, "structure": {"mlp_ratio": 1.0}}, "mlp_ratio must be in"),
+    ({"prune": None, "structure": {"mlp_ratio": 0}}, "nothing to remove"),
+    ({"prune": None, "structure": {"mlp_ratio": 0.3, "refit": "yes"}}, "refit"),
+    ({"prune": None, "structure": {"mlp_ratio": 0.3}, "recover": {"dense": False}}, "set by the pipeline"),
+    ({"tolerance": {"max_ppl_ratio": 0.5}}, "at least 1"),
+    ({"tolerance": {"ppl": 2}}, "unknown tolerance key"),
 ])
 def test_bad_run_configs_fail_before_any_work(change, message, tmp_path):
     values = {"model": "smollm2-135m", "out": str(tmp_path / "r"),
@@ -78,3 +86,30 @@ def test_the_repo_demo_run_config_parses():
 
     cfg = RunConfig.from_dict(load_yaml(str(REPO / "configs" / "run-demo.yaml")))
     assert cfg.recover_config().teacher == "smollm2-135m" and cfg.price_per_hour == 0.10
+
+
+def test_a_structured_run_ends_in_a_smaller_model_and_a_recommendation(tiny_model_dir, tmp_path):
+    """`structure:` instead of `prune:`: a smaller dense model in RUN/structure/model, evaluated
+    beside dense, every candidate in report.json's recommendation, the chart in the report."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    values = _values(tiny_model_dir, out, price_per_hour=1.0, tolerance={"max_ppl_ratio": 100.0})
+    values.pop("prune")
+    values["structure"] = {"mlp_ratio": 0.5, "nsamples": 2, "seqlen": 64}
+    values["eval"] = {**values["eval"], "zeroshot": [], "speed_repeats": 3}
+    result = run_pipeline(RunConfig.from_dict(values), show_progress=False)
+    assert result["status"] == "finished" and result["final"] == "pruned"
+    facts = json.loads((out / "report.json").read_text())
+    small = AutoModelForCausalLM.from_pretrained(out / facts["recommendation"]["candidates"][1]["path"])
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert small.config.intermediate_size == dense.config.intermediate_size // 2
+    assert [c["name"] for c in facts["recommendation"]["candidates"]] == ["dense", "pruned"]
+    pruned = facts["recommendation"]["candidates"][1]
+    assert pruned["meets_tolerance"] == (pruned["ppl"] <= 100.0 * facts["models"]["dense"]["ppl"])
+    chosen = facts["recommended"]
+    assert (chosen is None) == (not (pruned["meets_tolerance"] and pruned["measurably_cheaper"]))
+    html = (out / "report.html").read_text()
+    assert "Recommendation" in html and facts["recommendation"]["verdict"] in html.replace("&#x27;", "'")
+    assert '<img alt="cost against quality" src="data:image/png;base64,' in html
+    assert not (out / "prune").exists() and facts["decisions"] == []

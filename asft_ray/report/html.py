@@ -108,6 +108,38 @@ def zeroshot_plot(zeroshot: dict) -> str | None:
     return _png(fig)
 
 
+def tradeoff_plot(candidates: list[dict], ppl_bound: float, recommended: str | None) -> str | None:
+    """Cost per generated token against test ppl (and mean zero-shot accuracy, when measured) for
+    every candidate, the quality tolerance drawn in, the recommended model ringed."""
+    points = [c for c in candidates if c.get("relative_cost") is not None and c.get("ppl") is not None]
+    if len(points) < 2:
+        return None
+    priced = all(c.get("cost_per_million") is not None for c in points)
+    xs = [c["cost_per_million"] if priced else 100 * c["relative_cost"] for c in points]
+    with_acc = all(c.get("mean_acc") is not None for c in points)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(10 if with_acc else 6, 3.4), squeeze=False)
+    panels = [("ppl", "WikiText-2 test ppl (log)")] + ([("mean_acc", "mean zero-shot accuracy")] if with_acc else [])
+    for ax, (key, label) in zip(axes[0], panels):
+        for c, x in zip(points, xs):
+            ok = c.get("meets_tolerance") or c["name"] == "dense"
+            ax.scatter(x, c[key], color="#4c72b0" if ok else "#c44e52", zorder=3)
+            ax.annotate(c["name"], (x, c[key]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            if c["name"] == recommended:
+                ax.scatter(x, c[key], s=220, facecolors="none", edgecolors="#55a868", linewidths=2, zorder=4,
+                           label="recommended")
+        if key == "ppl":
+            ax.set_yscale("log")
+            ax.axhline(ppl_bound, color="#dd8452", linestyle="--", label=f"tolerance ({ppl_bound:.1f})")
+        ax.set_xlabel("cost per million generated tokens" if priced else "cost per generated token (% of dense)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("Cost against quality: every candidate, measured in this run")
+    return _png(fig)
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -136,6 +168,21 @@ figure{margin:.8em 0} img{max-width:100%} .muted{color:#666;font-size:.9em}
 """
 
 
+def _recommendation_parts(facts: dict) -> list[str]:
+    rec = facts.get("recommendation")
+    if not rec:
+        return []
+    rows = [[c["name"], c.get("ppl"), c.get("mean_acc"), c.get("decode_tok_s"),
+             None if c.get("relative_cost") is None else f"{100 * c['relative_cost']:.1f} %", c.get("cost_per_million"),
+             "yes" if c.get("meets_tolerance") else "no", "yes" if c.get("measurably_cheaper") else "no"]
+            for c in rec["candidates"]]
+    chosen = (rec.get("recommended") or {}).get("name")
+    return ["<h2>Recommendation</h2>", f"<div class=summary>{html.escape(rec['verdict'])}</div>",
+            _table(["candidate", "test ppl", "mean zero-shot acc", "decode (tokens/s)", "cost per token vs dense",
+                    "cost per million tokens", "meets tolerance", "measurably cheaper"], rows),
+            _img(tradeoff_plot(rec["candidates"], rec["ppl_bound"], chosen), "cost against quality")]
+
+
 def build_report(facts: dict) -> str:
     models = facts["models"]  # {"dense": {...}, "pruned": {...}, "recovered": {...}} each with ppl, speed, zeroshot
     final = facts["final_model"]
@@ -157,8 +204,11 @@ def build_report(facts: dict) -> str:
     decision_rows = [[d.get("stage"), d.get("event"), d.get("target"), d.get("achieved"), d.get("value"), d.get("threshold"),
                       d.get("verdict"), d.get("reason")] for d in decisions]
     dense, last = models["dense"], models[final]
-    headline = (f"{facts['model']} pruned with {facts['method']} to {100 * (last.get('sparsity') or 0):.1f} % sparsity "
-                f"({final}): WikiText-2 test perplexity {_fmt(dense.get('ppl'))} → {_fmt(last.get('ppl'))}. {cost['headline']}")
+    what = facts.get("what") or f"pruned with {facts['method']} to {100 * (last.get('sparsity') or 0):.1f} % sparsity"
+    headline = (f"{facts['model']} {what} ({final}): WikiText-2 test perplexity {_fmt(dense.get('ppl'))} → "
+                f"{_fmt(last.get('ppl'))}. {cost['headline']}")
+    if facts.get("recommendation"):
+        headline += " " + facts["recommendation"]["verdict"]
     parts = [
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>asft-ray report: {html.escape(facts['run'])}</title>"
         f"<style>{CSS}</style></head><body>",
@@ -183,6 +233,7 @@ def build_report(facts: dict) -> str:
         _table(["model", "prefill (ms)", "decode (tokens/s)", "weights in memory (MB)", "peak process memory (MB)",
                 "safetensors on disk (MB)"], speed_rows),
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in cost["lines"]) + "</ul>",
+        *_recommendation_parts(facts),
         "<h2>Decision log</h2>",
         _table(["stage", "event", "target", "achieved", "val ppl", "threshold", "verdict", "reason"], decision_rows),
         f"<p class=muted>asft-ray {html.escape(facts.get('version', ''))}. Raw numbers: report.json.</p></body></html>",
