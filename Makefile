@@ -29,8 +29,9 @@ test-faults: $(STAMP)
 	$(BIN)/pytest -q -m "slow or not slow" tests/test_fault_suite.py tests/test_faults.py tests/test_reaper.py
 
 # The main job: the whole pipeline on SmolLM2-135M on the embedded Ray cluster (configs/run-demo.yaml):
-# staged Wanda/OWL pruning with a gate -> DeepSpeed recovery on Ray Train -> compressed export ->
-# ppl, zero-shot and speed of every model -> runs/demo-run/report.html
+# structured pruning (MLP channels, least-squares refit) -> DeepSpeed recovery on Ray Train ->
+# compressed export -> ppl, zero-shot and speed of every model -> runs/demo-run/report.html with the
+# cost/quality chart and a recommendation. The sparse pipeline: asft run configs/run-wanda50.yaml
 demo: $(STAMP)
 	$(BIN)/asft run configs/run-demo.yaml
 

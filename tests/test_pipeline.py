@@ -86,6 +86,9 @@ def test_the_repo_demo_run_config_parses():
 
     cfg = RunConfig.from_dict(load_yaml(str(REPO / "configs" / "run-demo.yaml")))
     assert cfg.recover_config().teacher == "smollm2-135m" and cfg.price_per_hour == 0.10
+    assert cfg.structure.mlp_ratio > 0 and cfg.recover_config().dense  # the demo ends in a smaller model
+    sparse = RunConfig.from_dict(load_yaml(str(REPO / "configs" / "run-wanda50.yaml")))
+    assert sparse.staged_config().stages == (0.3, 0.5) and not sparse.recover_config().dense
 
 
 def test_a_structured_run_ends_in_a_smaller_model_and_a_recommendation(tiny_model_dir, tmp_path):
