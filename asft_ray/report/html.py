@@ -129,7 +129,11 @@ def tradeoff_plot(candidates: list[dict], ppl_bound: float, recommended: str | N
                 ax.scatter(x, c[key], s=220, facecolors="none", edgecolors="#55a868", linewidths=2, zorder=4,
                            label="recommended")
         if key == "ppl":
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.axhline(ppl_bound, color="#dd8452", linestyle="--", label=f"tolerance ({ppl_bound:.1f})")
         ax.set_xlabel("cost per million generated tokens" if priced else "cost per generated token (% of dense)")
         ax.set_ylabel(label)
