@@ -62,6 +62,26 @@ def tiny_model_dir(tmp_path_factory, data_dir) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private 2-CPU Ray cluster for one test module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scoring_pool(local_ray):
+    """Scoring actors shared by one module's tests (tests/workers.py)."""
+    from tests.workers import start_pool, stop_pool
+
+    workers = start_pool()
+    yield workers
+    stop_pool(workers)
+
+
 @pytest.fixture
 def tiny_model():
     return build_tiny_llama()
