@@ -12,6 +12,7 @@ import threading
 from asft_ray.artifacts import check_out_location
 from asft_ray.config import METHODS, PruneConfig, check_device, load_yaml
 from asft_ray.errors import AsftError
+from asft_ray.export.formats import format_names, formats
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,9 +109,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a deployment form of a (pruned) model")
     x.add_argument("--model", required=True, help="alias, HF model dir, .gguf file or hub id")
-    x.add_argument("--format", required=True, choices=["compressed", "structured", "semistructured"],
-                   help="compressed: bitmask + non-zeros on disk; structured: remove MLP channels and KV groups; "
-                        "semistructured: 2:4 sparse kernels (CUDA)")
+    x.add_argument("--format", required=True, choices=format_names(),
+                   help="; ".join(f"{name}: {fmt.summary}" for name, fmt in formats().items()))
     x.add_argument("--out", required=True, help="output directory (written atomically)")
     x.add_argument("--mlp-ratio", default="0", help="structured: fraction of MLP channels to remove, or a comma list per layer")
     x.add_argument("--head-ratio", default="0",
@@ -350,6 +350,7 @@ def _eval(args) -> None:
 
 
 def _export(args) -> None:
+    from asft_ray.export.formats import get_format
     from asft_ray.export.run import export_model
 
     report = export_model(args.model, args.format, args.out, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
@@ -358,14 +359,8 @@ def _export(args) -> None:
                           show_progress=not args.no_progress, drop_layers=args.drop_layers, refit=args.refit)
     if args.json:
         print(json.dumps(report, sort_keys=True, default=str))
-    elif args.format == "compressed":
-        print(f"{args.model} -> {args.out}: pruned layers {report['pruned_ratio']:.1%} of dense bytes, "
-              f"weights file {report['weights_file_bytes'] / 2**20:.1f} MiB ({report['file_ratio']:.1%} of dense)")
-    elif args.format == "structured":
-        print(f"{args.model} -> {args.out}: {report['after']['parameters']:,} parameters "
-              f"({report['parameter_ratio']:.1%} of {report['before']['parameters']:,})")
     else:
-        print(f"{args.model} -> {args.out}: {report['converted']} linears on 2:4 {report['backend']} kernels")
+        print(get_format(args.format).describe(args.model, args.out, report))
 
 
 def _eval_zeroshot(args) -> None:
