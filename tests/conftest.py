@@ -75,11 +75,11 @@ def local_ray():
 @pytest.fixture(scope="module")
 def scoring_pool(local_ray):
     """Scoring actors shared by one module's tests (tests/workers.py)."""
-    from tests.workers import start_pool, stop_pool
+    from tests.workers import ScoringPool
 
-    workers = start_pool()
-    yield workers
-    stop_pool(workers)
+    pool = ScoringPool()
+    yield pool
+    pool.stop()
 
 
 @pytest.fixture

@@ -65,7 +65,7 @@ def test_a_worker_killed_mid_layer_is_restarted_and_the_result_is_unchanged(scor
                 os.kill(ray.get(self.workers[0].ready.remote()), signal.SIGKILL)
             return stats
 
-    workers = scoring_pool[:2]
+    workers = scoring_pool.take(2)
     pid_before = ray.get(workers[0].ready.remote())
     reference = pruned_weights(tiny_model, "sparsegpt", calib8, workers)
     model = copy.deepcopy(tiny_model)
@@ -112,7 +112,7 @@ def test_sparsegpt_with_1_2_and_4_workers_is_bit_identical_and_the_reduction_sta
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     one = same_with_worker_counts(scoring_pool, run, counts=(1, 4))[1]
-    two_sequential = run(scoring_pool[:2], true_sequential=True)
+    two_sequential = run(scoring_pool.take(2), true_sequential=True)
     assert runners and all(r.peak_pending <= 1 for r in runners)
     serial = copy.deepcopy(tiny_model)
     prune_model(serial, "sparsegpt", Pattern.parse("2:4"), 0.5, calib, show_progress=False, true_sequential=True)
@@ -153,7 +153,7 @@ def test_the_coordinator_stays_at_most_one_layer_ahead_of_the_workers(scoring_po
 
     model = build_tiny_llama(num_hidden_layers=8)
     ids = torch.randint(0, 512, (16, 256), generator=torch.Generator().manual_seed(4))  # enough work per layer
-    runner = ShardedRunner(scoring_pool[:1], *capture_layer0_inputs(model, ids))
+    runner = ShardedRunner(scoring_pool.take(1), *capture_layer0_inputs(model, ids))
     local = LocalRunner(*capture_layer0_inputs(model, ids))
     for layer in decoder_layers(model):
         runner.advance(layer)
