@@ -10,7 +10,7 @@ import sys
 import threading
 
 from asft_ray.artifacts import check_out_location
-from asft_ray.config import METHODS, PruneConfig, check_device, load_yaml
+from asft_ray.config import PruneConfig, add_config_flags, check_device, flag_values, load_yaml
 from asft_ray.errors import AsftError
 from asft_ray.export.formats import format_names, formats
 
@@ -27,34 +27,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="one-shot prune a causal LM and save it")
     p.add_argument("--config", help="YAML file with any of the settings below (flags override it)")
-    p.add_argument("--model", help="alias (smollm2-135m), HF model dir, .gguf file or hub id")
-    p.add_argument("--method", help=f"one of: {', '.join(METHODS)}; refinements may follow: wanda+dsnot, "
-                                    "ria+dsnot:20 (at most 20 swaps per row), wanda+lsq (least-squares kept weights, last)")
-    p.add_argument("--sparsity", type=float, help="fraction of decoder-linear weights to remove (implied by N:M)")
-    p.add_argument("--pattern", help="unstructured (default), 2:4, 4:8 or any N:M")
-    p.add_argument("--nsamples", type=int, help="calibration windows (default 32; papers: 128)")
-    p.add_argument("--seqlen", type=int, help="calibration window length (default 2048)")
-    p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
-    p.add_argument("--schedule", help="per-layer sparsity: uniform (default), owl, ramp, or a schedule YAML (e.g. from asft sweep)")
-    p.add_argument("--prune-lm-head", action="store_true", default=None,
-                   help="also prune lm_head (untied from the input embeddings, which stay dense)")
-    p.add_argument("--true-sequential", action="store_true", default=None,
-                   help="wanda/sparsegpt: prune a layer's linears group by group (q/k/v, o, gate/up, down), "
-                        "each scored on inputs through the groups already pruned")
-    p.add_argument("--stream", action="store_true", default=None,
-                   help="never hold the whole model: stream decoder layers from safetensors (wanda, sparsegpt)")
-    p.add_argument("--workers", type=int, help="Ray scoring actors (default 0: score inside the one pruning actor)")
-    p.add_argument("--worker-cpus", type=float, help="CPUs per scoring actor (default 1)")
-    p.add_argument("--worker-gpus", type=float, help="GPUs per scoring actor (default 0)")
-    p.add_argument("--worker-memory-gb", type=float, help="memory Ray reserves per scoring actor")
-    p.add_argument("--coordinator-cpus", type=float,
-                   help="CPUs the pruning coordinator reserves (default: 1 with --workers, else all of the largest node's)")
-    p.add_argument("--coordinator-gpus", type=float, help="GPUs the pruning coordinator reserves (default: 1 for --device cuda)")
-    p.add_argument("--coordinator-memory-gb", type=float, help="memory Ray reserves for the pruning coordinator")
-    p.add_argument("--out", help="output model directory")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an --out that holds a different run")
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="continue a killed wanda/sparsegpt run after its last finished layer")
+    add_config_flags(p, PruneConfig, skip=("data_dir", "device"))  # those two: _add_common
     _add_common(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded one)")
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
@@ -165,12 +138,7 @@ def _prune(args) -> None:
     from asft_ray.data import resolve_data_dir
     from asft_ray.models import resolve_model
 
-    values = load_yaml(args.config) if args.config else {}
-    for key in ("model", "method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "out", "data_dir", "overwrite", "resume",
-                "prune_lm_head", "true_sequential", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb",
-                "coordinator_cpus", "coordinator_gpus", "coordinator_memory_gb", "schedule"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    values = flag_values(args, PruneConfig, load_yaml(args.config) if args.config else {}, skip=("device",))
     if args.device != "auto" or "device" not in values:
         values["device"] = args.device
     cfg = PruneConfig.from_dict(values, source=args.config or "flags")
