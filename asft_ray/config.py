@@ -95,16 +95,18 @@ def how_it_runs(default, help: str | None = None, **flag):
     return setting(default, help, identity=False, **flag)
 
 
-def add_config_flags(parser, cls, skip: tuple[str, ...] = ()) -> None:
+def add_config_flags(parser, cls, skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
     """One `--flag` per field of the config dataclass `cls` that has help (see `setting`), in field order.
     Flags default to None ("not given"), so that a YAML config's value or the field's default applies
-    (`flag_values`); a bool field is a switch that sets True."""
+    (`flag_values`); a bool field is a switch that sets True. `defaults`: what a field whose own
+    default is None falls back to later (shown in its help)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or "help" not in f.metadata:
             continue
         hint = hints[f.name]
-        options = {"default": None, "help": f.metadata["help"] + _default_note(f)}
+        shown = f.default if f.default is not None else (defaults or {}).get(f.name)
+        options = {"default": None, "help": f.metadata["help"] + _default_note(shown, f.metadata["default_text"])}
         if _fits(True, hint) and not _fits(1.5, hint):  # a bool field (or bool | None)
             options["action"] = "store_true"
         else:
@@ -117,12 +119,12 @@ def add_config_flags(parser, cls, skip: tuple[str, ...] = ()) -> None:
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
-def _default_note(f) -> str:
-    if f.metadata["default_text"]:
-        return f" (default: {f.metadata['default_text']})"
-    if f.default is dataclasses.MISSING or f.default is None or f.default is False:  # 0 is a default to show
+def _default_note(default, text: str | None) -> str:
+    if text:
+        return f" (default: {text})"
+    if default is dataclasses.MISSING or default is None or default is False:  # 0 is a default to show
         return ""
-    return f" (default {f.default})"
+    return f" (default {default:g})" if isinstance(default, float) else f" (default {default})"
 
 
 def flag_values(args, cls, values: dict, skip: tuple[str, ...] = ()) -> dict:
