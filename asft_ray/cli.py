@@ -12,7 +12,7 @@ import threading
 from asft_ray.artifacts import check_out_location
 from asft_ray.config import PruneConfig, add_config_flags, check_device, flag_values, load_yaml
 from asft_ray.errors import AsftError
-from asft_ray.export.formats import format_names, formats
+from asft_ray.export.formats import ExportOptions, format_names, formats
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,18 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=format_names(),
                    help="; ".join(f"{name}: {fmt.summary}" for name, fmt in formats().items()))
     x.add_argument("--out", required=True, help="output directory (written atomically)")
-    x.add_argument("--mlp-ratio", default="0", help="structured: fraction of MLP channels to remove, or a comma list per layer")
-    x.add_argument("--head-ratio", default="0",
-                   help="structured: fraction of KV groups (a KV head with its query heads) to remove, or a comma list")
-    x.add_argument("--nsamples", type=int, default=0,
-                   help="structured: C4 calibration windows for |W|*||X|| scores (default 0: weight magnitude)")
-    x.add_argument("--drop-layers", type=int, default=0,
-                   help="structured: remove this many whole decoder layers, those of lowest block influence (needs --nsamples)")
-    x.add_argument("--refit", action="store_true",
-                   help="structured: refit down_proj / o_proj by least squares on the kept channels and heads (needs --nsamples)")
-    x.add_argument("--seqlen", type=int, default=2048, help="structured: calibration window length")
-    x.add_argument("--seed", type=int, default=0, help="structured: calibration sampling seed")
-    x.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="semistructured: kernel dtype")
+    add_config_flags(x, ExportOptions, skip=("data_dir", "device", "show_progress"))  # _add_common, --no-progress
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     _add_common(x)
     x.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -321,10 +310,9 @@ def _export(args) -> None:
     from asft_ray.export.formats import get_format
     from asft_ray.export.run import export_model
 
-    report = export_model(args.model, args.format, args.out, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
-                          nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
-                          dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-                          show_progress=not args.no_progress, drop_layers=args.drop_layers, refit=args.refit)
+    options = flag_values(args, ExportOptions, {}, skip=("device",))
+    report = export_model(args.model, args.format, args.out, overwrite=args.overwrite, device=args.device,
+                          show_progress=not args.no_progress, **options)
     if args.json:
         print(json.dumps(report, sort_keys=True, default=str))
     else:

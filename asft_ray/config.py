@@ -110,7 +110,9 @@ def add_config_flags(parser, cls, skip: tuple[str, ...] = (), defaults: dict | N
         if _fits(True, hint) and not _fits(1.5, hint):  # a bool field (or bool | None)
             options["action"] = "store_true"
         else:
-            if _fits(1.5, hint):
+            if _fits("text", hint):  # kept as given: the config parses it (a comma list, a file, ...)
+                pass
+            elif _fits(1.5, hint):
                 options["type"] = float
             elif _fits(1, hint):
                 options["type"] = int

@@ -33,17 +33,12 @@ def check_out(out: Path, overwrite: bool) -> None:
             raise AsftError(f"--out {out} already holds an asft-ray output; pass --overwrite to replace it")
 
 
-def export_model(model_spec: str, fmt: str, out: Path, *, mlp_ratio="0", head_ratio="0", nsamples: int = 0,
-                 seqlen: int = 2048, seed: int = 0, data_dir: str | None = None, dtype: str = "float16",
-                 device: str = "cpu", overwrite: bool = False, show_progress: bool = True,
-                 drop_layers: int = 0, refit: bool = False) -> dict:
+def export_model(model_spec: str, fmt: str, out: Path, overwrite: bool = False, **options) -> dict:
     """Write `model_spec` as `fmt` (asft_ray/export/formats/) into `out`; returns the format's report
-    plus timings. `device` is where the model is loaded (structured calibration runs there)."""
+    plus timings. `options`: ExportOptions' fields (`device` is where the model is loaded)."""
     spec = get_format(fmt)
-    options = ExportOptions(mlp_ratio=mlp_ratio, head_ratio=head_ratio, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                            data_dir=data_dir, dtype=dtype, device=device, show_progress=show_progress,
-                            drop_layers=drop_layers, refit=refit)
-    if (drop_layers or refit) and not {"drop_layers", "refit"} <= spec.options:
+    options = ExportOptions(**options)
+    if (options.drop_layers or options.refit) and not {"drop_layers", "refit"} <= spec.options:
         owners = [f.name for f in formats().values() if {"drop_layers", "refit"} <= f.options]
         raise AsftError(f"--drop-layers and --refit belong to --format {' or '.join(owners)}")
     if spec.check is not None:

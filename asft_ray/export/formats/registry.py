@@ -17,24 +17,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from asft_ray.config import setting
 from asft_ray.errors import AsftError
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """Everything `asft export` may pass to a format; each format reads the fields it documents."""
+    """Everything `asft export` may pass to a format (its flags: config.add_config_flags); each
+    format reads the fields it documents."""
 
-    mlp_ratio: str | float = "0"
-    head_ratio: str | float = "0"
-    nsamples: int = 0
-    seqlen: int = 2048
-    seed: int = 0
+    mlp_ratio: str | float = setting("0", "structured: fraction of MLP channels to remove, or a comma list per layer")
+    head_ratio: str | float = setting("0", "structured: fraction of KV groups (a KV head with its query heads) to "
+                                           "remove, or a comma list")
+    nsamples: int = setting(0, "structured: C4 calibration windows for |W|*||X|| scores; 0: weight magnitude")
+    drop_layers: int = setting(0, "structured: remove this many whole decoder layers, those of lowest block "
+                                  "influence (needs --nsamples)")
+    refit: bool = setting(False, "structured: refit down_proj / o_proj by least squares on the kept channels and "
+                                 "heads (needs --nsamples)")
+    seqlen: int = setting(2048, "structured: calibration window length")
+    seed: int = setting(0, "structured: calibration sampling seed")
+    dtype: str = setting("float16", "semistructured: kernel dtype", choices=["float16", "bfloat16"])
     data_dir: str | None = None
-    dtype: str = "float16"
-    device: str = "cpu"
+    device: str = "cpu"  # where the model is loaded (structured calibration runs there)
     show_progress: bool = True
-    drop_layers: int = 0
-    refit: bool = False
 
 
 @dataclass(frozen=True)
