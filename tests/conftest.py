@@ -13,6 +13,11 @@ import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny models' matmuls are too small to gain from a second thread, and on a busy machine each
+# parallel region waits for a second core: two test_schedules cases on this 2-vCPU VM at load 3
+# took 21-23 s with 2 threads, 2.5-3 s with 1 (not measured idle). Ray actors and subprocesses
+# choose their own thread counts.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
