@@ -108,9 +108,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a deployment form of a (pruned) model")
     x.add_argument("--model", required=True, help="alias, HF model dir, .gguf file or hub id")
-    x.add_argument("--format", required=True, choices=["compressed", "structured", "semistructured"],
+    x.add_argument("--format", required=True, choices=["compressed", "structured", "semistructured", "int8"],
                    help="compressed: bitmask + non-zeros on disk; structured: remove MLP channels and KV groups; "
-                        "semistructured: 2:4 sparse kernels (CUDA)")
+                        "semistructured: 2:4 sparse kernels (CUDA); int8: decoder linears and head as int8 "
+                        "(CPU kernels; give a structured export as --model for pruned + int8)")
     x.add_argument("--out", required=True, help="output directory (written atomically)")
     x.add_argument("--mlp-ratio", default="0", help="structured: fraction of MLP channels to remove, or a comma list per layer")
     x.add_argument("--head-ratio", default="0",
@@ -364,6 +365,9 @@ def _export(args) -> None:
     elif args.format == "structured":
         print(f"{args.model} -> {args.out}: {report['after']['parameters']:,} parameters "
               f"({report['parameter_ratio']:.1%} of {report['before']['parameters']:,})")
+    elif args.format == "int8":
+        print(f"{args.model} -> {args.out}: {len(report['quantized'])} linears as int8, weights "
+              f"{report['weights_file_bytes'] / 2**20:.1f} MiB ({report['file_ratio']:.1%} of {report['dense_bytes'] / 2**20:.1f} MiB)")
     else:
         print(f"{args.model} -> {args.out}: {report['converted']} linears on 2:4 {report['backend']} kernels")
 

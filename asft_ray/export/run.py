@@ -9,7 +9,7 @@ from asft_ray.artifacts import atomic_output_dir, check_out_location, refuse_for
 from asft_ray.errors import AsftError
 from asft_ray.models import load_model, save_model
 
-FORMATS = ("compressed", "structured", "semistructured")
+FORMATS = ("compressed", "structured", "semistructured", "int8")
 
 
 def parse_ratio(text: str | float) -> float | list[float]:
@@ -59,6 +59,11 @@ def export_model(model_spec: str, fmt: str, out: Path, *, mlp_ratio="0", head_ra
             raise AsftError(f"--drop-layers must be between 1 and {layers - 1} for a {layers}-layer model, got {drop_layers}")
     check_out(out, overwrite)
     start = time.perf_counter()
+    if fmt == "int8":  # any model folder, a structured export too (pruned + int8); streamed when safetensors
+        from asft_ray.export.int8 import export_int8
+
+        report = export_int8(model_spec, Path(out), show_progress=show_progress)
+        return {"format": fmt, "model": model_spec, "out": str(out), **report, "seconds": time.perf_counter() - start}
     if fmt == "semistructured":
         from asft_ray.export.semistructured import require_cuda
 
