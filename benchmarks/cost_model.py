@@ -39,7 +39,7 @@ from asft_ray.eval.speed import decode_seconds, prompt_ids  # noqa: E402
 from asft_ray.export.int8 import quantize_model  # noqa: E402
 
 # (hidden, intermediate, heads, kv_heads, layers, vocab, prompt_len): varied widths, depths, vocabularies and contexts
-# 57 M - 78 M parameters (110 - 310 MB in float32): the size range of the held-out shapes, so that
+# 34 M - 78 M linear weights (135 - 310 MB in float32), near the held-out shapes (81 M - 135 M), so that
 # no shape runs from a cache the others do not fit in
 CALIBRATION = [
     (512, 1024, 8, 2, 24, 8192, 64),

@@ -134,6 +134,13 @@ def test_cli_int8_of_a_structured_export_and_clear_errors(tiny_model_dir, tmp_pa
         dense = AutoModelForCausalLM.from_pretrained(pruned)(ids()).logits
         assert relative_gap(dense, model(ids()).logits) <= LOGIT_TOLERANCE
 
+    assert main(["eval", "--model", str(out), "--seqlen", "64", "--max-windows", "2", "--json", "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stored = load_state(out)
+    layer_weights = [t for k, t in stored.items() if t.dtype == torch.int8 and k.startswith("model.layers.")]
+    zeros = sum(int((t == 0).sum()) for t in layer_weights) / sum(t.numel() for t in layer_weights)
+    assert evaluated["windows"] == 2 and evaluated["ppl"] > 1
+    assert evaluated["sparsity"] == pytest.approx(zeros)  # measured on the int8 values (zeros after rounding)
     assert main(["export", "--model", str(pruned), "--format", "int8", "--out", str(out)]) == 2
     assert "already holds an asft-ray output" in capsys.readouterr().err
     assert main(["export", "--model", str(tmp_path / "nope"), "--format", "int8", "--out", str(tmp_path / "o")]) == 2

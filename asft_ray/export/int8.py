@@ -86,6 +86,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("kernel_scale", self.scale.to(compute_dtype), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The int8 values (no padding): what sparsity counts read as this linear's weight."""
+        return self.qweight[:, : self.in_features]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)
@@ -108,7 +113,7 @@ def int8_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None 
 
 def int8_values(module: Int8Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 q, float32 scale) held by an int8 module: what its kernel multiplies with."""
-    return module.qweight[:, : module.in_features], module.scale
+    return module.weight, module.scale
 
 
 def quantized_module_names(model: nn.Module, head: bool) -> list[str]:
