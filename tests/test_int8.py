@@ -153,3 +153,17 @@ def test_cli_int8_of_a_structured_export_and_clear_errors(tiny_model_dir, tmp_pa
         load_int8(pruned)
     with pytest.raises(AsftError, match="run on the CPU"):
         load_int8(out, device="cuda")
+
+
+def test_biases_stay_float_and_come_back(tmp_path):
+    model = build_tiny_llama(attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.1)
+    save_int8(model, tmp_path / "q")
+    loaded = load_int8(tmp_path / "q")
+    q_proj = loaded.model.layers[1].self_attn.q_proj
+    assert torch.equal(q_proj.bias, model.model.layers[1].self_attn.q_proj.bias)
+    with torch.no_grad():
+        assert relative_gap(model(ids()).logits, loaded(ids()).logits) <= LOGIT_TOLERANCE
