@@ -94,11 +94,21 @@ def test_without_the_head_the_tie_stays(tmp_path):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_streamed_export_writes_what_the_in_memory_one_writes(tmp_path, tied):
+def test_streamed_export_writes_what_the_in_memory_one_writes(tmp_path, tied, monkeypatch):
     """From a sharded safetensors folder, one decoder layer at a time: the same stored tensors."""
+    from asft_ray.pruning.streaming import SafetensorsReader
+
     model = build_tiny_llama(tie_word_embeddings=tied)
     model.save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    reads, get_many = [], SafetensorsReader.get_many
+    monkeypatch.setattr(SafetensorsReader, "get_many", lambda self, keys: reads.append(list(keys)) or get_many(self, keys))
     whole, streamed = save_int8(model, tmp_path / "whole"), save_int8(tmp_path / "src", tmp_path / "streamed")
+    def one_layer_or_one_tensor(keys: list[str]) -> bool:
+        inside = all(k.startswith("model.layers.") for k in keys)
+        return len(keys) == 1 or (inside and len({k.split(".")[2] for k in keys}) == 1)
+
+    assert reads and all(one_layer_or_one_tensor(keys) for keys in reads)
+    assert [len(keys) for keys in reads[:2]] == [9, 9]  # 7 linears + 2 norms per layer
     assert streamed["streamed"] and len(list((tmp_path / "streamed").glob("model.int8-*.safetensors"))) > 2
     for key in ("quantized_dense_bytes", "quantized_stored_bytes", "dense_bytes", "quantized"):
         assert streamed[key] == whole[key], key
