@@ -18,7 +18,7 @@ from asft_ray.errors import AsftError
 RUN_FILE = "asft_run.json"  # the run record of `asft prune` and `asft recover`
 # The record every kind of asft-ray output folder carries (prune/recover, staged run, exports).
 # A folder holding one of them was written by asft-ray: only such a folder may be replaced.
-RECORD_FILES = (RUN_FILE, "state.json", "compressed.json", "structured.json", "semistructured.json")
+RECORD_FILES = (RUN_FILE, "state.json", "compressed.json", "structured.json", "semistructured.json", "int8.json")
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -10,8 +10,9 @@ import sys
 import threading
 
 from asft_ray.artifacts import check_out_location
-from asft_ray.config import METHODS, PruneConfig, check_device, load_yaml
+from asft_ray.config import PruneConfig, add_config_flags, check_device, flag_values, load_yaml
 from asft_ray.errors import AsftError
+from asft_ray.export.formats import ExportOptions, format_names, formats
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,34 +27,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="one-shot prune a causal LM and save it")
     p.add_argument("--config", help="YAML file with any of the settings below (flags override it)")
-    p.add_argument("--model", help="alias (smollm2-135m), HF model dir, .gguf file or hub id")
-    p.add_argument("--method", help=f"one of: {', '.join(METHODS)}; refinements may follow: wanda+dsnot, "
-                                    "ria+dsnot:20 (at most 20 swaps per row), wanda+lsq (least-squares kept weights, last)")
-    p.add_argument("--sparsity", type=float, help="fraction of decoder-linear weights to remove (implied by N:M)")
-    p.add_argument("--pattern", help="unstructured (default), 2:4, 4:8 or any N:M")
-    p.add_argument("--nsamples", type=int, help="calibration windows (default 32; papers: 128)")
-    p.add_argument("--seqlen", type=int, help="calibration window length (default 2048)")
-    p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
-    p.add_argument("--schedule", help="per-layer sparsity: uniform (default), owl, ramp, or a schedule YAML (e.g. from asft sweep)")
-    p.add_argument("--prune-lm-head", action="store_true", default=None,
-                   help="also prune lm_head (untied from the input embeddings, which stay dense)")
-    p.add_argument("--true-sequential", action="store_true", default=None,
-                   help="wanda/sparsegpt: prune a layer's linears group by group (q/k/v, o, gate/up, down), "
-                        "each scored on inputs through the groups already pruned")
-    p.add_argument("--stream", action="store_true", default=None,
-                   help="never hold the whole model: stream decoder layers from safetensors (wanda, sparsegpt)")
-    p.add_argument("--workers", type=int, help="Ray scoring actors (default 0: score inside the one pruning actor)")
-    p.add_argument("--worker-cpus", type=float, help="CPUs per scoring actor (default 1)")
-    p.add_argument("--worker-gpus", type=float, help="GPUs per scoring actor (default 0)")
-    p.add_argument("--worker-memory-gb", type=float, help="memory Ray reserves per scoring actor")
-    p.add_argument("--coordinator-cpus", type=float,
-                   help="CPUs the pruning coordinator reserves (default: 1 with --workers, else all of the largest node's)")
-    p.add_argument("--coordinator-gpus", type=float, help="GPUs the pruning coordinator reserves (default: 1 for --device cuda)")
-    p.add_argument("--coordinator-memory-gb", type=float, help="memory Ray reserves for the pruning coordinator")
-    p.add_argument("--out", help="output model directory")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an --out that holds a different run")
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="continue a killed wanda/sparsegpt run after its last finished layer")
+    add_config_flags(p, PruneConfig, skip=("data_dir", "device"))  # those two: _add_common
     _add_common(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded one)")
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
@@ -108,22 +82,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a deployment form of a (pruned) model")
     x.add_argument("--model", required=True, help="alias, HF model dir, .gguf file or hub id")
-    x.add_argument("--format", required=True, choices=["compressed", "structured", "semistructured"],
-                   help="compressed: bitmask + non-zeros on disk; structured: remove MLP channels and KV groups; "
-                        "semistructured: 2:4 sparse kernels (CUDA)")
+    x.add_argument("--format", required=True, choices=format_names(),
+                   help="; ".join(f"{name}: {fmt.summary}" for name, fmt in formats().items()))
     x.add_argument("--out", required=True, help="output directory (written atomically)")
-    x.add_argument("--mlp-ratio", default="0", help="structured: fraction of MLP channels to remove, or a comma list per layer")
-    x.add_argument("--head-ratio", default="0",
-                   help="structured: fraction of KV groups (a KV head with its query heads) to remove, or a comma list")
-    x.add_argument("--nsamples", type=int, default=0,
-                   help="structured: C4 calibration windows for |W|*||X|| scores (default 0: weight magnitude)")
-    x.add_argument("--drop-layers", type=int, default=0,
-                   help="structured: remove this many whole decoder layers, those of lowest block influence (needs --nsamples)")
-    x.add_argument("--refit", action="store_true",
-                   help="structured: refit down_proj / o_proj by least squares on the kept channels and heads (needs --nsamples)")
-    x.add_argument("--seqlen", type=int, default=2048, help="structured: calibration window length")
-    x.add_argument("--seed", type=int, default=0, help="structured: calibration sampling seed")
-    x.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="semistructured: kernel dtype")
+    add_config_flags(x, ExportOptions, skip=("data_dir", "device", "show_progress"))  # _add_common, --no-progress
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     _add_common(x)
     x.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -165,12 +127,7 @@ def _prune(args) -> None:
     from asft_ray.data import resolve_data_dir
     from asft_ray.models import resolve_model
 
-    values = load_yaml(args.config) if args.config else {}
-    for key in ("model", "method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "out", "data_dir", "overwrite", "resume",
-                "prune_lm_head", "true_sequential", "stream", "workers", "worker_cpus", "worker_gpus", "worker_memory_gb",
-                "coordinator_cpus", "coordinator_gpus", "coordinator_memory_gb", "schedule"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    values = flag_values(args, PruneConfig, load_yaml(args.config) if args.config else {}, skip=("device",))
     if args.device != "auto" or "device" not in values:
         values["device"] = args.device
     cfg = PruneConfig.from_dict(values, source=args.config or "flags")
@@ -350,22 +307,16 @@ def _eval(args) -> None:
 
 
 def _export(args) -> None:
+    from asft_ray.export.formats import get_format
     from asft_ray.export.run import export_model
 
-    report = export_model(args.model, args.format, args.out, mlp_ratio=args.mlp_ratio, head_ratio=args.head_ratio,
-                          nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
-                          dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-                          show_progress=not args.no_progress, drop_layers=args.drop_layers, refit=args.refit)
+    options = flag_values(args, ExportOptions, {}, skip=("device",))
+    report = export_model(args.model, args.format, args.out, overwrite=args.overwrite, device=args.device,
+                          show_progress=not args.no_progress, **options)
     if args.json:
         print(json.dumps(report, sort_keys=True, default=str))
-    elif args.format == "compressed":
-        print(f"{args.model} -> {args.out}: pruned layers {report['pruned_ratio']:.1%} of dense bytes, "
-              f"weights file {report['weights_file_bytes'] / 2**20:.1f} MiB ({report['file_ratio']:.1%} of dense)")
-    elif args.format == "structured":
-        print(f"{args.model} -> {args.out}: {report['after']['parameters']:,} parameters "
-              f"({report['parameter_ratio']:.1%} of {report['before']['parameters']:,})")
     else:
-        print(f"{args.model} -> {args.out}: {report['converted']} linears on 2:4 {report['backend']} kernels")
+        print(get_format(args.format).describe(args.model, args.out, report))
 
 
 def _eval_zeroshot(args) -> None:

@@ -77,10 +77,65 @@ def model_identity(spec: str) -> str:
     return spec if spec in ALIASES else path_identity(spec)
 
 
-def how_it_runs(default):
+def setting(default=dataclasses.MISSING, help: str | None = None, *, identity: bool = True, choices=None,
+            default_text: str | None = None):
+    """A config field with the help of its command-line flag (`add_config_flags` makes `--the-name` from it;
+    a field without help has no flag). The flag's help shows the field's default, or `default_text`
+    where the default (None) stands for something worked out later; never restate it in `help`.
+    `identity=False`: see `how_it_runs`."""
+    metadata = {"identity": identity}
+    if help is not None:
+        metadata.update(help=help, choices=choices, default_text=default_text)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def how_it_runs(default, help: str | None = None, **flag):
     """A config field that says where or how a run executes (or what it reports), not what it computes: left out of the
     run identity (see `identity_values`), so changing it never makes "a different run"."""
-    return dataclasses.field(default=default, metadata={"identity": False})
+    return setting(default, help, identity=False, **flag)
+
+
+def add_config_flags(parser, cls, skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
+    """One `--flag` per field of the config dataclass `cls` that has help (see `setting`), in field order.
+    Flags default to None ("not given"), so that a YAML config's value or the field's default applies
+    (`flag_values`); a bool field is a switch that sets True. `defaults`: what a field whose own
+    default is None falls back to later (shown in its help)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        hint = hints[f.name]
+        shown = f.default if f.default is not None else (defaults or {}).get(f.name)
+        options = {"default": None, "help": f.metadata["help"] + _default_note(shown, f.metadata["default_text"])}
+        if _fits(True, hint) and not _fits(1.5, hint):  # a bool field (or bool | None)
+            options["action"] = "store_true"
+        else:
+            if _fits("text", hint):  # kept as given: the config parses it (a comma list, a file, ...)
+                pass
+            elif _fits(1.5, hint):
+                options["type"] = float
+            elif _fits(1, hint):
+                options["type"] = int
+            if f.metadata["choices"]:
+                options["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def _default_note(default, text: str | None) -> str:
+    if text:
+        return f" (default: {text})"
+    if default is dataclasses.MISSING or default is None or default is False:  # 0 is a default to show
+        return ""
+    return f" (default {default:g})" if isinstance(default, float) else f" (default {default})"
+
+
+def flag_values(args, cls, values: dict, skip: tuple[str, ...] = ()) -> dict:
+    """`values` (a YAML config's, or empty) with every flag of `cls` that was given on top."""
+    values = dict(values)
+    for f in dataclasses.fields(cls):
+        if f.name not in skip and getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
+    return values
 
 
 def identity_values(config) -> dict:
@@ -92,29 +147,39 @@ def identity_values(config) -> dict:
 class PruneConfig:
     """One one-shot pruning run: `asft prune` builds this from its flags."""
 
-    model: str
-    method: str
-    sparsity: float
-    out: str
-    pattern: str = "unstructured"
-    nsamples: int = 32
-    seqlen: int = 2048
-    seed: int = 0
-    prune_lm_head: bool = False  # embeddings, norms and lm_head are kept dense unless asked
-    true_sequential: bool = False  # wanda/sparsegpt: score each group of a layer's linears after pruning the groups before it
-    data_dir: str | None = None  # None: ASFT_DATA_DIR, then ../shared/data, then the hub
-    device: str = how_it_runs("auto")  # "auto", "cpu", "cuda", "cuda:1", ...
-    overwrite: bool = how_it_runs(False)  # replace an --out that holds a different run
-    resume: bool = how_it_runs(False)  # continue a killed wanda/sparsegpt run after its last finished layer
-    stream: bool | None = how_it_runs(None)  # one decoder layer at a time from safetensors; None: whenever the model and method allow
-    workers: int = how_it_runs(0)  # scoring actors (statistics or gradients); 0 = score inside the one pruning actor
-    worker_cpus: float = how_it_runs(1)
-    worker_gpus: float = how_it_runs(0)
-    worker_memory_gb: float | None = how_it_runs(None)
-    coordinator_cpus: float | None = how_it_runs(None)  # None: 1 with scoring workers, else every CPU of the largest node
-    coordinator_gpus: float | None = how_it_runs(None)  # None: 1 when the device is cuda (or auto on a cluster with GPUs, no workers)
-    coordinator_memory_gb: float | None = how_it_runs(None)  # memory Ray reserves for the pruning coordinator
-    schedule: str | dict = "uniform"  # per-layer sparsity: uniform, owl, ramp, a mapping or a YAML file (asft_ray.schedules)
+    model: str = setting(help="alias (smollm2-135m), HF model dir, .gguf file or hub id")
+    method: str = setting(help=f"one of: {', '.join(METHODS)}; refinements may follow: wanda+dsnot, ria+dsnot:20 "
+                               "(at most 20 swaps per row), wanda+lsq (least-squares kept weights, last)")
+    sparsity: float = setting(help="fraction of decoder-linear weights to remove (implied by N:M)")
+    out: str = setting(help="output model directory")
+    pattern: str = setting("unstructured", "unstructured, 2:4, 4:8 or any N:M")
+    nsamples: int = setting(32, "calibration windows; the papers use 128")
+    seqlen: int = setting(2048, "calibration window length")
+    seed: int = setting(0, "calibration sampling seed")
+    # embeddings, norms and lm_head are kept dense unless asked
+    prune_lm_head: bool = setting(False, "also prune lm_head (untied from the input embeddings, which stay dense)")
+    true_sequential: bool = setting(False, "wanda/sparsegpt: prune a layer's linears group by group (q/k/v, o, gate/up, "
+                                           "down), each scored on inputs through the groups already pruned")
+    data_dir: str | None = None  # None: ASFT_DATA_DIR, then ../shared/data, then the hub (flag: cli._add_common)
+    device: str = how_it_runs("auto")  # "auto", "cpu", "cuda", "cuda:1", ... (flag: cli._add_common)
+    overwrite: bool = how_it_runs(False, "replace an --out that holds a different run")
+    resume: bool = how_it_runs(False, "continue a killed wanda/sparsegpt run after its last finished layer")
+    # None: whenever the model and method allow
+    stream: bool | None = how_it_runs(None, "never hold the whole model: stream decoder layers from safetensors "
+                                            "(wanda, sparsegpt)")
+    workers: int = how_it_runs(0, "Ray scoring actors (statistics or gradients); 0: score inside the one pruning actor")
+    worker_cpus: float = how_it_runs(1, "CPUs per scoring actor")
+    worker_gpus: float = how_it_runs(0, "GPUs per scoring actor")
+    worker_memory_gb: float | None = how_it_runs(None, "memory Ray reserves per scoring actor")
+    coordinator_cpus: float | None = how_it_runs(None, "CPUs the pruning coordinator reserves",
+                                                 default_text="1 with --workers, else all of the largest node's")
+    coordinator_gpus: float | None = how_it_runs(
+        None, "GPUs the pruning coordinator reserves",
+        default_text="1 for --device cuda, or auto on a cluster with GPUs and no --workers")
+    coordinator_memory_gb: float | None = how_it_runs(None, "memory Ray reserves for the pruning coordinator")
+    # per-layer sparsity: uniform, owl, ramp, a mapping or a YAML file (asft_ray.schedules)
+    schedule: str | dict = setting("uniform", "per-layer sparsity: uniform, owl, ramp, or a schedule YAML "
+                                              "(e.g. from asft sweep)")
 
     def __post_init__(self) -> None:
         recipe = self.recipe  # an unknown method or refinement is one line here

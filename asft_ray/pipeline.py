@@ -26,9 +26,8 @@ from pathlib import Path
 from asft_ray.artifacts import check_out_location, write_json_atomic
 from asft_ray.config import check_field_types, check_keys
 from asft_ray.errors import AsftError
+from asft_ray.export.formats import run_format_names
 from asft_ray.report.recommend import Tolerance
-
-EXPORTS = ("compressed",)
 
 
 @dataclass(frozen=True)
@@ -118,9 +117,10 @@ class RunConfig:
             ev["zeroshot"] = tuple(parse_tasks(",".join(tasks) if isinstance(tasks, list) else tasks)) if tasks else ()
         values["eval"] = EvalSpec(**ev)
         exports = values.get("export") or ()
-        bad = [e for e in exports if e not in EXPORTS]
+        offered = run_format_names()
+        bad = [e for e in exports if e not in offered]
         if bad:
-            raise AsftError(f"{source}: unknown export format(s) {', '.join(bad)}: choose from {', '.join(EXPORTS)}")
+            raise AsftError(f"{source}: unknown export format(s) {', '.join(bad)}: choose from {', '.join(offered)}")
         values["export"] = tuple(exports)
         price = values.get("price_per_hour")
         if price is not None and (not isinstance(price, (int, float)) or price <= 0):
@@ -291,16 +291,17 @@ def _structured_pruning(cfg: RunConfig, data_dir: str) -> dict:
     in a fresh Ray worker process (the driver stays small); skipped when it is already there."""
     import ray
 
+    from asft_ray.export.formats import get_format
     from asft_ray.export.run import export_model
 
-    s, out = cfg.structure, cfg.pruned_dir
-    if not (out / "structured.json").is_file():
+    s, out, fmt = cfg.structure, cfg.pruned_dir, get_format("structured")
+    if fmt.read_report(out) is None:
         out.parent.mkdir(parents=True, exist_ok=True)
         task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(export_model))
         ray.get(task.remote(_node_threads(), cfg.model, "structured", out, mlp_ratio=s.mlp_ratio, head_ratio=s.head_ratio,
                             drop_layers=s.drop_layers, refit=s.refit, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed,
                             data_dir=data_dir, device=cfg.device, show_progress=False))
-    report = json.loads((out / "structured.json").read_text())
+    report = fmt.read_report(out)
     before, after = report["before"]["parameters"], report["after"]["parameters"]
     return {"status": "finished", "method": f"structured pruning ({s.describe()})",
             "what": f"made smaller by structured pruning ({s.describe()}): {before / 1e6:.1f} M -> {after / 1e6:.1f} M parameters",
@@ -351,16 +352,18 @@ def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: b
 
 
 def _export_final(fmt: str, model_dir: Path, out: Path, device: str) -> dict:
-    """The final model in `fmt` (asft_ray.export.run: streamed for a safetensors folder), written once."""
-    from asft_ray.export.compressed import read_manifest
+    """The final model in `fmt` (asft_ray/export/formats/), written once."""
+    from asft_ray.export.formats import get_format
     from asft_ray.export.run import export_model
 
-    if not (out / "compressed.json").exists():
+    spec = get_format(fmt)
+    report = spec.read_report(out)
+    if report is None:
         export_model(str(model_dir), fmt, out, device=device, overwrite=True, show_progress=False)
-    report = read_manifest(out)
-    total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    report["summary"] = (f"{report['weights_file_bytes'] / 2**20:.1f} MB of weights vs {report['dense_bytes'] / 2**20:.1f} MB "
-                         f"dense ({100 * report['file_ratio']:.1f} %), {total / 2**20:.1f} MB in all")
+        report = spec.read_report(out)
+        if report is None:
+            raise AsftError(f"{out} is not a {fmt} export: it holds no readable report")
+    report["summary"] = spec.run_summary(report, out)
     return report
 
 

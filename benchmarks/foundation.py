@@ -45,6 +45,9 @@ ROWS = [
     ("fisher", "2:4", 32),
     ("wanda", "2:4", 32, "true-sequential"),
     ("wanda-2:4-ts", "full", 0),
+    # issue #15: the best 50 % method string on WikiText-2 valid (benchmarks/methods_valid.py, 8 calibration
+    # windows): configs/smollm2-best-50.yaml
+    ("wanda+dsnot+obs", "unstructured", 32),
 ]
 
 

@@ -6,6 +6,8 @@ Variants (each optional except the dense baseline):
                   so its speed equals dense; the row shows load time and bytes on disk
   structured      --structured DIR  (asft export --format structured, repeatable)
   2:4             --semistructured  (CUDA only: the --model, pruned 2:4, converted in memory)
+  int8            --int8 DIR        (asft export --format int8 of the dense model or of a structured
+                  export, repeatable; CPU; parameters count the int8 weights)
 Each row: load seconds, parameters, weight bytes on disk, median prefill ms for a
 --prompt-len prompt, median greedy decode tokens/s over --new-tokens, weights in memory, peak
 memory of one prefill + decode (CPU: process RSS, weights and runtime included; CUDA: peak
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asft_ray.eval.speed import measure_speed  # noqa: E402
 from asft_ray.export.compressed import load_compressed  # noqa: E402
+from asft_ray.export.int8 import Int8Linear, load_int8  # noqa: E402
 from asft_ray.models import load_model  # noqa: E402
 
 
@@ -54,6 +57,8 @@ def variants(args):
         yield "compressed", lambda: load_compressed(args.compressed, device).to(dtype), Path(args.compressed)
     for folder in args.structured or []:
         yield f"structured:{Path(folder).name}", (lambda f=folder: load_model(f, device, dtype=dtype, show_progress=False)[0]), Path(folder)
+    for folder in args.int8 or []:
+        yield f"int8:{Path(folder).name}", (lambda f=folder: load_int8(f, device, dtype=dtype)), Path(folder)
     if args.semistructured:
         from asft_ray.export.semistructured import to_semistructured
 
@@ -70,6 +75,7 @@ def main() -> None:
     p.add_argument("--model", required=True, help="dense baseline (and the 2:4 source with --semistructured)")
     p.add_argument("--compressed", help="folder written by asft export --format compressed")
     p.add_argument("--structured", action="append", help="folder written by asft export --format structured (repeatable)")
+    p.add_argument("--int8", action="append", help="folder written by asft export --format int8 (repeatable)")
     p.add_argument("--semistructured", action="store_true", help="also run --model on 2:4 kernels (CUDA, fp16/bf16)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -89,7 +95,8 @@ def main() -> None:
         load_s = time.perf_counter() - start
         speed = measure_speed(model, args.prompt_len, args.new_tokens, args.repeats, args.warmup)
         row = {"variant": name, "model": args.model, "source": str(folder) if folder else args.model,
-               "load_s": load_s, "parameters": sum(p.numel() for p in model.parameters()),
+               "load_s": load_s, "parameters": sum(p.numel() for p in model.parameters())
+               + sum(m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear)),
                "weight_bytes": weight_bytes(folder), "dtype": args.dtype, **speed}
         base = base or row
         row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]

@@ -6,10 +6,17 @@ For each --point "MLP_RATIO:HEAD_RATIO" it runs the real CLI:
 Then it recovers the point with the lowest valid ppl (selection never looks at the test split):
   asft recover --dense --teacher smollm2-135m (every remaining weight trains; ZeRO-2, 2 workers)
   asft eval   16-window and (with --full) full WikiText-2 test ppl
+With --int8 every folder above (each export and the recovered model) is also written as int8
+(asft export --format int8: decoder linears and head int8, weight-only) and evaluated the same way,
+and --dense-int8 adds the int8 export of the dense model itself: the rows dense + int8, pruned,
+pruned + int8 that show how much of a saving pruning contributes.
 Rows go to benchmarks/results/structured.jsonl; decode speed comes from benchmarks/inference.py on
-the same folders (run it on an idle machine, dense in the same run).
+the same folders (run it on an idle machine, dense in the same run), e.g.
+    python benchmarks/inference.py --model smollm2-135m --structured runs/bench/structured/X \
+        --int8 runs/bench/structured/dense-int8 --int8 runs/bench/structured/X-int8
 
     python benchmarks/structured.py --point 0.5:0 --point 0.4:0.34 --max-steps 40 --full
+    python benchmarks/structured.py --point 0.5:0:6 --refit --int8 --dense-int8 --max-steps 0
 """
 
 from __future__ import annotations
@@ -38,8 +45,27 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--full", action="store_true", help="also the full WikiText-2 test ppl of the recovered model")
+    p.add_argument("--int8", action="store_true", help="also write and evaluate the int8 form of every folder")
+    p.add_argument("--dense-int8", action="store_true", help="also the int8 export of the dense model")
     args = p.parse_args()
     runs = ROOT / "runs" / "bench" / "structured"
+
+    def int8_of(source, name: str, stage: str, full: bool = False) -> None:
+        """The int8 export of `source` (a folder or the dense alias) into runs/NAME, evaluated like its source."""
+        out = runs / name
+        if not (out / "int8.json").is_file():
+            asft("export", "--model", str(source), "--format", "int8", "--out", str(out), "--no-progress")
+        report = json.loads((out / "int8.json").read_text())
+        row = {"stage": stage, "source": str(source.relative_to(ROOT)) if isinstance(source, Path) else source,
+               "folder": str(out.relative_to(ROOT)), "int8": True, "head_quantized": report["head_quantized"],
+               "weights_file_bytes": report["weights_file_bytes"], "dense_bytes": report["dense_bytes"],
+               "valid_ppl_8w": wikitext_ppl(out, 8, "valid")["ppl"], "test_ppl_16w": wikitext_ppl(out, 16)["ppl"]}
+        if full:
+            row["test_ppl_full"] = wikitext_ppl(out)["ppl"]
+        append_row("structured", row)
+
+    if args.dense_int8:
+        int8_of(DENSE, "dense-int8", "dense+int8", args.full)
 
     scored = []
     for point in args.point:
@@ -58,6 +84,8 @@ def main() -> None:
                                   "parameter_ratio": report["parameter_ratio"],
                                   "nsamples": args.nsamples, "folder": str(out.relative_to(ROOT)),
                                   "valid_ppl_8w": valid["ppl"], "test_ppl_16w": test["ppl"]})
+        if args.int8:
+            int8_of(out, out.name + "-int8", "export+int8")
 
     if args.max_steps == 0:
         return
@@ -76,6 +104,8 @@ def main() -> None:
     if args.full:
         row["test_ppl_full"] = wikitext_ppl(out)["ppl"]
     append_row("structured", row)
+    if args.int8:
+        int8_of(out, out.name + "-int8", "recovered+int8", args.full)
 
 
 if __name__ == "__main__":

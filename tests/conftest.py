@@ -13,6 +13,11 @@ import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny models' matmuls are too small to gain from a second thread, and on a busy machine each
+# parallel region waits for a second core: two test_schedules cases on this 2-vCPU VM at load 3
+# took 21-23 s with 2 threads, 2.5-3 s with 1 (not measured idle). Ray actors and subprocesses
+# choose their own thread counts.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -60,6 +65,26 @@ def tiny_model_dir(tmp_path_factory, data_dir) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private 2-CPU Ray cluster for one test module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scoring_pool(local_ray):
+    """Scoring actors shared by one module's tests (tests/workers.py)."""
+    from tests.workers import ScoringPool
+
+    pool = ScoringPool()
+    yield pool
+    pool.stop()
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import torch
 
 from asft_ray.eval.sparsity import model_sparsity
 from asft_ray.models import load_model
+from tests.test_bad_input import assert_one_line_error as assert_refused
+from tests.test_bad_input import run_cli
 
 
 def asft(*args, env=None, timeout=600):
@@ -31,16 +33,21 @@ def tree_snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_prune_then_eval_then_refuse_then_overwrite(tiny_model_dir, tmp_path):
+def test_prune_then_eval_then_refuse_then_overwrite(tiny_model_dir, tmp_path, capsys):
+    """One prune and one eval through the installed entry point (a subprocess, its own embedded Ray
+    cluster); the repeat, the refusal and the overwrite in this process: the refusals are decided
+    before any work, and the overwrite (a --true-sequential run) shows that the flag reaches the
+    engine and the run identity."""
     out = tmp_path / "pruned"
-    base = ["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--nsamples", "2", "--seqlen", "64",
-            "--out", str(out), "--no-progress"]
-    proc = asft(*base, "--sparsity", "0.5")
+    base = ["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--nsamples", "2",
+            "--seqlen", "64", "--out", str(out), "--no-progress"]
+    proc = asft(*base)
     assert proc.returncode == 0, proc.stderr
     run = json.loads((out / "asft_run.json").read_text())
     assert run["sparsity"]["total"] == pytest.approx(0.5, abs=1e-4)
     assert len(run["layers"]) == 2 and run["calibration_tokens"] == 128
     assert {"load_s", "prune_s", "save_s", "total_s"} <= set(run["timings"])
+    assert "true_sequential" not in run["inputs"]  # the default keeps the identity of earlier runs
 
     model, _ = load_model(str(out), device="cpu")
     assert model_sparsity(model)["total"] == pytest.approx(0.5, abs=1e-4)
@@ -52,16 +59,24 @@ def test_prune_then_eval_then_refuse_then_overwrite(tiny_model_dir, tmp_path):
     assert result["sparsity"] == pytest.approx(0.5, abs=1e-4) and result["ppl"] > 1
 
     # the same run again: nothing to do; a different run: refused, and nothing written is lost
-    before = tree_snapshot(out)
-    proc = asft(*base, "--sparsity", "0.5")
-    assert proc.returncode == 0 and "already holds this run" in proc.stdout
-    assert_one_line_error(asft(*base, "--sparsity", "0.6"), "already holds a different run")
+    at_once, before = saved_tensors(out), tree_snapshot(out)
+    code, stdout, _ = run_cli(capsys, *base)
+    assert code == 0 and "already holds this run" in stdout
+    assert_refused(run_cli(capsys, *base, "--true-sequential"), "already holds a different run")
     assert tree_snapshot(out) == before
 
-    proc = asft(*base, "--sparsity", "0.6", "--overwrite")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((out / "asft_run.json").read_text())["sparsity"]["total"] == pytest.approx(0.6, abs=1e-4)
+    code, _, stderr = run_cli(capsys, *base, "--true-sequential", "--overwrite")
+    assert code == 0, stderr
+    run = json.loads((out / "asft_run.json").read_text())
+    assert run["inputs"]["true_sequential"] is True and run["sparsity"]["total"] == pytest.approx(0.5, abs=1e-4)
+    key = "model.layers.1.mlp.down_proj.weight"  # layer 1 saw layer 0's pruned outputs
+    assert not torch.equal(saved_tensors(out)[key] == 0, at_once[key] == 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temporary folders left behind
+
+
+def test_the_installed_entry_point_reports_bad_input_in_one_line():
+    # a subprocess: huggingface_hub reads HF_HUB_OFFLINE when it is imported
+    assert_one_line_error(asft("eval", "--model", "nope/nope-nope", env={"HF_HUB_OFFLINE": "1"}), "could not load model")
 
 
 @pytest.mark.parametrize(
@@ -78,43 +93,26 @@ def test_prune_then_eval_then_refuse_then_overwrite(tiny_model_dir, tmp_path):
         (["--method", "magnitude", "--sparsity", "0.5", "--true-sequential"], "true_sequential works with wanda and sparsegpt"),
     ],
 )
-def test_bad_prune_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, args, message):
+def test_bad_prune_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, args, message):
     if "--model" not in args:
         args = ["--model", str(tiny_model_dir), *args]
-    proc = asft("prune", *args, "--out", str(tmp_path / "out"), timeout=120)
-    assert_one_line_error(proc, message)
+    assert_refused(run_cli(capsys, "prune", *args, "--out", tmp_path / "out"), message)
     assert not (tmp_path / "out").exists()
 
 
-def test_nm_that_does_not_divide_the_width_is_one_line(tiny_model_dir, tmp_path):
-    proc = asft("prune", "--model", str(tiny_model_dir), "--method", "magnitude", "--pattern", "1:3",
-                "--out", str(tmp_path / "out"), "--no-progress")
-    assert_one_line_error(proc, "is not a multiple of 3")
-    assert not (tmp_path / "out").exists()
+def test_eval_bad_input(tiny_model_dir, capsys):
+    assert_refused(run_cli(capsys, "eval", "--model", tiny_model_dir, "--max-windows", "0"), "--max-windows")
+    assert_refused(run_cli(capsys, "eval", "--model", tiny_model_dir, "--task", "mmlu"), "invalid choice")
 
 
-def test_out_holding_other_files_is_refused(tiny_model_dir, tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    proc = asft("prune", "--model", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5",
-                "--out", str(tmp_path))
-    assert_one_line_error(proc, "holds files that asft-ray did not write")
-    assert (tmp_path / "notes.txt").read_text() == "mine"
-
-
-def test_eval_bad_input(tiny_model_dir):
-    assert_one_line_error(asft("eval", "--model", "nope/nope-nope", env={"HF_HUB_OFFLINE": "1"}), "could not load model")
-    assert_one_line_error(asft("eval", "--model", str(tiny_model_dir), "--max-windows", "0"), "--max-windows")
-    assert_one_line_error(asft("eval", "--model", str(tiny_model_dir), "--task", "mmlu"), "invalid choice")
-
-
-def test_yaml_config_errors_are_one_line(tiny_model_dir, tmp_path):
+def test_yaml_config_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     bad_key = tmp_path / "bad.yaml"
     bad_key.write_text(f"model: {tiny_model_dir}\nmethod: wanda\nsparsity: 0.5\nout: {tmp_path / 'o'}\nlr: 3\n")
-    assert_one_line_error(asft("prune", "--config", str(bad_key)), "unknown key(s) lr")
+    assert_refused(run_cli(capsys, "prune", "--config", bad_key), "unknown key(s) lr")
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: [unclosed\n")
-    assert_one_line_error(asft("prune", "--config", str(broken)), "is not valid YAML")
-    assert_one_line_error(asft("prune", "--config", str(tmp_path / "none.yaml")), "cannot read config")
+    assert_refused(run_cli(capsys, "prune", "--config", broken), "is not valid YAML")
+    assert_refused(run_cli(capsys, "prune", "--config", tmp_path / "none.yaml"), "cannot read config")
 
 
 def test_demo_config_is_valid():
@@ -135,34 +133,6 @@ def saved_tensors(folder):
     from safetensors.torch import load_file
 
     return {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(shard).items()}
-
-
-def test_cli_with_two_scoring_workers_matches_one(tiny_model_dir, tmp_path):
-    outs = {}
-    for n in (1, 2):
-        out = tmp_path / f"w{n}"
-        proc = asft("prune", "--model", str(tiny_model_dir), "--method", "sparsegpt", "--sparsity", "0.5",
-                    "--nsamples", "8", "--seqlen", "32", "--workers", str(n), "--out", str(out), "--no-progress")
-        assert proc.returncode == 0, proc.stderr
-        outs[n] = saved_tensors(out)
-    for key in outs[1]:
-        assert torch.equal(outs[1][key], outs[2][key]), key
-
-
-def test_true_sequential_flag_reaches_the_engine_and_the_run_identity(tiny_model_dir, tmp_path):
-    base = ["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5",
-            "--nsamples", "4", "--seqlen", "32", "--no-progress"]
-    weights, inputs = {}, {}
-    for flag in ([], ["--true-sequential"]):
-        out = tmp_path / ("seq" if flag else "at-once")
-        proc = asft(*base, *flag, "--out", str(out))
-        assert proc.returncode == 0, proc.stderr
-        weights[bool(flag)] = saved_tensors(out)
-        inputs[bool(flag)] = json.loads((out / "asft_run.json").read_text())["inputs"]
-    assert "true_sequential" not in inputs[False]  # the default keeps the identity of earlier runs
-    assert inputs[True]["true_sequential"] is True
-    key = "model.layers.1.mlp.down_proj.weight"
-    assert not torch.equal(weights[True][key] == 0, weights[False][key] == 0)
 
 
 def test_more_workers_than_cpus_is_a_clear_error(tiny_model_dir, tmp_path):

@@ -82,7 +82,10 @@ class Run:
     """A driver subprocess and every process it started, recorded while it runs."""
 
     def __init__(self, argv):
-        self.proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # As from a terminal: SIGINT at its default. A shell starts background jobs with SIGINT ignored,
+        # and Python (rightly) keeps it ignored then, so Ctrl-C would never reach the CLI under test.
+        self.proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.seen: dict[int, float] = {}
 
     def record(self) -> None:

@@ -13,6 +13,7 @@ from asft_ray.pruning.engine import prune_model, prune_weight
 from asft_ray.pruning.masks import is_valid_nm
 from asft_ray.scoring.dsnot import dsnot_refine
 from asft_ray.scoring.ria import ria_scores
+from tests.workers import same_with_worker_counts
 
 
 # --- the registry -----------------------------------------------------------------------------
@@ -168,38 +169,25 @@ def test_dsnot_on_the_engine_with_true_sequential(tiny_model, calib_ids):
 
 
 @pytest.mark.parametrize("spec,plain_spec", [("ria+dsnot", "ria"), ("wanda+lsq", "wanda")])
-def test_refinements_are_identical_with_one_and_two_ray_workers(tiny_model, spec, plain_spec):
+def test_refinements_are_identical_with_one_and_two_ray_workers(scoring_pool, tiny_model, spec, plain_spec):
     """The input sums and token counts DSnoT reads travel through the sharded runner like the squared
     norms; +lsq is solved on the Hessian's owner actor with the other statistics the method needs."""
-    import ray
-
-    from asft_ray.distributed.sharded import WorkerResources, sharded_runner_factory, start_workers
+    from asft_ray.distributed.sharded import sharded_runner_factory
 
     calib = torch.randint(0, 512, (8, 48), generator=torch.Generator().manual_seed(1))
-    results = {}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        for n in (1, 2):
-            workers = start_workers(n, WorkerResources(cpus=1))
-            try:
-                model = copy.deepcopy(tiny_model)
-                prune_model(model, spec, Pattern.parse("unstructured"), 0.5, calib, show_progress=False,
-                            make_runner=sharded_runner_factory(workers))
-                results[n] = {k: v.clone() for k, v in model.state_dict().items()}
-            finally:
-                for w in workers:
-                    ray.kill(w)
-    finally:
-        ray.shutdown()
-    local = copy.deepcopy(tiny_model)
-    prune_model(local, spec, Pattern.parse("unstructured"), 0.5, calib, show_progress=False)
-    plain = copy.deepcopy(tiny_model)
-    prune_model(plain, plain_spec, Pattern.parse("unstructured"), 0.5, calib, show_progress=False)
+
+    def run(method, workers=None):
+        model = copy.deepcopy(tiny_model)
+        kwargs = {"make_runner": sharded_runner_factory(workers)} if workers else {}
+        prune_model(model, method, Pattern.parse("unstructured"), 0.5, calib, show_progress=False, **kwargs)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    one = same_with_worker_counts(scoring_pool, lambda workers: run(spec, workers))[1]
+    local, plain = run(spec), run(plain_spec)
     differs = 0
-    for key, value in local.state_dict().items():
-        assert torch.equal(results[1][key], results[2][key]), key
-        assert ((results[1][key] == 0) == (value == 0)).float().mean() > 0.999, key
-        differs += int((value != plain.state_dict()[key]).sum())
+    for key, value in local.items():
+        assert ((one[key] == 0) == (value == 0)).float().mean() > 0.999, key
+        differs += int((value != plain[key]).sum())
     assert differs > 0  # the refinement ran on the workers' statistics
 
 

@@ -307,15 +307,6 @@ def test_resume_from_a_state_folder_others_can_write_is_one_line_before_ray(caps
 # ---------------------------------------------------------------- 2 Ray Train workers, DeepSpeed ZeRO
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def _recover(pruned_dir, out, data_dir, **kw):
     from asft_ray.recovery.recipe import run_recover
 
@@ -372,7 +363,7 @@ def _assert_model_state_memory(record, pruned_dir, zero_stage, teacher_bytes_per
             assert zero_stage == 2 and abs(worker["teacher_mib"] / whole_teacher - 1) < 0.05, (worker, n)
 
 
-def test_zero3_stop_and_resume_equals_an_uninterrupted_run(ray_cluster, pruned_dir, tmp_path, data_dir):
+def test_zero3_stop_and_resume_equals_an_uninterrupted_run(local_ray, pruned_dir, tmp_path, data_dir):
     # 3 eval windows over 2 workers: one pads with a discarded forward (ZeRO-3 gathers collectively)
     full = _recover(pruned_dir, tmp_path / "full", data_dir, zero_stage=3, eval_every=2, eval_windows=3)
     assert len(full["losses"]) == 4 and full["world_size"] == 2 and len(full["memory"]) == 2
@@ -408,7 +399,7 @@ def test_zero3_stop_and_resume_equals_an_uninterrupted_run(ray_cluster, pruned_d
     assert record["losses"] == resumed["losses"] and record["tokens_per_s"] > 0
 
 
-def test_zero2_with_distillation_keeps_masks_through_resume(ray_cluster, pruned_dir, tiny_model_dir, tmp_path, data_dir):
+def test_zero2_with_distillation_keeps_masks_through_resume(local_ray, pruned_dir, tiny_model_dir, tmp_path, data_dir):
     kw = dict(zero_stage=2, teacher=str(tiny_model_dir), kd_weight=1.0, hidden_weight=0.1, eval_every=2, eval_windows=2,
               max_steps=3)
     assert _recover(pruned_dir, tmp_path / "kd", data_dir, stop_after_steps=2, **kw)["stopped"]
@@ -429,7 +420,7 @@ def test_zero2_with_distillation_keeps_masks_through_resume(ray_cluster, pruned_
     _assert_model_state_memory(record, pruned_dir, zero_stage=2, teacher_bytes_per_param=4)
 
 
-def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(ray_cluster, pruned_dir, tiny_model_dir, tmp_path,
+def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(local_ray, pruned_dir, tiny_model_dir, tmp_path,
                                                                data_dir):
     """bf16 weights with an fp32 master, optimizer and parameters offloaded, the teacher partitioned:
     masks hold in module, master and moments; the first loss (before any update) equals ZeRO-2's

@@ -11,13 +11,7 @@ from asft_ray.distributed.sharded import WorkerResources, sharded_runner_factory
 from asft_ray.errors import AsftError
 from asft_ray.models import decoder_layers, prunable_linears
 from asft_ray.pruning.engine import prune_model
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+from tests.workers import same_with_worker_counts
 
 
 def pruned_weights(model, method, calib_ids, workers=None, pattern="unstructured", true_sequential=False):
@@ -38,19 +32,10 @@ def calib8():
 
 
 @pytest.mark.parametrize("method,true_sequential", [("wanda", False), ("sparsegpt", False), ("wanda", True)])
-def test_one_and_two_workers_give_identical_weights(local_ray, tiny_model, calib8, method, true_sequential):
-    results = {}
-    for n in (1, 2):
-        workers = start_workers(n, WorkerResources(cpus=1))
-        try:
-            results[n] = pruned_weights(tiny_model, method, calib8, workers, true_sequential=true_sequential)
-        finally:
-            for w in workers:
-                ray.kill(w)
-    w1, w2 = results[1], results[2]
-    for key in w1:
-        assert torch.equal(w1[key] == 0, w2[key] == 0), key  # masks
-        assert torch.equal(w1[key], w2[key]), key  # and the SparseGPT-updated values
+def test_one_and_two_workers_give_identical_weights(scoring_pool, tiny_model, calib8, method, true_sequential):
+    # the same bits: masks and the SparseGPT-updated values
+    w1 = same_with_worker_counts(scoring_pool, lambda workers: pruned_weights(
+        tiny_model, method, calib8, workers, true_sequential=true_sequential))[1]
     local = pruned_weights(tiny_model, method, calib8, true_sequential=true_sequential)
     for key in w1:  # in-process run: same masks (thread counts may move the last float bits)
         agree = (local[key] == 0) == (w1[key] == 0)
@@ -62,7 +47,7 @@ def test_more_workers_than_the_cluster_can_place_fails_with_the_missing_resource
         start_workers(3, WorkerResources(cpus=2), timeout_s=3)
 
 
-def test_a_worker_killed_mid_layer_is_restarted_and_the_result_is_unchanged(local_ray, tiny_model, calib8):
+def test_a_worker_killed_mid_layer_is_restarted_and_the_result_is_unchanged(scoring_pool, tiny_model, calib8):
     import os
     import signal
 
@@ -80,75 +65,61 @@ def test_a_worker_killed_mid_layer_is_restarted_and_the_result_is_unchanged(loca
                 os.kill(ray.get(self.workers[0].ready.remote()), signal.SIGKILL)
             return stats
 
-    workers = start_workers(2, WorkerResources(cpus=1))
-    try:
-        pid_before = ray.get(workers[0].ready.remote())
-        reference = pruned_weights(tiny_model, "sparsegpt", calib8, workers)
-        model = copy.deepcopy(tiny_model)
-        prune_model(model, "sparsegpt", Pattern.parse("unstructured"), 0.5, calib8, show_progress=False,
-                    make_runner=lambda *a: KillingRunner(workers, *a))
-        assert ray.get(workers[0].ready.remote()) != pid_before  # it really died and came back
-    finally:
-        for w in workers:
-            ray.kill(w)
+    workers = scoring_pool.take(2)
+    pid_before = ray.get(workers[0].ready.remote())
+    reference = pruned_weights(tiny_model, "sparsegpt", calib8, workers)
+    model = copy.deepcopy(tiny_model)
+    prune_model(model, "sparsegpt", Pattern.parse("unstructured"), 0.5, calib8, show_progress=False,
+                make_runner=lambda *a: KillingRunner(workers, *a))
+    assert ray.get(workers[0].ready.remote()) != pid_before  # it really died and came back
     for i, layer in enumerate(decoder_layers(model)):
         for name, lin in prunable_linears(layer).items():
             assert torch.equal(lin.weight, reference[f"{i}.{name}"]), (i, name)
 
 
 @pytest.mark.parametrize("method", ["taylor", "fisher"])
-def test_gradient_methods_shard_with_identical_results(local_ray, tiny_model, calib8, method):
+def test_gradient_methods_shard_with_identical_results(scoring_pool, tiny_model, calib8, method):
     from asft_ray.distributed.sharded import sharded_gradient_sums
 
-    results = {}
-    for n in (1, 2):
-        workers = start_workers(n, WorkerResources(cpus=1))
-        try:
-            model = copy.deepcopy(tiny_model)
-            prune_model(model, method, Pattern.parse("unstructured"), 0.5, calib8, show_progress=False,
-                        sum_gradients=sharded_gradient_sums(workers))
-            results[n] = {k: v.clone() for k, v in model.state_dict().items()}
-        finally:
-            for w in workers:
-                ray.kill(w)
-    local = copy.deepcopy(tiny_model)
-    prune_model(local, method, Pattern.parse("unstructured"), 0.5, calib8, show_progress=False)
-    for key in results[1]:
-        assert torch.equal(results[1][key], results[2][key]), key
-        agree = (results[1][key] == 0) == (local.state_dict()[key] == 0)
+    def run(workers=None):
+        model = copy.deepcopy(tiny_model)
+        kwargs = {"sum_gradients": sharded_gradient_sums(workers)} if workers else {}
+        prune_model(model, method, Pattern.parse("unstructured"), 0.5, calib8, show_progress=False, **kwargs)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    one, local = same_with_worker_counts(scoring_pool, run)[1], run()
+    for key in one:
+        agree = (one[key] == 0) == (local[key] == 0)
         assert agree.float().mean() > 0.999, key
 
 
-def test_sparsegpt_with_1_2_and_4_workers_is_bit_identical_and_the_reduction_stays_bounded(local_ray, tiny_model):
+def test_sparsegpt_with_1_2_and_4_workers_is_bit_identical_and_the_reduction_stays_bounded(scoring_pool, tiny_model):
     """Hessians reduced on owner actors in chunk order and solved there (weight-parallel): the
     same bits for any number of workers; with max_pending=1 at most one chunk's partials wait."""
     from asft_ray.distributed.sharded import ShardedRunner
 
     calib = torch.randint(0, 512, (16, 32), generator=torch.Generator().manual_seed(2))  # 4 chunks
-    results, runners = {}, []
-    for n in (1, 2, 4):
-        workers = start_workers(n, WorkerResources(cpus=0.5))
-        try:
-            def make(*a, workers=workers):
-                runners.append(ShardedRunner(workers, *a, max_pending=1))
-                return runners[-1]
+    runners = []
 
-            model = copy.deepcopy(tiny_model)
-            prune_model(model, "sparsegpt", Pattern.parse("2:4"), 0.5, calib, show_progress=False,
-                        make_runner=make, true_sequential=n == 2)
-            results[n] = {k: v.clone() for k, v in model.state_dict().items()}
-        finally:
-            for w in workers:
-                ray.kill(w)
-    assert all(r.peak_pending <= 1 for r in runners)
-    for key in results[1]:
-        assert torch.equal(results[1][key], results[4][key]), key
+    def run(workers, true_sequential=False):
+        def make(*a):
+            runners.append(ShardedRunner(workers, *a, max_pending=1))
+            return runners[-1]
+
+        model = copy.deepcopy(tiny_model)
+        prune_model(model, "sparsegpt", Pattern.parse("2:4"), 0.5, calib, show_progress=False,
+                    make_runner=make, true_sequential=true_sequential)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    one = same_with_worker_counts(scoring_pool, run, counts=(1, 4))[1]
+    two_sequential = run(scoring_pool.take(2), true_sequential=True)
+    assert runners and all(r.peak_pending <= 1 for r in runners)
     serial = copy.deepcopy(tiny_model)
     prune_model(serial, "sparsegpt", Pattern.parse("2:4"), 0.5, calib, show_progress=False, true_sequential=True)
     changed = 0
     for key, value in serial.state_dict().items():  # true-sequential with 2 workers vs in-process (same thread count)
-        assert torch.allclose(results[2][key], value, atol=1e-5), key
-        changed += not torch.equal(results[1][key], results[2][key])
+        assert torch.allclose(two_sequential[key], value, atol=1e-5), key
+        changed += not torch.equal(one[key], two_sequential[key])
     assert changed  # true-sequential did change something (the comparison above is not vacuous)
 
 
@@ -171,7 +142,7 @@ def test_everything_a_worker_gets_moves_to_its_device():
     assert kwargs["position_ids"] is None and kwargs["flag"] is True
 
 
-def test_the_coordinator_stays_at_most_one_layer_ahead_of_the_workers(local_ray):
+def test_the_coordinator_stays_at_most_one_layer_ahead_of_the_workers(scoring_pool):
     """advance() returns once the previous layer is computed: however fast the caller reads layers,
     at most two layers are ever submitted and not yet computed (the object store never holds the
     model), and the outputs are those of the in-process runner."""
@@ -182,15 +153,11 @@ def test_the_coordinator_stays_at_most_one_layer_ahead_of_the_workers(local_ray)
 
     model = build_tiny_llama(num_hidden_layers=8)
     ids = torch.randint(0, 512, (16, 256), generator=torch.Generator().manual_seed(4))  # enough work per layer
-    workers = start_workers(1, WorkerResources(cpus=1))
-    try:
-        runner = ShardedRunner(workers, *capture_layer0_inputs(model, ids))
-        local = LocalRunner(*capture_layer0_inputs(model, ids))
-        for layer in decoder_layers(model):
-            runner.advance(layer)
-            local.advance(layer)
-        outputs = runner.outputs()
-    finally:
-        ray.kill(workers[0])
+    runner = ShardedRunner(scoring_pool.take(1), *capture_layer0_inputs(model, ids))
+    local = LocalRunner(*capture_layer0_inputs(model, ids))
+    for layer in decoder_layers(model):
+        runner.advance(layer)
+        local.advance(layer)
+    outputs = runner.outputs()
     assert 1 <= runner.peak_layers_ahead <= 2
     assert all(torch.equal(a, b) for a, b in zip(outputs, local.outputs()))

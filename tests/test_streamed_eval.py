@@ -1,7 +1,6 @@
 """Streamed evaluation (one decoder layer in memory, windows sharded over Ray actors) equals in-memory evaluation."""
 
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -39,13 +38,9 @@ def test_streamed_in_process_equals_in_memory(model_dir, ids):
     assert streamed["layers"] == pytest.approx(resident["layers"])
 
 
-def test_streamed_on_two_ray_workers_equals_one_and_in_memory(model_dir, ids):
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        one = evaluate_streamed(model_dir, ids, 64, 5, workers=1, worker_resources=(1, 0), show_progress=False)
-        two = evaluate_streamed(model_dir, ids, 64, 5, workers=2, worker_resources=(1, 0), show_progress=False)
-    finally:
-        ray.shutdown()
+def test_streamed_on_two_ray_workers_equals_one_and_in_memory(local_ray, model_dir, ids):
+    one = evaluate_streamed(model_dir, ids, 64, 5, workers=1, worker_resources=(1, 0), show_progress=False)
+    two = evaluate_streamed(model_dir, ids, 64, 5, workers=2, worker_resources=(1, 0), show_progress=False)
     local = streamed_perplexity(model_dir, ids, 64, 5, show_progress=False)
     assert one["window_nll"] == two["window_nll"]  # the same chunks, computed alike, whoever computes them
     assert two["window_nll"] == pytest.approx(local["window_nll"], rel=1e-5)

@@ -4,7 +4,6 @@ import json
 
 import pandas as pd
 import pytest
-import ray
 
 from asft_ray.config import PruneConfig
 from asft_ray.errors import AsftError
@@ -17,14 +16,7 @@ def _values(tiny_model_dir, out, **extra):
             "out": str(out), "trials": 6, "concurrency": 2, "val_windows": 4, "device": "cpu", **extra}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
-def test_sweep_runs_trials_stops_some_early_and_writes_a_reusable_schedule(ray_local, tiny_model_dir, tmp_path):
+def test_sweep_runs_trials_stops_some_early_and_writes_a_reusable_schedule(local_ray, tiny_model_dir, tmp_path):
     cfg = SweepConfig.from_dict(_values(tiny_model_dir, tmp_path / "sweep"))
     summary = run_sweep(cfg, show_progress=False)
     out = tmp_path / "sweep"

@@ -18,10 +18,17 @@ def linear_sparsity(linears: dict[str, nn.Linear]) -> dict:
     }
 
 
+def _measured_linears(layer: nn.Module) -> dict:
+    """The layer's float linears, or its int8 ones in a model loaded from an int8 export."""
+    from asft_ray.export.int8 import Int8Linear
+
+    return prunable_linears(layer) or {name: m for name, m in layer.named_modules() if isinstance(m, Int8Linear)}
+
+
 def model_sparsity(model: nn.Module) -> dict:
     """{"total": fraction over the decoder layers' linears, "layers": [fraction per decoder layer],
     "lm_head": fraction of the output projection (pruned only when asked)}."""
-    per_layer = [linear_sparsity(prunable_linears(layer)) for layer in decoder_layers(model)]
+    per_layer = [linear_sparsity(_measured_linears(layer)) for layer in decoder_layers(model)]
     zeros = sum(r["zeros"] for r in per_layer)
     weights = sum(r["weights"] for r in per_layer)
     head = model.get_output_embeddings()

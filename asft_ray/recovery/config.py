@@ -12,7 +12,15 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from asft_ray.config import check_field_types, check_keys, how_it_runs, identity_values, model_identity, path_identity
+from asft_ray.config import (
+    check_field_types,
+    check_keys,
+    how_it_runs,
+    identity_values,
+    model_identity,
+    path_identity,
+    setting,
+)
 from asft_ray.errors import AsftError
 
 DATASETS = ("c4",)
@@ -20,46 +28,47 @@ DATASETS = ("c4",)
 
 @dataclass(frozen=True)
 class RecoverConfig:
-    model: str  # the pruned model (HF dir, alias, ...); its zeros are the masks unless mask_file
-    out: str  # the recovered model (HF dir with safetensors + asft_run.json)
-    teacher: str | None = None  # dense model for distillation (same vocabulary)
-    data: str = "c4"
-    data_dir: str | None = None
-    mask_file: str | None = None  # safetensors of bool masks by parameter name (True = keep)
-    dense: bool = False  # no masks: train every decoder weight (a structured export is smaller, not sparse)
-    workers: int = 2
-    max_steps: int = 100
-    seqlen: int = 512
-    seed: int = 0  # with the step, decides every training window
+    model: str = setting(help="the pruned model: its zeros are kept (HF dir, alias, .gguf, hub id)")
+    out: str = setting(help="output model directory")  # HF dir with safetensors + asft_run.json
+    teacher: str | None = setting(None, "dense model to distill from (same vocabulary)")
+    data: str = setting("c4", "training text")
+    data_dir: str | None = None  # flag: cli._add_common
+    mask_file: str | None = setting(None, "safetensors of bool masks by parameter name, instead of the model's zeros")
+    dense: bool = setting(False, "no masks: train every decoder weight (for a structured export, smaller rather "
+                                 "than sparse)")
+    workers: int = setting(2, "Ray Train workers")
+    max_steps: int = setting(100, "optimizer steps")
+    seqlen: int = setting(512, "training window length")
+    seed: int = setting(0, "data order seed")  # with the step, decides every training window
     # objective
-    lm_weight: float = 1.0
-    kd_weight: float | None = None  # None: 1.0 with a teacher, 0 without
-    temperature: float = 2.0
-    hidden_weight: float = 0.0  # MSE between student and teacher hidden states (same width and depth)
-    train_norms: bool = False  # also train RMSNorm/LayerNorm weights (dense)
-    train_biases: bool = False  # also train linear biases (dense)
-    # training; None = take from the DeepSpeed file, else the default
-    zero_stage: int | None = None
-    micro_batch: int | None = None
-    grad_accum: int | None = None
-    clip: float | None = None
-    bf16: bool | None = None
-    offload_optimizer: bool | None = None
-    offload_params: bool | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    warmup_steps: int | None = None  # default: max_steps // 10
-    min_lr_ratio: float | None = None  # cosine decays to lr * this
-    deepspeed: str | None = None  # user DeepSpeed JSON/YAML, merged with the above
+    lm_weight: float = setting(1.0, "weight of the next-token loss")
+    kd_weight: float | None = setting(None, "weight of the logit KL to the teacher", default_text="1 with --teacher, else 0")
+    temperature: float = setting(2.0, "distillation temperature")
+    hidden_weight: float = setting(0.0, "weight of the hidden-state MSE to the teacher (same width and depth)")
+    train_norms: bool = setting(False, "also train norm weights")
+    train_biases: bool = setting(False, "also train linear biases")
+    # training; None = take from the DeepSpeed file, else deepspeed_config.DEFAULTS (shown in the help)
+    zero_stage: int | None = setting(None, "DeepSpeed ZeRO stage", choices=[2, 3])
+    micro_batch: int | None = setting(None, "windows per worker per micro-step")
+    grad_accum: int | None = setting(None, "micro-steps per optimizer step")
+    clip: float | None = setting(None, "gradient norm clipping")
+    bf16: bool | None = setting(None, "bf16 weights and activations, fp32 master")
+    offload_optimizer: bool | None = setting(None, "optimizer state on the CPU")
+    offload_params: bool | None = setting(None, "parameters on the CPU (ZeRO-3)")
+    lr: float | None = setting(None, "peak learning rate of AdamW")
+    weight_decay: float | None = setting(None, "AdamW decoupled weight decay")
+    warmup_steps: int | None = setting(None, "linear warm-up steps, then cosine", default_text="max_steps // 10")
+    min_lr_ratio: float | None = setting(None, "cosine ends at lr * this")
+    deepspeed: str | None = setting(None, "DeepSpeed JSON/YAML merged with these flags (a conflicting key is an error)")
     # checkpoints, evaluation, where it runs
-    checkpoint_every: int = how_it_runs(0)  # steps between DeepSpeed checkpoints (0: none)
-    eval_every: int = how_it_runs(0)  # steps between WikiText-2 *valid* perplexity checks (0: none)
-    eval_windows: int = how_it_runs(4)
-    eval_seqlen: int | None = how_it_runs(None)  # default: seqlen
-    resume: bool = how_it_runs(False)
-    overwrite: bool = how_it_runs(False)
-    device: str = how_it_runs("auto")  # auto (GPUs if the cluster has them), cpu, cuda
-    worker_cpus: float = how_it_runs(1)
+    checkpoint_every: int = how_it_runs(0, "steps between DeepSpeed checkpoints; 0: none")
+    eval_every: int = how_it_runs(0, "steps between WikiText-2 valid ppl checks; 0: none")
+    eval_windows: int = how_it_runs(4, "windows per ppl check")
+    eval_seqlen: int | None = how_it_runs(None, "ppl window length", default_text="--seqlen")
+    resume: bool = how_it_runs(False, "continue from the last checkpoint")
+    overwrite: bool = how_it_runs(False, "replace an --out that holds a different run")
+    device: str = how_it_runs("auto")  # auto (GPUs if the cluster has them), cpu, cuda (flag: cli._add_common)
+    worker_cpus: float = how_it_runs(1, "CPUs per worker")
     stop_after_steps: int | None = how_it_runs(None)  # test hook: stop (like a kill) after this step's checkpoint
 
     def __post_init__(self) -> None:
