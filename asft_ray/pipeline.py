@@ -291,17 +291,18 @@ def _structured_pruning(cfg: RunConfig, data_dir: str) -> dict:
     in a fresh Ray worker process (the driver stays small); skipped when it is already there."""
     import ray
 
-    from asft_ray.export.formats import get_format
+    from asft_ray.artifacts import read_json
     from asft_ray.export.run import export_model
+    from asft_ray.export.structured import REPORT
 
-    s, out, fmt = cfg.structure, cfg.pruned_dir, get_format("structured")
-    if fmt.read_report(out) is None:
+    s, out = cfg.structure, cfg.pruned_dir
+    if read_json(out / REPORT) is None:
         out.parent.mkdir(parents=True, exist_ok=True)
         task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(export_model))
         ray.get(task.remote(_node_threads(), cfg.model, "structured", out, mlp_ratio=s.mlp_ratio, head_ratio=s.head_ratio,
                             drop_layers=s.drop_layers, refit=s.refit, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed,
                             data_dir=data_dir, device=cfg.device, show_progress=False))
-    report = fmt.read_report(out)
+    report = read_json(out / REPORT)
     before, after = report["before"]["parameters"], report["after"]["parameters"]
     return {"status": "finished", "method": f"structured pruning ({s.describe()})",
             "what": f"made smaller by structured pruning ({s.describe()}): {before / 1e6:.1f} M -> {after / 1e6:.1f} M parameters",
