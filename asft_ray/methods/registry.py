@@ -16,11 +16,10 @@ This module imports neither torch nor Ray: config validation and the CLI stay fa
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
+from asft_ray.catalog import Catalog
 from asft_ray.errors import AsftError
 
 INPUT_STATS = frozenset({"sq_norms", "hessian", "sums", "tokens"})
@@ -126,52 +125,31 @@ class Recipe:
         return "hessian" in self.needs
 
 
-_METHODS: dict[str, Method] = {}
-_REFINEMENTS: dict[str, Refinement] = {}
-_loaded = False
+_METHODS = Catalog("method", "asft_ray.methods")
+_REFINEMENTS = Catalog("refinement", "asft_ray.methods")
 
 
 def register(method: Method, replace: bool = False) -> Method:
     """Add a method (a module in this package does this on import; tests may register their own)."""
-    if not replace and method.name in _METHODS and _METHODS[method.name] is not method:
-        raise ValueError(f"method {method.name!r} is already registered")
-    _METHODS[method.name] = method
-    return method
+    return _METHODS.add(method, replace)
 
 
 def register_refinement(refinement: Refinement, replace: bool = False) -> Refinement:
-    if not replace and refinement.name in _REFINEMENTS and _REFINEMENTS[refinement.name] is not refinement:
-        raise ValueError(f"refinement {refinement.name!r} is already registered")
-    _REFINEMENTS[refinement.name] = refinement
-    return refinement
+    return _REFINEMENTS.add(refinement, replace)
 
 
 def unregister(name: str) -> None:
-    _METHODS.pop(name, None)
-    _REFINEMENTS.pop(name, None)
-
-
-def _load_builtins() -> None:
-    """Import every module of this package once: each registers what it declares."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import asft_ray.methods as package
-
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-        if info.name != "registry":
-            importlib.import_module(f"{package.__name__}.{info.name}")
+    _METHODS.remove(name)
+    _REFINEMENTS.remove(name)
 
 
 def methods() -> dict[str, Method]:
-    _load_builtins()
-    return dict(_METHODS)
+    return _METHODS.items()
 
 
 def refinements() -> dict[str, Refinement]:
-    _load_builtins()
-    return dict(_REFINEMENTS)
+    _METHODS.items()  # the package's modules declare both
+    return _REFINEMENTS.items()
 
 
 def method_names() -> tuple[str, ...]:

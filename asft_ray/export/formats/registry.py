@@ -11,12 +11,11 @@ This module imports neither torch nor transformers: config validation and the CL
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from asft_ray.catalog import Catalog
 from asft_ray.config import setting
 from asft_ray.errors import AsftError
 
@@ -74,41 +73,24 @@ class ExportFormat:
             raise ValueError(f"export format {self.name}: unknown options {sorted(self.options - fields)}")
 
 
-_FORMATS: dict[str, ExportFormat] = {}
-_loaded = False
+_FORMATS = Catalog("export format", "asft_ray.export.formats")
 
 
 def register(fmt: ExportFormat, replace: bool = False) -> ExportFormat:
     """Add a format (a module in this package does this on import; tests may register their own)."""
-    if not replace and fmt.name in _FORMATS and _FORMATS[fmt.name] is not fmt:
-        raise ValueError(f"export format {fmt.name!r} is already registered")
-    _FORMATS[fmt.name] = fmt
-    return fmt
+    return _FORMATS.add(fmt, replace)
 
 
 def unregister(name: str) -> None:
-    _FORMATS.pop(name, None)
-
-
-def _load_builtins() -> None:
-    """Import every module of this package once: each registers what it declares."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import asft_ray.export.formats as package
-
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-        if info.name != "registry":
-            importlib.import_module(f"{package.__name__}.{info.name}")
+    _FORMATS.remove(name)
 
 
 def formats() -> dict[str, ExportFormat]:
     """Every format, the built-in ones first in their historical order, then the others by name."""
-    _load_builtins()
+    known = _FORMATS.items()
     order = ("compressed", "structured", "semistructured")
-    names = [n for n in order if n in _FORMATS] + sorted(n for n in _FORMATS if n not in order)
-    return {n: _FORMATS[n] for n in names}
+    names = [n for n in order if n in known] + sorted(n for n in known if n not in order)
+    return {n: known[n] for n in names}
 
 
 def format_names() -> tuple[str, ...]:
