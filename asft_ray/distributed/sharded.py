@@ -27,6 +27,7 @@ import copy
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import ray
 import torch
@@ -307,19 +308,19 @@ class ShardedRunner:
         hessians = {s: RemoteHessian(totals[s], self.workers[owners[s]]) for s in sources}
         return InputStats(small.source, small.sq_norms, hessians)
 
-    def prune(self, method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
+    def prune(self, method: str, pattern: Pattern, jobs: Iterable[LinearJob], stats: InputStats) -> Iterator[tuple[str, torch.Tensor]]:
         """Methods that need the Hessian (SparseGPT): each linear solved by its input's owner (in
-        parallel across owners); the others: here (a sort per row, cheap next to moving the weight)."""
+        parallel across owners); the others: here (a sort per row, cheap next to moving the weight).
+        Every solve is submitted (its weight copied into the object store) before the first result
+        is fetched, and results come back one at a time, so this process holds at most one pruned
+        weight beside the layer."""
         recipe = resolve(method)
         if not recipe.hessian:
-            return prune_jobs(method, pattern, jobs, stats)
-        results = {}
-        for job in jobs:
-            hessian = stats.hessian(job.name)
-            others = {s: stats.get(s, job.name) for s in sorted(recipe.needs - {"hessian"})}
-            results[job.name] = hessian.owner.solve.remote(method, pattern, _as_array(job.weight), job.sparsity,
-                                                           hessian.ref, others or None)
-        return {name: ray.get(ref) for name, ref in results.items()}
+            yield from prune_jobs(method, pattern, jobs, stats)
+            return
+        submitted = [(job.name, _submit_solve(method, pattern, job, stats)) for job in jobs]
+        for name, ref in submitted:
+            yield name, ray.get(ref)
 
     def advance(self, layer) -> None:
         """Push the activations through `layer` on the workers. Returns once the *previous* layer's
@@ -340,6 +341,13 @@ class ShardedRunner:
         per_chunk = split_chunks(targets, self.chunk_size)
         parts = [self._worker(k).nlls.remote(final_ref, c, ids) for k, (c, ids) in enumerate(zip(self.chunks, per_chunk))]
         return [nll for part in parts for nll in ray.get(part)]
+
+
+def _submit_solve(method: str, pattern: Pattern, job: LinearJob, stats: InputStats) -> ray.ObjectRef:
+    """One linear's solve, on the actor that owns its input's Hessian."""
+    hessian = stats.hessian(job.name)
+    others = {s: stats.get(s, job.name) for s in sorted(resolve(method).needs - {"hessian"})}
+    return hessian.owner.solve.remote(method, pattern, _as_array(job.weight), job.sparsity, hessian.ref, others or None)
 
 
 def _all_ready(refs: list) -> bool:

@@ -131,11 +131,13 @@ class LayerInputStats:
         count = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
         self.tokens[name] = self.tokens[name] + count if name in self.tokens else count
         if self.want_hessian:
-            gram = (x.T @ x).double()
+            gram = x.T @ x  # float32, as always; summed in float64
             if name in self.hessians:
-                self.hessians[name].add_(gram)  # in place: the same sums, one i x i float64 matrix fewer
+                # in place, the float32 gram widened element by element as it is added (exact, so the
+                # same sums as adding gram.double()), without a float64 copy of it: i x i x 8 bytes fewer
+                self.hessians[name].add_(gram)
             else:
-                self.hessians[name] = gram
+                self.hessians[name] = gram.double()
 
     def result(self) -> InputStats:
         return InputStats(dict(self.source), dict(self.sq_norms), dict(self.hessians), dict(self.sums),
