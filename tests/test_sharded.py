@@ -228,3 +228,26 @@ def test_sharded_solves_hold_no_dense_weight_and_return_one_pruned_weight_at_a_t
             ray.kill(w)
     assert [first_name, *rest] == names
     assert all(int((w == 0).sum()) == w.numel() // 2 for w in [first, *rest.values()])
+
+
+def test_the_owner_of_a_llama_mlp_output_input_solves_nothing_else():
+    """On the 1.57 B benchmark's layer shape (hidden 2048, MLP 5632), down_proj's solve (its 5632-wide
+    factor and update) costs more than all the other linears together: with 2 workers its owner gets
+    nothing else; counting only rows x cols^2 gave it o_proj as well."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from asft_ray.distributed.sharded import assign_owners, solve_cost
+    from asft_ray.pruning.stats import InputStats
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16)
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(config, layer_idx=0)
+    sources = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+               "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
+               "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
+    stats = InputStats(source=sources)
+    costs = {s: solve_cost(layer, stats, s) for s in dict.fromkeys(sources.values())}
+    owners = assign_owners(costs, 2)
+    assert [s for s, k in owners.items() if k == owners["mlp.down_proj"]] == ["mlp.down_proj"]
+    assert costs["mlp.down_proj"] > sum(costs.values()) / 2

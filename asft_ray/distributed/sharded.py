@@ -244,11 +244,14 @@ def assign_owners(costs: dict[str, float], n_workers: int) -> dict[str, int]:
 
 
 def solve_cost(layer, stats: InputStats, source: str) -> float:
-    """Rough SparseGPT cost of the linears that read `source`: rows x columns^2 each."""
+    """SparseGPT's floating-point operations for the linears that read `source`, each solved on its
+    own: the inverse-Hessian factor (two Cholesky factorisations and an inverse: about 4/3 cols^3)
+    and the column-by-column update (about 2 rows cols^2). The factor dominates a wide input
+    (down_proj), so leaving it out would give that input's owner more than its share."""
     from asft_ray.models import prunable_linears
 
     linears = prunable_linears(_materialize(layer))
-    return float(sum(linears[n].out_features * linears[n].in_features ** 2
+    return float(sum(4 / 3 * linears[n].in_features ** 3 + 2 * linears[n].out_features * linears[n].in_features ** 2
                      for n, s in stats.source.items() if s == source))
 
 
