@@ -328,3 +328,28 @@ def test_the_local_runner_lets_each_dense_weight_go_before_the_next_is_pruned(ti
         assert len(dense) == count  # the next job is not read before this weight is taken
         assert all(ref() is None for ref in dense[:-1]), name
         assert pruned.shape == prunable_linears(layer)[name].weight.shape
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_a_float32_gram_is_added_to_its_float64_sum_without_a_float64_copy():
+    """add_widened: bit-identical to total + part.double(), and its peak memory is a block of rows,
+    not the whole float64 copy that torch makes of a mixed-dtype operand on the CPU."""
+    from asft_ray.pruning.stats import add_widened
+
+    def status_mib(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+    width = 4096  # a whole float64 copy: 128 MiB, far above allocator noise
+    g = torch.Generator().manual_seed(0)
+    total = torch.randn(width, width, generator=g, dtype=torch.float64) * 1e3
+    part = torch.randn(width, width, generator=g) * torch.logspace(-4, 4, width)
+    expected = total + part.double()
+    add_widened(torch.zeros(8, width, dtype=torch.float64), part[:8])  # warm up
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_mib("VmRSS")
+    add_widened(total, part)
+    grown = status_mib("VmHWM") - before
+    assert torch.equal(total, expected)
+    assert grown < 0.5 * width * width * 8 / 2**20, f"{grown:.1f} MiB"  # a few row blocks at most

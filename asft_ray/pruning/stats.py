@@ -57,6 +57,17 @@ def sum_in_order(parts) -> InputStats:
     return total
 
 
+def add_widened(total: torch.Tensor, part: torch.Tensor, rows: int = 256) -> None:
+    """total += part, for a float64 total and a float32 part, a block of rows at a time.
+
+    On the CPU, torch first copies a mixed-dtype operand whole into the result's dtype: adding an
+    i x i float32 gram to its float64 sum would allocate an i x i float64 copy (254 MB for the
+    5632-wide down_proj input); per block the copy is rows x i. Widening is exact and addition is
+    element by element, so the sums are bit-identical to total += part.double()."""
+    for start in range(0, total.shape[0], rows):
+        total[start : start + rows].add_(part[start : start + rows])
+
+
 class StopLayer(Exception):
     """Raised by the hooks once every watched linear has seen its input: the rest of the layer's forward is not needed."""
 
@@ -133,9 +144,7 @@ class LayerInputStats:
         if self.want_hessian:
             gram = x.T @ x  # float32, as always; summed in float64
             if name in self.hessians:
-                # in place, the float32 gram widened element by element as it is added (exact, so the
-                # same sums as adding gram.double()), without a float64 copy of it: i x i x 8 bytes fewer
-                self.hessians[name].add_(gram)
+                add_widened(self.hessians[name], gram)
             else:
                 self.hessians[name] = gram.double()
 
