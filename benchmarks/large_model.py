@@ -50,7 +50,12 @@ def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
     peaks = {f"{rss.names.get(pid, '?')} [{pid}]": peak for pid, peak in rss.peaks.items() if pid != me}
     private = {f"{rss.names.get(pid, '?')} [{pid}]": rss.parts.get((pid, "RssAnon"), 0) for pid in rss.peaks if pid != me}
     top = dict(sorted(peaks.items(), key=lambda kv: -kv[1])[:8])
-    row = {"label": label, "command": " ".join(args), "wall_s": wall, "peak_rss_bytes": top,
+    # what the largest peaks are made of: private (RssAnon), object-store pages (RssShmem), mapped files
+    # (RssFile), each the largest value seen for that process (not necessarily at the same instant)
+    parts = {f"{rss.names.get(pid, '?')} [{pid}]": {part: rss.parts.get((pid, part), 0)
+                                                    for part in ("RssAnon", "RssShmem", "RssFile")}
+             for pid, _ in sorted(rss.peaks.items(), key=lambda kv: -kv[1])[:4] if pid != me}
+    row = {"label": label, "command": " ".join(args), "wall_s": wall, "peak_rss_bytes": top, "peak_parts_bytes": parts,
            "max_peak_bytes": max(peaks.values()), "max_private_bytes": max(private.values()),
            **{f"max_peak_fraction_of_{k}": max(peaks.values()) / v for k, v in weight_bytes.items()}}
     for key in ("timings", "sparsity", "ppl", "seconds", "windows", "tokens", "window_nll", "streamed",
@@ -58,7 +63,7 @@ def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
         if key in record:
             row[key] = record[key] if key != "sparsity" or not isinstance(record[key], dict) else record[key]["total"]
     append_row("large_model", row)
-    print(json.dumps({k: v for k, v in row.items() if k not in ("window_nll", "peak_rss_bytes")}), flush=True)
+    print(json.dumps({k: v for k, v in row.items() if k not in ("window_nll", "peak_rss_bytes", "peak_parts_bytes")}), flush=True)
     return row
 
 

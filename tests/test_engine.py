@@ -282,3 +282,74 @@ def test_local_statistics_hold_one_chunk_of_hessians_beside_the_total(tiny_model
     assert distinct_inputs == 4
     # the first chunk's partials become the total; later: total + one partial (and the new sum while it is built)
     assert peak[0] <= 3 * distinct_inputs, peak[0]
+
+
+def test_hessians_add_each_float32_gram_exactly_as_its_float64_copy_would():
+    """LayerInputStats adds x^T x (float32) into the float64 total in place, without a float64
+    copy of the gram: widening is exact, so the sums are those of adding gram.double()."""
+    from asft_ray.pruning.stats import LayerInputStats
+
+    linear = torch.nn.Linear(96, 8)
+    g = torch.Generator().manual_seed(3)
+    samples = [torch.randn(1, 40, 96, generator=g) * torch.logspace(-3, 3, 96) for _ in range(5)]
+    with LayerInputStats({"proj": linear}, hessian=True) as stats:
+        for x in samples:
+            stats.begin_sample()
+            linear(x)
+    expected = None
+    for x in samples:
+        gram = (x.reshape(-1, 96).T @ x.reshape(-1, 96)).double()
+        expected = gram if expected is None else expected + gram
+    assert torch.equal(stats.result().hessians["proj"], expected)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_the_local_runner_lets_each_dense_weight_go_before_the_next_is_pruned(tiny_model, calib_ids, method):
+    """Runner.prune reads the jobs one at a time and yields each pruned weight before it takes the
+    next job: a caller that swaps weights as they come never holds two copies of a layer."""
+    import gc
+    import weakref
+
+    from asft_ray.pruning.engine import LinearJob
+
+    layer = decoder_layers(tiny_model)[0]
+    runner = LocalRunner(*capture_layer0_inputs(tiny_model, calib_ids))
+    stats = runner.collect(layer, hessian=method == "sparsegpt")
+    dense = []
+
+    def jobs():
+        for name, linear in prunable_linears(layer).items():
+            weight = linear.weight.detach().clone()  # held only by its job
+            dense.append(weakref.ref(weight))
+            yield LinearJob(name, weight, 0.5)
+
+    for count, (name, pruned) in enumerate(runner.prune(method, Pattern.parse("unstructured"), jobs(), stats), 1):
+        gc.collect()
+        assert len(dense) == count  # the next job is not read before this weight is taken
+        assert all(ref() is None for ref in dense[:-1]), name
+        assert pruned.shape == prunable_linears(layer)[name].weight.shape
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_a_float32_gram_is_added_to_its_float64_sum_without_a_float64_copy():
+    """add_widened: bit-identical to total + part.double(), and its peak memory is a block of rows,
+    not the whole float64 copy that torch makes of a mixed-dtype operand on the CPU."""
+    from asft_ray.pruning.stats import add_widened
+
+    def status_mib(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+    width = 4096  # a whole float64 copy: 128 MiB, far above allocator noise
+    g = torch.Generator().manual_seed(0)
+    total = torch.randn(width, width, generator=g, dtype=torch.float64) * 1e3
+    part = torch.randn(width, width, generator=g) * torch.logspace(-4, 4, width)
+    expected = total + part.double()
+    add_widened(torch.zeros(8, width, dtype=torch.float64), part[:8])  # warm up
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_mib("VmRSS")
+    add_widened(total, part)
+    grown = status_mib("VmHWM") - before
+    assert torch.equal(total, expected)
+    assert grown < 0.5 * width * width * 8 / 2**20, f"{grown:.1f} MiB"  # a few row blocks at most

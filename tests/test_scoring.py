@@ -74,3 +74,52 @@ def test_sparsegpt_zeroes_columns_whose_input_is_always_zero():
     x[:, 3] = 0
     out = sparsegpt.prune(w, x.double().T @ x.double(), 0.25, Pattern.parse("unstructured"))
     assert torch.all(out[:, 3] == 0)
+
+
+def _out_of_place_factor(H: torch.Tensor) -> torch.Tensor:
+    """The three factorisation steps as they ran before they were done in place."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+@pytest.mark.parametrize("tokens,width", [(64, 16), (300, 257), (1000, 700)])
+def test_the_in_place_factorisation_is_bit_identical_to_the_three_out_of_place_steps(tokens, width):
+    x = correlated_inputs(tokens, width)
+    H = (x.T @ x).double() + (x[: tokens // 2].T @ x[: tokens // 2])  # a sum of grams, as LayerInputStats builds
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    expected = _out_of_place_factor(H)
+    factor = sparsegpt._factor_in_place(H.clone())
+    assert torch.equal(factor, expected)
+
+
+def test_an_asymmetric_hessian_takes_the_out_of_place_path(monkeypatch):
+    x = correlated_inputs(200, 48)
+    H = (x.T @ x).double()
+    H[3, 5] += 1e-9  # not exactly symmetric: a column-major view would be a different matrix
+    monkeypatch.setattr(sparsegpt, "_factor_in_place", lambda H: pytest.fail("in-place path taken"))
+    damped = H.clone()
+    damped.diagonal().add_(0.01 * damped.diagonal().mean())
+    assert torch.equal(sparsegpt.inverse_hessian_cholesky(H, torch.randn(4, 48), 0.01), _out_of_place_factor(damped))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_the_inverse_hessian_factor_needs_one_float64_matrix_beside_its_input():
+    """The peak memory of inverse_hessian_cholesky: the working copy of H, factored in place
+    (the out-of-place steps held two; 2 x 254 MB for a 5632-wide input)."""
+
+    def status_mib(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+    width = 2048
+    x = correlated_inputs(4096, width)
+    H = (x.T @ x).double()
+    w = torch.randn(8, width)
+    matrix_mib = width * width * 8 / 2**20  # 32 MiB
+    sparsegpt.inverse_hessian_cholesky(H, w, 0.01)  # warm up LAPACK's own buffers
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the high-water mark restarts from the current resident size
+    before = status_mib("VmRSS")
+    factor = sparsegpt.inverse_hessian_cholesky(H, w, 0.01)
+    grown = status_mib("VmHWM") - before
+    assert factor.shape == (width, width)
+    assert grown < 1.5 * matrix_mib, f"{grown:.1f} MiB for a {matrix_mib:.0f} MiB matrix"

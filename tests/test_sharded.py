@@ -161,3 +161,60 @@ def test_the_coordinator_stays_at_most_one_layer_ahead_of_the_workers(scoring_po
     outputs = runner.outputs()
     assert 1 <= runner.peak_layers_ahead <= 2
     assert all(torch.equal(a, b) for a, b in zip(outputs, local.outputs()))
+
+
+def test_sharded_solves_hold_no_dense_weight_and_return_one_pruned_weight_at_a_time(local_ray, tiny_model, calib8):
+    """Every solve is submitted (its weight copied into the object store) before the first result
+    is fetched; the runner keeps no dense weight, and yields the pruned ones one by one."""
+    import gc
+    import weakref
+
+    from asft_ray.distributed.sharded import ShardedRunner
+    from asft_ray.pruning.engine import LinearJob, capture_layer0_inputs
+
+    layer = decoder_layers(tiny_model)[0]
+    workers = start_workers(2, WorkerResources(cpus=1))
+    try:
+        runner = ShardedRunner(workers, *capture_layer0_inputs(tiny_model, calib8))
+        stats = runner.collect(layer, hessian=True)
+        dense, names = [], list(prunable_linears(layer))
+
+        def jobs():
+            for name in names:
+                weight = prunable_linears(layer)[name].weight.detach().clone()  # held only by its job
+                dense.append(weakref.ref(weight))
+                yield LinearJob(name, weight, 0.5)
+
+        results = runner.prune("sparsegpt", Pattern.parse("unstructured"), jobs(), stats)
+        first_name, first = next(results)
+        gc.collect()
+        assert len(dense) == len(names) and all(ref() is None for ref in dense)
+        rest = dict(results)
+    finally:
+        for w in workers:
+            ray.kill(w)
+    assert [first_name, *rest] == names
+    assert all(int((w == 0).sum()) == w.numel() // 2 for w in [first, *rest.values()])
+
+
+def test_the_owner_of_a_llama_mlp_output_input_solves_nothing_else():
+    """On the 1.57 B benchmark's layer shape (hidden 2048, MLP 5632), down_proj's solve (its 5632-wide
+    factor and update) costs more than all the other linears together: with 2 workers its owner gets
+    nothing else; counting only rows x cols^2 gave it o_proj as well."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from asft_ray.distributed.sharded import assign_owners, solve_cost
+    from asft_ray.pruning.stats import InputStats
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16)
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(config, layer_idx=0)
+    sources = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+               "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
+               "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
+    stats = InputStats(source=sources)
+    costs = {s: solve_cost(layer, stats, s) for s in dict.fromkeys(sources.values())}
+    owners = assign_owners(costs, 2)
+    assert [s for s, k in owners.items() if k == owners["mlp.down_proj"]] == ["mlp.down_proj"]
+    assert costs["mlp.down_proj"] > sum(costs.values()) / 2

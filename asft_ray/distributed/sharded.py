@@ -27,6 +27,7 @@ import copy
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import ray
 import torch
@@ -243,11 +244,14 @@ def assign_owners(costs: dict[str, float], n_workers: int) -> dict[str, int]:
 
 
 def solve_cost(layer, stats: InputStats, source: str) -> float:
-    """Rough SparseGPT cost of the linears that read `source`: rows x columns^2 each."""
+    """SparseGPT's floating-point operations for the linears that read `source`, each solved on its
+    own: the inverse-Hessian factor (two Cholesky factorisations and an inverse: about 4/3 cols^3)
+    and the column-by-column update (about 2 rows cols^2). The factor dominates a wide input
+    (down_proj), so leaving it out would give that input's owner more than its share."""
     from asft_ray.models import prunable_linears
 
     linears = prunable_linears(_materialize(layer))
-    return float(sum(linears[n].out_features * linears[n].in_features ** 2
+    return float(sum(4 / 3 * linears[n].in_features ** 3 + 2 * linears[n].out_features * linears[n].in_features ** 2
                      for n, s in stats.source.items() if s == source))
 
 
@@ -307,19 +311,19 @@ class ShardedRunner:
         hessians = {s: RemoteHessian(totals[s], self.workers[owners[s]]) for s in sources}
         return InputStats(small.source, small.sq_norms, hessians)
 
-    def prune(self, method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
+    def prune(self, method: str, pattern: Pattern, jobs: Iterable[LinearJob], stats: InputStats) -> Iterator[tuple[str, torch.Tensor]]:
         """Methods that need the Hessian (SparseGPT): each linear solved by its input's owner (in
-        parallel across owners); the others: here (a sort per row, cheap next to moving the weight)."""
+        parallel across owners); the others: here (a sort per row, cheap next to moving the weight).
+        Every solve is submitted (its weight copied into the object store) before the first result
+        is fetched, and results come back one at a time, so this process holds at most one pruned
+        weight beside the layer."""
         recipe = resolve(method)
         if not recipe.hessian:
-            return prune_jobs(method, pattern, jobs, stats)
-        results = {}
-        for job in jobs:
-            hessian = stats.hessian(job.name)
-            others = {s: stats.get(s, job.name) for s in sorted(recipe.needs - {"hessian"})}
-            results[job.name] = hessian.owner.solve.remote(method, pattern, _as_array(job.weight), job.sparsity,
-                                                           hessian.ref, others or None)
-        return {name: ray.get(ref) for name, ref in results.items()}
+            yield from prune_jobs(method, pattern, jobs, stats)
+            return
+        submitted = [(job.name, _submit_solve(method, pattern, job, stats)) for job in jobs]
+        for name, ref in submitted:
+            yield name, ray.get(ref)
 
     def advance(self, layer) -> None:
         """Push the activations through `layer` on the workers. Returns once the *previous* layer's
@@ -340,6 +344,13 @@ class ShardedRunner:
         per_chunk = split_chunks(targets, self.chunk_size)
         parts = [self._worker(k).nlls.remote(final_ref, c, ids) for k, (c, ids) in enumerate(zip(self.chunks, per_chunk))]
         return [nll for part in parts for nll in ray.get(part)]
+
+
+def _submit_solve(method: str, pattern: Pattern, job: LinearJob, stats: InputStats) -> ray.ObjectRef:
+    """One linear's solve, on the actor that owns its input's Hessian."""
+    hessian = stats.hessian(job.name)
+    others = {s: stats.get(s, job.name) for s in sorted(resolve(method).needs - {"hessian"})}
+    return hessian.owner.solve.remote(method, pattern, _as_array(job.weight), job.sparsity, hessian.ref, others or None)
 
 
 def _all_ready(refs: list) -> bool:

@@ -20,7 +20,7 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -71,10 +71,10 @@ def needed_stats(method: str, stats: InputStats, name: str) -> dict:
     return {stat: stats.get(stat, name) for stat in sorted(resolve(method).needs)}
 
 
-def prune_jobs(method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
-    """{name: pruned weight} for each job, one after another in this process."""
-    return {job.name: prune_weight(method, job.weight, pattern, job.sparsity, **needed_stats(method, stats, job.name))
-            for job in jobs}
+def prune_jobs(method: str, pattern: Pattern, jobs: Iterable[LinearJob], stats: InputStats) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, pruned weight) for each job, one after another in this process."""
+    for job in jobs:
+        yield job.name, prune_weight(method, job.weight, pattern, job.sparsity, **needed_stats(method, stats, job.name))
 
 
 def sparsity_of(sparsity, layer, name: str) -> float:
@@ -202,8 +202,10 @@ class Runner(Protocol):
     def collect(self, layer: nn.Module, hessian: bool, only: list[str] | None = None) -> InputStats:
         """Input statistics of the layer's linears (of those in `only`), summed over the calibration set."""
 
-    def prune(self, method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
-        """{name: pruned weight} for each job, from `stats` as `collect` returned them."""
+    def prune(self, method: str, pattern: Pattern, jobs: Iterable[LinearJob], stats: InputStats) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, pruned weight) for each job, in job order, from `stats` as `collect` returned them.
+        `jobs` is read once, and each pair is produced only after the caller took the one before:
+        a caller that swaps each weight in as it comes holds one layer and one pruned weight, not two layers."""
 
     def advance(self, layer: nn.Module) -> None:
         """Push the calibration activations through `layer`: they become the next layer's inputs."""
@@ -229,7 +231,7 @@ class LocalRunner:
         layer = computing_copy(layer)
         return sum_in_order(chunk_stats(layer, c, self.args, self.kwargs, hessian, only) for c in self.chunks)
 
-    def prune(self, method: str, pattern: Pattern, jobs: list[LinearJob], stats: InputStats) -> dict[str, torch.Tensor]:
+    def prune(self, method: str, pattern: Pattern, jobs: Iterable[LinearJob], stats: InputStats) -> Iterator[tuple[str, torch.Tensor]]:
         return prune_jobs(method, pattern, jobs, stats)
 
     def advance(self, layer: nn.Module) -> None:
@@ -276,10 +278,10 @@ def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_seque
     for position, group in enumerate(groups):
         if position > 0:
             stats = runner.collect(layer, hessian, only=group)
-        jobs = [LinearJob(name, linears[name].weight.data, sparsity_of(sparsity, index, name)) for name in group]
-        for name, weight in runner.prune(method, pattern, jobs, stats).items():
+        # a generator: no list of the dense weights outlives their swap for the pruned ones
+        jobs = (LinearJob(name, linears[name].weight.data, sparsity_of(sparsity, index, name)) for name in group)
+        for name, weight in runner.prune(method, pattern, jobs, stats):
             linears[name].weight.data = weight
-        del jobs
 
 
 @torch.no_grad()

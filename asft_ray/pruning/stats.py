@@ -57,6 +57,17 @@ def sum_in_order(parts) -> InputStats:
     return total
 
 
+def add_widened(total: torch.Tensor, part: torch.Tensor, rows: int = 256) -> None:
+    """total += part, for a float64 total and a float32 part, a block of rows at a time.
+
+    On the CPU, torch first copies a mixed-dtype operand whole into the result's dtype: adding an
+    i x i float32 gram to its float64 sum would allocate an i x i float64 copy (254 MB for the
+    5632-wide down_proj input); per block the copy is rows x i. Widening is exact and addition is
+    element by element, so the sums are bit-identical to total += part.double()."""
+    for start in range(0, total.shape[0], rows):
+        total[start : start + rows].add_(part[start : start + rows])
+
+
 class StopLayer(Exception):
     """Raised by the hooks once every watched linear has seen its input: the rest of the layer's forward is not needed."""
 
@@ -131,11 +142,11 @@ class LayerInputStats:
         count = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
         self.tokens[name] = self.tokens[name] + count if name in self.tokens else count
         if self.want_hessian:
-            gram = (x.T @ x).double()
+            gram = x.T @ x  # float32, as always; summed in float64
             if name in self.hessians:
-                self.hessians[name].add_(gram)  # in place: the same sums, one i x i float64 matrix fewer
+                add_widened(self.hessians[name], gram)
             else:
-                self.hessians[name] = gram
+                self.hessians[name] = gram.double()
 
     def result(self) -> InputStats:
         return InputStats(dict(self.source), dict(self.sq_norms), dict(self.hessians), dict(self.sums),

@@ -24,10 +24,33 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, weight: torch.Tensor, percda
     H[dead, dead] = 1
     weight[:, dead] = 0
     H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    if H.device.type == "cpu" and torch.equal(H, H.mT):  # (checked bit-identical on CPU LAPACK only)
+        return _factor_in_place(H)
     # one step at a time, so that at most two cols x cols float64 matrices are alive
     H = torch.linalg.cholesky(H)
     H = torch.cholesky_inverse(H)
     return torch.linalg.cholesky(H, upper=True)
+
+
+def _factor_in_place(H: torch.Tensor) -> torch.Tensor:
+    """cholesky(cholesky_inverse(cholesky(H)), upper=True) in H's own memory: one cols x cols
+    float64 matrix instead of two (4 x 5632^2 bytes less for a 5632-wide input).
+
+    LAPACK works on column-major matrices, so torch copies a row-major H into a column-major
+    buffer for each of the three steps. A symmetric H read column-major (H.mT, a view) is the very
+    same matrix, so each step runs the same LAPACK routine on the same values in place: the
+    result is bit-identical to the three out-of-place calls (tests/test_scoring.py). The caller
+    checks that H is exactly symmetric (the sums of x^T x are, in practice); if not, it uses the
+    out-of-place path."""
+    view, info = H.mT, torch.empty((), dtype=torch.int32, device=H.device)
+    torch.linalg.cholesky_ex(view, out=(view, info))
+    if info.item():
+        raise torch.linalg.LinAlgError(f"the dampened Hessian is not positive definite (leading minor {info.item()})")
+    torch.cholesky_inverse(view, out=view)
+    torch.linalg.cholesky_ex(view, upper=True, out=(view, info))
+    if info.item():
+        raise torch.linalg.LinAlgError(f"the inverse Hessian is not positive definite (leading minor {info.item()})")
+    return view  # column-major: callers copy it into their float32 working matrix
 
 
 def prune(
@@ -42,7 +65,7 @@ def prune(
     W = weight.detach().float().clone()
     rows, cols = W.shape
     Hinv = inverse_hessian_cholesky(hessian, W, percdamp)
-    Hinv = Hinv.to(W.dtype)  # the float64 factor is freed here
+    Hinv = torch.empty(Hinv.shape, dtype=W.dtype, device=W.device).copy_(Hinv)  # row-major float32; the float64 factor is freed here
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
