@@ -119,7 +119,7 @@ def tradeoff_plot(candidates: list[dict], ppl_bound: float, recommended: str | N
     with_acc = all(c.get("mean_acc") is not None for c in points)
     plt = _plt()
     fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(10 if with_acc else 6, 3.4), squeeze=False)
-    panels = [("ppl", "WikiText-2 test ppl (log)")] + ([("mean_acc", "mean zero-shot accuracy")] if with_acc else [])
+    panels = [("ppl", "WikiText-2 test ppl")] + ([("mean_acc", "mean zero-shot accuracy")] if with_acc else [])
     for ax, (key, label) in zip(axes[0], panels):
         for c, x in zip(points, xs):
             ok = c.get("meets_tolerance") or c["name"] == "dense"
@@ -129,11 +129,13 @@ def tradeoff_plot(candidates: list[dict], ppl_bound: float, recommended: str | N
                 ax.scatter(x, c[key], s=220, facecolors="none", edgecolors="#55a868", linewidths=2, zorder=4,
                            label="recommended")
         if key == "ppl":
-            from matplotlib.ticker import NullFormatter, ScalarFormatter
+            values = [c["ppl"] for c in points] + [ppl_bound]
+            if max(values) > 10 * min(values):  # a log axis only when the candidates span a decade
+                from matplotlib.ticker import ScalarFormatter
 
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(NullFormatter())
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(ScalarFormatter())
             ax.axhline(ppl_bound, color="#dd8452", linestyle="--", label=f"tolerance ({ppl_bound:.1f})")
         ax.set_xlabel("cost per million generated tokens" if priced else "cost per generated token (% of dense)")
         ax.set_ylabel(label)
@@ -141,6 +143,7 @@ def tradeoff_plot(candidates: list[dict], ppl_bound: float, recommended: str | N
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle("Cost against quality: every candidate, measured in this run")
+    fig.tight_layout()
     return _png(fig)
 
 
