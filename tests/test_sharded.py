@@ -163,7 +163,7 @@ def test_the_coordinator_stays_at_most_one_layer_ahead_of_the_workers(scoring_po
     assert all(torch.equal(a, b) for a, b in zip(outputs, local.outputs()))
 
 
-def test_sharded_solves_hold_no_dense_weight_and_return_one_pruned_weight_at_a_time(local_ray, tiny_model, calib8):
+def test_sharded_solves_hold_no_dense_weight_and_return_one_pruned_weight_at_a_time(scoring_pool, tiny_model, calib8):
     """Every solve is submitted (its weight copied into the object store) before the first result
     is fetched; the runner keeps no dense weight, and yields the pruned ones one by one."""
     import gc
@@ -173,26 +173,21 @@ def test_sharded_solves_hold_no_dense_weight_and_return_one_pruned_weight_at_a_t
     from asft_ray.pruning.engine import LinearJob, capture_layer0_inputs
 
     layer = decoder_layers(tiny_model)[0]
-    workers = start_workers(2, WorkerResources(cpus=1))
-    try:
-        runner = ShardedRunner(workers, *capture_layer0_inputs(tiny_model, calib8))
-        stats = runner.collect(layer, hessian=True)
-        dense, names = [], list(prunable_linears(layer))
+    runner = ShardedRunner(scoring_pool.take(2), *capture_layer0_inputs(tiny_model, calib8))
+    stats = runner.collect(layer, hessian=True)
+    dense, names = [], list(prunable_linears(layer))
 
-        def jobs():
-            for name in names:
-                weight = prunable_linears(layer)[name].weight.detach().clone()  # held only by its job
-                dense.append(weakref.ref(weight))
-                yield LinearJob(name, weight, 0.5)
+    def jobs():
+        for name in names:
+            weight = prunable_linears(layer)[name].weight.detach().clone()  # held only by its job
+            dense.append(weakref.ref(weight))
+            yield LinearJob(name, weight, 0.5)
 
-        results = runner.prune("sparsegpt", Pattern.parse("unstructured"), jobs(), stats)
-        first_name, first = next(results)
-        gc.collect()
-        assert len(dense) == len(names) and all(ref() is None for ref in dense)
-        rest = dict(results)
-    finally:
-        for w in workers:
-            ray.kill(w)
+    results = runner.prune("sparsegpt", Pattern.parse("unstructured"), jobs(), stats)
+    first_name, first = next(results)
+    gc.collect()
+    assert len(dense) == len(names) and all(ref() is None for ref in dense)
+    rest = dict(results)
     assert [first_name, *rest] == names
     assert all(int((w == 0).sum()) == w.numel() // 2 for w in [first, *rest.values()])
 
