@@ -389,9 +389,9 @@ def write_report(cfg: RunConfig, run: Path, first_stage: dict, models: dict, pat
                       "so they do not speed up CPU decoding; only structured pruning or 2:4 kernels on a GPU do.",
         "recommendation": recommendation(cfg, run, models, paths),
     }
-    facts["recommended"] = (facts["recommendation"]["recommended"] or None) and {
-        k: facts["recommendation"]["recommended"][k] for k in ("name", "path", "ppl", "relative_cost", "cost_per_million")
-        if k in facts["recommendation"]["recommended"]}
+    chosen = facts["recommendation"]["recommended"]
+    facts["recommended"] = None if chosen is None else {
+        k: chosen[k] for k in ("name", "path", "ppl", "relative_cost", "cost_per_million") if k in chosen}
     write_json_atomic(run / "report.json", facts)
     html_text = build_report(facts)
     tmp = run / ".report.html.tmp"
