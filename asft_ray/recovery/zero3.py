@@ -71,6 +71,7 @@ def build_partitioned(spec: str, ds_config: dict, dtype: torch.dtype):
     for as long as the model is used: transformers reads it to know that ZeRO-3 is on."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from asft_ray.recovery.recipe import model_config
 
@@ -79,6 +80,11 @@ def build_partitioned(spec: str, ds_config: dict, dtype: torch.dtype):
     config.use_cache = False
     if hasattr(config, "quantization_config"):  # a GGUF's marker: the weights arrive dequantized
         del config.quantization_config
+    # Import the model's classes before zero.Init: a class first defined inside it keeps, after the
+    # context exits, the __init__ DeepSpeed saved, so decorators transformers applies to the class
+    # afterwards (the `kernels` hub wrappers on LlamaAttention) are lost for every later instance
+    # (the teacher built second then fails with "no attribute '_kernel_funcs'").
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     with _zero3_construction(ds_config):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if next(model.parameters()).ds_tensor.dtype != dtype:
