@@ -43,6 +43,7 @@ def magnitude_pruned(folder: Path, sparsity: float = 0.5) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pruned", type=Path, help="a pruned HF model dir (default: magnitude-prune SmolLM2)")
+    parser.add_argument("--teacher", default=DENSE, help="the dense model to distil from (default: %(default)s)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "gpu-check")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -63,7 +64,7 @@ def main() -> int:
     start = time.perf_counter()
     pruned = args.pruned or magnitude_pruned(args.runs / "magnitude50")
     cfg = RecoverConfig(
-        model=str(pruned), teacher=DENSE, kd_weight=1.0, lm_weight=1.0, out=str(args.runs / "recovered"),
+        model=str(pruned), teacher=args.teacher, kd_weight=1.0, lm_weight=1.0, out=str(args.runs / "recovered"),
         data_dir=args.data_dir, workers=1, worker_cpus=1, device="cuda", zero_stage=3, bf16=True,
         offload_optimizer=args.offload or None, offload_params=args.offload or None, max_steps=args.steps,
         seqlen=args.seqlen, grad_accum=args.grad_accum, lr=1e-4, overwrite=True,
