@@ -6,6 +6,8 @@ row, appends one JSON line per finished row to benchmarks/results/foundation.jso
 
     python benchmarks/foundation.py                 # everything, in priority order
     python benchmarks/foundation.py --only wanda-unstructured --table
+    python benchmarks/foundation.py --results foundation-rerun --only dense-- wanda-2:4 --compare-to foundation
+        (re-run rows into another file and compare their ppl with the recorded ones, digit for digit)
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pathlib import Path
 from results_io import asft, read_rows, wikitext_ppl
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "foundation.jsonl"
 RUNS = ROOT / "runs" / "bench"
 MODEL = "smollm2-135m"
 
@@ -67,8 +68,8 @@ def row_key(method: str, pattern: str, nsamples: int, mode: str = "") -> str:
     return f"{method}-{pattern}" + (f"-n{nsamples}" if nsamples not in (0, 32) else "") + ("-ts" if mode else "")
 
 
-def done_rows() -> dict:
-    return {r["key"]: r for r in read_rows("foundation")}
+def done_rows(results: str = "foundation") -> dict:
+    return {r["key"]: r for r in read_rows(results)}
 
 
 def ppl_of_first(result: dict, n: int) -> float:
@@ -76,7 +77,7 @@ def ppl_of_first(result: dict, n: int) -> float:
     return math.exp(math.fsum(nll) / len(nll))
 
 
-def run_row(method: str, pattern: str, nsamples: int, done: dict, mode: str = "") -> dict:
+def run_row(method: str, pattern: str, nsamples: int, done: dict, runs: Path, mode: str = "") -> dict:
     if method == "dense" and pattern == "-":
         model, prune = MODEL, None
     elif pattern == "full":
@@ -91,7 +92,7 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict, mode: str = ""
             model, prune = best["model_dir"], None
             method = f"{best['method']} (best 50 %)"
     else:
-        out = RUNS / (f"{method}-{pattern.replace(':', 'of')}-n{nsamples}" + ("-ts" if mode else ""))
+        out = runs / (f"{method}-{pattern.replace(':', 'of')}-n{nsamples}" + ("-ts" if mode else ""))
         args = ["prune", "--model", MODEL, "--method", method, "--pattern", pattern, "--nsamples", str(nsamples),
                 "--seqlen", "2048", "--out", str(out), "--no-progress"]
         if pattern == "unstructured":
@@ -149,20 +150,37 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", help="keys such as wanda-unstructured or dense-full")
     parser.add_argument("--table", action="store_true", help="only print the table of finished rows")
+    parser.add_argument("--results", default="foundation", help="rows file: benchmarks/results/NAME.jsonl")
+    parser.add_argument("--compare-to", help="another rows file: print both ppl columns of the shared rows")
     args = parser.parse_args()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    results = ROOT / "benchmarks" / "results" / f"{args.results}.jsonl"
+    runs = RUNS if args.results == "foundation" else RUNS.parent / args.results
+    results.parent.mkdir(parents=True, exist_ok=True)
     if not args.table:
         for method, pattern, nsamples, *mode in ROWS:
             key = row_key(method, pattern, nsamples, *mode)
-            if key in done_rows() or (args.only and key not in args.only):
+            if key in done_rows(args.results) or (args.only and key not in args.only):
                 continue
             start = time.perf_counter()
-            row = {"key": key, **run_row(method, pattern, nsamples, done_rows(), *mode)}
+            row = {"key": key, **run_row(method, pattern, nsamples, done_rows(args.results), runs, *mode)}
             row["wall_s"] = time.perf_counter() - start
-            with RESULTS.open("a") as f:
+            with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-    print(table(done_rows()))
+    print(table(done_rows(args.results)))
+    if args.compare_to:
+        print(comparison(done_rows(args.compare_to), done_rows(args.results), args.compare_to, args.results))
+
+
+def comparison(old: dict, new: dict, old_name: str, new_name: str) -> str:
+    """The ppl columns of the rows both files hold, side by side, and whether they are equal to the last digit."""
+    columns = ("ppl_8w", "ppl_16w", "ppl_full")
+    lines = [f"| row | column | {old_name} | {new_name} | equal |", "|---|---|---|---|---|"]
+    for key in (k for k in new if k in old):
+        for col in (c for c in columns if c in new[key] and c in old[key]):
+            a, b = old[key][col], new[key][col]
+            lines.append(f"| {key} | {col} | {a!r} | {b!r} | {'yes' if a == b else f'no ({b / a - 1:+.2e})'} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
