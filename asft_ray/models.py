@@ -126,9 +126,9 @@ def load_model(spec: str, device: str = "auto", dtype: torch.dtype = torch.float
     hf_logging.set_verbosity_error()
     if not show_progress:
         hf_logging.disable_progress_bar()
-    from asft_ray.export.int8 import MANIFEST as INT8_MANIFEST
+    from asft_ray.export.int8 import is_int8_folder
 
-    if (Path(source.location) / INT8_MANIFEST).is_file():  # an int8 export: its kernels run on the CPU
+    if is_int8_folder(source.location):  # an int8 export: its kernels run on the CPU
         from asft_ray.export.int8 import load_int8
 
         return load_int8(source.location, "cpu" if device == "auto" else str(pick_device(device)), dtype), load_tokenizer(spec)

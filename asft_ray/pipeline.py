@@ -5,11 +5,16 @@
                       KV groups, whole layers removed; asft export --format structured)
     RUN/recover/      recovery fine-tuning of the pruned model (asft_ray.recovery), if `recover:` is set
     RUN/export/NAME/  deployment exports (`export: [compressed]`)
-    RUN/eval/NAME.json  perplexity, zero-shot and speed of dense / pruned / recovered, measured here
+    RUN/int8/SOURCE/  with `int8: [dense, final]`: int8 copies (asft_ray/export/int8.py) of those models,
+                      evaluated as the extra candidates dense+int8, pruned+int8 or recovered+int8
+    RUN/eval/NAME.json  perplexity, zero-shot and speed of dense / pruned / recovered (/ +int8), measured here
     RUN/report.html, RUN/report.json  (with the recommendation: the cheapest model within `tolerance:`)
 
 Each stage writes its output atomically and is skipped when that output is already there, so
 running the same command after a kill (or after `asft approve`) continues where it stopped.
+A candidate's `path` in report.json is a model folder that transformers' `from_pretrained` loads,
+except an int8 one (`"int8": true`): that loads with asft_ray.models.load_model (`asft eval`), which
+puts torch's int8 kernels in.
 """
 
 from __future__ import annotations
@@ -72,6 +77,10 @@ class StructureSpec:
         return ", ".join(p for p in parts if p) + (", least-squares refit" if self.refit else "")
 
 
+# What `int8:` may name: the run's models, or `final` (recovered if `recover:` is set, else pruned).
+INT8_SOURCES = ("dense", "pruned", "recovered", "final")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: str
@@ -80,6 +89,7 @@ class RunConfig:
     structure: StructureSpec | None = None  # instead of prune: remove whole channels, heads, layers
     recover: dict | None = None  # asft_ray.recovery settings without model/out/data_dir; `distill: true` uses the dense teacher
     export: tuple[str, ...] = ()
+    int8: tuple[str, ...] = ()  # models whose int8 copy is an extra candidate: dense, pruned, recovered, final (see INT8_SOURCES)
     eval: EvalSpec = field(default_factory=EvalSpec)
     price_per_hour: float | None = None  # machine price for the cost per million tokens; None: "cost not computed"
     tolerance: Tolerance = field(default_factory=Tolerance)  # the quality the recommendation may give up
@@ -122,6 +132,8 @@ class RunConfig:
         if bad:
             raise AsftError(f"{source}: unknown export format(s) {', '.join(bad)}: choose from {', '.join(offered)}")
         values["export"] = tuple(exports)
+        values["int8"] = tuple(values.get("int8") or ())
+        _check_int8(values["int8"], values.get("recover") is not None, values.get("device", "cpu"), source)
         price = values.get("price_per_hour")
         if price is not None and (not isinstance(price, (int, float)) or price <= 0):
             raise AsftError(f"{source}: price_per_hour must be a positive number")
@@ -144,6 +156,12 @@ class RunConfig:
                                        "data_dir": self.data_dir, "device": self.device}, source="prune")
 
     @property
+    def int8_sources(self) -> tuple[str, ...]:
+        """The models `int8:` names, `final` resolved, each once, in the order given."""
+        final = "recovered" if self.recover is not None else "pruned"
+        return tuple(dict.fromkeys(final if name == "final" else name for name in self.int8))
+
+    @property
     def pruned_dir(self) -> Path:
         """Where the first stage leaves its model: RUN/prune/model or RUN/structure/model."""
         return Path(self.out).resolve() / ("structure" if self.structure else "prune") / "model"
@@ -164,6 +182,17 @@ class RunConfig:
         return RecoverConfig.from_dict({**values, "model": str(self.pruned_dir),
                                         "out": str(run / "recover"), "data_dir": self.data_dir,
                                         "teacher": self.model if distill else None}, source="recover")
+
+
+def _check_int8(sources: tuple[str, ...], recover: bool, device: str, source: str) -> None:
+    bad = [name for name in sources if name not in INT8_SOURCES]
+    if bad:
+        raise AsftError(f"{source}: int8: unknown model(s) {', '.join(map(str, bad))}: choose from {', '.join(INT8_SOURCES)}")
+    if "recovered" in sources and not recover:
+        raise AsftError(f"{source}: int8: recovered names the recovered model, but the config has no recover: section")
+    if sources and device != "cpu":
+        raise AsftError(f"{source}: int8 candidates run on torch's int8 CPU kernels, so every model is measured "
+                        f"on the CPU: set device: cpu (got {device!r})")
 
 
 def _log(message: str) -> None:
@@ -248,13 +277,22 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
         exports = {}
         for fmt in cfg.export:
             _log(f"stage 3/5: export {fmt}")
-            exports[fmt] = _export_final(fmt, final_dir, run / "export" / fmt, cfg.device)
+            exports[fmt] = _export(fmt, final_dir, run / "export" / fmt, cfg.device)
             steps.append(f"Exported the final model as {fmt}: {exports[fmt].get('summary', '')}")
-        _log("stage 4/5: evaluation (dense, pruned" + (", recovered)" if recovery else ")"))
-        models, paths = {}, {"dense": cfg.model, "pruned": str(pruned_dir), "recovered": str(final_dir) if recovery else None}
-        for name, spec in paths.items():
-            if spec is not None:
-                models[name] = _evaluation(run / "eval" / f"{name}.json", spec, cfg, data_dir, name != "dense")
+        paths = {"dense": cfg.model, "pruned": str(pruned_dir)}
+        if recovery:
+            paths["recovered"] = str(final_dir)
+        int8 = {}
+        for source in cfg.int8_sources:
+            _log(f"stage 3/5: int8 copy of {source}")
+            out = run / "int8" / source
+            int8[source] = _export("int8", paths[source], out, cfg.device)
+            paths[f"{source}+int8"] = str(out)
+            steps.append(f"Quantized {source} to int8 weights (one scale per output channel, torch's int8 weight-only "
+                         f"CPU kernel), evaluated as the candidate {source}+int8: {int8[source]['summary']}.")
+        _log(f"stage 4/5: evaluation ({', '.join(paths)})")
+        models = {name: _evaluation(run / "eval" / f"{name}.json", spec, cfg, data_dir, name != "dense")
+                  for name, spec in paths.items()}
     finally:
         if owned:
             import ray
@@ -266,7 +304,7 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
                  + f"and decode speed ({cfg.eval.speed_prompt}-token prompt, {cfg.eval.speed_new_tokens} new tokens, "
                    f"median of {cfg.eval.speed_repeats}) for every model on this machine.")
     _log("stage 5/5: report")
-    report = write_report(cfg, run, result, models, paths, final_name, recovery, exports, steps,
+    report = write_report(cfg, run, result, models, paths, final_name, recovery, exports, int8, steps,
                           time.perf_counter() - started)
     _log(f"report: {report}")
     return {"status": "finished", "report": str(report), "final": final_name}
@@ -352,15 +390,16 @@ def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: b
     return cached
 
 
-def _export_final(fmt: str, model_dir: Path, out: Path, device: str) -> dict:
-    """The final model in `fmt` (asft_ray/export/formats/), written once."""
+def _export(fmt: str, model: Path | str, out: Path, device: str) -> dict:
+    """`model` (a folder or the dense model's spec) in `fmt` (asft_ray/export/formats/), written once:
+    a folder that holds the format's report is finished and kept."""
     from asft_ray.export.formats import get_format
     from asft_ray.export.run import export_model
 
     spec = get_format(fmt)
     report = spec.read_report(out)
     if report is None:
-        export_model(str(model_dir), fmt, out, device=device, overwrite=True, show_progress=False)
+        export_model(str(model), fmt, out, device=device, overwrite=True, show_progress=False)
         report = spec.read_report(out)
         if report is None:
             raise AsftError(f"{out} is not a {fmt} export: it holds no readable report")
@@ -369,7 +408,7 @@ def _export_final(fmt: str, model_dir: Path, out: Path, device: str) -> dict:
 
 
 def write_report(cfg: RunConfig, run: Path, first_stage: dict, models: dict, paths: dict, final_name: str,
-                 recovery: dict | None, exports: dict, steps: list[str], seconds: float) -> Path:
+                 recovery: dict | None, exports: dict, int8: dict, steps: list[str], seconds: float) -> Path:
     import asft_ray
     from asft_ray.report.html import build_report
     from asft_ray.staged import DecisionLog
@@ -381,17 +420,20 @@ def write_report(cfg: RunConfig, run: Path, first_stage: dict, models: dict, pat
         "version": asft_ray.__version__, "steps": steps, "models": models, "price_per_hour": cfg.price_per_hour,
         "decisions": DecisionLog(run / "prune").rows if cfg.prune is not None else [],
         "recovery_evals": (recovery or {}).get("evals"),
-        "exports": exports, "ppl_split": "test", "ppl_seqlen": cfg.eval.ppl_seqlen, "pipeline_seconds": seconds,
+        "exports": exports, "int8": int8, "ppl_split": "test", "ppl_seqlen": cfg.eval.ppl_seqlen, "pipeline_seconds": seconds,
         "zeroshot_note": f"log-likelihood scoring as lm-evaluation-harness does; first {cfg.eval.zeroshot_limit} items per task"
         if cfg.eval.zeroshot_limit else "log-likelihood scoring as lm-evaluation-harness does; all items",
         "speed_note": "Measured one after another in this run on this machine, each model in a fresh process (CPU, fp32, torch threads "
                       f"{models['dense'].get('threads')}). Unstructured zeros are stored as dense weights in memory, "
-                      "so they do not speed up CPU decoding; only structured pruning or 2:4 kernels on a GPU do.",
+                      "so they do not speed up CPU decoding; only structured pruning or 2:4 kernels on a GPU do."
+                      + (" The +int8 models run their decoder linears and head on torch's int8 weight-only kernel "
+                         "(aten._weight_int8pack_mm, bfloat16 activations inside the matmul), the rest in fp32."
+                         if int8 else ""),
         "recommendation": recommendation(cfg, run, models, paths),
     }
     chosen = facts["recommendation"]["recommended"]
     facts["recommended"] = None if chosen is None else {
-        k: chosen[k] for k in ("name", "path", "ppl", "relative_cost", "cost_per_million") if k in chosen}
+        k: chosen[k] for k in ("name", "path", "int8", "ppl", "relative_cost", "cost_per_million") if k in chosen}
     write_json_atomic(run / "report.json", facts)
     html_text = build_report(facts)
     tmp = run / ".report.html.tmp"
@@ -403,14 +445,16 @@ def write_report(cfg: RunConfig, run: Path, first_stage: dict, models: dict, pat
 def recommendation(cfg: RunConfig, run: Path, models: dict, paths: dict) -> dict:
     """Every evaluated model as a candidate (asft_ray.report.recommend), the cheapest within the
     tolerance named; paths of the run's own models relative to the run folder."""
+    from asft_ray.export.int8 import is_int8_folder
     from asft_ray.report.recommend import candidate_row, recommend
 
     dense = models["dense"]
     rows = []
     for name, measured in models.items():
         path = paths.get(name)
+        int8 = path is not None and is_int8_folder(path)  # loads with asft_ray.models.load_model, not from_pretrained
         if path is not None and Path(path).is_absolute() and Path(path).is_relative_to(run):
             path = str(Path(path).relative_to(run))
-        rows.append(candidate_row(name, path, measured, dense, cfg.tolerance, cfg.price_per_hour))
+        rows.append({**candidate_row(name, path, measured, dense, cfg.tolerance, cfg.price_per_hour), "int8": int8})
     return {"candidates": rows, "tolerance": dataclasses.asdict(cfg.tolerance),
             "ppl_bound": cfg.tolerance.max_ppl_ratio * dense["ppl"], **recommend(rows, cfg.tolerance, dense["ppl"])}

@@ -45,16 +45,16 @@ def test_a_format_registered_in_one_place_reaches_the_cli(toy, tmp_path, capsys)
 
 
 def test_a_format_with_a_run_summary_is_offered_to_runs_and_exported_once(toy, tmp_path):
-    from asft_ray.pipeline import RunConfig, _export_final
+    from asft_ray.pipeline import RunConfig, _export
 
     values = {"model": "smollm2-135m", "out": str(tmp_path / "r"),
               "prune": {"method": "wanda", "stages": [0.5], "gate": {"max_ppl_ratio": 2}}, "export": ["toy"]}
     assert RunConfig.from_dict(values).export == ("toy",)
     out = tmp_path / "export" / "toy"
-    report = _export_final("toy", tmp_path / "model", out, "cpu")
+    report = _export("toy", tmp_path / "model", out, "cpu")
     assert report["summary"] == "7 bytes of toy" and report["model"] == str(tmp_path / "model")
     written = (out / "toy.json").stat().st_mtime_ns
-    assert _export_final("toy", tmp_path / "model", out, "cpu")["summary"] == "7 bytes of toy"
+    assert _export("toy", tmp_path / "model", out, "cpu")["summary"] == "7 bytes of toy"
     assert (out / "toy.json").stat().st_mtime_ns == written  # written once
 
 

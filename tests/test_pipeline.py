@@ -40,11 +40,27 @@ def _values(model_dir, out, **extra):
                      "speed_prompt": 16, "speed_new_tokens": 4, "speed_repeats": 1}, **extra}
 
 
-def test_pipeline_without_recovery_writes_every_artifact_and_resumes(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    result = run_pipeline(RunConfig.from_dict(_values(tiny_model_dir, out)), show_progress=False)
+@pytest.fixture(scope="module")
+def pruned_run(tiny_model_dir, tmp_path_factory):
+    """A sparse run without recovery, with int8 copies of dense and of the final model, then the
+    same command again with a price: what the first run finished must be kept. (One run shared by
+    the two tests below: a pipeline run costs ~30 s on 2 cores.)"""
+    out = tmp_path_factory.mktemp("pruned") / "run"
+    values = _values(tiny_model_dir, out, int8=["dense", "final"])
+    result = run_pipeline(RunConfig.from_dict(values), show_progress=False)
+    first_html = (out / "report.html").read_text()
+    finished = [out / "eval" / "dense.json", out / "int8" / "dense" / "int8.json", out / "int8" / "pruned" / "int8.json",
+                out / "eval" / "dense+int8.json", out / "eval" / "pruned+int8.json"]
+    before = [f.stat().st_mtime_ns for f in finished]
+    run_pipeline(RunConfig.from_dict({**values, "price_per_hour": 1.0}), show_progress=False)
+    return {"out": out, "result": result, "first_html": first_html,
+            "kept": [f.stat().st_mtime_ns for f in finished] == before}
+
+
+def test_pipeline_without_recovery_writes_every_artifact_and_resumes(pruned_run):
+    out, result = pruned_run["out"], pruned_run["result"]
     assert result["status"] == "finished" and result["final"] == "pruned"
-    html = (out / "report.html").read_text()
+    html = pruned_run["first_html"]
     assert html.count("data:image/png;base64,") >= 3  # stage curve, zero-shot, per-layer sparsity
     assert "Cost not computed" in html
     facts = json.loads((out / "report.json").read_text())
@@ -52,10 +68,36 @@ def test_pipeline_without_recovery_writes_every_artifact_and_resumes(tiny_model_
     assert facts["models"]["dense"]["sparsity"] == 0.0
     assert facts["exports"]["compressed"]["pruned_ratio"] == pytest.approx(0.4 + 1 / 32, abs=2e-3)  # 60 % zeros
     assert (out / "prune" / "decisions.parquet").exists() and (out / "eval" / "pruned.json").exists()
-    before = (out / "eval" / "dense.json").stat().st_mtime_ns
-    run_pipeline(RunConfig.from_dict(_values(tiny_model_dir, out, price_per_hour=1.0)), show_progress=False)
-    assert (out / "eval" / "dense.json").stat().st_mtime_ns == before  # finished stages are not redone
+    assert pruned_run["kept"]  # finished stages are not redone
     assert "per million tokens" in (out / "report.html").read_text()
+
+
+# int8 weights (one scale per output channel) move the tiny model's logits by under 2 % of their
+# range (tests/test_int8.py); its test ppl moves by far less (measured: 0.02 %).
+INT8_PPL_TOLERANCE = 0.02
+
+
+def test_int8_copies_are_candidates_with_their_own_quality_and_cost_and_are_not_redone(pruned_run):
+    out = pruned_run["out"]
+    facts = json.loads((out / "report.json").read_text())
+    models, rows = facts["models"], {c["name"]: c for c in facts["recommendation"]["candidates"]}
+    assert list(rows) == ["dense", "pruned", "dense+int8", "pruned+int8"]
+    for source in ("dense", "pruned"):
+        int8, float_model = models[f"{source}+int8"], models[source]
+        assert int8["ppl"] == pytest.approx(float_model["ppl"], rel=INT8_PPL_TOLERANCE) and int8["ppl"] != float_model["ppl"]
+        assert int8["ppl_windows"] == float_model["ppl_windows"] == 2 and "mean_acc" in int8["zeroshot"]
+        assert int8["threads"] == float_model["threads"] and int8["speed"]["new_tokens"] == 4
+        # measured on the int8 modules: their weights in memory are int8 (the float embedding stays)
+        assert int8["speed"]["weights_mb"] < 0.7 * float_model["speed"]["weights_mb"]
+        row = rows[f"{source}+int8"]
+        assert row["int8"] and not rows[source]["int8"] and row["path"] == f"int8/{source}"
+        assert row["cost_per_million"] == pytest.approx(cost_per_million(1.0, int8["speed"]["decode_tok_s"]))
+        assert row["relative_cost"] == pytest.approx(models["dense"]["speed"]["decode_tok_s"] / int8["speed"]["decode_tok_s"])
+        assert facts["int8"][source]["file_format"] == "asft-int8-v1"
+    assert models["pruned+int8"]["sparsity"] >= models["pruned"]["sparsity"]  # zeros stay zeros in int8
+    assert "dense+int8" in (out / "report.html").read_text()
+    assert pruned_run["kept"]  # a finished int8 copy and its evaluation are kept on the second run
+    assert sorted(p.name for p in (out / "int8").iterdir()) == ["dense", "pruned"]  # no temp folders left
 
 
 @pytest.mark.parametrize("change, message", [
@@ -72,12 +114,24 @@ def test_pipeline_without_recovery_writes_every_artifact_and_resumes(tiny_model_
     ({"prune": None, "structure": {"mlp_ratio": 0.3}, "recover": {"dense": False}}, "set by the pipeline"),
     ({"tolerance": {"max_ppl_ratio": 0.5}}, "at least 1"),
     ({"tolerance": {"ppl": 2}}, "unknown tolerance key"),
+    ({"int8": "dense"}, "key 'int8' must be a list of strings"),
+    ({"int8": ["dense", "fast"]}, "int8: unknown model.s. fast: choose from dense, pruned, recovered, final"),
+    ({"int8": ["recovered"]}, "no recover: section"),
+    ({"int8": ["dense"], "device": "cuda"}, "set device: cpu"),
 ])
 def test_bad_run_configs_fail_before_any_work(change, message, tmp_path):
     values = {"model": "smollm2-135m", "out": str(tmp_path / "r"),
               "prune": {"method": "wanda", "stages": [0.5], "gate": {"max_ppl_ratio": 2}}, **change}
     with pytest.raises(AsftError, match=message):
         RunConfig.from_dict(values)
+
+
+def test_int8_final_names_the_recovered_model_when_recovery_runs_else_the_pruned_one(tmp_path):
+    values = {"model": "smollm2-135m", "out": str(tmp_path / "r"), "int8": ["final", "dense", "pruned"],
+              "prune": {"method": "wanda", "stages": [0.5], "gate": {"max_ppl_ratio": 2}}}
+    assert RunConfig.from_dict(values).int8_sources == ("pruned", "dense")
+    assert RunConfig.from_dict({**values, "recover": {"max_steps": 1}}).int8_sources == ("recovered", "dense", "pruned")
+    assert RunConfig.from_dict({k: v for k, v in values.items() if k != "int8"}).int8_sources == ()
 
 
 def test_the_repo_demo_run_config_parses():

@@ -52,3 +52,25 @@ def test_an_accuracy_tolerance_rules_out_a_candidate_that_loses_too_many_points(
 def test_impossible_tolerances_are_refused(tol):
     with pytest.raises(AsftError):
         tol.check()
+
+
+@pytest.mark.parametrize("pruned_int8_ppl, chosen", [(29.0, "pruned+int8"), (31.0, "dense+int8")])
+def test_int8_copies_compete_with_the_float_models_and_are_marked(tmp_path, pruned_int8_ppl, chosen):
+    """The pipeline's candidates with int8 copies: the cheapest within the tolerance wins whether
+    it is int8 or not, and its path is the int8 folder in the run, marked as one."""
+    from asft_ray.export.int8 import MANIFEST
+    from asft_ray.pipeline import RunConfig, recommendation
+
+    for source in ("dense", "pruned"):
+        (tmp_path / "int8" / source).mkdir(parents=True)
+        (tmp_path / "int8" / source / MANIFEST).write_text("{}")
+    models = {"dense": DENSE, "pruned": model(29.0, 110.0), "dense+int8": model(20.1, 250.0),
+              "pruned+int8": model(pruned_int8_ppl, 300.0)}
+    paths = {"dense": "smollm2-135m", "pruned": str(tmp_path / "prune" / "model"),
+             "dense+int8": str(tmp_path / "int8" / "dense"), "pruned+int8": str(tmp_path / "int8" / "pruned")}
+    cfg = RunConfig(model="smollm2-135m", out=str(tmp_path), price_per_hour=0.36)
+    out = recommendation(cfg, tmp_path, models, paths)
+    assert [c["int8"] for c in out["candidates"]] == [False, False, True, True]
+    best = out["recommended"]
+    assert best["name"] == chosen and best["path"] == "int8/" + chosen.split("+")[0] and best["int8"]
+    assert best["cost_per_million"] == pytest.approx(0.36 / ((300.0 if chosen == "pruned+int8" else 250.0) * 3600) * 1e6)

@@ -249,12 +249,17 @@ def export_int8(model_spec: str, out: Path, head: bool = True, show_progress: bo
     from asft_ray.models import is_safetensors_dir, load_model, load_tokenizer, resolve_model
 
     source = resolve_model(model_spec)
-    if (Path(source.location) / MANIFEST).is_file():
+    if is_int8_folder(source.location):
         raise AsftError(f"{model_spec} is already an int8 export; give the float model it came from")
     if is_safetensors_dir(source):
         return save_int8(Path(source.location), out, load_tokenizer(model_spec), head=head)
     model, tokenizer = load_model(model_spec, "cpu", show_progress=show_progress)
     return save_int8(model, out, tokenizer, head=head)
+
+
+def is_int8_folder(path) -> bool:
+    """The one test for an int8 export (what load_model loads with load_int8): its manifest is there."""
+    return (Path(path) / MANIFEST).is_file()
 
 
 def read_manifest(folder: Path) -> dict:
