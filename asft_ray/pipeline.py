@@ -199,13 +199,10 @@ def _log(message: str) -> None:
     print(f"[asft run {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def evaluate_model(spec: str, ev: EvalSpec, data_dir: str | None, device: str, folder: Path | None = None,
-                   threads: int | None = None) -> dict:
+def evaluate_model(spec: str, ev: EvalSpec, data_dir: str | None, device: str, folder: Path | None = None) -> dict:
     """Perplexity, zero-shot accuracy and speed of one model, measured in this process."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
     from asft_ray.data import wikitext2_ids
     from asft_ray.eval.perplexity import perplexity
     from asft_ray.eval.sparsity import model_sparsity
@@ -359,6 +356,7 @@ def _node_threads() -> int:
 
 
 def _with_threads(fn):
+    """`fn` for a Ray task that first sets torch's thread count (its first argument): the one place a stage's process gets its threads."""
     def run(threads: int, *args, **kwargs):
         import torch
 
@@ -382,9 +380,9 @@ def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: b
     if cached is not None and same_run(cached.get("key"), key):
         return cached
     path.parent.mkdir(exist_ok=True)
-    task = ray.remote(num_cpus=1, max_calls=1)(evaluate_model)
+    task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(evaluate_model))
     start = time.perf_counter()
-    result = ray.get(task.remote(spec, cfg.eval, data_dir, cfg.device, Path(spec) if on_disk else None, _node_threads()))
+    result = ray.get(task.remote(_node_threads(), spec, cfg.eval, data_dir, cfg.device, Path(spec) if on_disk else None))
     cached = {"key": key, **result, "seconds": time.perf_counter() - start}
     write_json_atomic(path, cached)
     return cached
