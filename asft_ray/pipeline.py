@@ -356,7 +356,8 @@ def _node_threads() -> int:
 
 
 def _with_threads(fn):
-    """`fn` for a Ray task that first sets torch's thread count (its first argument): the one place a stage's process gets its threads."""
+    """`fn` as a Ray task body that first sets torch's thread count (its new first argument): the one
+    place where a stage's fresh process gets its threads."""
     def run(threads: int, *args, **kwargs):
         import torch
 
