@@ -67,6 +67,53 @@ def tiny_model_dir(tmp_path_factory, data_dir) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def sharded_model_dir(tmp_path_factory, request):
+    """A 3-layer tiny Llama saved in several safetensors shards, layers split across them. Tied:
+    lm_head is the embedding. Untied: streaming leaves lm_head on meta and copies it at the end."""
+    folder = tmp_path_factory.mktemp("sharded")
+    tokenizer = build_tokenizer()
+    model = build_tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=3, tie_word_embeddings=request.param)
+    model.save_pretrained(folder, max_shard_size="200KB")
+    tokenizer.save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+@pytest.fixture
+def streamed_live_bytes(monkeypatch) -> list[tuple[int, int]]:
+    """[(layer index, bytes of the model's non-meta parameters)], recorded right after every
+    StreamedLayers.load and .release of the test: what a layer-streamed run holds at those points."""
+    from asft_ray.pruning import streaming
+
+    seen = []
+    original_init, original_load, original_release = (streaming.StreamedLayers.__init__, streaming.StreamedLayers.load,
+                                                       streaming.StreamedLayers.release)
+
+    def init(self, model, reader, out_dir):
+        original_init(self, model, reader, out_dir)
+        self.model = model
+
+    def checking(original):
+        def wrapped(self, index, layer):
+            original(self, index, layer)
+            seen.append((index, sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)))
+        return wrapped
+
+    monkeypatch.setattr(streaming.StreamedLayers, "__init__", init)
+    monkeypatch.setattr(streaming.StreamedLayers, "load", checking(original_load))
+    monkeypatch.setattr(streaming.StreamedLayers, "release", checking(original_release))
+    return seen
+
+
+def one_layer_bytes(model) -> int:
+    """The bound a layer-streamed run stays under: one decoder layer plus the final norm."""
+    from asft_ray.models import decoder_layers
+
+    parts = [*decoder_layers(model)[0].parameters(), *model.model.norm.parameters()]
+    return sum(p.numel() * p.element_size() for p in parts)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A private 2-CPU Ray cluster for one test module."""

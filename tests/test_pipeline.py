@@ -161,6 +161,7 @@ def test_a_structured_run_ends_in_a_smaller_model_and_a_recommendation(tiny_mode
     small = AutoModelForCausalLM.from_pretrained(out / facts["recommendation"]["candidates"][1]["path"])
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert small.config.intermediate_size == dense.config.intermediate_size // 2
+    assert json.loads((out / "structure" / "model" / "structured.json").read_text())["streamed"]  # a safetensors folder
     assert [c["name"] for c in facts["recommendation"]["candidates"]] == ["dense", "pruned"]
     pruned = facts["recommendation"]["candidates"][1]
     assert pruned["meets_tolerance"] == (pruned["ppl"] <= 100.0 * facts["models"]["dense"]["ppl"])

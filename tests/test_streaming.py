@@ -9,20 +9,6 @@ from asft_ray.errors import AsftError
 from asft_ray.prune import run_prune
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
-def sharded_model_dir(tmp_path_factory, request):
-    """Tied: lm_head is the embedding. Untied: streaming leaves lm_head on meta and copies it at the end."""
-    from tests.conftest import build_tiny_llama, build_tokenizer
-
-    folder = tmp_path_factory.mktemp("sharded")
-    tokenizer = build_tokenizer()
-    model = build_tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=3, tie_word_embeddings=request.param)
-    model.save_pretrained(folder, max_shard_size="200KB")  # several shards, layers split across them
-    tokenizer.save_pretrained(folder)
-    assert (folder / "model.safetensors.index.json").is_file()
-    return folder
-
-
 @pytest.mark.parametrize("method,pattern,true_sequential,schedule",
                          [("wanda", "unstructured", False, "uniform"), ("sparsegpt", "2:4", False, "uniform"),
                           ("wanda", "2:4", True, "uniform"), ("sparsegpt", "unstructured", False, "owl")])
@@ -109,45 +95,22 @@ def test_bf16_in_bf16_out_with_the_masks_of_the_float32_run(sharded_model_dir, t
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "fisher"])
-def test_no_more_than_one_decoder_layer_is_ever_materialised(sharded_model_dir, tmp_path, data_dir, monkeypatch, method):
+def test_no_more_than_one_decoder_layer_is_ever_materialised(sharded_model_dir, tmp_path, data_dir, streamed_live_bytes,
+                                                            method):
     """Bytes of the model's non-meta parameters, checked whenever a layer is loaded or released:
     at most one decoder layer plus the small parts outside the layers (norm; embeddings only
     until layer 0's inputs are captured)."""
-    from asft_ray.models import decoder_layers
-    from asft_ray.pruning import streaming
+    from tests.conftest import one_layer_bytes
 
-    seen = []
-    original_load, original_release = streaming.StreamedLayers.load, streaming.StreamedLayers.release
-
-    def live_bytes(model):
-        return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
-
-    def checking(original):
-        def wrapped(self, index, layer):
-            original(self, index, layer)
-            seen.append((index, live_bytes(self.model)))
-        return wrapped
-
-    monkeypatch.setattr(streaming.StreamedLayers, "load", checking(original_load))
-    monkeypatch.setattr(streaming.StreamedLayers, "release", checking(original_release))
-    monkeypatch.setattr(streaming.StreamedLayers, "__init__", _remembering_init(streaming.StreamedLayers.__init__))
     cfg = PruneConfig(model=str(sharded_model_dir), method=method, sparsity=0.5, nsamples=4, seqlen=32,
                       out=str(tmp_path / "o"), data_dir=data_dir, device="cpu")
     run_prune(cfg, show_progress=False)
     full = AutoModelForCausalLM.from_pretrained(sharded_model_dir)
-    layer_bytes = sum(p.numel() * p.element_size() for p in decoder_layers(full)[0].parameters())
-    outside = full.model.norm.weight.numel() * 4
-    assert len(seen) >= 2 * len(decoder_layers(full))
+    bound = one_layer_bytes(full)
+    assert len(streamed_live_bytes) >= 2 * full.config.num_hidden_layers
     if method == "fisher":  # the loss needs the final norm and lm_head (untied) or the embeddings (tied)
-        outside += full.lm_head.weight.numel() * 4 + full.model.embed_tokens.weight.numel() * 4
-    assert max(b for _, b in seen) <= layer_bytes + outside, (seen, layer_bytes)
-
-
-def _remembering_init(init):
-    def wrapped(self, model, reader, out_dir):
-        init(self, model, reader, out_dir)
-        self.model = model
-    return wrapped
+        bound += full.lm_head.weight.numel() * 4 + full.model.embed_tokens.weight.numel() * 4
+    assert max(b for _, b in streamed_live_bytes) <= bound, (streamed_live_bytes, bound)
 
 
 @pytest.mark.parametrize("method", ["taylor", "fisher"])

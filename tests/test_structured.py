@@ -102,6 +102,7 @@ def test_cli_export_structured(tiny_model_dir, data_dir, tmp_path, capsys):
     assert report["scores"].startswith("wanda") and report["after"]["intermediate_size"] == 64
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert parameter_count(reloaded) == report["after"]["parameters"]
+    capsys.readouterr()  # from_pretrained's own progress lines
     assert main(["export", "--model", str(tiny_model_dir), "--format", "structured", "--head-ratio", "1",
                  "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()

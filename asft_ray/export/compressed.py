@@ -144,7 +144,7 @@ def save_compressed_streamed(source: Path, out: Path, tokenizer=None) -> dict:
     from transformers import AutoConfig
 
     from asft_ray.models import model_skeleton
-    from asft_ray.pruning.streaming import SafetensorsReader, layers_prefix
+    from asft_ray.pruning.streaming import SafetensorsReader, copy_generation_config, layers_prefix
 
     source = Path(source)
     config = AutoConfig.from_pretrained(source, trust_remote_code=False)
@@ -181,8 +181,7 @@ def save_compressed_streamed(source: Path, out: Path, tokenizer=None) -> dict:
             totals["weights_file_bytes"] += shard.stat().st_size
             del stored
         config.save_pretrained(tmp)
-        if (source / "generation_config.json").is_file():
-            (tmp / "generation_config.json").write_bytes((source / "generation_config.json").read_bytes())
+        copy_generation_config(source, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         report = {**totals, "file_format": FORMAT, "dtype": ",".join(sorted(dtypes)), "streamed": True,

@@ -204,7 +204,7 @@ def save_int8(source, out: Path, tokenizer=None, head: bool = True) -> dict:
     from transformers import AutoConfig
 
     from asft_ray.models import model_skeleton
-    from asft_ray.pruning.streaming import SafetensorsReader, layers_prefix
+    from asft_ray.pruning.streaming import SafetensorsReader, copy_generation_config, layers_prefix
 
     streamed = isinstance(source, (str, Path))
     config = AutoConfig.from_pretrained(source, trust_remote_code=False) if streamed else source.config
@@ -229,10 +229,9 @@ def save_int8(source, out: Path, tokenizer=None, head: bool = True) -> dict:
         if head and tied:
             saved_config.tie_word_embeddings = False
         saved_config.save_pretrained(tmp)
-        generation = Path(source) / "generation_config.json" if streamed else None
-        if generation is not None and generation.is_file():
-            (tmp / "generation_config.json").write_bytes(generation.read_bytes())
-        elif not streamed and getattr(source, "generation_config", None) is not None:
+        if streamed:
+            copy_generation_config(Path(source), tmp)
+        elif getattr(source, "generation_config", None) is not None:
             source.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

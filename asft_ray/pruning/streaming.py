@@ -168,6 +168,13 @@ def _materialise_outside_layers(model: nn.Module, reader: SafetensorsReader, loa
         raise AsftError(f"the checkpoint lacks {missing[0]} ({len(missing)} tensors outside the layers missing)")
 
 
+def copy_generation_config(source: Path, out: Path) -> None:
+    """The source folder's generation_config.json, if it has one (save_pretrained writes it for a loaded model)."""
+    generation = Path(source) / "generation_config.json"
+    if generation.is_file():
+        (Path(out) / "generation_config.json").write_bytes(generation.read_bytes())
+
+
 def return_free_memory() -> None:
     """Ask glibc to give freed heap pages back to the OS, so the resident set shrinks after each layer."""
     try:

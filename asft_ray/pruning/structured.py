@@ -91,6 +91,28 @@ def collect_input_norms(model: nn.Module, calib_ids: torch.Tensor, hessian: bool
     return [c.result() for c in collectors]
 
 
+def unit_counts(cfg, n_layers: int, mlp_ratio: float | list[float] = 0.0,
+                head_ratio: float | list[float] = 0.0) -> tuple[list[int], list[int]]:
+    """(MLP channels, KV groups) each layer keeps by its own ratio: all a layer's plan needs to know of the others."""
+    mlp_counts = [keep_count(cfg.intermediate_size, r, "MLP channel") for r in layer_ratios(mlp_ratio, n_layers, "MLP")]
+    group_counts = [keep_count(cfg.num_key_value_heads, r, "attention KV-group")
+                    for r in layer_ratios(head_ratio, n_layers, "head")]
+    return mlp_counts, group_counts
+
+
+def plan_layer(layer: nn.Module, cfg, index: int, mlp_counts: list[int], group_counts: list[int],
+               stats: InputStats | None = None) -> dict:
+    """Layer `index`'s entry of plan_structured, from its own weights and statistics and every layer's counts."""
+    mlp_scores = mlp_channel_scores(layer.mlp, stats).cpu()  # plans hold CPU indices whatever the device
+    group_scores = attention_group_scores(layer.self_attn, cfg.num_attention_heads, cfg.num_key_value_heads, stats).cpu()
+    return {
+        "mlp_keep": top_units(mlp_scores, max(mlp_counts)), "mlp_count": mlp_counts[index],
+        "mlp_rank": torch.argsort(torch.argsort(mlp_scores, descending=True, stable=True)),
+        "groups_keep": top_units(group_scores, max(group_counts)), "groups_count": group_counts[index],
+        "groups_rank": torch.argsort(torch.argsort(group_scores, descending=True, stable=True)),
+    }
+
+
 def plan_structured(model: nn.Module, mlp_ratio: float | list[float] = 0.0, head_ratio: float | list[float] = 0.0,
                     stats: list[InputStats] | None = None) -> list[dict]:
     """Per layer: which MLP channels and KV groups stay, ranked by score.
@@ -100,25 +122,10 @@ def plan_structured(model: nn.Module, mlp_ratio: float | list[float] = 0.0, head
     the largest count over all layers, so every layer gets the same shape (an HF config has
     one intermediate_size and one head count). Units in `*_keep` beyond a layer's own count
     are zeroed on export, which is exact: a zero channel or zero group adds nothing."""
-    cfg = model.config
     layers = decoder_layers(model)
-    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    mlp_r = layer_ratios(mlp_ratio, len(layers), "MLP")
-    head_r = layer_ratios(head_ratio, len(layers), "head")
-    mlp_counts = [keep_count(cfg.intermediate_size, r, "MLP channel") for r in mlp_r]
-    group_counts = [keep_count(n_kv, r, "attention KV-group") for r in head_r]
-    plan = []
-    for i, layer in enumerate(layers):
-        s = stats[i] if stats is not None else None
-        mlp_scores = mlp_channel_scores(layer.mlp, s).cpu()  # plans hold CPU indices whatever the device
-        group_scores = attention_group_scores(layer.self_attn, n_heads, n_kv, s).cpu()
-        plan.append({
-            "mlp_keep": top_units(mlp_scores, max(mlp_counts)), "mlp_count": mlp_counts[i],
-            "mlp_rank": torch.argsort(torch.argsort(mlp_scores, descending=True, stable=True)),
-            "groups_keep": top_units(group_scores, max(group_counts)), "groups_count": group_counts[i],
-            "groups_rank": torch.argsort(torch.argsort(group_scores, descending=True, stable=True)),
-        })
-    return plan
+    mlp_counts, group_counts = unit_counts(model.config, len(layers), mlp_ratio, head_ratio)
+    return [plan_layer(layer, model.config, i, mlp_counts, group_counts, stats[i] if stats is not None else None)
+            for i, layer in enumerate(layers)]
 
 
 def refit_columns(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -140,6 +147,17 @@ def block_influence(inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[float,
     x, y = inputs.reshape(-1, inputs.shape[-1]).double(), outputs.reshape(-1, outputs.shape[-1]).double()
     cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
     return float((1 - cos).sum()), cos.numel()
+
+
+def mean_block_influence(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """block_influence of one layer over the calibration samples (its inputs and outputs, sample by
+    sample), added in sample order as block_influences adds them."""
+    total, count = 0.0, 0
+    for x, y in zip(inputs, outputs):
+        part, tokens = block_influence(x, y)
+        total += part
+        count += tokens
+    return total / count
 
 
 @torch.no_grad()

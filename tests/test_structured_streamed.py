@@ -1,0 +1,119 @@
+"""The structured export streamed one decoder layer at a time gives the in-memory export's model."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from asft_ray.export.formats.registry import ExportOptions
+from asft_ray.export.formats.structured import write_in_memory, write_streamed
+from asft_ray.export.structured import REPORT
+
+CASES = {
+    "magnitude": dict(mlp_ratio="0.5"),
+    "mlp-only": dict(mlp_ratio="0.5", nsamples=4),
+    "heads": dict(mlp_ratio="0.25", head_ratio="0.5", nsamples=4),
+    "per-layer": dict(mlp_ratio="0.25,0.5,0.75", head_ratio="0.5,0,0", nsamples=4),
+    "refit": dict(mlp_ratio="0.5", head_ratio="0.5", refit=True, nsamples=4),
+    "drop-layers": dict(mlp_ratio="0.25", head_ratio="0.5", refit=True, drop_layers=1, nsamples=4),
+}
+
+
+def _options(data_dir, **case) -> ExportOptions:
+    return ExportOptions(**case, seqlen=32, data_dir=data_dir, device="cpu", show_progress=False)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_streamed_equals_in_memory(sharded_model_dir, tmp_path, data_dir, case):
+    """Same tensors bit for bit (hence the same kept channels and groups), config, report and logits.
+    The reports differ only in `streamed` and in weights_bytes: the streamed export writes one
+    shard per layer, each with its own header."""
+    options = _options(data_dir, **CASES[case])
+    resident = write_in_memory(str(sharded_model_dir), tmp_path / "resident", options)
+    streamed = write_streamed(str(sharded_model_dir), tmp_path / "streamed", options)
+    assert (resident["streamed"], streamed["streamed"]) == (False, True)
+    ignored = {"streamed", "weights_bytes"}
+    assert {k: v for k, v in streamed.items() if k not in ignored} == {k: v for k, v in resident.items() if k not in ignored}
+    assert json.loads((tmp_path / "streamed" / REPORT).read_text()) == streamed
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "resident").eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text()) == json.loads(
+        (tmp_path / "resident" / "config.json").read_text())
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+    if case == "drop-layers":
+        assert b.config.num_hidden_layers == 2 and len(streamed["layers_dropped"]) == 1
+        assert [layer.self_attn.layer_idx for layer in b.model.layers] == [0, 1]
+    if case != "magnitude":
+        assert b.config.intermediate_size < 128
+
+
+@pytest.mark.parametrize("case", ["refit", "drop-layers"])
+def test_the_streamed_export_holds_one_decoder_layer_at_a_time(sharded_model_dir, tmp_path, data_dir,
+                                                              streamed_live_bytes, case):
+    """Bytes of the skeleton's non-meta parameters whenever a layer is loaded or written: at most
+    one dense decoder layer plus the final norm (the embeddings are freed once layer 0's inputs
+    are captured, an untied lm_head is never loaded)."""
+    from tests.conftest import one_layer_bytes
+
+    write_streamed(str(sharded_model_dir), tmp_path / "o", _options(data_dir, **CASES[case]))
+    dense = AutoModelForCausalLM.from_pretrained(sharded_model_dir)
+    # 3 layers read and 3 written; with a layer dropped, the influence pass reads the 3 once more and 2 are written
+    assert len(streamed_live_bytes) == {"refit": 6, "drop-layers": 8}[case]
+    assert max(b for _, b in streamed_live_bytes) <= one_layer_bytes(dense), streamed_live_bytes
+
+
+def test_asft_export_streams_a_safetensors_folder(tiny_model_dir, tmp_path, data_dir, capsys):
+    """(The pipeline's `structure:` stage: tests/test_pipeline.py checks its report says streamed.)"""
+    from asft_ray.cli import main
+
+    out = tmp_path / "s"
+    assert main(["export", "--model", str(tiny_model_dir), "--format", "structured", "--mlp-ratio", "0.5",
+                 "--nsamples", "2", "--seqlen", "32", "--data-dir", data_dir, "--out", str(out), "--no-progress",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["streamed"] is True
+    assert json.loads((out / REPORT).read_text())["streamed"] is True
+
+
+def test_a_model_without_safetensors_is_exported_in_memory(tiny_model_dir, tmp_path, data_dir):
+    """The same rule as `asft prune` (models.is_safetensors_dir): a folder with only a .bin checkpoint is loaded whole."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from asft_ray.export.run import export_model
+
+    folder = tmp_path / "bin-model"
+    shutil.copytree(tiny_model_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    report = export_model(str(folder), "structured", tmp_path / "s", mlp_ratio="0.5", show_progress=False)
+    assert report["streamed"] is False and report["after"]["intermediate_size"] == 64
+
+
+def test_a_bf16_folder_stays_bf16_with_the_in_memory_values(tmp_path, data_dir):
+    """The in-memory path computes in float32 and writes float32; streamed, every layer stays in the
+    checkpoint's dtype (statistics in float32, as the engine computes them): the same model rounded
+    to bf16. (Refit weights are rounded once, double -> bf16, against double -> float32 -> bf16 in
+    memory; those can differ only at an exact bf16 tie of the float32 value.)"""
+    from tests.conftest import build_tiny_llama, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    build_tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=3).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    options = _options(data_dir, **CASES["drop-layers"])
+    resident = write_in_memory(str(tmp_path / "bf16"), tmp_path / "resident", options)
+    streamed = write_streamed(str(tmp_path / "bf16"), tmp_path / "streamed", options)
+    assert streamed["block_influence"] == resident["block_influence"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "resident").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == torch.float32 and b[key].dtype == torch.bfloat16, key
+        assert torch.equal(a[key].to(torch.bfloat16), b[key]), key
