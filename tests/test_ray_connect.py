@@ -57,10 +57,17 @@ def no_ambient_ray(monkeypatch):
     ("127.0.0.1:99999", "is not host:port"),
     ("http://127.0.0.1:8265", "is a URL; a Ray cluster address is the GCS host:port"),
 ])
-def test_a_malformed_address_is_one_line(capsys, tmp_path, address, message):
-    start = time.perf_counter()
+def test_a_malformed_address_is_one_line(capsys, tmp_path, monkeypatch, address, message):
+    # "At once" = before Ray is touched or the model read (a wall-time bound failed under load).
+    import ray
+
+    import asft_ray.models
+
+    touched = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: touched.append("ray.init"))
+    monkeypatch.setattr(asft_ray.models, "load_model", lambda *a, **k: touched.append("load_model"))
     assert_one_line(*prune_with_address(capsys, tmp_path, address), message)
-    assert time.perf_counter() - start < 5
+    assert touched == []
     assert not (tmp_path / "out").exists()
 
 
@@ -68,7 +75,7 @@ def test_a_closed_port_is_one_line_at_once(capsys, tmp_path):
     start = time.perf_counter()
     assert_one_line(*prune_with_address(capsys, tmp_path, f"127.0.0.1:{free_port()}"),
                     "could not reach the Ray cluster at 127.0.0.1:")
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 20  # a refused connection, not the 30 s default timeout
 
 
 def test_an_address_that_never_answers_fails_within_the_timeout(capsys, tmp_path, monkeypatch):
@@ -86,7 +93,9 @@ def test_an_address_that_never_answers_fails_within_the_timeout(capsys, tmp_path
         filler.close()
         server.close()
     assert_one_line(code, err, "no answer within 1.5 s")
-    assert 1.4 < elapsed < 6
+    # It waited the stated timeout, and not much longer (the upper bound is loose: on 2 busy cores the
+    # import and argument checks alone have taken 5 s).
+    assert 1.4 < elapsed < 20
 
 
 def test_a_bad_connect_timeout_is_one_line(capsys, tmp_path, monkeypatch):
