@@ -29,7 +29,7 @@ from asft_ray.pruning.engine import (
     prune_model,
 )
 from asft_ray.pruning.hooks import EngineHooks
-from asft_ray.pruning.streaming import StreamedLayers, build_skeleton
+from asft_ray.pruning.streaming import StreamedLayers, build_skeleton, copy_generation_config
 from asft_ray.schedules import achieved_sparsity, build_schedule, linear_sizes
 from asft_ray.schedules.owl import layer_outlier_ratios
 
@@ -110,6 +110,7 @@ def run_prune(
         if stream:
             layer_store.finish(model)
             model.config.save_pretrained(tmp)
+            copy_generation_config(reader.folder, tmp)
             tokenizer.save_pretrained(tmp)
         else:
             save_model(model.to(saved_dtype), tokenizer, tmp)  # in the checkpoint's dtype, as it came

@@ -32,6 +32,9 @@ def test_streamed_equals_in_memory(sharded_model_dir, tmp_path, data_dir, method
     ids = torch.randint(0, 512, (1, 16))
     with torch.no_grad():
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+    assert (sharded_model_dir / "generation_config.json").is_file()  # the source has one: both outputs keep it
+    assert a.generation_config.to_dict() == b.generation_config.to_dict()
+    assert (tmp_path / "streamed" / "generation_config.json").is_file()
 
 
 def test_streaming_refuses_what_it_cannot_stream(tmp_path):
