@@ -45,19 +45,37 @@ class EvalSpec:
     speed_new_tokens: int = 32
     speed_repeats: int = 3
 
+    @property
+    def speed_context(self) -> int:
+        """Tokens in the KV cache over the measured decode steps, on average (eval/cost_calibration.decode_cost)."""
+        return self.speed_prompt + self.speed_new_tokens // 2
+
 
 @dataclass(frozen=True)
 class StructureSpec:
     """`structure:` (instead of `prune:`): a smaller dense model, the form that is cheaper on a CPU
-    or any dense runtime (asft export --format structured, scores |W|*||X|| on C4 calibration)."""
+    or any dense runtime (asft export --format structured, scores |W|*||X|| on C4 calibration).
+
+    What goes is given either as ratios (`mlp_ratio`, `head_ratio`, `drop_layers`) or as a cost
+    budget: `cost_target` (e.g. 0.7: at most 70 % of the dense model's predicted seconds per
+    generated token), and the structured planner (pruning/cost_budget.py) chooses the least
+    aggressive ratios among `cost_knobs` that meet it, predicted by a decode-cost model calibrated
+    on this machine once per run folder (RUN/structure/cost_model.json, or the file `cost_model`)."""
 
     mlp_ratio: float = 0.0  # share of each layer's MLP channels removed
     head_ratio: float = 0.0  # share of each layer's KV groups (with their query heads) removed
     drop_layers: int = 0  # whole decoder layers removed, lowest block influence first
+    cost_target: float | None = None  # instead of the three above: the predicted cost per token, a share of dense
+    cost_knobs: tuple[str, ...] = ("mlp",)  # what the planner may remove: mlp, heads, layers
+    cost_context: int | None = None  # KV-cache tokens the cost is predicted at; None: the evaluation's speed context
+    cost_model: str | None = None  # fitted cost model JSON (calibrated there if missing); None: in the run folder
     refit: bool = True  # least-squares refit of down_proj / o_proj on the kept channels and heads
     nsamples: int = 16  # C4 calibration windows
     seqlen: int = 2048
     seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "cost_knobs", tuple(self.cost_knobs))  # YAML gives a list
 
     def check(self, source: str = "structure") -> None:
         for name in ("mlp_ratio", "head_ratio"):
@@ -65,14 +83,29 @@ class StructureSpec:
                 raise AsftError(f"{source}: {name} must be in [0, 1), got {getattr(self, name)}")
         if self.drop_layers < 0:
             raise AsftError(f"{source}: drop_layers must be >= 0, got {self.drop_layers}")
-        if not (self.mlp_ratio or self.head_ratio or self.drop_layers):
-            raise AsftError(f"{source}: nothing to remove: set mlp_ratio, head_ratio or drop_layers")
+        ratios = self.mlp_ratio or self.head_ratio or self.drop_layers
+        if self.cost_target is not None:
+            from asft_ray.pruning.cost_budget import parse_knobs
+
+            if ratios:
+                raise AsftError(f"{source}: give either cost_target (the planner then chooses mlp_ratio, head_ratio "
+                                "and drop_layers) or those, not both")
+            if not 0 < self.cost_target < 1:
+                raise AsftError(f"{source}: cost_target is a share of the dense model's cost per token, between 0 "
+                                f"and 1; got {self.cost_target}")
+            parse_knobs(self.cost_knobs)
+            if self.cost_context is not None and self.cost_context < 1:
+                raise AsftError(f"{source}: cost_context must be at least 1 token, got {self.cost_context}")
+        elif not ratios:
+            raise AsftError(f"{source}: nothing to remove: set mlp_ratio, head_ratio or drop_layers, or cost_target")
+        elif (self.cost_knobs, self.cost_context, self.cost_model) != (("mlp",), None, None):
+            raise AsftError(f"{source}: cost_knobs, cost_context and cost_model go with cost_target")
         if self.nsamples < 1 or self.seqlen < 1:
             raise AsftError(f"{source}: nsamples and seqlen must be positive")
 
     def describe(self) -> str:
-        parts = [f"MLP channels -{100 * self.mlp_ratio:g} %" if self.mlp_ratio else "",
-                 f"KV groups -{100 * self.head_ratio:g} %" if self.head_ratio else "",
+        parts = [f"MLP channels -{100 * self.mlp_ratio:.3g} %" if self.mlp_ratio else "",
+                 f"KV groups -{100 * self.head_ratio:.3g} %" if self.head_ratio else "",
                  f"{self.drop_layers} decoder layers removed" if self.drop_layers else ""]
         return ", ".join(p for p in parts if p) + (", least-squares refit" if self.refit else "")
 
@@ -321,9 +354,13 @@ def _staged_pruning(cfg: RunConfig, show_progress: bool) -> dict:
                     f"kept: {result.get('final')}."}
 
 
+COST_MODEL = "cost_model.json"  # in RUN/structure: the decode-cost model calibrated for `structure: {cost_target}`
+
+
 def _structured_pruning(cfg: RunConfig, data_dir: str) -> dict:
     """Stage 1 with `structure:`: the structured export of the dense model into RUN/structure/model,
-    in a fresh Ray worker process (the driver stays small); skipped when it is already there."""
+    in a fresh Ray worker process (the driver stays small); skipped when it is already there. With
+    `cost_target`, the cost model is calibrated in that process too, once per run folder."""
     import ray
 
     from asft_ray.artifacts import read_json
@@ -333,17 +370,37 @@ def _structured_pruning(cfg: RunConfig, data_dir: str) -> dict:
     s, out = cfg.structure, cfg.pruned_dir
     if read_json(out / REPORT) is None:
         out.parent.mkdir(parents=True, exist_ok=True)
+        if s.cost_target is None:
+            what = dict(mlp_ratio=s.mlp_ratio, head_ratio=s.head_ratio, drop_layers=s.drop_layers)
+        else:
+            what = dict(cost_target=s.cost_target, cost_knobs=",".join(s.cost_knobs),
+                        cost_context=s.cost_context or cfg.eval.speed_context,
+                        cost_model=str(Path(s.cost_model).resolve()) if s.cost_model else str(out.parent / COST_MODEL))
         task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(export_model))
-        ray.get(task.remote(_node_threads(), cfg.model, "structured", out, mlp_ratio=s.mlp_ratio, head_ratio=s.head_ratio,
-                            drop_layers=s.drop_layers, refit=s.refit, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed,
-                            data_dir=data_dir, device=cfg.device, show_progress=False))
-    report = read_json(out / REPORT)
+        ray.get(task.remote(_node_threads(), cfg.model, "structured", out, **what, refit=s.refit, nsamples=s.nsamples,
+                            seqlen=s.seqlen, seed=s.seed, data_dir=data_dir, device=cfg.device, show_progress=False))
+    return structure_summary(s, read_json(out / REPORT))
+
+
+def structure_summary(s: StructureSpec, report: dict) -> dict:
+    """Stage 1's entry in the report, from the export's structured.json: what was removed (the
+    planner's choice with `cost_target`, with its predicted cost and the cost model it used)."""
+    plan = report.get("cost_plan")
+    if plan is not None:
+        s = dataclasses.replace(s, mlp_ratio=plan["mlp_ratio"], head_ratio=plan["head_ratio"],
+                                drop_layers=plan["drop_layers"], cost_target=None)
     before, after = report["before"]["parameters"], report["after"]["parameters"]
+    step = (f"Removed whole structures ({s.describe()}) scored by |W|*||X|| on {s.nsamples} x {s.seqlen} C4 "
+            f"calibration tokens: {before / 1e6:.1f} M -> {after / 1e6:.1f} M parameters "
+            f"({100 * after / before:.1f} %), saved as a smaller dense model.")
+    if plan is not None:
+        step += (f" The amounts were planned for a cost budget: the least aggressive plan "
+                 f"(knobs: {', '.join(plan['knobs'])}) predicted to cost at most {plan['target']:g} x the dense "
+                 f"model per generated token at {plan['context']} tokens of context, predicted at "
+                 f"{plan['predicted_relative_cost']:.3f} x by the decode-cost model {plan['cost_model']['path']}.")
     return {"status": "finished", "method": f"structured pruning ({s.describe()})",
             "what": f"made smaller by structured pruning ({s.describe()}): {before / 1e6:.1f} M -> {after / 1e6:.1f} M parameters",
-            "step": f"Removed whole structures ({s.describe()}) scored by |W|*||X|| on {s.nsamples} x {s.seqlen} C4 "
-                    f"calibration tokens: {before / 1e6:.1f} M -> {after / 1e6:.1f} M parameters "
-                    f"({100 * after / before:.1f} %), saved as a smaller dense model."}
+            "step": step}
 
 
 def _node_threads() -> int:

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -34,9 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import RESULTS_DIR, append_row  # noqa: E402
 
-from asft_ray.eval.cost_model import DecoderShape, Measurement, fit  # noqa: E402
-from asft_ray.eval.speed import decode_seconds, prompt_ids  # noqa: E402
-from asft_ray.export.int8 import quantize_model  # noqa: E402
+from asft_ray.eval.cost_calibration import as_measurement, measure as measure_shape  # noqa: E402
+from asft_ray.eval.cost_model import DecoderShape, fit  # noqa: E402
 
 # (hidden, intermediate, heads, kv_heads, layers, vocab, prompt_len): varied widths, depths, vocabularies and contexts
 # 34 M - 78 M linear weights (135 - 310 MB in float32), near the held-out shapes (81 M - 135 M), so that
@@ -61,45 +58,15 @@ SMOKE_CALIBRATION = [(64, 128, 4, 2, 2, 512, 16), (96, 192, 4, 2, 3, 1024, 32), 
 SMOKE_HELD_OUT = {"smoke": (112, 224, 7, 7, 3, 640, 24)}
 
 
-def build(hidden, intermediate, heads, kv_heads, layers, vocab):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=vocab,
-                         max_position_embeddings=4096, tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
-
-
-def decode_cost(model, prompt_len: int, new_tokens: int, repeats: int, warmup: int) -> dict:
-    ids = prompt_ids(model.config.vocab_size, prompt_len)
-    for _ in range(warmup):
-        decode_seconds(model, ids, new_tokens)
-    steps = new_tokens - 1  # the first new token comes from the prefill
-    samples = [decode_seconds(model, ids, new_tokens)[0] / steps for _ in range(repeats)]
-    return {"seconds_per_token": statistics.median(samples), "all": samples,
-            "context": prompt_len + new_tokens // 2}  # the cache holds prompt_len + 1 ... prompt_len + steps tokens
-
-
 def measure(spec, args) -> list[dict]:
-    """The float32 and the int8 measurement of one shape."""
+    """The float32 and the int8 measurement of one shape (asft_ray/eval/cost_calibration.measure)."""
     *dims, prompt_len = spec
     start = time.perf_counter()
-    model = build(*dims)
-    rows = []
-    for int8 in (False, True):
-        if int8:
-            quantize_model(model, head=True)
-        shape = DecoderShape(*dims, int8=int8)
-        rows.append({"shape": asdict(shape), **decode_cost(model, prompt_len, args.new_tokens, args.repeats, args.warmup)})
-        print(json.dumps(rows[-1]), flush=True)
-    del model
+    rows = measure_shape(DecoderShape(*dims), (prompt_len,), args.new_tokens, args.repeats, args.warmup, int8_too=True)
+    for row in rows:
+        print(json.dumps(row), flush=True)
     print(f"  ({time.perf_counter() - start:.1f} s)", flush=True)
     return rows
-
-
-def as_measurement(row: dict) -> Measurement:
-    return Measurement(DecoderShape(**row["shape"]), row["context"], row["seconds_per_token"])
 
 
 def main() -> None:

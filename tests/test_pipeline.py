@@ -112,6 +112,14 @@ def test_int8_copies_are_candidates_with_their_own_quality_and_cost_and_are_not_
     ({"prune": None, "structure": {"mlp_ratio": 0}}, "nothing to remove"),
     ({"prune": None, "structure": {"mlp_ratio": 0.3, "refit": "yes"}}, "refit"),
     ({"prune": None, "structure": {"mlp_ratio": 0.3}, "recover": {"dense": False}}, "set by the pipeline"),
+    ({"prune": None, "structure": {"cost_target": 0.7, "mlp_ratio": 0.3}}, "give either cost_target .* or those"),
+    ({"prune": None, "structure": {"cost_target": 0.7, "drop_layers": 2}}, "give either cost_target"),
+    ({"prune": None, "structure": {"cost_target": 1.2}}, "cost_target is a share .* between 0 and 1"),
+    ({"prune": None, "structure": {"cost_target": 0.7, "cost_knobs": ["mlp", "depth"]}}, "name one or more of mlp"),
+    ({"prune": None, "structure": {"cost_target": 0.7, "cost_knobs": "mlp"}}, "key 'cost_knobs' must be"),
+    ({"prune": None, "structure": {"cost_target": 0.7, "cost_context": 0}}, "at least 1 token"),
+    ({"prune": None, "structure": {"cost_target": "0.7"}}, "key 'cost_target' must be"),
+    ({"prune": None, "structure": {"mlp_ratio": 0.3, "cost_knobs": ["heads"]}}, "go with cost_target"),
     ({"tolerance": {"max_ppl_ratio": 0.5}}, "at least 1"),
     ({"tolerance": {"ppl": 2}}, "unknown tolerance key"),
     ({"int8": "dense"}, "key 'int8' must be a list of strings"),
@@ -147,20 +155,34 @@ def test_the_repo_demo_run_config_parses():
 
 def test_a_structured_run_ends_in_a_smaller_model_and_a_recommendation(tiny_model_dir, tmp_path):
     """`structure:` instead of `prune:`: a smaller dense model in RUN/structure/model, evaluated
-    beside dense, every candidate in report.json's recommendation, the chart in the report."""
+    beside dense, every candidate in report.json's recommendation, the chart in the report. The
+    amount is given as a cost budget, with the run folder's cost model already there (as a resumed
+    run finds it): it is used, not measured again."""
     from transformers import AutoModelForCausalLM
+
+    from asft_ray.eval.cost_model import FEATURES
 
     out = tmp_path / "run"
     values = _values(tiny_model_dir, out, price_per_hour=1.0, tolerance={"max_ppl_ratio": 100.0})
     values.pop("prune")
-    values["structure"] = {"mlp_ratio": 0.5, "nsamples": 2, "seqlen": 64}
+    # the cost of weights read alone: 57344 + 384 k weights for k MLP channels (test_structured_cost.py), so
+    # 64 of 128 channels cost (57344 + 24576) / 106496 = 0.769 of dense and 65 cost 0.773: target 0.77 -> half
+    values["structure"] = {"cost_target": 0.77, "nsamples": 2, "seqlen": 64}
     values["eval"] = {**values["eval"], "zeroshot": [], "speed_repeats": 3}
+    cost_model = out / "structure" / "cost_model.json"
+    cost_model.parent.mkdir(parents=True)
+    cost_model.write_text(json.dumps({"coefficients": {name: 0.0 for name in FEATURES} | {"float_bytes": 1e-9}}))
+    written = cost_model.read_text()
     result = run_pipeline(RunConfig.from_dict(values), show_progress=False)
     assert result["status"] == "finished" and result["final"] == "pruned"
+    assert cost_model.read_text() == written
     facts = json.loads((out / "report.json").read_text())
     small = AutoModelForCausalLM.from_pretrained(out / facts["recommendation"]["candidates"][1]["path"])
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert small.config.intermediate_size == dense.config.intermediate_size // 2
+    assert facts["method"] == "structured pruning (MLP channels -50 %, least-squares refit)"
+    assert (f"predicted to cost at most 0.77 x the dense model per generated token at 18 tokens of context, "
+            f"predicted at 0.769 x by the decode-cost model {cost_model}.") in facts["steps"][0]
     assert json.loads((out / "structure" / "model" / "structured.json").read_text())["streamed"]  # a safetensors folder
     assert [c["name"] for c in facts["recommendation"]["candidates"]] == ["dense", "pruned"]
     pruned = facts["recommendation"]["candidates"][1]

@@ -13,8 +13,9 @@ CPU at batch 1 the matmuls are bound by memory traffic, so the cost is modelled 
                   + c_kv         * kv bytes      float32 keys and values read at this context length
 
 Every coefficient is non-negative and is fitted (`fit`) to measured decode costs of a few
-shapes on the target machine (benchmarks/cost_model.py measures them with eval/speed.py's
-decode loop), minimising the relative error. `predict` is then a dot product. It knows nothing
+shapes on the target machine (eval/cost_calibration.py measures them with eval/speed.py's
+decode loop, for one model's shape; benchmarks/cost_model.py tests the fit on held-out shapes),
+minimising the relative error. `predict` is then a dot product. It knows nothing
 about caches: calibrate with models of the size it will be asked about.
 """
 

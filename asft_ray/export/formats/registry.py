@@ -33,6 +33,15 @@ class ExportOptions:
                                   "influence (needs --nsamples)")
     refit: bool = setting(False, "structured: refit down_proj / o_proj by least squares on the kept channels and "
                                  "heads (needs --nsamples)")
+    cost_target: float | None = setting(None, "structured: instead of --mlp-ratio, --head-ratio and --drop-layers, "
+                                              "the least aggressive plan predicted to cost at most this share of the "
+                                              "dense model per generated token (e.g. 0.7)", default_text="off")
+    cost_knobs: str = setting("mlp", "structured, with --cost-target: what the plan may remove, a comma list of "
+                                     "mlp, heads, layers (layers needs --nsamples)")
+    cost_context: int = setting(512, "structured, with --cost-target: tokens in the KV cache the cost is predicted at")
+    cost_model: str | None = setting(None, "structured, with --cost-target: a fitted decode-cost model (JSON); "
+                                           "calibrated on this machine and saved there when the file does not exist",
+                                     default_text="calibrate now, kept in structured.json only")
     seqlen: int = setting(2048, "structured: calibration window length")
     seed: int = setting(0, "structured: calibration sampling seed")
     dtype: str = setting("float16", "semistructured: kernel dtype", choices=["float16", "bfloat16"])

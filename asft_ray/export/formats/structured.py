@@ -13,9 +13,16 @@ from asft_ray.errors import AsftError
 from asft_ray.export.formats.registry import ExportFormat, ExportOptions, register
 
 
+COST_DETAILS = ("cost_knobs", "cost_context", "cost_model")  # options that only --cost-target reads
+
+
 def check(model_spec: str, options: ExportOptions) -> None:
     if (options.drop_layers or options.refit) and options.nsamples < 1:
         raise AsftError("--drop-layers and --refit measure on calibration data: pass --nsamples (e.g. 32)")
+    if options.cost_target is not None:
+        _check_cost_options(options)
+    elif any(getattr(options, name) != ExportOptions.__dataclass_fields__[name].default for name in COST_DETAILS):
+        raise AsftError("--cost-knobs, --cost-context and --cost-model go with --cost-target")
     if options.drop_layers:
         from asft_ray.models import model_config
 
@@ -40,28 +47,71 @@ def write_in_memory(model_spec: str, out: Path, options: ExportOptions) -> dict:
     from asft_ray.export.structured import save_structured, structure_in_memory
     from asft_ray.models import load_model
 
+    settings, settings_report = _settings(model_spec, options)
     model, tokenizer = load_model(model_spec, options.device, show_progress=options.show_progress)
-    settings = _settings(options)
     report = structure_in_memory(model, _calibration(tokenizer, options), settings)
-    return save_structured(model, tokenizer, out, {**report, **_settings_report(settings, options), "streamed": False})
+    return save_structured(model, tokenizer, out, {**report, **settings_report, "streamed": False})
 
 
 def write_streamed(model_spec: str, out: Path, options: ExportOptions) -> dict:
     from asft_ray.export.structured_streamed import structure_streamed
     from asft_ray.models import load_tokenizer, resolve_model
 
+    settings, settings_report = _settings(model_spec, options)
     tokenizer = load_tokenizer(model_spec)
-    settings = _settings(options)
     return structure_streamed(Path(resolve_model(model_spec).location), tokenizer, out, _calibration(tokenizer, options),
-                              settings, _settings_report(settings, options), options.show_progress)
+                              settings, settings_report, options.show_progress)
 
 
-def _settings(options: ExportOptions):
+def _settings(model_spec: str, options: ExportOptions):
+    """The export's StructureSettings and what structured.json records of them: the ratios as given,
+    or, with `cost_target`, as the cost-budget planner chose them (with its prediction and cost model)."""
     from asft_ray.export.run import parse_ratio
     from asft_ray.export.structured import StructureSettings
 
-    return StructureSettings(parse_ratio(options.mlp_ratio), parse_ratio(options.head_ratio), options.refit,
-                             options.drop_layers)
+    mlp, heads, drop, cost_plan = parse_ratio(options.mlp_ratio), parse_ratio(options.head_ratio), options.drop_layers, None
+    if options.cost_target is not None:
+        cost_plan = _cost_plan(model_spec, options)
+        mlp, heads, drop = cost_plan["mlp_ratio"], cost_plan["head_ratio"], cost_plan["drop_layers"]
+    settings = StructureSettings(mlp, heads, options.refit, drop)
+    report = {"mlp_ratio": mlp, "head_ratio": heads, "nsamples": options.nsamples, "refit": options.refit,
+              "scores": "wanda-style |W|*||X||" if options.nsamples > 0 else "magnitude |W|"}
+    return settings, report if cost_plan is None else {**report, "cost_plan": cost_plan}
+
+
+def _check_cost_options(options: ExportOptions) -> None:
+    from asft_ray.export.run import parse_ratio
+    from asft_ray.pruning.cost_budget import parse_knobs
+
+    if parse_ratio(options.mlp_ratio) != 0 or parse_ratio(options.head_ratio) != 0 or options.drop_layers:
+        raise AsftError("--cost-target chooses --mlp-ratio, --head-ratio and --drop-layers: give either it or them")
+    if not 0 < options.cost_target < 1:
+        raise AsftError(f"--cost-target is a share of the dense model's cost per token, between 0 and 1; "
+                        f"got {options.cost_target}")
+    if options.cost_context < 1:
+        raise AsftError(f"--cost-context must be at least 1 token, got {options.cost_context}")
+    if "layers" in parse_knobs(options.cost_knobs) and options.nsamples < 1:
+        raise AsftError("--cost-knobs layers drops layers by block influence on calibration data: pass --nsamples")
+
+
+def _cost_plan(model_spec: str, options: ExportOptions) -> dict:
+    """The cost-budget plan (pruning/cost_budget.py) for the model's shape, with the cost model of
+    `cost_model` (calibrated on this machine first when that file does not exist, or when none is given)."""
+    from asft_ray.eval.cost_calibration import load_or_calibrate
+    from asft_ray.eval.cost_model import DecoderShape
+    from asft_ray.models import model_config
+    from asft_ray.pruning.cost_budget import parse_knobs, plan_for_cost
+
+    dense = DecoderShape.from_config(model_config(model_spec))
+    path = Path(options.cost_model).resolve() if options.cost_model else None
+    cost_model = load_or_calibrate(path, dense)
+    knobs = parse_knobs(options.cost_knobs)
+    plan = plan_for_cost(dense, cost_model, options.cost_target, options.cost_context, knobs)
+    return {"target": options.cost_target, "context": options.cost_context, "knobs": list(knobs),
+            "mlp_ratio": plan.mlp_ratio, "head_ratio": plan.head_ratio, "drop_layers": plan.drop_layers,
+            "predicted_relative_cost": plan.relative_cost, "predicted_seconds_per_token": plan.seconds_per_token,
+            "dense_predicted_seconds_per_token": plan.dense_seconds_per_token,
+            "cost_model": {"path": str(path) if path else None, **cost_model.to_dict()}}
 
 
 def _calibration(tokenizer, options: ExportOptions):
@@ -73,15 +123,17 @@ def _calibration(tokenizer, options: ExportOptions):
     return sample_calibration(c4_documents(options.data_dir), tokenizer, options.nsamples, options.seqlen, options.seed)
 
 
-def _settings_report(settings, options: ExportOptions) -> dict:
-    return {"mlp_ratio": settings.mlp_ratio, "head_ratio": settings.head_ratio, "nsamples": options.nsamples,
-            "refit": settings.refit, "scores": "wanda-style |W|*||X||" if options.nsamples > 0 else "magnitude |W|"}
-
-
 def describe(model_spec: str, out: Path, report: dict) -> str:
-    return (f"{model_spec} -> {out}: {report['after']['parameters']:,} parameters "
+    line = (f"{model_spec} -> {out}: {report['after']['parameters']:,} parameters "
             f"({report['parameter_ratio']:.1%} of {report['before']['parameters']:,})")
+    plan = report.get("cost_plan")
+    if plan:
+        line += (f"; planned for {plan['target']:g} x the dense cost per token: MLP ratio {plan['mlp_ratio']:.4g}, "
+                 f"head ratio {plan['head_ratio']:.4g}, {plan['drop_layers']} layers dropped, predicted "
+                 f"{plan['predicted_relative_cost']:.3f} x at {plan['context']} tokens of context")
+    return line
 
 
 register(ExportFormat("structured", summary="remove MLP channels and KV groups", write=write, describe=describe,
-                      check=check, options={"mlp_ratio", "head_ratio", "drop_layers", "refit"}))
+                      check=check, options={"mlp_ratio", "head_ratio", "drop_layers", "refit", "cost_target",
+                                            "cost_knobs", "cost_context", "cost_model"}))

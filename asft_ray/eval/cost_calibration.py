@@ -1,0 +1,118 @@
+"""Calibrate the decode-cost model (eval/cost_model.py) on this machine, for one model's shape.
+
+Speed does not depend on the weights' values, so the measured models are random-init Llamas
+(no download): the user's own shape and a few shrunk variants of it along the knobs a
+structured plan turns (fewer MLP channels, fewer layers, fewer KV groups), at two prompt
+lengths so that the KV-cache term is seen. The list is fixed by the shape (`calibration_plan`),
+so two calibrations measure the same models. Each cost is eval/speed.py's decode loop: a prompt
+prefilled untimed, then `new_tokens` cached greedy steps, the median of `repeats` runs after
+`warmup`; the same loop benchmarks/cost_model.py uses for its held-out test of the model.
+
+The measured models are float32, as the structured export and the pipeline's evaluation run
+them; `int8_too` also measures each one with int8 linears (export/int8.py). With the default
+settings a calibration builds 7 models and times 8 x 4 decodes of 16 tokens: for a SmolLM2-135M
+shape on 2 vCPUs about 40 s by benchmarks/results/cost_model-fit.json's coefficients (estimated,
+not timed). No measured model is larger than the user's, but calibrating for a 7B model needs
+its float32 size in memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from asft_ray.artifacts import read_json, write_json_atomic
+from asft_ray.errors import AsftError
+from asft_ray.eval.cost_model import CostModel, DecoderShape, Measurement, fit
+
+
+def calibration_plan(shape: DecoderShape) -> list[tuple[DecoderShape, tuple[int, ...]]]:
+    """The measured models: (shape, prompt lengths), 8 measurements, fixed by `shape`."""
+    half_layers, quarter_layers = max(1, shape.layers // 2), max(1, shape.layers // 4)
+    half_mlp, quarter_mlp = max(1, shape.intermediate // 2), max(1, shape.intermediate // 4)
+    rep = shape.heads // shape.kv_heads
+    fewer_groups = max(1, shape.kv_heads // 2)
+    base = replace(shape, head_dim=shape.dim)  # written out: fewer heads must not change it
+    return [
+        (base, (64, 256)),
+        (replace(base, intermediate=half_mlp), (64,)),
+        (replace(base, intermediate=quarter_mlp), (256,)),
+        (replace(base, layers=half_layers), (64,)),
+        (replace(base, layers=half_layers, intermediate=half_mlp), (256,)),
+        (replace(base, kv_heads=fewer_groups, heads=fewer_groups * rep), (256,)),
+        (replace(base, layers=quarter_layers, intermediate=quarter_mlp), (64,)),
+    ]
+
+
+def random_llama(shape: DecoderShape, max_positions: int = 4096):
+    """A float32 random-init Llama of `shape` (seeded; tied head as in SmolLM2), in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                         num_hidden_layers=shape.layers, vocab_size=shape.vocab, head_dim=shape.dim,
+                         max_position_embeddings=max_positions, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def decode_cost(model, prompt_len: int, new_tokens: int, repeats: int, warmup: int) -> dict:
+    """Median seconds per cached decode step of `model`, all samples, and the mean context."""
+    from asft_ray.eval.speed import decode_seconds, prompt_ids
+
+    ids = prompt_ids(model.config.vocab_size, prompt_len)
+    for _ in range(warmup):
+        decode_seconds(model, ids, new_tokens)
+    steps = new_tokens - 1  # the first new token comes from the prefill
+    samples = [decode_seconds(model, ids, new_tokens)[0] / steps for _ in range(repeats)]
+    return {"seconds_per_token": statistics.median(samples), "all": samples,
+            "context": prompt_len + new_tokens // 2}  # the cache holds prompt_len + 1 ... prompt_len + steps tokens
+
+
+def measure(shape: DecoderShape, prompt_lens: tuple[int, ...], new_tokens: int = 16, repeats: int = 3,
+            warmup: int = 1, int8_too: bool = False) -> list[dict]:
+    """Decode costs of one random-init model of `shape` (float32) at each prompt length, then, with
+    `int8_too`, of the same model with int8 linears and head. Rows: {shape, context, seconds_per_token, all}."""
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        model = random_llama(replace(shape, int8=False), max_positions=max(prompt_lens) + new_tokens)
+        for int8 in (False, True) if int8_too else (False,):
+            if int8:
+                from asft_ray.export.int8 import quantize_model
+
+                quantize_model(model, head=True)
+            for prompt_len in prompt_lens:
+                cost = decode_cost(model, prompt_len, new_tokens, repeats, warmup)
+                rows.append({"shape": asdict(replace(shape, int8=int8)), **cost})
+    return rows
+
+
+def as_measurement(row: dict) -> Measurement:
+    return Measurement(DecoderShape(**row["shape"]), row["context"], row["seconds_per_token"])
+
+
+def calibrate(shape: DecoderShape, new_tokens: int = 16, repeats: int = 3, warmup: int = 1) -> CostModel:
+    """The cost model fitted to `calibration_plan(shape)`'s measurements on this machine."""
+    rows = [row for s, prompts in calibration_plan(shape) for row in measure(s, prompts, new_tokens, repeats, warmup)]
+    return fit([as_measurement(row) for row in rows])
+
+
+def load_or_calibrate(path: Path | None, shape: DecoderShape) -> CostModel:
+    """The cost model saved in `path`, or one calibrated now for `shape` (and saved in `path` when
+    given): a run folder's cost model is measured once and reused on resume."""
+    if path is not None and Path(path).exists():
+        saved = read_json(path)
+        if saved is None:
+            raise AsftError(f"cost model {path} is not a readable JSON file (delete it to calibrate again)")
+        return CostModel.from_dict(saved)
+    import torch
+
+    model = calibrate(shape)
+    if path is not None:
+        write_json_atomic(Path(path), {**model.to_dict(), "calibrated_for": asdict(shape),
+                                       "threads": torch.get_num_threads(), "torch": torch.__version__})
+    return model
