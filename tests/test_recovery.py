@@ -445,6 +445,41 @@ def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(local_ray, pruned
         sizes, [m["teacher_mib"] for m in three["memory"]])
 
 
+DRIVER = """
+import json, sys
+from asft_ray.cli import main
+code = main(sys.argv[1:])
+print("MODULES " + json.dumps([m for m in ("transformers", "datasets", "tokenizers", "deepspeed") if m in sys.modules]))
+sys.exit(code)
+"""
+
+
+def test_the_driver_never_imports_the_model_or_text_libraries(pruned_dir, tiny_model_dir, tmp_path, data_dir):
+    """Issue 14: `asft recover` (its own process and embedded Ray cluster, as a user runs it) reads the
+    masks, the teacher's config and the token streams in a Ray task; the driver itself never imports
+    transformers (~80 MiB of config and model code), `datasets` or a tokenizer. The record shows that
+    they were read all the same: the masks' sparsity, the stream's length and perplexity checks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    out = tmp_path / "out"
+    args = ["recover", "--model", str(pruned_dir), "--teacher", str(tiny_model_dir), "--out", str(out),
+            "--data-dir", data_dir, "--workers", "1", "--zero-stage", "2", "--max-steps", "1", "--seqlen", "32",
+            "--eval-every", "1", "--eval-windows", "1", "--json", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modules = json.loads(proc.stdout.rsplit("MODULES ", 1)[1])
+    assert modules == [], modules
+    record = json.loads((out / "asft_run.json").read_text())
+    assert record["masks"]["masked_params"] == 14 and 0.45 < record["masks"]["sparsity"] < 0.55, record["masks"]
+    assert record["train_stream_tokens"] > 1000 and len(record["evals"]) == 2 and len(record["losses"]) == 1
+
+
 def test_demo_config_is_valid_and_the_job_entrypoint_needs_a_config(capsys):
     from asft_ray.config import load_yaml
     from asft_ray.jobs.recover import run

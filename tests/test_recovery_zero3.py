@@ -87,10 +87,10 @@ def test_shard_writer_output_reloads_in_transformers(tmp_path):
     assert all(torch.equal(p, state[n]) for n, p in again.named_parameters())
 
 
-def test_driver_checks_masks_without_loading_the_model(monkeypatch, tmp_path, tiny_model_dir):
-    """check_student reads one tensor at a time: load_model is never called, and the largest
-    read is one decoder linear (compare: the whole model's parameters)."""
-    from asft_ray.recovery import recipe
+def test_input_check_reads_masks_without_loading_the_model(monkeypatch, tmp_path, tiny_model_dir):
+    """check_student (in the driver's input task) reads one tensor at a time: load_model is never
+    called, and the largest read is one decoder linear (compare: the whole model's parameters)."""
+    from asft_ray.recovery import inputs
     from asft_ray.recovery.config import RecoverConfig
     from tests.test_recovery import magnitude_prune
 
@@ -100,16 +100,16 @@ def test_driver_checks_masks_without_loading_the_model(monkeypatch, tmp_path, ti
     model = magnitude_prune(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     model.save_pretrained(pruned)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(pruned)
-    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("the driver loaded the whole model"))
+    monkeypatch.setattr(inputs, "load_model", lambda *a, **k: pytest.fail("the input check loaded the whole model"))
     reads = []
     real_read = Checkpoint.read
     monkeypatch.setattr(Checkpoint, "read", lambda self, name: reads.append(name) or real_read(self, name))
-    _, info = recipe.check_student(RecoverConfig(model=str(pruned), out="o"))
+    _, info = inputs.check_student(RecoverConfig(model=str(pruned), out="o"))
     assert info["masked_params"] == 14 and 0.45 < info["sparsity"] < 0.55
     assert len(reads) == 14 and all(".layers." in n for n in reads)  # only the decoder linears, one by one
     masks = {"model.layers.0.mlp.up_proj.weight": torch.rand(128, 64) > 0.25}
     save_file(masks, tmp_path / "m.safetensors")
-    _, info = recipe.check_student(RecoverConfig(model=str(pruned), out="o", mask_file=str(tmp_path / "m.safetensors")))
+    _, info = inputs.check_student(RecoverConfig(model=str(pruned), out="o", mask_file=str(tmp_path / "m.safetensors")))
     assert info["masked_params"] == 1 and info["sparsity"] == pytest.approx(1 - masks["model.layers.0.mlp.up_proj.weight"].float().mean().item())
 
 

@@ -237,7 +237,8 @@ def _with_scoring_workers(cfg: PruneConfig, recipe):
             ray.kill(worker)
 
 
-def _asft_cause(err: Exception) -> Exception:
+def asft_cause(err: Exception) -> Exception:
+    """The AsftError a Ray task or actor raised (one line for the CLI), else the Ray error as it is."""
     cause = getattr(err, "cause", None)
     return cause if isinstance(cause, AsftError) else err
 
@@ -269,7 +270,7 @@ def _on_ray(cfg: PruneConfig, method: str, payload: dict, address, num_cpus, sho
     try:
         return ray.get(getattr(worker, method).remote(payload, show_progress))
     except ray.exceptions.RayTaskError as err:
-        raise _asft_cause(err) from None
+        raise asft_cause(err) from None
     except ray.exceptions.ActorDiedError as err:
         hint = "; the node ran low on memory" if "memory" in str(err).lower() else ""
         raise AsftError(f"the pruning worker died ({str(err).strip().splitlines()[0]}{hint})") from None

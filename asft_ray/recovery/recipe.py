@@ -1,8 +1,11 @@
-"""The recovery recipe: check inputs -> tokenize data -> Ray Train TorchTrainer -> export + record.
+"""The recovery recipe: check inputs -> read model and data in a Ray task -> Ray Train TorchTrainer -> export + record.
 
-The driver holds the config, the token streams and the result; the workers own the model.
-Everything that can be wrong with the input is checked here, before Ray starts and before
-anything is written, so a bad run leaves `--out` untouched.
+The driver holds the config, object refs to the token streams, and the result; the workers own the
+model. What can be wrong with the input without reading a model or the data (settings, the DeepSpeed
+file, paths, the output and resume folders) is checked here before Ray starts; what needs the
+weights, a tokenizer or the text (masks, the teacher's shape, enough tokens) is checked by the one
+Ray task that reads them (inputs.py), so that the driver never imports transformers or `datasets`.
+Both come before anything is written, so a bad run leaves `--out` untouched.
 """
 
 from __future__ import annotations
@@ -15,104 +18,15 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 import asft_ray
 from asft_ray.artifacts import RUN_FILE, atomic_output_dir, check_output_dir, read_run, write_json_atomic
-from asft_ray.data import c4_documents, resolve_data_dir, wikitext2_ids
+from asft_ray.data import resolve_data_dir
 from asft_ray.errors import AsftError
-from asft_ray.models import load_model, resolve_model
-from asft_ray.recovery.batches import step_starts, token_stream
+from asft_ray.models import resolve_model
 from asft_ray.recovery.checkpoints import STATE, SUMMARY, identity_digest, prepare_state, state_dir, verify_resume
 from asft_ray.recovery.config import RecoverConfig
 from asft_ray.recovery.deepspeed_config import TrainingPlan, build_plan, load_user_config
-from asft_ray.recovery.masks import check_mask_entry, check_mask_names, linear_weight_names, require_zeros, student_masks
-from asft_ray.recovery.shards import Checkpoint
-
-
-def model_config(spec: str):
-    """The HF config of a model spec, without loading weights."""
-    from transformers import AutoConfig
-
-    source = resolve_model(spec)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        return AutoConfig.from_pretrained(source.location, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError) as err:
-        raise AsftError(f"could not read the config of {spec!r}: {str(err).strip().splitlines()[0]}") from err
-
-
-def check_teacher(cfg: RecoverConfig, student_config) -> None:
-    """Distillation compares logits (and hidden states) position by position: shapes must agree."""
-    if not cfg.teacher:
-        return
-    teacher = model_config(cfg.teacher)
-    if teacher.vocab_size != student_config.vocab_size:
-        raise AsftError(
-            f"teacher {cfg.teacher!r} has vocabulary size {teacher.vocab_size}, the student {student_config.vocab_size}: "
-            "distillation needs the same tokenizer"
-        )
-    if cfg.hidden_weight > 0:
-        for key in ("hidden_size", "num_hidden_layers"):
-            if getattr(teacher, key) != getattr(student_config, key):
-                raise AsftError(f"hidden-state distillation needs the same {key}: teacher {getattr(teacher, key)}, "
-                                f"student {getattr(student_config, key)}")
-
-
-def check_student(cfg: RecoverConfig):
-    """Prove the student's masks exist (zeros, or a matching mask file) without holding the model:
-    weights and masks are read one tensor at a time from the safetensors and checked against a
-    skeleton on the `meta` device. Returns (tokenizer, mask summary); the workers rebuild the
-    same masks. (A GGUF or hub model has no safetensors to stream: it is loaded whole here.)"""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = resolve_model(cfg.model)
-    config = model_config(cfg.model)
-    check_teacher(cfg, config)
-    if source.gguf_file or source.is_hub:
-        model, tokenizer = load_model(cfg.model, "cpu", show_progress=False)
-        masks = student_masks(model, cfg.mask_file, cfg.dense)
-        return tokenizer, _mask_summary([(m.numel(), int(m.sum())) for m in masks.values()])
-    tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    params = dict(skeleton.named_parameters())
-    if cfg.dense:
-        return tokenizer, _mask_summary([(params[n].numel(), params[n].numel()) for n in linear_weight_names(skeleton)])
-    if cfg.mask_file:
-        masks = Checkpoint.from_file(cfg.mask_file)
-        check_mask_names(cfg.mask_file, masks.names(), params)
-        counts = []
-        for name in masks.names():
-            check_mask_entry(cfg.mask_file, name, masks.dtype(name), masks.shape(name), params[name].shape)
-            counts.append((params[name].numel(), int(masks.read(name).sum())))
-        return tokenizer, _mask_summary(counts)
-    weights = Checkpoint.from_folder(source.location)
-    counts = []
-    for name in linear_weight_names(skeleton):
-        counts.append((params[name].numel(), int((weights.read(name) != 0).sum())))
-        weights.close()  # unmapped after each tensor, so the driver never holds the model's pages
-    require_zeros(any(kept < total for total, kept in counts))
-    return tokenizer, _mask_summary(counts)
-
-
-def _mask_summary(counts: list[tuple[int, int]]) -> dict:
-    """From (weights, kept) per masked tensor."""
-    total, kept = sum(t for t, _ in counts), sum(k for _, k in counts)
-    return {"masked_params": len(counts), "weights": total, "sparsity": 1 - kept / total}
-
-
-def training_tokens(cfg: RecoverConfig, tokenizer, data_dir: str):
-    """(C4 token stream for training, WikiText-2 *valid* ids for the recovery curve or None)."""
-    stream = token_stream(c4_documents(data_dir), tokenizer)
-    step_starts(cfg.seed, 0, 1, len(stream), cfg.seqlen)  # fails early if the text is too short
-    eval_ids = None
-    if cfg.eval_every:
-        seqlen = cfg.eval_seqlen or cfg.seqlen
-        eval_ids = wikitext2_ids(tokenizer, "valid", data_dir).reshape(-1)[: cfg.eval_windows * seqlen]
-        if eval_ids.numel() < seqlen:
-            raise AsftError(f"WikiText-2 valid has fewer than {seqlen} tokens")
-    return stream, eval_ids
+from asft_ray.recovery.inputs import RunInputs, read_inputs_on_ray
 
 
 class _Stopped(Exception):
@@ -253,25 +167,24 @@ def run_recover(cfg: RecoverConfig, address: str | None = None) -> dict:
     folder = state_dir(cfg.out)
     verified = verify_resume(folder, identity) if cfg.resume and (folder / STATE).is_file() else None  # reads only
     resolve_model(cfg.model)
-    plan = build_plan(cfg, user_ds, cfg.workers, source=cfg.deepspeed or "deepspeed config",
-                      largest_linear=largest_linear(cfg.model))
     if cfg.teacher:
         resolve_model(cfg.teacher)
+    ds_source = cfg.deepspeed or "deepspeed config"
+    build_plan(cfg, user_ds, cfg.workers, source=ds_source)  # its conflicts, before Ray; ZeRO-3 sizes need the model
     data_dir = resolve_data_dir(cfg.data_dir)
-    tokenizer, mask_info = check_student(cfg)
-    stream, eval_ids = training_tokens(cfg, tokenizer, data_dir)
-    resume_from = prepare_state(folder, identity, cfg.resume, verified)  # the checkpoint verified before Ray starts
-    prepared_s = time.perf_counter() - start
 
     owned = init_ray(address)
     try:
+        inputs = read_inputs_on_ray(cfg, data_dir)
+        plan = build_plan(cfg, user_ds, cfg.workers, source=ds_source, largest_linear=inputs.largest_linear)
+        resume_from = prepare_state(folder, identity, cfg.resume, verified)  # the checkpoint verified before Ray started
+        prepared_s = time.perf_counter() - start
         with atomic_output_dir(cfg.out) as tmp:
-            fit(cfg, plan, stream, eval_ids, folder, tmp, identity, resume_from)
+            fit(cfg, plan, inputs.stream, inputs.eval_ids, folder, tmp, identity, resume_from)
             summary = json.loads((folder / SUMMARY).read_text())
             if summary["stopped"]:
                 raise _Stopped(summary)
-            record = _record(cfg, identity, plan, summary, mask_info, data_dir, len(stream), prepared_s,
-                             time.perf_counter() - start)
+            record = _record(cfg, identity, plan, summary, inputs, data_dir, prepared_s, time.perf_counter() - start)
             _check_masks_held(summary)
             write_json_atomic(tmp / RUN_FILE, record)
     except _Stopped as stop:
@@ -303,16 +216,9 @@ def _check_masks_held(summary: dict) -> None:
             raise AsftError(f"pruned weights did not stay zero ({key}: {check}); nothing was written")
 
 
-def largest_linear(model_spec: str) -> int | None:
-    """Weights in the model's largest decoder linear (hidden x max(MLP width, hidden)), from its config."""
-    from asft_ray.models import model_config
+def _record(cfg, identity, plan, summary, inputs: RunInputs, data_dir, prepared_s, total_s) -> dict:
+    import torch  # already there: Ray Train's TorchTrainer imports it
 
-    config = model_config(model_spec)
-    hidden = getattr(config, "hidden_size", None)
-    return hidden * max(getattr(config, "intermediate_size", None) or hidden, hidden) if hidden else None
-
-
-def _record(cfg, identity, plan, summary, mask_info, data_dir, stream_tokens, prepared_s, total_s) -> dict:
     history = summary["history"]
     train_s = sum(row["seconds"] for row in history)
     return {
@@ -320,8 +226,8 @@ def _record(cfg, identity, plan, summary, mask_info, data_dir, stream_tokens, pr
         "config": cfg.to_dict(),
         "deepspeed_config": plan.ds_config,
         "data_dir": data_dir,
-        "train_stream_tokens": stream_tokens,
-        "masks": mask_info,
+        "train_stream_tokens": inputs.stream_tokens,
+        "masks": inputs.masks,
         "losses": [row["loss"] for row in history],
         "history": history,
         "evals": summary["evals"],

@@ -346,7 +346,7 @@ def train_loop(config: dict) -> None:
     teacher = teacher_keep_alive = None
     if objective.needs_teacher:
         teacher, teacher_keep_alive = build_teacher(cfg, plan, deepspeed, engine.device)
-    stream, eval_ids = config["stream"], config["eval_ids"]
+    stream, eval_ids = ray.get([config["stream"], config["eval_ids"]])  # object refs: read by inputs.py's Ray task
     eval_seqlen = cfg.eval_seqlen or cfg.seqlen
 
     history, evals, start, resumed_check = [], [], 0, None

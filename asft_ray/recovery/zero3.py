@@ -25,7 +25,7 @@ import contextlib
 import torch
 
 from asft_ray.errors import AsftError
-from asft_ray.models import resolve_model
+from asft_ray.models import model_config, resolve_model
 from asft_ray.recovery.masks import (
     check_mask_entry,
     check_mask_names,
@@ -72,8 +72,6 @@ def build_partitioned(spec: str, ds_config: dict, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from asft_ray.recovery.recipe import model_config
 
     keep_alive = HfDeepSpeedConfig(ds_config)
     config = model_config(spec)
