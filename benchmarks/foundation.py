@@ -93,8 +93,10 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict, runs: Path, mo
             method = f"{best['method']} (best 50 %)"
     else:
         out = runs / (f"{method}-{pattern.replace(':', 'of')}-n{nsamples}" + ("-ts" if mode else ""))
-        args = ["prune", "--model", MODEL, "--method", method, "--pattern", pattern, "--nsamples", str(nsamples),
+        args = ["prune", "--model", MODEL, "--method", method, "--pattern", pattern,
                 "--seqlen", "2048", "--out", str(out), "--no-progress"]
+        if nsamples:  # magnitude reads no calibration (and --nsamples 0 is refused)
+            args += ["--nsamples", str(nsamples)]
         if pattern == "unstructured":
             args += ["--sparsity", "0.5"]
         if mode:
