@@ -11,3 +11,11 @@ def test_the_best_50_percent_config_is_the_valid_choice_on_the_protocols_calibra
     assert (cfg.nsamples, cfg.seqlen, cfg.seed) == (32, 2048, 0)
     recipe = registry.resolve(cfg.method)
     assert recipe.method.name == "wanda" and [r.name for r, _ in recipe.refinements] == ["dsnot", "obs"]
+
+
+def test_the_best_2of4_config_is_the_valid_choice_on_the_protocols_calibration():
+    cfg = PruneConfig.from_dict(load_yaml(str(REPO / "configs" / "smollm2-best-2of4.yaml")))
+    assert (cfg.model, cfg.pattern, cfg.sparsity) == ("smollm2-135m", "2:4", 0.5)
+    assert (cfg.nsamples, cfg.seqlen, cfg.seed) == (32, 2048, 0)
+    recipe = registry.resolve(cfg.method)
+    assert recipe.method.name == "sparsegpt" and not recipe.refinements
