@@ -10,7 +10,7 @@ import sys
 import threading
 
 from asft_ray.artifacts import check_out_location
-from asft_ray.config import PruneConfig, add_config_flags, check_device, flag_values, load_yaml
+from asft_ray.config import PruneConfig, add_config_flags, check_device, config_from_args, flag_values, load_yaml
 from asft_ray.errors import AsftError
 from asft_ray.export.formats import ExportOptions, format_names, formats
 
@@ -127,10 +127,7 @@ def _prune(args) -> None:
     from asft_ray.data import resolve_data_dir
     from asft_ray.models import resolve_model
 
-    values = flag_values(args, PruneConfig, load_yaml(args.config) if args.config else {}, skip=("device",))
-    if args.device != "auto" or "device" not in values:
-        values["device"] = args.device
-    cfg = PruneConfig.from_dict(values, source=args.config or "flags")
+    cfg = config_from_args(args, PruneConfig)
     # Fail fast, before Ray starts, on everything that can be checked without the model's weights.
     resolve_model(cfg.model)
     if cfg.needs_calibration:

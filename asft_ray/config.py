@@ -138,6 +138,15 @@ def flag_values(args, cls, values: dict, skip: tuple[str, ...] = ()) -> dict:
     return values
 
 
+def config_from_args(args, cls):
+    """A subcommand's typed config: its `--config` YAML with the flags given on top; `--device auto`
+    (the flag's default) leaves a device the YAML names."""
+    values = flag_values(args, cls, load_yaml(args.config) if args.config else {}, skip=("device",))
+    if args.device != "auto" or "device" not in values:
+        values["device"] = args.device
+    return cls.from_dict(values, source=args.config or "flags")
+
+
 def identity_values(config) -> dict:
     """A config dataclass's fields, without those marked `how_it_runs`."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("identity", True)}

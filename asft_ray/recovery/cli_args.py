@@ -19,14 +19,11 @@ def add_recover_parser(sub, add_common) -> None:
 
 
 def recover_from_args(args) -> None:
-    from asft_ray.config import flag_values, load_yaml
+    from asft_ray.config import config_from_args
     from asft_ray.recovery.config import RecoverConfig
     from asft_ray.recovery.recipe import run_recover
 
-    values = flag_values(args, RecoverConfig, load_yaml(args.config) if args.config else {}, skip=("device",))
-    if args.device != "auto" or "device" not in values:
-        values["device"] = args.device
-    cfg = RecoverConfig.from_dict(values, source=args.config or "flags")
+    cfg = config_from_args(args, RecoverConfig)
     record = run_recover(cfg, address=args.address)
     if args.json:
         print(json.dumps(record, indent=2, sort_keys=True))
