@@ -8,7 +8,12 @@
 #   cluster/offline_bundle.sh OUT_DIR [PART_MB=44]      (needs python3.12 here for the --target install)
 set -euo pipefail
 OUT=${1:?usage: cluster/offline_bundle.sh OUT_DIR [PART_MB]}; PART_MB=${2:-44}
-PY312=${PY312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}
+if [ -z "${PY312:-}" ]; then  # the first Python 3.12 that runs (a pyenv shim may exist and fail)
+  for c in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python; do
+    if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then PY312=$c; break; fi
+  done
+fi
+[ -n "${PY312:-}" ] || { echo "offline_bundle: needs a Python 3.12 here (set PY312)" >&2; exit 2; }
 REPO=$(cd "$(dirname "$0")/.." && pwd); DATA=${ASFT_DATA_DIR:-$REPO/../shared/data}
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 # Not on the host image (KINDS.md lists what is): Ray core + Train/Tune, DeepSpeed, datasets, the
