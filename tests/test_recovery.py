@@ -6,7 +6,9 @@ The Ray runs use the tiny Llama from conftest pruned by magnitude to 50 %, a few
 
 from __future__ import annotations
 
+import gc
 import json
+import time
 
 import pytest
 import torch
@@ -263,28 +265,49 @@ def _run_cli(capsys, *args):
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case, message", [
-    ("dense", "no zero weights in its decoder linears"),
-    ("teacher", "vocabulary size 600"),
-    ("deepspeed", "zero_optimization.stage = 2 conflicts with --zero-stage 3"),
-])
-def test_bad_input_is_one_line_and_leaves_out_alone(case, message, capsys, tmp_path, tiny_model_dir, pruned_dir,
-                                                     other_vocab_dir, data_dir):
+def _assert_bad_input_is_one_line(capsys, tmp_path, args, message, data_dir):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     (out / "asft_run.json").write_text("{}")  # an earlier asft-ray output: --overwrite may replace it, errors must not
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    args = {"dense": ["--model", str(tiny_model_dir)],
-            "teacher": ["--model", str(pruned_dir), "--teacher", str(other_vocab_dir)],
-            "deepspeed": ["--model", str(pruned_dir), "--deepspeed", str(ds)]}[case]
     code, err = _run_cli(capsys, *args, "--zero-stage", "3", "--max-steps", "2", "--seqlen", "32",
                          "--data-dir", data_dir, "--out", str(out), "--overwrite")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("asft: error:") and message in lines[0], err
     assert sorted(p.name for p in out.iterdir()) == ["asft_run.json", "keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert not (tmp_path / ".out.recover").exists()
+
+
+def test_a_conflicting_deepspeed_file_is_one_line_before_ray(capsys, tmp_path, pruned_dir, data_dir):
+    import ray
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    _assert_bad_input_is_one_line(capsys, tmp_path, ["--model", str(pruned_dir), "--deepspeed", str(ds)],
+                                  "zero_optimization.stage = 2 conflicts with --zero-stage 3", data_dir)
+    assert not ray.is_initialized()
+
+
+def test_inputs_read_on_ray_are_one_line_and_leave_out_alone(capsys, tmp_path, tiny_model_dir, pruned_dir,
+                                                             other_vocab_dir, data_dir):
+    """The checks that read the model (no zeros, the teacher's vocabulary) run in the inputs task
+    (recovery/inputs.py). Both cases on one cluster that outlives each call, as with --address:
+    nothing but the one line may reach stderr (no "unhandled error" log of the task's other results)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        for case, args, message in (
+            ("dense", ["--model", str(tiny_model_dir)], "no zero weights in its decoder linears"),
+            ("teacher", ["--model", str(pruned_dir), "--teacher", str(other_vocab_dir)], "vocabulary size 600"),
+        ):
+            (tmp_path / case).mkdir()
+            _assert_bad_input_is_one_line(capsys, tmp_path / case, args, message, data_dir)
+            gc.collect()  # an unread error result would be logged when its ref is freed
+            time.sleep(1)
+            assert not [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()], case
+    finally:
+        ray.shutdown()
 
 
 def test_resume_from_a_state_folder_others_can_write_is_one_line_before_ray(capsys, tmp_path, pruned_dir, data_dir):

@@ -11,6 +11,8 @@ numbers and two object refs, which the Ray Train workers resolve.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,9 @@ def read_inputs_on_ray(cfg: RecoverConfig, data_dir: str) -> RunInputs:
     try:
         facts = ray.get(facts)
     except ray.exceptions.RayTaskError as err:
+        for ref in (stream, eval_ids):  # the same error: read it, or a cluster that outlives this call
+            with contextlib.suppress(ray.exceptions.RayTaskError):  # logs it as "unhandled"
+                ray.get(ref)
         raise asft_cause(err) from None
     return RunInputs(stream=stream, eval_ids=eval_ids, **facts)
 
