@@ -9,6 +9,8 @@ is shrunk. For each layer:
 
     read it from the shards -> input statistics -> its plan -> refit -> shrink -> write it -> back to meta
 
+(a layer to be dropped is only read, run for the next layer's inputs and freed).
+
 A layer's plan needs only its own scores and every layer's unit counts, which the ratios give
 before any weight is read (pruning.structured.unit_counts): one pass does it. Dropping layers
 needs every layer's block influence before the first layer is written (the written layers are
@@ -86,6 +88,12 @@ def structure_streamed(folder: Path, tokenizer, out: Path, calib_ids: torch.Tens
         store = StreamedLayers(model, reader, tmp)
         for index, layer in enumerate(progress(layers, "structured layers", show_progress)):
             store.load(index, layer)
+            if index in dropped:  # it only feeds the next layer; its plan entry only gives its counts
+                if runner is not None:
+                    runner.advance(layer)
+                plan.append(plan_layer(layer, cfg, index, mlp_counts, group_counts))
+                store.free(index, layer)
+                continue
             stats = None
             if runner is not None:
                 stats = runner.collect(layer, hessian=settings.refit)
@@ -95,10 +103,8 @@ def structure_streamed(folder: Path, tokenizer, out: Path, calib_ids: torch.Tens
                 refit_layer(layer, plan[-1], stats, hd, rep)
             del stats
             shrink_layer(layer, plan[-1], hd, rep)
-            if index in dropped:
-                store.free(index, layer)
-            else:  # numbered as in the model that is written: without the dropped layers before it
-                store.release(index - sum(d < index for d in dropped), layer)
+            # numbered as in the model that is written: without the dropped layers before it
+            store.release(index - sum(d < index for d in dropped), layer)
         shrink_config(cfg, plan)
         if dropped:
             drop_layers(model, dropped)
