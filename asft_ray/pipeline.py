@@ -85,17 +85,13 @@ class StructureSpec:
             raise AsftError(f"{source}: drop_layers must be >= 0, got {self.drop_layers}")
         ratios = self.mlp_ratio or self.head_ratio or self.drop_layers
         if self.cost_target is not None:
-            from asft_ray.pruning.cost_budget import parse_knobs
+            from asft_ray.pruning.cost_budget import check_cost_request
 
             if ratios:
                 raise AsftError(f"{source}: give either cost_target (the planner then chooses mlp_ratio, head_ratio "
                                 "and drop_layers) or those, not both")
-            if not 0 < self.cost_target < 1:
-                raise AsftError(f"{source}: cost_target is a share of the dense model's cost per token, between 0 "
-                                f"and 1; got {self.cost_target}")
-            parse_knobs(self.cost_knobs)
-            if self.cost_context is not None and self.cost_context < 1:
-                raise AsftError(f"{source}: cost_context must be at least 1 token, got {self.cost_context}")
+            check_cost_request(self.cost_target, self.cost_context, self.cost_knobs, f"{source}: cost_target",
+                               f"{source}: cost_context")
         elif not ratios:
             raise AsftError(f"{source}: nothing to remove: set mlp_ratio, head_ratio or drop_layers, or cost_target")
         elif (self.cost_knobs, self.cost_context, self.cost_model) != (("mlp",), None, None):

@@ -39,6 +39,17 @@ def parse_knobs(knobs) -> tuple[str, ...]:
     return tuple(k for k in KNOBS if k in names)
 
 
+def check_cost_request(target: float, context: int | None, knobs, target_name: str = "cost target",
+                       context_name: str = "cost context") -> tuple[str, ...]:
+    """The one check of what a cost budget asks for (config keys, export flags and the planner all
+    use it; the names say which the user wrote). Returns the parsed knobs."""
+    if not 0 < target < 1:
+        raise AsftError(f"{target_name} is a share of the dense model's cost per token, between 0 and 1; got {target}")
+    if context is not None and context < 1:
+        raise AsftError(f"{context_name} must be at least 1 token, got {context}")
+    return parse_knobs(knobs)
+
+
 @dataclass(frozen=True)
 class CostPlan:
     """Ratios as the structured export takes them, the shape they give, and its predicted cost."""
@@ -73,9 +84,7 @@ def plan_for_cost(dense: DecoderShape, model: CostModel, target: float, context:
     """The least aggressive plan (see the module docstring) whose predicted cost per generated token,
     with `context` tokens in the KV cache, is at most `target` x the dense model's. AsftError,
     naming the cheapest reachable cost, when no plan within the caps meets it."""
-    knobs = parse_knobs(knobs)
-    if not 0 < target < 1:
-        raise AsftError(f"cost target must be between 0 and 1 (a share of the dense model's cost), got {target}")
+    knobs = check_cost_request(target, context, knobs)
     dense_cost = model.predict(dense, context)
     if not dense_cost > 0:
         raise AsftError("the cost model predicts no cost for the dense model: it cannot rank plans")

@@ -81,16 +81,13 @@ def _settings(model_spec: str, options: ExportOptions):
 
 def _check_cost_options(options: ExportOptions) -> None:
     from asft_ray.export.run import parse_ratio
-    from asft_ray.pruning.cost_budget import parse_knobs
+    from asft_ray.pruning.cost_budget import check_cost_request
 
     if parse_ratio(options.mlp_ratio) != 0 or parse_ratio(options.head_ratio) != 0 or options.drop_layers:
         raise AsftError("--cost-target chooses --mlp-ratio, --head-ratio and --drop-layers: give either it or them")
-    if not 0 < options.cost_target < 1:
-        raise AsftError(f"--cost-target is a share of the dense model's cost per token, between 0 and 1; "
-                        f"got {options.cost_target}")
-    if options.cost_context < 1:
-        raise AsftError(f"--cost-context must be at least 1 token, got {options.cost_context}")
-    if "layers" in parse_knobs(options.cost_knobs) and options.nsamples < 1:
+    knobs = check_cost_request(options.cost_target, options.cost_context, options.cost_knobs, "--cost-target",
+                               "--cost-context")
+    if "layers" in knobs and options.nsamples < 1:
         raise AsftError("--cost-knobs layers drops layers by block influence on calibration data: pass --nsamples")
 
 
