@@ -12,7 +12,6 @@ numbers and two object refs, which the Ray Train workers resolve.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 
 import torch
