@@ -12,8 +12,14 @@ The measured models are float32, as the structured export and the pipeline's eva
 them; `int8_too` also measures each one with int8 linears (export/int8.py). With the default
 settings a calibration builds 7 models and times 8 x 4 decodes of 16 tokens: for a SmolLM2-135M
 shape on 2 vCPUs about 40 s by benchmarks/results/cost_model-fit.json's coefficients (estimated,
-not timed). No measured model is larger than the user's, but calibrating for a 7B model needs
-its float32 size in memory.
+not timed).
+
+No measured model is larger than the user's, and none is larger than `MAX_MEASURED_BYTES` of
+float32 weights either (`measured_base`): for a bigger model the measured models keep its widths
+(hidden, MLP, heads: what one decoder layer reads) but have fewer layers, and if need be a smaller
+vocabulary. Decode cost is linear in layers and in weight bytes read (eval/cost_model.py), so the
+fit to the shallower models predicts the user's depth; the calibration of a 7B or 70B model needs
+no more memory than about 2 GiB, or two of its decoder layers where two alone are bigger.
 """
 
 from __future__ import annotations
@@ -27,8 +33,33 @@ from asft_ray.errors import AsftError
 from asft_ray.eval.cost_model import CostModel, DecoderShape, Measurement, fit
 
 
-def calibration_plan(shape: DecoderShape) -> list[tuple[DecoderShape, tuple[int, ...]]]:
-    """The measured models: (shape, prompt lengths), 8 measurements, fixed by `shape`."""
+MAX_MEASURED_BYTES = 2 * 2**30  # float32 weight bytes of the largest model a calibration builds
+MIN_MEASURED_LAYERS = 2  # the base keeps at least this many layers (its halves: 1), so the per-layer term is seen
+MIN_MEASURED_VOCAB = 1024
+
+
+def float32_bytes(shape: DecoderShape) -> int:
+    """Weight bytes of the measured model of `shape` in float32 (tied head; norms left out)."""
+    return 4 * shape.linear_rows_and_elements()[1]
+
+
+def measured_base(shape: DecoderShape, max_bytes: int = MAX_MEASURED_BYTES) -> DecoderShape:
+    """The largest model a calibration measures: `shape` itself when its float32 weights fit in
+    `max_bytes`; else the same widths with as many layers as fit (at least MIN_MEASURED_LAYERS) and,
+    if that is still over, a vocabulary cut to what fits (at least MIN_MEASURED_VOCAB)."""
+    if float32_bytes(shape) <= max_bytes:
+        return shape
+    head = 4 * shape.vocab * shape.hidden
+    layer = float32_bytes(replace(shape, layers=1)) - head
+    layers = min(shape.layers, max(MIN_MEASURED_LAYERS, (max_bytes - head) // layer))
+    vocab = min(shape.vocab, max(MIN_MEASURED_VOCAB, (max_bytes - layers * layer) // (4 * shape.hidden)))
+    return replace(shape, layers=layers, vocab=vocab)
+
+
+def calibration_plan(shape: DecoderShape, max_bytes: int = MAX_MEASURED_BYTES) -> list[tuple[DecoderShape, tuple[int, ...]]]:
+    """The measured models: (shape, prompt lengths), 8 measurements, fixed by `shape`: the measured
+    base (`measured_base`) and shrunk variants of it along each knob of a structured plan."""
+    shape = measured_base(shape, max_bytes)
     half_layers, quarter_layers = max(1, shape.layers // 2), max(1, shape.layers // 4)
     half_mlp, quarter_mlp = max(1, shape.intermediate // 2), max(1, shape.intermediate // 4)
     rep = shape.heads // shape.kv_heads
@@ -114,5 +145,6 @@ def load_or_calibrate(path: Path | None, shape: DecoderShape) -> CostModel:
     model = calibrate(shape)
     if path is not None:
         write_json_atomic(Path(path), {**model.to_dict(), "calibrated_for": asdict(shape),
+                                       "measured_base": asdict(measured_base(shape)),
                                        "threads": torch.get_num_threads(), "torch": torch.__version__})
     return model
