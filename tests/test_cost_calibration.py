@@ -17,12 +17,13 @@ import pytest
 
 from asft_ray.errors import AsftError
 from asft_ray.eval import cost_calibration
-from asft_ray.eval.cost_calibration import (MAX_MEASURED_BYTES, calibrate, calibration_plan, float32_bytes,
+from asft_ray.eval.cost_calibration import (SMALL_MODEL_BYTES, calibrate, calibration_plan, float32_bytes,
                                             load_or_calibrate, measure)
 from asft_ray.eval.cost_model import CostModel, DecoderShape
 
 SMOL = DecoderShape(hidden=576, intermediate=1536, heads=9, kv_heads=3, layers=30, vocab=49152)
 LLAMA_7B = DecoderShape(hidden=4096, intermediate=11008, heads=32, kv_heads=32, layers=32, vocab=32000)
+LARGE_1B6 = DecoderShape(hidden=2048, intermediate=5632, heads=16, kv_heads=16, layers=28, vocab=32000)  # benchmarks
 LLAMA_70B = DecoderShape(hidden=8192, intermediate=28672, heads=64, kv_heads=8, layers=80, vocab=128256)
 TRUTH = CostModel({"token": 3e-4, "layer": 2e-4, "int8_layer": 0.0, "float_bytes": 6.8e-11, "int8_bytes": 0.0,
                    "kv_bytes": 1.1e-10})
@@ -40,24 +41,26 @@ def test_the_calibration_shapes_are_the_model_and_its_shrunk_variants():
 
 
 def test_a_model_bigger_than_the_bound_is_calibrated_on_shallower_models_of_its_widths():
-    assert float32_bytes(SMOL) <= MAX_MEASURED_BYTES < float32_bytes(LLAMA_7B)  # 0.54 GB; 27 GB
-    plan = calibration_plan(LLAMA_7B)
-    assert max(float32_bytes(s) for s, _ in plan) <= MAX_MEASURED_BYTES
-    assert plan[0][0] == DecoderShape(4096, 11008, 32, 32, 2, 32000, head_dim=128)  # 2 of 32 layers fit in 2 GiB
-    assert {(s.hidden, s.dim) for s, _ in plan} == {(4096, 128)}  # every measured layer is a real 7B layer's width
+    assert float32_bytes(SMOL) <= SMALL_MODEL_BYTES < float32_bytes(LARGE_1B6)  # 0.54 GB: measured whole; 6.3 GB
+    for shape, layers in ((LARGE_1B6, 6), (LLAMA_7B, 2)):  # within a quarter of the model's bytes, and 2 GiB
+        plan = calibration_plan(shape)
+        assert max(float32_bytes(s) for s, _ in plan) <= min(float32_bytes(shape) / 4, SMALL_MODEL_BYTES)
+        assert plan[0][0] == DecoderShape(shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, layers,
+                                          shape.vocab, head_dim=shape.dim)  # every measured layer: a real layer's width
+        assert {(s.hidden, s.dim) for s, _ in plan} == {(shape.hidden, shape.dim)}
     # 70B: two decoder layers alone are 6.8 GB; the vocabulary is cut to the minimum, never the widths
     base_70b = calibration_plan(LLAMA_70B)[0][0]
     assert (base_70b.layers, base_70b.vocab, base_70b.hidden, base_70b.intermediate) == (2, 1024, 8192, 28672)
     assert max(float32_bytes(s) for s, _ in calibration_plan(LLAMA_70B)) == float32_bytes(base_70b) < 7.0e9
 
 
-@pytest.mark.parametrize("shape", [LLAMA_7B, LLAMA_70B], ids=["7b", "70b"])
+@pytest.mark.parametrize("shape", [LARGE_1B6, LLAMA_7B, LLAMA_70B], ids=["1.6b", "7b", "70b"])
 def test_a_fit_to_shallower_models_predicts_the_full_depth(monkeypatch, shape):
     """Decode cost is linear in layers and bytes: measurements on the bounded plan determine every
     float coefficient, so the prediction for the user's own shape is exact on an exactly linear machine."""
     monkeypatch.setattr(cost_calibration, "measure", _synthetic)
     model = calibrate(shape)
-    assert all(s["shape"]["layers"] <= 2 for s in model.calibration)
+    assert all(s["shape"]["layers"] < shape.layers for s in model.calibration)
     assert model.predict(shape, 2048) == pytest.approx(TRUTH.predict(shape, 2048), rel=1e-6)
 
 

@@ -14,12 +14,12 @@ settings a calibration builds 7 models and times 8 x 4 decodes of 16 tokens: for
 shape on 2 vCPUs about 40 s by benchmarks/results/cost_model-fit.json's coefficients (estimated,
 not timed).
 
-No measured model is larger than the user's, and none is larger than `MAX_MEASURED_BYTES` of
-float32 weights either (`measured_base`): for a bigger model the measured models keep its widths
-(hidden, MLP, heads: what one decoder layer reads) but have fewer layers, and if need be a smaller
-vocabulary. Decode cost is linear in layers and in weight bytes read (eval/cost_model.py), so the
-fit to the shallower models predicts the user's depth; the calibration of a 7B or 70B model needs
-no more memory than about 2 GiB, or two of its decoder layers where two alone are bigger.
+A model of at most `SMALL_MODEL_BYTES` of float32 weights is measured whole. A bigger one is never
+built (`measured_base`): its measured models keep its widths (hidden, MLP, heads: what one decoder
+layer reads) but have fewer layers, and if need be a smaller vocabulary, so that none holds more than
+a quarter of its float32 weight bytes (the bound every process of a large-model run keeps) or 2 GiB.
+Decode cost is linear in layers and in weight bytes read (eval/cost_model.py), so the fit to the
+shallower models predicts the full depth. Floor: two decoder layers (6.8 GB for a 70B Llama).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from asft_ray.errors import AsftError
 from asft_ray.eval.cost_model import CostModel, DecoderShape, Measurement, fit
 
 
-MAX_MEASURED_BYTES = 2 * 2**30  # float32 weight bytes of the largest model a calibration builds
+SMALL_MODEL_BYTES = 2 * 2**30  # float32 weight bytes up to which a model is measured whole
 MIN_MEASURED_LAYERS = 2  # the base keeps at least this many layers (its halves: 1), so the per-layer term is seen
 MIN_MEASURED_VOCAB = 1024
 
@@ -43,10 +43,17 @@ def float32_bytes(shape: DecoderShape) -> int:
     return 4 * shape.linear_rows_and_elements()[1]
 
 
-def measured_base(shape: DecoderShape, max_bytes: int = MAX_MEASURED_BYTES) -> DecoderShape:
-    """The largest model a calibration measures: `shape` itself when its float32 weights fit in
-    `max_bytes`; else the same widths with as many layers as fit (at least MIN_MEASURED_LAYERS) and,
+def measured_bytes_bound(shape: DecoderShape) -> int:
+    """Float32 weight bytes the largest measured model of `shape` may have."""
+    full = float32_bytes(shape)
+    return full if full <= SMALL_MODEL_BYTES else min(SMALL_MODEL_BYTES, full // 4)
+
+
+def measured_base(shape: DecoderShape) -> DecoderShape:
+    """The largest model a calibration measures: `shape` itself when it is small; else the same
+    widths with as many layers as fit in `measured_bytes_bound` (at least MIN_MEASURED_LAYERS) and,
     if that is still over, a vocabulary cut to what fits (at least MIN_MEASURED_VOCAB)."""
+    max_bytes = measured_bytes_bound(shape)
     if float32_bytes(shape) <= max_bytes:
         return shape
     head = 4 * shape.vocab * shape.hidden
@@ -56,10 +63,10 @@ def measured_base(shape: DecoderShape, max_bytes: int = MAX_MEASURED_BYTES) -> D
     return replace(shape, layers=layers, vocab=vocab)
 
 
-def calibration_plan(shape: DecoderShape, max_bytes: int = MAX_MEASURED_BYTES) -> list[tuple[DecoderShape, tuple[int, ...]]]:
+def calibration_plan(shape: DecoderShape) -> list[tuple[DecoderShape, tuple[int, ...]]]:
     """The measured models: (shape, prompt lengths), 8 measurements, fixed by `shape`: the measured
     base (`measured_base`) and shrunk variants of it along each knob of a structured plan."""
-    shape = measured_base(shape, max_bytes)
+    shape = measured_base(shape)
     half_layers, quarter_layers = max(1, shape.layers // 2), max(1, shape.layers // 4)
     half_mlp, quarter_mlp = max(1, shape.intermediate // 2), max(1, shape.intermediate // 4)
     rep = shape.heads // shape.kv_heads
