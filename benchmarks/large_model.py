@@ -59,7 +59,7 @@ def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
            "max_peak_bytes": max(peaks.values()), "max_private_bytes": max(private.values()),
            **{f"max_peak_fraction_of_{k}": max(peaks.values()) / v for k, v in weight_bytes.items()}}
     for key in ("timings", "sparsity", "ppl", "seconds", "windows", "tokens", "window_nll", "streamed",
-                "file_ratio", "weights_file_bytes", "dense", "results", "final"):
+                "file_ratio", "weights_file_bytes", "dense", "results", "final", "cost_plan", "parameter_ratio"):
         if key in record:
             row[key] = record[key] if key != "sparsity" or not isinstance(record[key], dict) else record[key]["total"]
     append_row("large_model", row)
@@ -122,6 +122,11 @@ def main():
                            "--workers", "2", "--out", str(work / "fisher-w2"), *calib],
         "sparsegpt-bf16-w2": ["prune", "--model", str(bf16), "--method", "sparsegpt", "--sparsity", "0.5",
                               "--workers", "2", "--out", str(work / "sgpt-bf16-w2"), *calib],
+        # structure under a cost budget: decode-cost calibration (bounded: shallower models of the same
+        # widths) + the streamed structured export (one layer at a time) with the least-squares refit
+        "structured-cost-fp32": ["export", "--model", str(fp32), "--format", "structured", "--cost-target", "0.7",
+                                 "--refit", "--nsamples", str(opts.nsamples), "--seqlen", str(opts.seqlen),
+                                 "--out", str(work / "structured-cost"), "--overwrite"],
     }
     rows = {}
     for label, args in runs.items():
