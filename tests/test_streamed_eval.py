@@ -130,3 +130,45 @@ def test_streamed_zeroshot_on_two_ray_actors_equals_in_process(local_ray, lm_dir
     assert [ll for ll, _ in sharded] == pytest.approx([ll for ll, _ in local], rel=1e-6)
     assert [greedy for _, greedy in sharded] == [greedy for _, greedy in local]
 
+
+# ---- the pipeline's evaluation of a model over eval.whole_model_max_gb ----
+
+def test_a_model_over_the_threshold_is_evaluated_layer_by_layer_with_a_predicted_speed(
+        lm_dir, data_dir, tmp_path, monkeypatch, streamed_live_bytes):
+    """The same ppl, sparsity and zero-shot as loading it whole, `models.load_model` never called,
+    at most one decoder layer (and the final norm) in memory whenever a layer is read, and the
+    decode speed the calibrated cost model predicts, marked predicted."""
+    import dataclasses
+    import json
+
+    from asft_ray import models
+    from asft_ray.eval.cost_model import FEATURES, CostModel, DecoderShape
+    from asft_ray.pipeline import EvalSpec, evaluate_model
+    from tests.conftest import one_layer_bytes
+
+    spec = EvalSpec(ppl_windows=2, ppl_seqlen=64, zeroshot=("arc_easy",), zeroshot_limit=4, speed_prompt=16,
+                    speed_new_tokens=4, speed_repeats=1)
+    whole = evaluate_model(str(lm_dir), spec, data_dir, "cpu")
+    assert not streamed_live_bytes and "streamed" not in whole and not whole["speed"].get("predicted")
+    cost_model = tmp_path / "cost_model.json"  # as a run folder holds it after its first calibration
+    coefficients = {name: 0.0 for name in FEATURES} | {"token": 1e-3, "float_bytes": 1e-9}
+    cost_model.write_text(json.dumps({"coefficients": coefficients}))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded whole")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    streamed = evaluate_model(str(lm_dir), dataclasses.replace(spec, whole_model_max_gb=0.0), data_dir, "cpu",
+                              cost_model=cost_model)
+    assert streamed["streamed"] and streamed["ppl_windows"] == whole["ppl_windows"] == 2
+    assert streamed["ppl"] == pytest.approx(whole["ppl"], rel=1e-5)
+    assert streamed["sparsity_layers"] == pytest.approx(whole["sparsity_layers"])
+    assert streamed["zeroshot"]["tasks"]["arc_easy"]["acc"] == whole["zeroshot"]["tasks"]["arc_easy"]["acc"]
+    assert streamed["zeroshot"]["tasks"]["arc_easy"]["acc_norm"] == whole["zeroshot"]["tasks"]["arc_easy"]["acc_norm"]
+    model = AutoModelForCausalLM.from_pretrained(lm_dir)
+    shape, context = DecoderShape.from_config(model.config), spec.speed_prompt + spec.speed_new_tokens // 2
+    seconds = CostModel.from_dict(json.loads(cost_model.read_text())).predict(shape, context)
+    assert streamed["speed"]["predicted"] and streamed["speed"]["decode_tok_s"] == pytest.approx(1 / seconds)
+    assert streamed["speed"]["context"] == context and streamed["speed"]["cost_model"] == str(cost_model)
+    assert len(streamed_live_bytes) == 2 * 3  # the ppl pass and the zero-shot pass each read the 3 layers once
+    assert max(b for _, b in streamed_live_bytes) <= one_layer_bytes(model), streamed_live_bytes
