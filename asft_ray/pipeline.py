@@ -44,11 +44,16 @@ class EvalSpec:
     speed_prompt: int = 128
     speed_new_tokens: int = 32
     speed_repeats: int = 3
+    whole_model_max_gb: float = 4.0  # a safetensors model with more GiB of weights: never loaded whole, speed predicted
 
     @property
     def speed_context(self) -> int:
         """Tokens in the KV cache over the measured decode steps, on average (eval/cost_calibration.decode_cost)."""
         return self.speed_prompt + self.speed_new_tokens // 2
+
+    def check(self, source: str = "eval") -> None:
+        if self.whole_model_max_gb < 0:
+            raise AsftError(f"{source}: whole_model_max_gb must be >= 0, got {self.whole_model_max_gb}")
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,7 @@ class RunConfig:
                 raise AsftError(f"{source} eval: key 'zeroshot' must be a task name or a list of them, got {tasks!r}")
             ev["zeroshot"] = tuple(parse_tasks(",".join(tasks) if isinstance(tasks, list) else tasks)) if tasks else ()
         values["eval"] = EvalSpec(**ev)
+        values["eval"].check(f"{source} eval")
         exports = values.get("export") or ()
         offered = run_format_names()
         bad = [e for e in exports if e not in offered]
@@ -228,10 +234,48 @@ def _log(message: str) -> None:
     print(f"[asft run {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def evaluate_model(spec: str, ev: EvalSpec, data_dir: str | None, device: str, folder: Path | None = None) -> dict:
-    """Perplexity, zero-shot accuracy and speed of one model, measured in this process."""
+def evaluated_streamed(spec: str, ev: EvalSpec) -> bool:
+    """Whether evaluate_model evaluates `spec` one decoder layer at a time: a safetensors folder with
+    more weight bytes (read from the shards' headers) than ev.whole_model_max_gb GiB. An int8 export
+    is always loaded whole: its kernels run on the whole model."""
+    from asft_ray.export.int8 import is_int8_folder
+    from asft_ray.models import is_safetensors_dir, resolve_model
+    from asft_ray.pruning.streaming import SafetensorsReader
+
+    source = resolve_model(spec)
+    if not is_safetensors_dir(source) or is_int8_folder(source.location):
+        return False
+    return SafetensorsReader(source.location).weight_bytes() > ev.whole_model_max_gb * 2**30
+
+
+def evaluate_model(spec: str, ev: EvalSpec, data_dir: str | None, device: str, folder: Path | None = None,
+                   cost_model: Path | None = None) -> dict:
+    """Perplexity, zero-shot accuracy and speed of one model, measured in this process. A model
+    larger than ev.whole_model_max_gb (evaluated_streamed) is never loaded whole: its speed is
+    predicted by the decode-cost model in `cost_model` (calibrated there first if missing)."""
     import torch
 
+    threads = torch.get_num_threads()
+    streamed = evaluated_streamed(spec, ev)
+    if streamed:
+        measured = _measure_streamed(spec, ev, data_dir, cost_model)
+    else:
+        measured = _measure_whole(spec, ev, data_dir, device)
+    ppl, sparsity = measured["ppl"], measured["sparsity"]
+    result = {"model": spec, "threads": threads, "ppl": ppl["ppl"], "ppl_windows": ppl["windows"],
+              "ppl_seconds": ppl["seconds"], "sparsity": sparsity["total"], "sparsity_layers": sparsity["layers"]}
+    if ev.zeroshot:
+        result["zeroshot"] = measured["zeroshot"]
+    result["speed"] = measured["speed"]
+    if streamed:
+        result["streamed"] = True
+    if folder is not None:
+        result["disk_mb"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**20
+    return result
+
+
+def _measure_whole(spec: str, ev: EvalSpec, data_dir: str | None, device: str) -> dict:
+    """The model loaded whole: every number measured on it."""
     from asft_ray.data import wikitext2_ids
     from asft_ray.eval.perplexity import perplexity
     from asft_ray.eval.sparsity import model_sparsity
@@ -239,19 +283,41 @@ def evaluate_model(spec: str, ev: EvalSpec, data_dir: str | None, device: str, f
     from asft_ray.models import load_model
 
     model, tokenizer = load_model(spec, device, show_progress=False)
-    result = {"model": spec, "threads": torch.get_num_threads()}
-    ppl = perplexity(model, wikitext2_ids(tokenizer, "test", data_dir), ev.ppl_seqlen, ev.ppl_windows, show_progress=False)
-    sparsity = model_sparsity(model)
-    result.update(ppl=ppl["ppl"], ppl_windows=ppl["windows"], ppl_seconds=ppl["seconds"], sparsity=sparsity["total"],
-                  sparsity_layers=sparsity["layers"])
+    measured = {"ppl": perplexity(model, wikitext2_ids(tokenizer, "test", data_dir), ev.ppl_seqlen, ev.ppl_windows,
+                                  show_progress=False),
+                "sparsity": model_sparsity(model)}
     if ev.zeroshot:
         from asft_ray.eval.zeroshot import evaluate_tasks
 
-        result["zeroshot"] = evaluate_tasks(model, tokenizer, list(ev.zeroshot), data_dir, ev.zeroshot_limit)
-    result["speed"] = measure_speed(model, ev.speed_prompt, ev.speed_new_tokens, ev.speed_repeats, warmup=1)
-    if folder is not None:
-        result["disk_mb"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**20
-    return result
+        measured["zeroshot"] = evaluate_tasks(model, tokenizer, list(ev.zeroshot), data_dir, ev.zeroshot_limit)
+    measured["speed"] = measure_speed(model, ev.speed_prompt, ev.speed_new_tokens, ev.speed_repeats, warmup=1)
+    return measured
+
+
+def _measure_streamed(spec: str, ev: EvalSpec, data_dir: str | None, cost_model: Path | None) -> dict:
+    """A safetensors folder one decoder layer at a time (eval/streamed.py, eval/streamed_zeroshot.py),
+    sparsity read from the shards; decode speed needs the whole model, so it is predicted."""
+    from asft_ray.data import wikitext2_ids
+    from asft_ray.eval.cost_calibration import load_or_calibrate
+    from asft_ray.eval.cost_model import DecoderShape, predicted_speed
+    from asft_ray.eval.sparsity import sparsity_from_safetensors
+    from asft_ray.eval.streamed import streamed_perplexity
+    from asft_ray.models import load_tokenizer, model_config, resolve_model
+
+    folder, tokenizer = Path(resolve_model(spec).location), load_tokenizer(spec)
+    measured = {"ppl": streamed_perplexity(folder, wikitext2_ids(tokenizer, "test", data_dir), ev.ppl_seqlen,
+                                           ev.ppl_windows, show_progress=False),
+                "sparsity": sparsity_from_safetensors(folder)}
+    if ev.zeroshot:
+        from asft_ray.eval.streamed_zeroshot import streamed_evaluate_tasks
+
+        measured["zeroshot"] = streamed_evaluate_tasks(folder, tokenizer, list(ev.zeroshot), data_dir,
+                                                       ev.zeroshot_limit)
+    shape = DecoderShape.from_config(model_config(spec))
+    measured["speed"] = {"prompt_len": ev.speed_prompt, "new_tokens": ev.speed_new_tokens,
+                         **predicted_speed(load_or_calibrate(cost_model, shape), shape, ev.speed_context),
+                         "cost_model": None if cost_model is None else str(cost_model)}
+    return measured
 
 
 def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool = True) -> dict:
@@ -328,12 +394,24 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
                  + (f"zero-shot accuracy on {', '.join(cfg.eval.zeroshot)} ({cfg.eval.zeroshot_limit or 'all'} items each), "
                     if cfg.eval.zeroshot else "")
                  + f"and decode speed ({cfg.eval.speed_prompt}-token prompt, {cfg.eval.speed_new_tokens} new tokens, "
-                   f"median of {cfg.eval.speed_repeats}) for every model on this machine.")
+                   f"median of {cfg.eval.speed_repeats}) for every model on this machine."
+                 + _streamed_note(cfg, models))
     _log("stage 5/5: report")
     report = write_report(cfg, run, result, models, paths, final_name, recovery, exports, int8, steps,
                           time.perf_counter() - started)
     _log(f"report: {report}")
     return {"status": "finished", "report": str(report), "final": final_name}
+
+
+def _streamed_note(cfg: RunConfig, models: dict) -> str:
+    """What the report says about the models that were too large to load whole ("" if none was)."""
+    names = [name for name, measured in models.items() if measured.get("streamed")]
+    if not names:
+        return ""
+    return (f" {', '.join(names)} ({'has' if len(names) == 1 else 'have'} more than {cfg.eval.whole_model_max_gb:g} GiB "
+            "of weights, eval.whole_model_max_gb) never went whole into memory: perplexity and zero-shot were computed "
+            "one decoder layer at a time and the decode speed is predicted by the decode-cost model calibrated on "
+            f"this machine ({run_cost_model(cfg)}), not measured.")
 
 
 def _staged_pruning(cfg: RunConfig, show_progress: bool) -> dict:
@@ -350,7 +428,18 @@ def _staged_pruning(cfg: RunConfig, show_progress: bool) -> dict:
                     f"kept: {result.get('final')}."}
 
 
-COST_MODEL = "cost_model.json"  # in RUN/structure: the decode-cost model calibrated for `structure: {cost_target}`
+COST_MODEL = "cost_model.json"  # the decode-cost model calibrated on this machine, once per run folder
+
+
+def run_cost_model(cfg: RunConfig) -> Path:
+    """Where the run's decode-cost model is kept (calibrated on first use, for the first model that
+    needs it): RUN/structure/cost_model.json (or `structure: {cost_model}`) when the structure stage
+    plans for a cost budget, else RUN/eval/cost_model.json, for the speed of models evaluated
+    layer by layer. One file per run, so a run calibrates once."""
+    s, run = cfg.structure, Path(cfg.out).resolve()
+    if s is not None and s.cost_target is not None:
+        return Path(s.cost_model).resolve() if s.cost_model else run / "structure" / COST_MODEL
+    return run / "eval" / COST_MODEL
 
 
 def _structured_pruning(cfg: RunConfig, data_dir: str) -> dict:
@@ -370,8 +459,7 @@ def _structured_pruning(cfg: RunConfig, data_dir: str) -> dict:
             what = dict(mlp_ratio=s.mlp_ratio, head_ratio=s.head_ratio, drop_layers=s.drop_layers)
         else:
             what = dict(cost_target=s.cost_target, cost_knobs=",".join(s.cost_knobs),
-                        cost_context=s.cost_context or cfg.eval.speed_context,
-                        cost_model=str(Path(s.cost_model).resolve()) if s.cost_model else str(out.parent / COST_MODEL))
+                        cost_context=s.cost_context or cfg.eval.speed_context, cost_model=str(run_cost_model(cfg)))
         task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(export_model))
         ray.get(task.remote(_node_threads(), cfg.model, "structured", out, **what, refit=s.refit, nsamples=s.nsamples,
                             seqlen=s.seqlen, seed=s.seed, data_dir=data_dir, device=cfg.device, show_progress=False))
@@ -429,14 +517,18 @@ def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: b
     from asft_ray.artifacts import same_run
     from asft_ray.config import model_identity
 
-    key = json.loads(json.dumps({"model": model_identity(spec), "eval": dataclasses.asdict(cfg.eval)}))  # as it reads back
+    # the threshold only decides whether the model is streamed, which the key says itself
+    settings = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "whole_model_max_gb"}
+    streamed = {"streamed": True} if evaluated_streamed(spec, cfg.eval) else {}
+    key = json.loads(json.dumps({"model": model_identity(spec), "eval": settings, **streamed}))  # as it reads back
     cached = json.loads(path.read_text()) if path.exists() else None
     if cached is not None and same_run(cached.get("key"), key):
         return cached
     path.parent.mkdir(exist_ok=True)
     task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(evaluate_model))
     start = time.perf_counter()
-    result = ray.get(task.remote(_node_threads(), spec, cfg.eval, data_dir, cfg.device, Path(spec) if on_disk else None))
+    result = ray.get(task.remote(_node_threads(), spec, cfg.eval, data_dir, cfg.device, Path(spec) if on_disk else None,
+                                 run_cost_model(cfg)))
     cached = {"key": key, **result, "seconds": time.perf_counter() - start}
     write_json_atomic(path, cached)
     return cached

@@ -31,6 +31,25 @@ def test_without_a_price_the_report_says_cost_not_computed():
     assert lines["headline"].startswith("Cost not computed") and not any("saving" in x for x in lines["lines"])
 
 
+def test_a_predicted_speed_says_so_in_the_cost_lines_the_candidates_and_the_verdict():
+    """A model too large to load whole has its decode speed predicted (pipeline.evaluate_model)."""
+    from asft_ray.report.recommend import Tolerance, candidate_row, recommend
+
+    dense = {"ppl": 10.0, "speed": {"decode_tok_s": 10.0, "predicted": True}}
+    small = {"ppl": 11.0, "speed": {"decode_tok_s": 20.0, "predicted": True}}
+    line = cost_lines(1.0, dense["speed"], small["speed"])["lines"][0]
+    assert "decode speed 10.0 (predicted) → 20.0 (predicted) tokens/s" in line
+    rows = [candidate_row(name, None, m, dense, Tolerance(), None) for name, m in (("dense", dense), ("small", small))]
+    assert all(row["speed_predicted"] for row in rows)
+    verdict = recommend(rows, Tolerance(), 10.0)["verdict"]
+    assert "lower cost per generated token than dense (predicted by the decode-cost model)" in verdict
+    close = cost_lines(1.0, dense["speed"], {"decode_tok_s": 10.4, "predicted": True})
+    assert "not both were measured, so the difference is not counted" in close["headline"]
+    plain = {"ppl": 10.0, "speed": SPEED}
+    measured = candidate_row("dense", None, plain, plain, Tolerance(), None)
+    assert "speed_predicted" not in measured and "(predicted)" not in cost_lines(1.0, SPEED, SPEED)["lines"][0]
+
+
 def _values(model_dir, out, **extra):
     return {"model": str(model_dir), "out": str(out), "device": "cpu",
             "prune": {"method": "wanda", "schedule": "owl", "nsamples": 2, "seqlen": 64, "stages": [0.3, 0.6],
@@ -104,6 +123,7 @@ def test_int8_copies_are_candidates_with_their_own_quality_and_cost_and_are_not_
     ({"export": ["onnx"]}, "unknown export format"),
     ({"price_per_hour": -1}, "positive number"),
     ({"eval": {"zeroshot": ["nope"]}}, "unknown task"),
+    ({"eval": {"whole_model_max_gb": -1}}, "whole_model_max_gb must be >= 0"),
     ({"colour": 1}, "unknown key"),
     ({"recover": {"model": "x"}}, "set by the pipeline"),
     ({"structure": {"mlp_ratio": 0.3}}, "exactly one of prune"),

@@ -75,10 +75,9 @@ def streaming_object_store_bytes(model_spec: str) -> int | None:
     source = resolve_model(model_spec)
     if not is_safetensors_dir(source):
         return None
-    from pathlib import Path
+    from asft_ray.pruning.streaming import SafetensorsReader
 
-    weight_bytes = sum(f.stat().st_size for f in Path(source.location).glob("*.safetensors"))
-    return max(int(0.3 * 2**30), weight_bytes // 10)
+    return max(int(0.3 * 2**30), SafetensorsReader(source.location).weight_bytes() // 10)
 
 
 def positive_env_number(name: str, text: str, unit: str) -> float:

@@ -179,11 +179,11 @@ class ScoringWorker:
         return_free_memory()
         return pruned
 
-    def nlls(self, final, chunk, targets) -> list[float]:
-        from asft_ray.eval.streamed import chunk_nlls
-
+    def score_rows(self, final, chunk, score, targets) -> list:
+        """engine.Runner.score_rows for one chunk: `score` of each sample's activations and target."""
         final = _materialize(final).to(device=self.device, dtype=torch.float32)
-        return chunk_nlls(final, [x.to(self.device) for x in chunk], targets)
+        return [to_device(score(final, x.to(self.device), to_device(target, self.device)), "cpu")
+                for x, target in zip(chunk, targets, strict=True)]
 
     def gradients(self, model, ids: torch.Tensor, lm_head: bool) -> dict:
         sums = gradient_sums(model.to(self.device), ids.to(self.device), show_progress=False, lm_head=lm_head)
@@ -339,11 +339,12 @@ class ShardedRunner:
     def outputs(self) -> list[torch.Tensor]:
         return [x for chunk in ray.get(self.chunks) for x in chunk]
 
-    def nlls(self, final, targets: list[torch.Tensor]) -> list[float]:
+    def score_rows(self, final, score, targets: list) -> list:
         final_ref = ray.put(SharedLayer(final))
         per_chunk = split_chunks(targets, self.chunk_size)
-        parts = [self._worker(k).nlls.remote(final_ref, c, ids) for k, (c, ids) in enumerate(zip(self.chunks, per_chunk))]
-        return [nll for part in parts for nll in ray.get(part)]
+        parts = [self._worker(k).score_rows.remote(final_ref, c, score, t)
+                 for k, (c, t) in enumerate(zip(self.chunks, per_chunk, strict=True))]
+        return [result for part in parts for result in ray.get(part)]
 
 
 def _submit_solve(method: str, pattern: Pattern, job: LinearJob, stats: InputStats) -> ray.ObjectRef:

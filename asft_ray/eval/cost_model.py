@@ -115,6 +115,13 @@ class CostModel:
         return cls({name: float(data["coefficients"][name]) for name in FEATURES}, list(data.get("calibration", [])))
 
 
+def predicted_speed(model: CostModel, shape: DecoderShape, context: int) -> dict:
+    """The decode speed eval/speed.measure_speed would report, as `model` predicts it for `shape`
+    with `context` tokens in the KV cache; marked `predicted` (no prefill or memory: nothing ran)."""
+    seconds = model.predict(shape, context)
+    return {"decode_tok_s": 1 / seconds, "seconds_per_token": seconds, "context": context, "predicted": True}
+
+
 def nnls(a: np.ndarray, b: np.ndarray, iterations: int = 200) -> np.ndarray:
     """argmin ||a x - b|| over x >= 0 (Lawson-Hanson active set)."""
     n = a.shape[1]

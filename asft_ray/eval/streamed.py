@@ -1,12 +1,13 @@
-"""Perplexity of a model that is never whole in memory: the windows go through the decoder layers
-one layer at a time, each layer read from the safetensors shards and freed after use.
+"""Evaluation of a model that is never whole in memory: token rows go through the decoder layers
+one layer at a time, each layer read from the safetensors shards and freed after use
+(`stream_through_layers`); perplexity here, zero-shot log-likelihoods in streamed_zeroshot.py.
 
-The windows are the calibration inputs of the pruning engine's runner: `LocalRunner` pushes them
-through in this process, `distributed.sharded.ShardedRunner` on Ray actors (windows sharded over
-the workers, activations in the object store). The last step (final norm, lm_head, per-window
-NLL) runs where the activations are. The protocol is `eval.perplexity`'s: non-overlapping
-windows of `seqlen` tokens, ppl = exp(mean window NLL); the numbers equal the in-memory
-evaluation's to float tolerance.
+The rows are the calibration inputs of the pruning engine's runner: `LocalRunner` pushes them
+through in this process, `distributed.sharded.ShardedRunner` on Ray actors (rows sharded over
+the workers, activations in the object store). The last step (final norm, lm_head, and the
+row's score: here its window NLL) runs where the activations are. The perplexity protocol is
+`eval.perplexity`'s: non-overlapping windows of `seqlen` tokens, ppl = exp(mean window NLL); the
+numbers equal the in-memory evaluation's to float tolerance.
 """
 
 from __future__ import annotations
@@ -35,14 +36,12 @@ class FinalHead(nn.Module):
 
 
 @torch.no_grad()
-def chunk_nlls(final: nn.Module, chunk: list[torch.Tensor], targets: list[torch.Tensor]) -> list[float]:
-    """Mean next-token NLL of each window, from its last-layer activations [1, T, h] and its ids [T]."""
-    nlls = []
-    for hidden, ids in zip(chunk, targets):
-        logits = final(hidden.to(next(final.parameters()).dtype))
-        ids = ids.to(logits.device)
-        nlls.append(float(F.cross_entropy(logits[0, :-1].float(), ids[1:], reduction="mean")))
-    return nlls
+def last_layer_nll(final: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token NLL of one window, from its last-layer activations [1, T, h] and its ids [T]
+    (an engine.RowScore)."""
+    logits = final(hidden.to(next(final.parameters()).dtype))
+    ids = ids.to(logits.device)
+    return float(F.cross_entropy(logits[0, :-1].float(), ids[1:], reduction="mean"))
 
 
 def _output_head(model: nn.Module, reader) -> nn.Module:
@@ -54,26 +53,37 @@ def _output_head(model: nn.Module, reader) -> nn.Module:
 
 
 @torch.no_grad()
-def streamed_perplexity(folder: Path, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
-                        make_runner=None, show_progress: bool = True) -> dict:
-    """`eval.perplexity.perplexity` of the model in `folder` (safetensors), one decoder layer in memory at a time."""
+def stream_through_layers(folder: Path, groups: list[torch.Tensor], make_runner=None, what: str = "layers",
+                          show_progress: bool = True) -> tuple[list, nn.Module]:
+    """Token rows [n, T] of each group (one T per group) pushed through every decoder layer of the
+    safetensors model in `folder`, one layer in memory at a time, each layer read once for all
+    groups. Returns one runner per group (engine.Runner, made by `make_runner`, default LocalRunner)
+    holding the last layer's outputs, and the final step to logits (norm + lm_head) to score them with."""
     from asft_ray.pruning.engine import LocalRunner, capture_layer0_inputs
     from asft_ray.pruning.streaming import StreamedLayers, build_skeleton
 
+    model, reader = build_skeleton(Path(folder), load_head=False)
+    runners = [(make_runner or LocalRunner)(*capture_layer0_inputs(model, rows)) for rows in groups]
+    layers = StreamedLayers(model, reader, out_dir=None)  # read only
+    layers.after_capture(model)  # the embeddings go until the end: never beside a decoder layer
+    for index, layer in enumerate(progress(decoder_layers(model), what, show_progress)):
+        layers.load(index, layer)
+        for runner in runners:
+            runner.advance(layer)
+        layers.free(index, layer)
+    return runners, FinalHead(model.base_model.norm, _output_head(model, reader))
+
+
+@torch.no_grad()
+def streamed_perplexity(folder: Path, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+                        make_runner=None, show_progress: bool = True) -> dict:
+    """`eval.perplexity.perplexity` of the model in `folder` (safetensors), one decoder layer in memory at a time."""
     ids = ids.reshape(-1)
     windows = count_windows(ids, seqlen, max_windows)
     start = time.perf_counter()
     rows = ids[: windows * seqlen].reshape(windows, seqlen)
-    model, reader = build_skeleton(Path(folder), load_head=False)
-    runner = (make_runner or LocalRunner)(*capture_layer0_inputs(model, rows))
-    layers = StreamedLayers(model, reader, out_dir=None)  # read only
-    layers.after_capture(model)  # the embeddings go until the end: never beside a decoder layer
-    for index, layer in enumerate(progress(decoder_layers(model), "ppl layers", show_progress)):
-        layers.load(index, layer)
-        runner.advance(layer)
-        layers.free(index, layer)
-    final = FinalHead(model.base_model.norm, _output_head(model, reader))
-    nlls = runner.nlls(final, list(rows))
+    (runner,), final = stream_through_layers(folder, [rows], make_runner, "ppl layers", show_progress)
+    nlls = runner.score_rows(final, last_layer_nll, list(rows))
     return {**ppl_result(nlls, seqlen, time.perf_counter() - start), "streamed": True}
 
 

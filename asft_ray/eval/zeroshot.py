@@ -51,6 +51,19 @@ def _model_inputs(ctx: list[int], cont: list[int], max_length: int) -> tuple[lis
     return tokens[:-1], len(cont)
 
 
+def requests_by_input(tokenizer, requests: list[tuple[str, str]], max_length: int,
+                      ) -> tuple[dict[tuple[tuple[int, ...], int], list[int]], list[list[int]]]:
+    """({(model input tokens, number of continuation tokens): indices of the requests with that
+    input}, each request's continuation tokens). Requests with the same input (one-token
+    continuations of one context) share one forward pass."""
+    pairs = [encode_pair(tokenizer, c, x) for c, x in requests]
+    sharing: dict[tuple[tuple[int, ...], int], list[int]] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        inp, n = _model_inputs(ctx, cont, max_length)
+        sharing.setdefault((tuple(inp), n), []).append(i)
+    return sharing, [cont for _, cont in pairs]
+
+
 @torch.no_grad()
 def loglikelihoods(
     model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 16, max_length: int = 2048,
@@ -59,13 +72,7 @@ def loglikelihoods(
     """(sum of continuation log-probs, is_greedy) per request, in request order."""
     if batch_size < 1:
         raise AsftError(f"batch size must be at least 1, got {batch_size}")
-    pairs = [encode_pair(tokenizer, c, x) for c, x in requests]
-    conts = [cont for _, cont in pairs]
-    # Requests with the same model input (one-token continuations of one context) share a forward pass.
-    sharing: dict[tuple[tuple[int, ...], int], list[int]] = {}
-    for i, (ctx, cont) in enumerate(pairs):
-        inp, n = _model_inputs(ctx, cont, max_length)
-        sharing.setdefault((tuple(inp), n), []).append(i)
+    sharing, conts = requests_by_input(tokenizer, requests, max_length)
     unique = list(sharing)
     order = sorted(range(len(unique)), key=lambda u: (-len(unique[u][0]), u))
     device = next(model.parameters()).device
@@ -114,13 +121,21 @@ def item_metrics(items: list[Item], scores: list[list[tuple[float, bool]]], metr
 def score_items(model, tokenizer, items: list[Item], metrics: tuple[str, ...], batch_size: int = 16,
                 max_length: int = 2048, show_progress: bool = False) -> dict:
     """Run every request of every item, then aggregate."""
-    flat = [req for it in items for req in it.requests]
-    results = loglikelihoods(model, tokenizer, flat, batch_size, max_length, show_progress)
+    results = loglikelihoods(model, tokenizer, all_requests(items), batch_size, max_length, show_progress)
+    return item_metrics(items, per_item(items, results), metrics)
+
+
+def all_requests(items: list[Item]) -> list[tuple[str, str]]:
+    return [req for it in items for req in it.requests]
+
+
+def per_item(items: list[Item], results: list) -> list[list]:
+    """The results of all_requests(items), cut into one list per item."""
     scores, at = [], 0
     for it in items:
         scores.append(results[at : at + len(it.requests)])
         at += len(it.requests)
-    return item_metrics(items, scores, metrics)
+    return scores
 
 
 def evaluate_task(model, tokenizer, name: str, data_dir: str | None = None, limit: int | None = None,
@@ -135,6 +150,10 @@ def evaluate_task(model, tokenizer, name: str, data_dir: str | None = None, limi
 def evaluate_tasks(model, tokenizer, names: list[str], data_dir: str | None = None, limit: int | None = None,
                    batch_size: int = 16, max_length: int = 2048, show_progress: bool = False) -> dict:
     """{task name: evaluate_task result}, plus "mean_acc" over the tasks' acc."""
-    results = {n: evaluate_task(model, tokenizer, n, data_dir, limit, batch_size, max_length, show_progress)
-               for n in names}
+    return tasks_summary({n: evaluate_task(model, tokenizer, n, data_dir, limit, batch_size, max_length, show_progress)
+                          for n in names})
+
+
+def tasks_summary(results: dict) -> dict:
+    """{"tasks": {task name: its result}, "mean_acc": the mean of their acc}."""
     return {"tasks": results, "mean_acc": float(np.mean([r["acc"] for r in results.values()]))}

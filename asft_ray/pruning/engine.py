@@ -20,7 +20,7 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -193,6 +193,11 @@ def split_chunks(inputs: list, chunk_size: int = CHUNK_SIZE) -> list[list]:
     return [inputs[i : i + chunk_size] for i in range(0, len(inputs), chunk_size)]
 
 
+# What the evaluation computes from one sample's last-layer activations [1, T, h]:
+# score(final (norm + lm_head, float32), activations, the sample's target) -> a result on the CPU
+RowScore = Callable[[nn.Module, torch.Tensor, Any], Any]
+
+
 class Runner(Protocol):
     """Where the calibration activations live and how a layer's statistics and solves are computed.
 
@@ -213,8 +218,10 @@ class Runner(Protocol):
     def outputs(self) -> list[torch.Tensor]:
         """The activations as they are now, one tensor per calibration sample."""
 
-    def nlls(self, final: nn.Module, targets: list[torch.Tensor]) -> list[float]:
-        """Evaluation: mean next-token NLL of each sample through `final` (norm + lm_head), against `targets`."""
+    def score_rows(self, final: nn.Module, score: RowScore, targets: list) -> list:
+        """Evaluation: `score(final, activations, target)` for each sample, with `final` the last
+        step to logits (norm + lm_head) and `target` that sample's entry of `targets`; run where the
+        activations are, the results in sample order (on the CPU)."""
 
 
 class LocalRunner:
@@ -241,12 +248,9 @@ class LocalRunner:
     def outputs(self) -> list[torch.Tensor]:
         return [x for chunk in self.chunks for x in chunk]
 
-    def nlls(self, final: nn.Module, targets: list[torch.Tensor]) -> list[float]:
-        from asft_ray.eval.streamed import chunk_nlls
-
+    def score_rows(self, final: nn.Module, score: RowScore, targets: list) -> list:
         final = computing_copy(final)
-        per_chunk = split_chunks(targets, self.chunk_size)
-        return [nll for chunk, ids in zip(self.chunks, per_chunk) for nll in chunk_nlls(final, chunk, ids)]
+        return [score(final, x, target) for x, target in zip(self.outputs(), targets, strict=True)]
 
 
 class ResidentLayers:

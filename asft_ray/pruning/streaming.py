@@ -104,6 +104,11 @@ class SafetensorsReader:
     def keys_under(self, prefix: str) -> list[str]:
         return [k for k in self.weight_map if k.startswith(prefix)]
 
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor in the shards, as their headers describe them (no tensor is read)."""
+        return sum(end - begin for filename in dict.fromkeys(self.weight_map.values())
+                   for begin, end in (info["data_offsets"] for info in self.header(filename).values()))
+
 
 def layers_prefix(model: nn.Module) -> str:
     layers = decoder_layers(model)

@@ -14,10 +14,13 @@ def cost_lines(price_per_hour: float | None, dense_speed: dict | None, final_spe
         return {"headline": "Cost not computed: speed was not measured.", "lines": ["cost not computed: no speed measurement"]}
     dense_tps, final_tps = dense_speed["decode_tok_s"], final_speed["decode_tok_s"]
     change = final_tps / dense_tps - 1
-    speed_line = f"decode speed {dense_tps:.1f} → {final_tps:.1f} tokens/s ({100 * change:+.1f} %, same machine, same run)"
+    speed_line = (f"decode speed {dense_tps:.1f}{_predicted(dense_speed)} → {final_tps:.1f}{_predicted(final_speed)} "
+                  f"tokens/s ({100 * change:+.1f} %, same machine, same run)")
     noisy = within_noise(dense_speed, final_speed)
     noise = ""
-    if noisy:
+    if noisy and (dense_speed.get("predicted") or final_speed.get("predicted")):
+        noise = "the speeds differ by under 5 % and not both were measured, so the difference is not counted"
+    elif noisy:
         lo, hi = _spread(dense_speed), _spread(final_speed)
         noise = (f"the repeated measurements overlap (dense {lo[0]:.1f}–{lo[1]:.1f}, final {hi[0]:.1f}–{hi[1]:.1f} "
                  "tokens/s), so the difference is measurement noise")
@@ -40,6 +43,11 @@ def cost_lines(price_per_hour: float | None, dense_speed: dict | None, final_spe
         "lines": [speed_line, f"cost per million generated tokens: dense {dense_cost:.2f}, final {final_cost:.2f} "
                               f"(at {price_per_hour:g} per machine-hour)", f"saving: {100 * saving:.1f} %"],
     }
+
+
+def _predicted(speed: dict) -> str:
+    """" (predicted)" after a speed the decode-cost model gave (a model too large to load whole)."""
+    return " (predicted)" if speed.get("predicted") else ""
 
 
 def _spread(speed: dict) -> tuple[float, float]:

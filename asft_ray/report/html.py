@@ -161,6 +161,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _decode_speed(tokens_per_s: float | None, predicted: bool | None) -> str | float | None:
+    """A decode speed cell: the number, with "predicted" after it when the decode-cost model gave it."""
+    return f"{_fmt(tokens_per_s)} (predicted)" if predicted and tokens_per_s is not None else tokens_per_s
+
+
 def _img(data: str | None, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>' if data else ""
 
@@ -179,7 +184,7 @@ def _recommendation_parts(facts: dict) -> list[str]:
     rec = facts.get("recommendation")
     if not rec:
         return []
-    rows = [[c["name"], c.get("ppl"), c.get("mean_acc"), c.get("decode_tok_s"),
+    rows = [[c["name"], c.get("ppl"), c.get("mean_acc"), _decode_speed(c.get("decode_tok_s"), c.get("speed_predicted")),
              None if c.get("relative_cost") is None else f"{100 * c['relative_cost']:.1f} %", c.get("cost_per_million"),
              "yes" if c.get("meets_tolerance") else "no", "yes" if c.get("measurably_cheaper") else "no"]
             for c in rec["candidates"]]
@@ -198,7 +203,8 @@ def build_report(facts: dict) -> str:
     speed_rows = []
     for name, m in models.items():
         s = m.get("speed") or {}
-        speed_rows.append([name, s.get("prefill_ms"), s.get("decode_tok_s"), s.get("weights_mb"), s.get("peak_mem_mb"),
+        speed_rows.append([name, s.get("prefill_ms"), _decode_speed(s.get("decode_tok_s"), s.get("predicted")),
+                           s.get("weights_mb"), s.get("peak_mem_mb"),
                            m.get("disk_mb")])
     zs = {name: m.get("zeroshot") for name, m in models.items() if m.get("zeroshot")}
     zs_rows = []

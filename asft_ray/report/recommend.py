@@ -7,6 +7,8 @@ ppl (and, if `max_accuracy_drop` is set, its mean zero-shot accuracy is at most 
 below dense). It is *measurably cheaper* when its repeated decode speeds are all above the
 dense model's (report.cost.within_noise is false and it is faster). The recommendation is the
 cheapest candidate that is both; if none is, the dense model stays and the verdict says why.
+A model too large to load whole (eval.whole_model_max_gb) has one decode speed predicted by the
+decode-cost model instead of repeated measurements (`speed_predicted`); the verdict says so.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def candidate_row(name: str, path: str | None, measured: dict, dense: dict, tole
     speed, dense_speed = measured.get("speed") or {}, dense.get("speed") or {}
     row = {"name": name, "path": path, "ppl": measured.get("ppl"), "mean_acc": (measured.get("zeroshot") or {}).get("mean_acc"),
            "decode_tok_s": speed.get("decode_tok_s")}
+    if speed.get("predicted"):  # a model too large to load whole: the decode-cost model's speed
+        row["speed_predicted"] = True
     if speed and dense_speed:
         row["relative_cost"] = dense_speed["decode_tok_s"] / speed["decode_tok_s"]  # cost per token, dense = 1
         row["measurably_cheaper"] = (speed["decode_tok_s"] > dense_speed["decode_tok_s"]
@@ -65,9 +69,11 @@ def recommend(candidates: list[dict], tolerance: Tolerance, dense_ppl: float) ->
     eligible = [c for c in others if c["meets_tolerance"] and c["measurably_cheaper"]]
     if eligible:
         best = min(eligible, key=lambda c: c["relative_cost"])
+        predicted = " (predicted by the decode-cost model)" if best.get("speed_predicted") or candidates[0].get(
+            "speed_predicted") else ""
         return {"recommended": best,
                 "verdict": f"Recommended: {best['name']}, {100 * (1 - best['relative_cost']):.1f} % lower cost per generated "
-                           f"token than dense within the tolerance ({bound})."}
+                           f"token than dense{predicted} within the tolerance ({bound})."}
     cheaper = [c for c in others if c["measurably_cheaper"]]
     if not any(c["meets_tolerance"] for c in others):
         why = "no candidate meets the tolerance"
