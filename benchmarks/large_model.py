@@ -125,6 +125,7 @@ def main():
         # structure under a cost budget: decode-cost calibration (bounded: shallower models of the same
         # widths) + the streamed structured export (one layer at a time) with the least-squares refit
         "structured-cost-fp32": ["export", "--model", str(fp32), "--format", "structured", "--cost-target", "0.7",
+                                 "--cost-knobs", "mlp,heads",
                                  "--refit", "--nsamples", str(opts.nsamples), "--seqlen", str(opts.seqlen),
                                  "--out", str(work / "structured-cost"), "--overwrite"],
     }
