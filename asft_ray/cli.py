@@ -366,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     _signals_received.clear()
     try:
+        if args.command != "submit" and getattr(args, "address", None):  # submit's --address is a job server's URL
+            from asft_ray.distributed.runner import check_cluster_reachable, check_ray_settings
+
+            # a bad or unreachable cluster is one line before any other work (the model is not read)
+            check_cluster_reachable(check_ray_settings(args.address))
         handlers[args.command](args)
     except AsftError as err:
         print(f"asft: error: {err}", file=sys.stderr)

@@ -71,11 +71,16 @@ def test_a_malformed_address_is_one_line(capsys, tmp_path, monkeypatch, address,
     assert not (tmp_path / "out").exists()
 
 
-def test_a_closed_port_is_one_line_at_once(capsys, tmp_path):
+def test_a_closed_port_is_one_line_at_once(capsys, tmp_path, monkeypatch):
+    import asft_ray.prune
+
+    read = []
+    monkeypatch.setattr(asft_ray.prune, "model_config", lambda *a, **k: read.append("model_config"))
     start = time.perf_counter()
     assert_one_line(*prune_with_address(capsys, tmp_path, f"127.0.0.1:{free_port()}"),
                     "could not reach the Ray cluster at 127.0.0.1:")
     assert time.perf_counter() - start < 20  # a refused connection, not the 30 s default timeout
+    assert read == []  # before the model is read
 
 
 def test_an_address_that_never_answers_fails_within_the_timeout(capsys, tmp_path, monkeypatch):

@@ -35,18 +35,15 @@ def init_ray(address: str | None = None, object_store_bytes: int | None = None) 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    store_gb = os.environ.get("ASFT_OBJECT_STORE_GB")  # an embedded cluster's shared-memory object store (Ray spills beyond it)
+    address = check_ray_settings(address)
     options = {}
     if address is None:
         address = "local"
+        store_gb = os.environ.get("ASFT_OBJECT_STORE_GB")
         if store_gb:
             object_store_bytes = _object_store_bytes(store_gb)
         if object_store_bytes:
             options["object_store_memory"] = object_store_bytes
-    elif store_gb:
-        raise AsftError(f"ASFT_OBJECT_STORE_GB sizes the embedded cluster's object store, but --address/RAY_ADDRESS "
-                        f"{address} names an existing cluster (its store was sized when it started): unset one of them")
     else:
         check_cluster_reachable(address)
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -63,6 +60,26 @@ def init_ray(address: str | None = None, object_store_bytes: int | None = None) 
 
         start_reaper()
     return True
+
+
+def check_ray_settings(address: str | None) -> str | None:
+    """The cluster address to join (`address`, else $RAY_ADDRESS; None: an embedded cluster), after
+    every check of the Ray settings that needs neither Ray nor the network: the address's form,
+    $ASFT_OBJECT_STORE_GB (only for an embedded cluster) and $ASFT_CONNECT_TIMEOUT_S. The CLI calls
+    it before any other work, so that a bad setting is one line at once."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    store_gb = os.environ.get("ASFT_OBJECT_STORE_GB")  # an embedded cluster's shared-memory object store (Ray spills beyond it)
+    if address is None:
+        if store_gb:
+            _object_store_bytes(store_gb)
+        return None
+    if store_gb:
+        raise AsftError(f"ASFT_OBJECT_STORE_GB sizes the embedded cluster's object store, but --address/RAY_ADDRESS "
+                        f"{address} names an existing cluster (its store was sized when it started): unset one of them")
+    if address != "auto":  # Ray's own lookup of the cluster recorded on this host: asked for by name
+        gcs_host_port(address)
+        connect_timeout_s()
+    return address
 
 
 def streaming_object_store_bytes(model_spec: str) -> int | None:
