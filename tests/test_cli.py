@@ -135,9 +135,10 @@ def saved_tensors(folder):
     return {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(shard).items()}
 
 
-def test_more_workers_than_cpus_is_a_clear_error(tiny_model_dir, tmp_path):
-    proc = asft("prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--nsamples", "2",
-                "--seqlen", "32", "--workers", "8", "--worker-cpus", "1", "--out", str(tmp_path / "o"), "--no-progress",
-                env={"ASFT_PLACEMENT_TIMEOUT_S": "5"})
-    assert_one_line_error(proc, "scoring workers could be placed")
+def test_more_workers_than_cpus_is_a_clear_error(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ASFT_PLACEMENT_TIMEOUT_S", "2")
+    code, _, err = run_cli(capsys, "prune", "--model", tiny_model_dir, "--method", "wanda", "--sparsity", "0.5",
+                           "--nsamples", "2", "--seqlen", "32", "--workers", "8", "--worker-cpus", "1",
+                           "--out", tmp_path / "o", "--no-progress")
+    assert_one_line_error(subprocess.CompletedProcess([], code, "", err), "scoring workers could be placed")
     assert not (tmp_path / "o").exists()

@@ -288,28 +288,6 @@ def test_a_conflicting_deepspeed_file_is_one_line_before_ray(capsys, tmp_path, p
     assert not ray.is_initialized()
 
 
-def test_inputs_read_on_ray_are_one_line_and_leave_out_alone(capsys, tmp_path, tiny_model_dir, pruned_dir,
-                                                             other_vocab_dir, data_dir):
-    """The checks that read the model (no zeros, the teacher's vocabulary) run in the inputs task
-    (recovery/inputs.py). Both cases on one cluster that outlives each call, as with --address:
-    nothing but the one line may reach stderr (no "unhandled error" log of the task's other results)."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        for case, args, message in (
-            ("dense", ["--model", str(tiny_model_dir)], "no zero weights in its decoder linears"),
-            ("teacher", ["--model", str(pruned_dir), "--teacher", str(other_vocab_dir)], "vocabulary size 600"),
-        ):
-            (tmp_path / case).mkdir()
-            _assert_bad_input_is_one_line(capsys, tmp_path / case, args, message, data_dir)
-            gc.collect()  # an unread error result would be logged when its ref is freed
-            time.sleep(1)
-            assert not [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()], case
-    finally:
-        ray.shutdown()
-
-
 def test_resume_from_a_state_folder_others_can_write_is_one_line_before_ray(capsys, tmp_path, pruned_dir, data_dir):
     """Issue 17 item 12: a checkpoint is unpickled, so --resume refuses a state folder it cannot trust,
     before Ray starts and without deleting it (tests/test_recover_trust.py has every other refusal)."""
@@ -325,6 +303,22 @@ def test_resume_from_a_state_folder_others_can_write_is_one_line_before_ray(caps
     assert code == 2 and len(lines) == 1 and "is writable by every user" in lines[0], err
     assert lines[0].startswith("asft: error: --resume:") and not ray.is_initialized()
     assert (state / "state.json").read_text() == "{}" and (state / "ckpt").is_dir()
+
+
+def test_inputs_read_on_ray_are_one_line_and_leave_out_alone(local_ray, capsys, tmp_path, tiny_model_dir, pruned_dir,
+                                                             other_vocab_dir, data_dir):
+    """The checks that read the model (no zeros, the teacher's vocabulary) run in the inputs task
+    (recovery/inputs.py). Both cases on one cluster that outlives each call, as with --address:
+    nothing but the one line may reach stderr (no "unhandled error" log of the task's other results)."""
+    for case, args, message in (
+        ("dense", ["--model", str(tiny_model_dir)], "no zero weights in its decoder linears"),
+        ("teacher", ["--model", str(pruned_dir), "--teacher", str(other_vocab_dir)], "vocabulary size 600"),
+    ):
+        (tmp_path / case).mkdir()
+        _assert_bad_input_is_one_line(capsys, tmp_path / case, args, message, data_dir)
+        gc.collect()  # an unread error result would be logged when its ref is freed
+        time.sleep(1)
+        assert not [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()], case
 
 
 # ---------------------------------------------------------------- 2 Ray Train workers, DeepSpeed ZeRO
@@ -422,6 +416,8 @@ def test_zero3_stop_and_resume_equals_an_uninterrupted_run(local_ray, pruned_dir
     assert record["losses"] == resumed["losses"] and record["tokens_per_s"] > 0
 
 
+@pytest.mark.slow  # 45-50 s: `make test-slow`. The default suite has ZeRO-3's bitwise resume, ZeRO-2 with a teacher
+# (test_zero3_bf16_offload_with_sharded_teacher_matches_zero2) and every checkpoint refusal (test_recover_trust.py)
 def test_zero2_with_distillation_keeps_masks_through_resume(local_ray, pruned_dir, tiny_model_dir, tmp_path, data_dir):
     kw = dict(zero_stage=2, teacher=str(tiny_model_dir), kd_weight=1.0, hidden_weight=0.1, eval_every=2, eval_windows=2,
               max_steps=3)
@@ -452,6 +448,9 @@ def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(local_ray, pruned
     three = _recover(pruned_dir, tmp_path / "z3", data_dir, zero_stage=3, offload_optimizer=True, offload_params=True, **kw)
     two = _recover(pruned_dir, tmp_path / "z2", data_dir, zero_stage=2, **kw)
     _assert_masks_held(three, tmp_path / "z3", pruned_dir)
+    _assert_masks_held(two, tmp_path / "z2", pruned_dir)
+    assert all({"lm", "kd"} <= set(row) for row in three["history"] + two["history"])
+    assert two["deepspeed_config"]["zero_optimization"]["stage"] == 2
     zo = three["deepspeed_config"]["zero_optimization"]
     assert three["deepspeed_config"]["bf16"] == {"enabled": True}
     assert zo["offload_optimizer"]["device"] == "cpu" and zo["offload_param"]["device"] == "cpu"
