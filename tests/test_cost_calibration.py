@@ -86,6 +86,18 @@ def test_the_calibration_shapes_determine_every_float_coefficient(monkeypatch):
     assert max(abs(c["relative_error"]) for c in model.calibration) < 1e-9
 
 
+def test_a_calibration_that_sees_no_size_effect_is_refused(monkeypatch):
+    """Measured on busy cores, every decode can take the same time: a fit that predicts every plan at
+    1.0 x dense would be kept in the run folder and steer the planner; it is one clear error instead."""
+    def flat(shape, prompt_lens, new_tokens=16, repeats=3, warmup=1, int8_too=False):
+        return [{"shape": asdict(shape), "context": p + new_tokens // 2, "seconds_per_token": 0.09, "all": []}
+                for p in prompt_lens]
+
+    monkeypatch.setattr(cost_calibration, "measure", flat)
+    with pytest.raises(AsftError, match="no growth of cost with model size"):
+        calibrate(SMOL)
+
+
 def test_a_run_folders_cost_model_is_calibrated_once_and_reused(monkeypatch, tmp_path):
     monkeypatch.setattr(cost_calibration, "measure", _synthetic)
     path = tmp_path / "cost_model.json"

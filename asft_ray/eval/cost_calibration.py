@@ -136,7 +136,14 @@ def as_measurement(row: dict) -> Measurement:
 def calibrate(shape: DecoderShape, new_tokens: int = 16, repeats: int = 3, warmup: int = 1) -> CostModel:
     """The cost model fitted to `calibration_plan(shape)`'s measurements on this machine."""
     rows = [row for s, prompts in calibration_plan(shape) for row in measure(s, prompts, new_tokens, repeats, warmup)]
-    return fit([as_measurement(row) for row in rows])
+    model = fit([as_measurement(row) for row in rows])
+    smallest = min((s for s, _ in calibration_plan(shape)), key=float32_bytes)
+    if model.predict(smallest, 64) >= model.predict(shape, 64):
+        # e.g. every cost in the constant term: each plan would be predicted at 1.0 x dense
+        raise AsftError("the decode-cost calibration measured no growth of cost with model size (measured ms/token: "
+                        + ", ".join(f"{1e3 * row['seconds_per_token']:.1f}" for row in rows)
+                        + "); were the cores busy? calibrate again on an otherwise idle machine")
+    return model
 
 
 def load_or_calibrate(path: Path | None, shape: DecoderShape) -> CostModel:
