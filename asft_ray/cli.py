@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from asft_ray.artifacts import check_out_location
 from asft_ray.config import PruneConfig, add_config_flags, check_device, config_from_args, flag_values, load_yaml
@@ -72,8 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     e.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="wikitext2: one decoder layer in memory at a time (default: for safetensors model directories)")
-    e.add_argument("--workers", type=int, default=0, help="wikitext2: Ray actors the windows are sharded over (streamed)")
+                   help="one decoder layer in memory at a time (default: for safetensors model directories)")
+    e.add_argument("--workers", type=int, default=0,
+                   help="Ray actors the windows (or zero-shot requests) are sharded over (streamed)")
     e.add_argument("--worker-cpus", type=float, default=1, help="CPUs per evaluation actor")
     e.add_argument("--worker-gpus", type=float, default=0, help="GPUs per evaluation actor (fractions allowed)")
     e.add_argument("--address", default=None, help="Ray cluster address for --workers (default: $RAY_ADDRESS or an embedded one)")
@@ -252,35 +254,27 @@ def _eval(args) -> None:
     from asft_ray.data import resolve_data_dir, wikitext2_ids
     from asft_ray.eval.perplexity import perplexity
     from asft_ray.eval.sparsity import model_sparsity
-    from asft_ray.models import check_seqlen, is_safetensors_dir, load_model, model_config, resolve_model
+    from asft_ray.models import check_seqlen, load_model, model_config
 
+    if args.workers < 0 or args.worker_cpus <= 0 or args.worker_gpus < 0:
+        raise AsftError("--workers must be >= 0, --worker-cpus > 0 and --worker-gpus >= 0")
     if args.task != "wikitext2":
         return _eval_zeroshot(args)
     if args.seqlen < 2:
         raise AsftError(f"seqlen must be at least 2, got {args.seqlen}")
     if args.max_windows is not None and args.max_windows < 1:
         raise AsftError(f"--max-windows must be at least 1, got {args.max_windows}")
-    if args.workers < 0 or args.worker_cpus <= 0 or args.worker_gpus < 0:
-        raise AsftError("--workers must be >= 0, --worker-cpus > 0 and --worker-gpus >= 0")
-    source = resolve_model(args.model)
+    source = _eval_source(args)
     check_seqlen(args.seqlen, model_config(args.model), "--seqlen")  # before any weight is read
     resolve_data_dir(args.data_dir)
-    stream = args.stream
-    if stream is None:
-        stream = is_safetensors_dir(source) or args.workers > 0
-    if stream:
+    if source is not None:
         from asft_ray.eval.sparsity import sparsity_from_safetensors
         from asft_ray.eval.streamed import evaluate_streamed
 
-        if not is_safetensors_dir(source):
-            raise AsftError(f"streamed evaluation needs a local model directory with safetensors, not {args.model!r}")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
-        ids = wikitext2_ids(tokenizer, args.split, args.data_dir)
-        result = evaluate_streamed(source.location, ids, args.seqlen, args.max_windows, args.workers,
+        ids = wikitext2_ids(_tokenizer(source), args.split, args.data_dir)
+        result = evaluate_streamed(source, ids, args.seqlen, args.max_windows, args.workers,
                                    (args.worker_cpus, args.worker_gpus), args.address, not args.no_progress)
-        sparsity = sparsity_from_safetensors(source.location)
+        sparsity = sparsity_from_safetensors(source)
     else:
         model, tokenizer = load_model(args.model, args.device, show_progress=not args.no_progress)
         ids = wikitext2_ids(tokenizer, args.split, args.data_dir)
@@ -303,6 +297,26 @@ def _eval(args) -> None:
         )
 
 
+def _eval_source(args) -> str | None:
+    """The model folder when `asft eval` streams (one decoder layer in memory at a time): by default
+    for safetensors directories, and always with --workers; None when it loads the model whole."""
+    from asft_ray.models import is_safetensors_dir, resolve_model
+
+    source = resolve_model(args.model)
+    stream = args.stream if args.stream is not None else is_safetensors_dir(source) or args.workers > 0
+    if not stream:
+        return None
+    if not is_safetensors_dir(source):
+        raise AsftError(f"streamed evaluation needs a local model directory with safetensors, not {args.model!r}")
+    return source.location
+
+
+def _tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
 def _export(args) -> None:
     from asft_ray.export.formats import get_format
     from asft_ray.export.run import export_model
@@ -319,24 +333,34 @@ def _export(args) -> None:
 def _eval_zeroshot(args) -> None:
     from asft_ray.eval.zeroshot import evaluate_tasks
     from asft_ray.eval.zeroshot_tasks import load_task, parse_tasks
-    from asft_ray.models import load_model, resolve_model
+    from asft_ray.models import load_model
 
     names = parse_tasks(args.task)
     if args.limit is not None and args.limit < 1:
         raise AsftError(f"--limit must be at least 1, got {args.limit}")
-    resolve_model(args.model)
+    source = _eval_source(args)
     load_task(names[0], args.data_dir, limit=1)  # fail on missing data before loading the model
-    model, tokenizer = load_model(args.model, args.device, show_progress=not args.no_progress)
-    result = evaluate_tasks(model, tokenizer, names, args.data_dir, args.limit, args.batch_size,
-                            show_progress=not args.no_progress)
+    if source is not None:
+        from asft_ray.eval.streamed import runner_factory
+        from asft_ray.eval.streamed_zeroshot import streamed_evaluate_tasks
+
+        with runner_factory(source, args.workers, (args.worker_cpus, args.worker_gpus), args.address) as make_runner:
+            result = streamed_evaluate_tasks(Path(source), _tokenizer(source), names, args.data_dir, args.limit,
+                                             make_runner=make_runner, show_progress=not args.no_progress)
+    else:
+        model, tokenizer = load_model(args.model, args.device, show_progress=not args.no_progress)
+        result = evaluate_tasks(model, tokenizer, names, args.data_dir, args.limit, args.batch_size,
+                                show_progress=not args.no_progress)
     result = {"model": args.model, "limit": args.limit, **result}
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return
     for name, r in result["tasks"].items():
         extra = "".join(f" {k} {r[k]:.4f}" for k in ("acc_norm", "ppl") if k in r)
-        print(f"{args.model}: {name} acc {r['acc']:.4f}{extra} over {r['n']} items ({r['seconds']:.1f}s)")
-    print(f"{args.model}: mean acc {result['mean_acc']:.4f} over {len(names)} tasks")
+        took = f" ({r['seconds']:.1f}s)" if "seconds" in r else ""
+        print(f"{args.model}: {name} acc {r['acc']:.4f}{extra} over {r['n']} items{took}")
+    streamed = f", streamed in {result['seconds']:.1f}s" if result.get("streamed") else ""
+    print(f"{args.model}: mean acc {result['mean_acc']:.4f} over {len(names)} tasks{streamed}")
 
 
 def _recover(args) -> None:

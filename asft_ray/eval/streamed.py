@@ -13,6 +13,7 @@ numbers equal the in-memory evaluation's to float tolerance.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -87,12 +88,15 @@ def streamed_perplexity(folder: Path, ids: torch.Tensor, seqlen: int, max_window
     return {**ppl_result(nlls, seqlen, time.perf_counter() - start), "streamed": True}
 
 
-def evaluate_streamed(folder, ids: torch.Tensor, seqlen: int, max_windows: int | None, workers: int = 0,
-                      worker_resources: tuple[float, float] = (1, 0), address: str | None = None,
-                      show_progress: bool = True) -> dict:
-    """streamed_perplexity in this process (workers=0) or with the windows sharded over Ray actors."""
+@contextmanager
+def runner_factory(folder, workers: int = 0, worker_resources: tuple[float, float] = (1, 0),
+                   address: str | None = None):
+    """The runner factory of a streamed evaluation: None (LocalRunner, in this process) without
+    workers; else ShardedRunners over `workers` Ray actors, started here and stopped on exit (and
+    Ray too, when this call started it: an embedded object store sized for streaming `folder`)."""
     if not workers:
-        return streamed_perplexity(folder, ids, seqlen, max_windows, show_progress=show_progress)
+        yield None
+        return
     import ray
 
     from asft_ray.distributed.runner import init_ray, streaming_object_store_bytes
@@ -102,10 +106,18 @@ def evaluate_streamed(folder, ids: torch.Tensor, seqlen: int, max_windows: int |
     actors = []
     try:
         actors = start_workers(workers, WorkerResources(*worker_resources))
-        result = streamed_perplexity(folder, ids, seqlen, max_windows, sharded_runner_factory(actors), show_progress)
-        return {**result, "workers": workers}
+        yield sharded_runner_factory(actors)
     finally:
         for actor in actors:
             ray.kill(actor)
         if owned:
             ray.shutdown()
+
+
+def evaluate_streamed(folder, ids: torch.Tensor, seqlen: int, max_windows: int | None, workers: int = 0,
+                      worker_resources: tuple[float, float] = (1, 0), address: str | None = None,
+                      show_progress: bool = True) -> dict:
+    """streamed_perplexity in this process (workers=0) or with the windows sharded over Ray actors."""
+    with runner_factory(folder, workers, worker_resources, address) as make_runner:
+        result = streamed_perplexity(folder, ids, seqlen, max_windows, make_runner, show_progress)
+    return {**result, "workers": workers} if workers else result
