@@ -59,6 +59,53 @@ def test_the_gpu_check_exits_at_once_with_one_line_without_a_gpu():
     assert done.stderr.strip() == "gpu-check: no CUDA device is visible here; nothing was run"
 
 
+# ---- activations bounded: passes over the layers ----
+
+def test_passes_cover_every_row_once_within_the_budget_at_chunk_boundaries():
+    from asft_ray.eval.streamed import passes
+    from asft_ray.pruning.engine import CHUNK_SIZE
+
+    groups = [torch.zeros(10, 8, dtype=torch.long), torch.zeros(3, 32, dtype=torch.long), torch.zeros(9, 4, dtype=torch.long)]
+    hidden, budget = 16, 4 * 16 * 8 * 6  # room for 6 rows of the first group: 4 (a whole chunk) per pass
+    plan = passes(groups, hidden, budget)
+    seen = {g: [] for g in range(len(groups))}
+    for pieces in plan:
+        held = sum((b - a) * 4 * hidden * groups[g].shape[1] for g, a, b in pieces)
+        assert held <= budget or len(pieces) == 1 and pieces[0][2] - pieces[0][1] <= CHUNK_SIZE
+        for g, a, b in pieces:
+            assert a % CHUNK_SIZE == 0 and b > a
+            seen[g] += list(range(a, b))
+    assert seen == {g: list(range(len(rows))) for g, rows in enumerate(groups)}
+    assert len(plan) > 3
+    assert passes(groups, hidden, 10**9) == [[(0, 0, 10), (1, 0, 3), (2, 0, 9)]]  # everything fits: one pass
+
+
+def test_an_evaluation_over_the_activation_budget_takes_passes_with_the_same_results(monkeypatch, model_dir, ids, lm_dir,
+                                                                                     data_dir):
+    from transformers import AutoTokenizer
+
+    from asft_ray.eval import streamed
+    from asft_ray.eval.streamed_zeroshot import streamed_loglikelihoods
+
+    one_pass = streamed_perplexity(model_dir, ids, 64, show_progress=False)
+    tokenizer, requests = AutoTokenizer.from_pretrained(lm_dir), _requests(data_dir)
+    one_pass_zeroshot = streamed_loglikelihoods(lm_dir, tokenizer, requests)
+    held, real = [], streamed.stream_through_layers
+
+    def spy(folder, groups, *args, **kwargs):
+        held.append(sum(4 * 64 * rows.numel() for rows in groups))  # both tiny models: hidden 64
+        return real(folder, groups, *args, **kwargs)
+
+    monkeypatch.setattr(streamed, "stream_through_layers", spy)
+    monkeypatch.setattr(streamed, "ACTIVATION_BUDGET_BYTES", 4 * 64 * 64 * 4)  # one chunk of 4 windows of 64
+    got = streamed_perplexity(model_dir, ids, 64, show_progress=False)
+    assert len(held) == 2 and max(held) <= streamed.ACTIVATION_BUDGET_BYTES  # 5 windows: 4 + 1
+    assert got["window_nll"] == one_pass["window_nll"]  # bit for bit: the same chunks
+    held.clear()
+    assert streamed_loglikelihoods(lm_dir, tokenizer, requests) == one_pass_zeroshot
+    assert len(held) > 1
+
+
 # ---- zero-shot, streamed: the same log-likelihoods and accuracies as in memory ----
 
 ZEROSHOT = ["arc_easy", "lambada"]  # multiple choice (acc, acc_norm) and greedy last word (acc, ppl)

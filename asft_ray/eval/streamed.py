@@ -75,6 +75,55 @@ def stream_through_layers(folder: Path, groups: list[torch.Tensor], make_runner=
     return runners, FinalHead(model.base_model.norm, _output_head(model, reader))
 
 
+ACTIVATION_BUDGET_BYTES = 512 * 2**20  # float32 activations one streamed evaluation pass holds at once
+
+
+def passes(groups: list[torch.Tensor], hidden: int, budget: int) -> list[list[tuple]]:
+    """The rows of `groups` (token rows [n, T], one T per group) split into passes over the layers:
+    each pass a list of (group index, first row, end row) whose float32 activations (4 * hidden * T
+    bytes a row) stay within `budget`. Pieces start at multiples of engine.CHUNK_SIZE, so the runners'
+    chunks, and the results, are those of a single pass; a chunk larger than the budget is a pass
+    of its own."""
+    from asft_ray.pruning.engine import CHUNK_SIZE
+
+    plan, current, used = [], [], 0
+    for g, rows in enumerate(groups):
+        row_bytes = 4 * hidden * rows.shape[1]
+        start = 0
+        while start < len(rows):
+            fits = (budget - used) // row_bytes // CHUNK_SIZE * CHUNK_SIZE
+            if fits <= 0 and current:  # this pass is full
+                plan.append(current)
+                current, used = [], 0
+                continue
+            end = min(len(rows), start + max(fits, CHUNK_SIZE))
+            current.append((g, start, end))
+            used += (end - start) * row_bytes
+            start = end
+    return plan + ([current] if current else [])
+
+
+def streamed_scores(folder: Path, groups: list[torch.Tensor], targets: list[list], score, make_runner=None,
+                    what: str = "layers", show_progress: bool = True, budget: int | None = None) -> list[list]:
+    """`score(final, activations, target)` of every row of every group (engine.RowScore), in as few
+    passes over the model's layers (`stream_through_layers`) as keep the activations held at once
+    within `budget` (default ACTIVATION_BUDGET_BYTES; `passes`). Returns one list of results per
+    group, in row order. A full WikiText-2 test of a 70B Llama (148 windows of 2048 x 8192 floats,
+    9.9 GB of activations) takes 20 passes; SmolLM2's (0.7 GB), 2."""
+    from asft_ray.models import model_config
+
+    hidden = model_config(str(folder)).hidden_size
+    results: list[list] = [[] for _ in groups]
+    plan = passes(groups, hidden, ACTIVATION_BUDGET_BYTES if budget is None else budget)
+    for number, pieces in enumerate(plan, 1):
+        label = what if len(plan) == 1 else f"{what} (pass {number}/{len(plan)})"
+        runners, final = stream_through_layers(folder, [groups[g][a:b] for g, a, b in pieces], make_runner, label,
+                                               show_progress)
+        for (g, a, b), runner in zip(pieces, runners, strict=True):
+            results[g] += runner.score_rows(final, score, targets[g][a:b])
+    return results
+
+
 @torch.no_grad()
 def streamed_perplexity(folder: Path, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
                         make_runner=None, show_progress: bool = True) -> dict:
@@ -83,8 +132,7 @@ def streamed_perplexity(folder: Path, ids: torch.Tensor, seqlen: int, max_window
     windows = count_windows(ids, seqlen, max_windows)
     start = time.perf_counter()
     rows = ids[: windows * seqlen].reshape(windows, seqlen)
-    (runner,), final = stream_through_layers(folder, [rows], make_runner, "ppl layers", show_progress)
-    nlls = runner.score_rows(final, last_layer_nll, list(rows))
+    (nlls,) = streamed_scores(folder, [rows], [list(rows)], last_layer_nll, make_runner, "ppl layers", show_progress)
     return {**ppl_result(nlls, seqlen, time.perf_counter() - start), "streamed": True}
 
 

@@ -6,7 +6,8 @@ reach the model. The engine's runners share one set of layer arguments (rotary t
 among their rows, so every row of a runner has the same length: the model inputs are grouped by
 length (up to the next power of two, `length_groups`), each group right-padded to its longest
 input, one runner per group, and every group goes through a layer while it is loaded, so the
-model is read once for all tasks. Right padding leaves a causal LM's logits at the real positions
+model is read once for all tasks (or once per pass, when the activations of all requests would
+exceed eval/streamed.py's activation budget). Right padding leaves a causal LM's logits at the real positions
 unchanged, and only the positions that predict continuation tokens go through the head: there each
 row gives its continuations' log-probs and whether each token is the argmax
 (`continuation_logprobs`), where the activations are. Results equal the in-memory scoring's to
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asft_ray.eval.streamed import stream_through_layers
+from asft_ray.eval.streamed import streamed_scores
 from asft_ray.eval.zeroshot import all_requests, item_metrics, per_item, requests_by_input, tasks_summary
 from asft_ray.eval.zeroshot_tasks import load_task, task_metrics
 
@@ -64,14 +65,16 @@ def streamed_loglikelihoods(folder: Path, tokenizer, requests: list[tuple[str, s
         for row, u in enumerate(group):
             ids[row, : len(unique[u][0])] = torch.tensor(unique[u][0])
         rows.append(ids)
-    runners, final = stream_through_layers(folder, rows, make_runner, "zero-shot layers", show_progress)
-    results: list[tuple[float, bool] | None] = [None] * len(requests)
-    for group, runner in zip(groups, runners, strict=True):
-        targets = []
+    targets = []
+    for group in groups:
+        targets.append([])
         for u in group:
             (tokens, n), shared = unique[u], sharing[unique[u]]
-            targets.append((torch.arange(len(tokens) - n, len(tokens)), torch.tensor([conts[i] for i in shared])))
-        for u, (logprobs, greedy) in zip(group, runner.score_rows(final, continuation_logprobs, targets), strict=True):
+            targets[-1].append((torch.arange(len(tokens) - n, len(tokens)), torch.tensor([conts[i] for i in shared])))
+    scores = streamed_scores(folder, rows, targets, continuation_logprobs, make_runner, "zero-shot layers", show_progress)
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    for group, group_scores in zip(groups, scores, strict=True):
+        for u, (logprobs, greedy) in zip(group, group_scores, strict=True):
             for k, i in enumerate(sharing[unique[u]]):
                 results[i] = (float(logprobs[k].sum()), bool(greedy[k].all()))
     return results

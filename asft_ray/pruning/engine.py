@@ -243,7 +243,8 @@ class LocalRunner:
 
     def advance(self, layer: nn.Module) -> None:
         layer = computing_copy(layer)
-        self.chunks = [chunk_forward(layer, c, self.args, self.kwargs) for c in self.chunks]
+        for i, chunk in enumerate(self.chunks):  # in place: one chunk's outputs beside the activations, not a second set
+            self.chunks[i] = chunk_forward(layer, chunk, self.args, self.kwargs)
 
     def outputs(self) -> list[torch.Tensor]:
         return [x for chunk in self.chunks for x in chunk]
