@@ -1,0 +1,44 @@
+"""Zero-shot accuracy of a pipeline run's recommended model next to its dense model (issue #16, acceptance 4).
+
+    python benchmarks/zeroshot_recommended.py RUN_DIR [--limit 500]
+
+Reads RUN_DIR/report.json (`asft run`), then runs the real CLI, one model after the other in this
+order, `asft eval --task zeroshot --limit N --no-stream --json` for the dense model and for the
+recommended one (both loaded whole: the same scoring path for both), and appends one row per model
+to benchmarks/results/zeroshot.jsonl with the run folder and which model it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import append_row, asft  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run", help="an `asft run` folder holding report.json")
+    parser.add_argument("--limit", type=int, default=500, help="items of each of the eight sets")
+    opts = parser.parse_args()
+    run = Path(opts.run).resolve()
+    report = json.loads((run / "report.json").read_text())
+    recommended = report.get("recommended") or {}
+    if not recommended.get("path"):
+        raise SystemExit(f"{run}/report.json recommends no model: {recommended}")
+    path = Path(recommended["path"])
+    models = {"dense": report["model"],
+              f"recommended ({recommended['name']})": str(path if path.is_absolute() else run / path)}
+    for role, model in models.items():
+        out = asft("eval", "--model", model, "--task", "zeroshot", "--limit", str(opts.limit), "--no-stream",
+                   "--json", "--no-progress")
+        result = json.loads(out.strip().splitlines()[-1])
+        append_row("zeroshot", {"command": f"asft eval --model {model} --task zeroshot --limit {opts.limit} --no-stream --json",
+                                "run": str(run), "role": role, **result})
+
+
+if __name__ == "__main__":
+    main()
