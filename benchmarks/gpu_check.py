@@ -6,9 +6,11 @@ directory so the streamed engine reads it layer by layer):
 1. Wanda 50 % with 2 scoring actors of `--worker-gpus 0.5` each, against the same run with 2 CPU
    actors: mask agreement (equal up to ties), and streamed evaluation on the GPU (2 actors of half
    a GPU) against the same on CPU actors;
-2. the recovery check (`benchmarks/gpu_check_recovery.py`: ZeRO-3, bf16, distillation);
-3. the 2:4 semi-structured export (CUDA sparse kernels) and its speed (`asft export`);
-4. SparseGPT 50 % on GPU against CPU actors (ppl within 1 %), last: its CPU run is the slowest.
+2. streamed zero-shot (arc_easy and piqa, 100 items each) of the pruned model with its requests on
+   2 GPU actors against 2 CPU actors (mean accuracy within 0.01);
+3. the recovery check (`benchmarks/gpu_check_recovery.py`: ZeRO-3, bf16, distillation);
+4. the 2:4 semi-structured export (CUDA sparse kernels) and its speed (`asft export`);
+5. SparseGPT 50 % on GPU against CPU actors (ppl within 1 %), last: its CPU run is the slowest.
 A check that fails is recorded with its error and the rest still run; none starts after `--budget-s`.
 
 Without a CUDA device it exits at once with code 2 and one line. Results: one JSON line in
@@ -103,6 +105,16 @@ def main() -> int:
             "eval_s_cpu": ppl_cpu["seconds"], "eval_s_gpu": ppl_gpu["seconds"],
         }
 
+    def zeroshot() -> dict:
+        """Streamed zero-shot (eval/streamed_zeroshot.py): requests on 2 GPU actors vs 2 CPU actors."""
+        tasks = ["--task", "arc_easy,piqa", "--limit", "100", "--workers", "2"]
+        cpu = asft("eval", "--model", str(out / "wanda-gpu"), *tasks, "--worker-cpus", str(args.cpus))
+        gpu = asft("eval", "--model", str(out / "wanda-gpu"), *tasks, "--worker-gpus", "0.5", "--worker-cpus", "2")
+        return {"acc_cpu": {t: r["acc"] for t, r in cpu["tasks"].items()},
+                "acc_gpu": {t: r["acc"] for t, r in gpu["tasks"].items()},
+                "mean_acc_diff": gpu["mean_acc"] - cpu["mean_acc"], "seconds_cpu": cpu["seconds"],
+                "seconds_gpu": gpu["seconds"]}
+
     def semistructured_export() -> dict:
         nm_dir = out / "wanda-2of4"
         asft("prune", "--model", str(dense), "--method", "wanda", "--pattern", "2:4", "--nsamples", str(args.nsamples),
@@ -121,7 +133,7 @@ def main() -> int:
     # Each path is checked on its own: one that fails is recorded with its error and the rest still run.
     # SparseGPT last: its CPU run is the slowest part (2026-12-04 on an H200 host it did not finish in
     # the 8 minutes the whole check had, with 16 calibration windows and 4 CPUs per actor).
-    sections = {"wanda": lambda: prune_and_eval("wanda"), "recovery": recovery,
+    sections = {"wanda": lambda: prune_and_eval("wanda"), "zeroshot": zeroshot, "recovery": recovery,
                 "semistructured_export": semistructured_export, "sparsegpt": lambda: prune_and_eval("sparsegpt")}
     for name, check in sections.items():
         if time.perf_counter() - started > args.budget_s:
@@ -135,7 +147,8 @@ def main() -> int:
         print(json.dumps({name: result[name]}), flush=True)
     result["total_s"] = time.perf_counter() - started
     ok = (not any("error" in result[name] or "skipped" in result[name] for name in sections)
-          and result["wanda"]["mask_agreement"] > 0.999 and abs(result["sparsegpt"]["ppl_rel_diff"]) <= 0.01)
+          and result["wanda"]["mask_agreement"] > 0.999 and abs(result["sparsegpt"]["ppl_rel_diff"]) <= 0.01
+          and abs(result["zeroshot"]["mean_acc_diff"]) <= 0.01)  # 200 items: at most 2 flipped by float noise
     result["passed"] = ok
     line = json.dumps(result, sort_keys=True)
     print(line)

@@ -32,5 +32,6 @@ pip wheel -q --no-deps --no-build-isolation -w "$WORK/wheels" deepspeed==0.19.8 
 rm -rf "$WORK"/bundle/site/ray/{jars,dashboard/client,rllib} "$WORK"/bundle/site/bin
 mkdir -p "$WORK/bundle/data" "$OUT"
 cp -r "$DATA"/c4 "$DATA"/wikitext-2-raw "$DATA"/README.md "$WORK/bundle/data/"
+mkdir -p "$WORK/bundle/data/eval" && cp -r "$DATA"/eval/arc_easy "$DATA"/eval/piqa "$WORK/bundle/data/eval/"  # gpu_check's zero-shot
 tar -C "$WORK" -cf - bundle | xz -T0 -6 | split -b "${PART_MB}M" -d - "$OUT/p"
 ls -l "$OUT"
