@@ -67,6 +67,32 @@ def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
     return row
 
 
+def check_cost_prediction(dense: Path, structured: Path) -> dict:
+    """The structured export's predicted decode cost (structured.json: cost_plan, the cost model
+    calibrated on shallower copies of this shape) against a measurement of both models, each loaded
+    whole in this harness process (no memory claim), with the calibration's own decode loop."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from asft_ray.eval.cost_calibration import decode_cost
+
+    plan = json.loads((structured / "structured.json").read_text())["cost_plan"]
+    new_tokens = 16
+    prompt = plan["context"] - new_tokens // 2  # decode_cost's context: the prompt + half the new tokens
+    measured = {}
+    with torch.no_grad():
+        for name, folder in (("dense", dense), ("structured", structured)):
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            measured[name] = decode_cost(model, prompt, new_tokens, repeats=3, warmup=1)
+            del model
+    ratio = measured["structured"]["seconds_per_token"] / measured["dense"]["seconds_per_token"]
+    return {"context": plan["context"], "measured": measured, "measured_relative_cost": ratio,
+            "predicted_relative_cost": plan["predicted_relative_cost"],
+            "predicted_seconds_per_token": {"dense": plan["dense_predicted_seconds_per_token"],
+                                            "structured": plan["predicted_seconds_per_token"]},
+            "relative_error_of_ratio": plan["predicted_relative_cost"] / ratio - 1}
+
+
 def _staged_config(work: Path, model: Path, opts) -> Path:
     """A 2-stage run (30 % then 50 %) whose gate passes both stages: the model is random, the run
     measures memory and time of the staged path (prune a stage, gate it, keep it), not quality."""
@@ -134,6 +160,8 @@ def main():
         if opts.only is None or label in opts.only:
             rows[label] = run_measured(label, args, sizes)
     summary = {}
+    if opts.only is not None and "structured-cost-check" in opts.only:
+        summary["structured_cost_check"] = check_cost_prediction(fp32, work / "structured-cost")
     if {"sparsegpt-fp32-w1", "sparsegpt-fp32-w2"} <= rows.keys():
         from safetensors.torch import load_file
 

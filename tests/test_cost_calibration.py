@@ -17,7 +17,7 @@ import pytest
 
 from asft_ray.errors import AsftError
 from asft_ray.eval import cost_calibration
-from asft_ray.eval.cost_calibration import (SMALL_MODEL_BYTES, calibrate, calibration_plan, float32_bytes,
+from asft_ray.eval.cost_calibration import (RUNTIME_BYTES, SMALL_MODEL_BYTES, calibrate, calibration_plan, float32_bytes,
                                             load_or_calibrate, measure)
 from asft_ray.eval.cost_model import CostModel, DecoderShape
 
@@ -42,9 +42,10 @@ def test_the_calibration_shapes_are_the_model_and_its_shrunk_variants():
 
 def test_a_model_bigger_than_the_bound_is_calibrated_on_shallower_models_of_its_widths():
     assert float32_bytes(SMOL) <= SMALL_MODEL_BYTES < float32_bytes(LARGE_1B6)  # 0.54 GB: measured whole; 6.3 GB
-    for shape, layers in ((LARGE_1B6, 6), (LLAMA_7B, 2)):  # within a quarter of the model's bytes, and 2 GiB
+    for shape, layers in ((LARGE_1B6, 3), (LLAMA_7B, 2)):  # the process within a quarter of the model's bytes
         plan = calibration_plan(shape)
-        assert max(float32_bytes(s) for s, _ in plan) <= min(float32_bytes(shape) / 4, SMALL_MODEL_BYTES)
+        assert max(float32_bytes(s) for s, _ in plan) + RUNTIME_BYTES <= float32_bytes(shape) / 4
+        assert max(float32_bytes(s) for s, _ in plan) <= SMALL_MODEL_BYTES
         assert plan[0][0] == DecoderShape(shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, layers,
                                           shape.vocab, head_dim=shape.dim)  # every measured layer: a real layer's width
         assert {(s.hidden, s.dim) for s, _ in plan} == {(shape.hidden, shape.dim)}

@@ -16,8 +16,9 @@ not timed).
 
 A model of at most `SMALL_MODEL_BYTES` of float32 weights is measured whole. A bigger one is never
 built (`measured_base`): its measured models keep its widths (hidden, MLP, heads: what one decoder
-layer reads) but have fewer layers, and if need be a smaller vocabulary, so that none holds more than
-a quarter of its float32 weight bytes (the bound every process of a large-model run keeps) or 2 GiB.
+layer reads) but have fewer layers, and if need be a smaller vocabulary, so that the measuring
+process stays within a quarter of the model's float32 weight bytes (the bound every process of a
+large-model run keeps), and no measured model holds more than 2 GiB.
 Decode cost is linear in layers and in weight bytes read (eval/cost_model.py), so the fit to the
 shallower models predicts the full depth. Floor: two decoder layers (6.8 GB for a 70B Llama).
 """
@@ -34,6 +35,7 @@ from asft_ray.eval.cost_model import CostModel, DecoderShape, Measurement, fit
 
 
 SMALL_MODEL_BYTES = 2 * 2**30  # float32 weight bytes up to which a model is measured whole
+RUNTIME_BYTES = 2**29  # what the measuring process holds besides the weights (Python, torch, transformers: ~0.4 GiB)
 MIN_MEASURED_LAYERS = 2  # the base keeps at least this many layers (its halves: 1), so the per-layer term is seen
 MIN_MEASURED_VOCAB = 1024
 
@@ -44,9 +46,12 @@ def float32_bytes(shape: DecoderShape) -> int:
 
 
 def measured_bytes_bound(shape: DecoderShape) -> int:
-    """Float32 weight bytes the largest measured model of `shape` may have."""
+    """Float32 weight bytes the largest measured model of `shape` may have: all of them for a small
+    model; else what keeps the measuring process (weights + RUNTIME_BYTES) within a quarter of the
+    model's bytes, and at most 2 GiB. (1.57 B Llama, 6.3 GB: 1.0 GB, 3 of its 28 layers; measured
+    with a quarter of its bytes for the weights alone, the process peaked at 33.7 %.)"""
     full = float32_bytes(shape)
-    return full if full <= SMALL_MODEL_BYTES else min(SMALL_MODEL_BYTES, full // 4)
+    return full if full <= SMALL_MODEL_BYTES else min(SMALL_MODEL_BYTES, full // 4 - RUNTIME_BYTES)
 
 
 def measured_base(shape: DecoderShape) -> DecoderShape:
