@@ -221,6 +221,19 @@ def test_workers_return_freed_weights_to_the_os(monkeypatch):
     assert worker_env(use_gpu=False)["MALLOC_MMAP_THRESHOLD_"] == "65536"
 
 
+def test_phase_peaks_see_a_transient_allocation_in_its_phase():
+    from asft_ray.recovery.phase_memory import PhasePeaks
+
+    phases = PhasePeaks("before")
+    phases.enter("big")
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written: resident
+    time.sleep(0.05)
+    del block
+    phases.enter("after")
+    peaks = phases.stop()
+    assert peaks["big"] >= peaks["before"] + 60 and peaks["after"] <= peaks["big"] - 30, peaks
+
+
 def test_warmup_cosine_schedule():
     assert warmup_cosine(0, 4, 20, 0.1) == pytest.approx(0.2)
     assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)
@@ -391,6 +404,10 @@ def test_zero3_stop_and_resume_equals_an_uninterrupted_run(local_ray, pruned_dir
     pruned = AutoModelForCausalLM.from_pretrained(pruned_dir)
     masked_elements = sum(dict(pruned.named_parameters())[n].numel() for n in linear_weight_names(pruned))
     whole_bytes = sum(p.numel() * 4 for p in pruned.parameters())
+    for worker in full["memory"]:  # where the peak was: sampled every 10 ms, never above the lifetime high-water mark
+        phases = worker["rss_peak_by_phase_mib"]
+        assert {"load", "eval", "train", "export"} <= phases.keys(), phases
+        assert worker["train_rss_max_mib"] <= phases["train"] + 16 and max(phases.values()) <= worker["peak_rss_mib"]
     for worker in full["memory"]:  # partitioned loading: no whole parameter, half the reads, half the masks
         assert worker["load_full_param_bytes"] == 0, worker
         assert 0.45 * whole_bytes <= worker["load_read_bytes"] <= 0.55 * whole_bytes, (worker, whole_bytes)

@@ -42,6 +42,7 @@ from asft_ray.recovery.masks import (
     select_trainable,
     student_masks,
 )
+from asft_ray.recovery.phase_memory import PhasePeaks
 from asft_ray.recovery.shards import Checkpoint
 from asft_ray.recovery import zero3
 
@@ -230,14 +231,16 @@ def rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def peak_memory_mib(device: torch.device, train_rss_max: float) -> dict:
+def peak_memory_mib(device: torch.device, train_rss_max: float, phase_peaks: dict[str, float]) -> dict:
     """This worker's memory, MiB. `peak_rss_mib` is the process's high-water mark over its whole
     life (model loading and rank 0's export included); `train_rss_max_mib` the largest RSS seen
-    at the end of a training step; on a GPU, `peak_cuda_mib` the peak allocation while training
+    at the end of a training step; `rss_peak_by_phase_mib` the largest sampled in each phase
+    (phase_memory.PhasePeaks); on a GPU, `peak_cuda_mib` the peak allocation while training
     (its counter is reset after setup)."""
     # the kernel updates ru_maxrss lazily, so it can lag the RSS read now: take the larger
-    lifetime = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_mib(), train_rss_max)
-    row = {"peak_rss_mib": lifetime, "train_rss_max_mib": train_rss_max}
+    lifetime = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_mib(), train_rss_max,
+                   *phase_peaks.values())
+    row = {"peak_rss_mib": lifetime, "train_rss_max_mib": train_rss_max, "rss_peak_by_phase_mib": phase_peaks}
     if device.type == "cuda":
         row["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row
@@ -313,6 +316,7 @@ def train_loop(config: dict) -> None:
     cfg: RecoverConfig = config["cfg"]
     plan: TrainingPlan = config["plan"]
     state = Path(config["state_dir"])
+    phases = PhasePeaks("load")
     deepspeed = _import_deepspeed(config["use_gpu"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -355,6 +359,7 @@ def train_loop(config: dict) -> None:
         start, history, evals = client["step"], client["history"], client["evals"]
         resumed_check = check_masks(optimizer_state=False)
     if cfg.eval_every and start == 0:
+        phases.enter("eval")
         evals.append({"step": 0, "ppl": evaluate(engine, eval_ids, eval_seqlen, rank, world)})
 
     tokens_per_step = plan.micro_batch * plan.grad_accum * world * cfg.seqlen
@@ -362,6 +367,7 @@ def train_loop(config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(start, cfg.max_steps):
+        phases.enter("train")
         t, lr = time.perf_counter(), engine.get_lr()[0]
         row = train_step(engine, teacher, objective, stream, cfg, plan, step, rank, world, before_update)
         row.update(step=step + 1, seconds=time.perf_counter() - t, lr=lr)
@@ -369,8 +375,10 @@ def train_loop(config: dict) -> None:
         train_rss_max = max(train_rss_max, rss_mib())
         done = step + 1
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            phases.enter("eval")
             evals.append({"step": done, "ppl": evaluate(engine, eval_ids, eval_seqlen, rank, world)})
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            phases.enter("checkpoint")
             save_checkpoint(engine, state, done, {"step": done, "history": history, "evals": evals}, rank,
                             config["identity"])
         ray.train.report({"step": done, "loss": row["loss"]})
@@ -389,11 +397,12 @@ def train_loop(config: dict) -> None:
     if not stopped:
         summary["mask_check"] = check_masks()
         summary["mask_check_after_resume"] = resumed_check
+        phases.enter("export")
         export_sharded(model, trainable, student.source_dtypes, cfg.model, Path(config["export_dir"]), rank,
                        student.checkpoint)
         summary["trainable_params"] = len(trainable)
     memory = [None] * world
-    dist.all_gather_object(memory, {**peak_memory_mib(device, train_rss_max), **held, **load_stats,
+    dist.all_gather_object(memory, {**peak_memory_mib(device, train_rss_max, phases.stop()), **held, **load_stats,
                                     "mask_bytes": sum(m.numel() * m.element_size() for m in masks.values())})
     summary["memory"] = memory
     if rank == 0:
