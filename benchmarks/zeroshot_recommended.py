@@ -4,7 +4,7 @@
 
 Reads RUN_DIR/report.json (`asft run`), then runs the real CLI, one model after the other in this
 order, `asft eval --task zeroshot --limit N --no-stream --json` for the dense model and for the
-recommended one (both loaded whole: the same scoring path for both), and appends one row per model
+recommended one (the run's final model when the report keeps the dense model) (both loaded whole: the same scoring path for both), and appends one row per model
 to benchmarks/results/zeroshot.jsonl with the run folder and which model it is.
 """
 
@@ -26,12 +26,12 @@ def main() -> None:
     opts = parser.parse_args()
     run = Path(opts.run).resolve()
     report = json.loads((run / "report.json").read_text())
-    recommended = report.get("recommended") or {}
-    if not recommended.get("path"):
-        raise SystemExit(f"{run}/report.json recommends no model: {recommended}")
-    path = Path(recommended["path"])
-    models = {"dense": report["model"],
-              f"recommended ({recommended['name']})": str(path if path.is_absolute() else run / path)}
+    chosen, role = report.get("recommended"), "recommended"
+    if not chosen:  # "keep the dense model": the run's final model next to it instead, said so in the rows
+        chosen = next(c for c in report["recommendation"]["candidates"] if c["name"] == report["final_model"])
+        role = "final (none recommended: " + report["recommendation"]["verdict"] + ")"
+    path = Path(chosen["path"])
+    models = {"dense": report["model"], f"{role}: {chosen['name']}": str(path if path.is_absolute() else run / path)}
     for role, model in models.items():
         out = asft("eval", "--model", model, "--task", "zeroshot", "--limit", str(opts.limit), "--no-stream",
                    "--json", "--no-progress")
