@@ -105,3 +105,12 @@ def test_bad_planner_input_is_a_clear_error(call, message):
 
 def test_knobs_parse_from_text_or_a_list_in_a_fixed_order():
     assert parse_knobs("layers, mlp") == parse_knobs(["mlp", "layers"]) == ("mlp", "layers")
+
+
+@pytest.mark.parametrize("target", [0.95, 0.8, 0.7, 0.65])
+def test_removing_heads_keeps_a_head_count_that_divides_the_hidden_size(target):
+    """16 heads of 128 in 2048 (the 1.57 B benchmark shape): 15 heads would not load in transformers."""
+    shape = DecoderShape(hidden=2048, intermediate=5632, heads=16, kv_heads=16, layers=28, vocab=32000)
+    model = cost_model(token=0.03, layer=3e-3, float_bytes=2.7e-11, kv_bytes=4.5e-11)
+    plan = plan_for_cost(shape, model, target, 512, ("mlp", "heads"))
+    assert 2048 % plan.shape.heads == 0 and plan.shape.kv_heads in (8, 16), plan

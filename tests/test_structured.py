@@ -87,6 +87,38 @@ def test_impossible_ratios_are_clear_errors(tiny_model):
     assert keep_count(3, 1 / 3, "x") == 2 and keep_count(1536, 0.25, "x") == 1152
 
 
+def test_only_head_counts_that_divide_the_hidden_size_are_kept():
+    """transformers 5.x refuses a Llama config whose heads do not divide hidden_size (a 1.57 B run
+    with 15 of 16 heads failed at save, after every layer was done): such a ratio is refused at
+    planning, and names the ratios that load."""
+    from asft_ray.pruning.structured import loadable_group_counts, unit_counts
+    from tests.conftest import build_tiny_llama
+
+    assert loadable_group_counts(2048, 16, 16) == [1, 2, 4, 8, 16]
+    assert loadable_group_counts(576, 9, 3) == [1, 2, 3]  # SmolLM2: 3, 6 or 9 heads
+    four_groups = build_tiny_llama(num_key_value_heads=4)  # hidden 64, 4 heads: 3 do not divide 64
+    with pytest.raises(AsftError, match=r"keeps 3 of 4 KV groups, 3 attention heads, .* ratios that keep a "
+                                        r"loadable shape: 0, 0.5, 0.75"):
+        unit_counts(four_groups.config, 2, 0.0, 0.25)
+    assert unit_counts(four_groups.config, 2, 0.0, [0.5, 0.75])[1] == [2, 1]  # a layer may keep fewer: the shape keeps 2
+
+
+def test_cli_refuses_a_head_ratio_transformers_cannot_load_before_any_work(tmp_path, capsys, monkeypatch):
+    from asft_ray.cli import main
+    from asft_ray.export.formats import structured
+    from tests.conftest import build_tiny_llama
+
+    folder = tmp_path / "four-groups"
+    build_tiny_llama(num_key_value_heads=4).save_pretrained(folder)
+    capsys.readouterr()  # save_pretrained's progress bar
+    monkeypatch.setattr(structured, "write_streamed", lambda *a, **k: pytest.fail("started the export"))
+    assert main(["export", "--model", str(folder), "--format", "structured", "--head-ratio", "0.25",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("asft: error: head ratio keeps 3 of 4 KV groups") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_export_structured(tiny_model_dir, data_dir, tmp_path, capsys):
     import json
 

@@ -73,7 +73,10 @@ def _kept_weights(shape: DecoderShape) -> int:
 
 def _options(dense: DecoderShape, knobs: tuple[str, ...]) -> list[tuple[int, int]]:
     """Every (KV groups kept, layers dropped) the knobs and caps allow."""
-    groups = range(dense.kv_heads - int(MAX_HEAD_RATIO * dense.kv_heads), dense.kv_heads + 1) \
+    from asft_ray.pruning.structured import loadable_group_counts
+
+    fewest = dense.kv_heads - int(MAX_HEAD_RATIO * dense.kv_heads)
+    groups = [g for g in loadable_group_counts(dense.hidden, dense.heads, dense.kv_heads) if g >= fewest] \
         if "heads" in knobs else [dense.kv_heads]
     drops = range(int(MAX_DROP_SHARE * dense.layers) + 1) if "layers" in knobs else [0]
     return [(g, d) for g in groups for d in drops]

@@ -91,12 +91,28 @@ def collect_input_norms(model: nn.Module, calib_ids: torch.Tensor, hessian: bool
     return [c.result() for c in collectors]
 
 
+def loadable_group_counts(hidden: int, heads: int, kv_heads: int) -> list[int]:
+    """The KV-group counts a structured model may keep: transformers' Llama config (5.x) refuses a
+    number of attention heads (groups x query heads per group) that does not divide hidden_size,
+    whatever head_dim says. A 16-head, 2048-wide model may keep 1, 2, 4, 8 or 16 groups, not 15."""
+    rep = heads // kv_heads
+    return [g for g in range(1, kv_heads + 1) if hidden % (g * rep) == 0]
+
+
 def unit_counts(cfg, n_layers: int, mlp_ratio: float | list[float] = 0.0,
                 head_ratio: float | list[float] = 0.0) -> tuple[list[int], list[int]]:
-    """(MLP channels, KV groups) each layer keeps by its own ratio: all a layer's plan needs to know of the others."""
+    """(MLP channels, KV groups) each layer keeps by its own ratio: all a layer's plan needs to know of
+    the others. The model's shape keeps the most groups any layer keeps, a loadable count."""
     mlp_counts = [keep_count(cfg.intermediate_size, r, "MLP channel") for r in layer_ratios(mlp_ratio, n_layers, "MLP")]
     group_counts = [keep_count(cfg.num_key_value_heads, r, "attention KV-group")
                     for r in layer_ratios(head_ratio, n_layers, "head")]
+    allowed = loadable_group_counts(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads)
+    if max(group_counts) not in allowed:
+        kv, rep = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+        ratios = ", ".join(f"{(kv - g) / kv:g}" for g in reversed(allowed))
+        raise AsftError(f"head ratio keeps {max(group_counts)} of {kv} KV groups, {max(group_counts) * rep} attention "
+                        f"heads, which do not divide the hidden size {cfg.hidden_size} (transformers' Llama config "
+                        f"requires it); ratios that keep a loadable shape: {ratios}")
     return mlp_counts, group_counts
 
 

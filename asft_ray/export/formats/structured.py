@@ -23,6 +23,14 @@ def check(model_spec: str, options: ExportOptions) -> None:
         _check_cost_options(options)
     elif any(getattr(options, name) != ExportOptions.__dataclass_fields__[name].default for name in COST_DETAILS):
         raise AsftError("--cost-knobs, --cost-context and --cost-model go with --cost-target")
+    from asft_ray.export.run import parse_ratio
+
+    if parse_ratio(options.head_ratio) != 0.0:  # a shape transformers can load, before any work
+        from asft_ray.models import model_config
+        from asft_ray.pruning.structured import unit_counts
+
+        cfg = model_config(model_spec)
+        unit_counts(cfg, cfg.num_hidden_layers, 0.0, parse_ratio(options.head_ratio))
     if options.drop_layers:
         from asft_ray.models import model_config
 
