@@ -84,7 +84,7 @@ def state_mib(worker: dict) -> float:
 
 
 def summarize(record: dict, facts: dict) -> dict:
-    keys = ("peak_rss_mib", "train_rss_max_mib", "params_mib", "optimizer_mib", "grads_mib", "teacher_mib",
+    keys = ("peak_rss_mib", "train_rss_max_mib", "rss_peak_by_phase_mib", "params_mib", "optimizer_mib", "grads_mib", "teacher_mib",
             "load_read_bytes", "load_full_param_bytes", "mask_bytes")
     return {"workers": [{k: m.get(k) for k in keys} | {"state_mib": state_mib(m)} for m in record["memory"]],
             "losses": record["losses"], "tokens_per_s": record["tokens_per_s"], "timings": record["timings"],
