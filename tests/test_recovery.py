@@ -224,11 +224,14 @@ def test_workers_return_freed_weights_to_the_os(monkeypatch):
 def test_phase_peaks_see_a_transient_allocation_in_its_phase():
     from asft_ray.recovery.phase_memory import PhasePeaks
 
+    import mmap
+
     phases = PhasePeaks("before")
     phases.enter("big")
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written: resident
+    block = mmap.mmap(-1, 64 * 2**20)  # its own mapping (a heap block may stay resident after free)
+    block.write(b"x" * len(block))  # touched: resident
     time.sleep(0.05)
-    del block
+    block.close()  # unmapped: gone from the RSS at once
     phases.enter("after")
     peaks = phases.stop()
     assert peaks["big"] >= peaks["before"] + 60 and peaks["after"] <= peaks["big"] - 30, peaks
