@@ -140,9 +140,10 @@ def as_measurement(row: dict) -> Measurement:
 
 def calibrate(shape: DecoderShape, new_tokens: int = 16, repeats: int = 3, warmup: int = 1) -> CostModel:
     """The cost model fitted to `calibration_plan(shape)`'s measurements on this machine."""
-    rows = [row for s, prompts in calibration_plan(shape) for row in measure(s, prompts, new_tokens, repeats, warmup)]
+    plan = calibration_plan(shape)
+    rows = [row for s, prompts in plan for row in measure(s, prompts, new_tokens, repeats, warmup)]
     model = fit([as_measurement(row) for row in rows])
-    smallest = min((s for s, _ in calibration_plan(shape)), key=float32_bytes)
+    smallest = min((s for s, _ in plan), key=float32_bytes)
     if model.predict(smallest, 64) >= model.predict(shape, 64):
         # e.g. every cost in the constant term: each plan would be predicted at 1.0 x dense
         raise AsftError("the decode-cost calibration measured no growth of cost with model size (measured ms/token: "

@@ -58,19 +58,17 @@ def streamed_loglikelihoods(folder: Path, tokenizer, requests: list[tuple[str, s
     unique = list(sharing)  # (input tokens, continuation length)
     groups = length_groups([len(tokens) for tokens, _ in unique])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = []
+    rows, targets = [], []  # per group: the right-padded inputs; per input, (positions, continuations)
     for group in groups:
         width = max(len(unique[u][0]) for u in group)
         ids = torch.full((len(group), width), pad, dtype=torch.long)
+        group_targets = []
         for row, u in enumerate(group):
-            ids[row, : len(unique[u][0])] = torch.tensor(unique[u][0])
-        rows.append(ids)
-    targets = []
-    for group in groups:
-        targets.append([])
-        for u in group:
             (tokens, n), shared = unique[u], sharing[unique[u]]
-            targets[-1].append((torch.arange(len(tokens) - n, len(tokens)), torch.tensor([conts[i] for i in shared])))
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            group_targets.append((torch.arange(len(tokens) - n, len(tokens)), torch.tensor([conts[i] for i in shared])))
+        rows.append(ids)
+        targets.append(group_targets)
     scores = streamed_scores(folder, rows, targets, continuation_logprobs, make_runner, "zero-shot layers", show_progress)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     for group, group_scores in zip(groups, scores, strict=True):
@@ -83,8 +81,8 @@ def streamed_loglikelihoods(folder: Path, tokenizer, requests: list[tuple[str, s
 def streamed_evaluate_tasks(folder: Path, tokenizer, names: list[str], data_dir: str | None = None,
                             limit: int | None = None, max_length: int = 2048, make_runner=None,
                             show_progress: bool = False) -> dict:
-    """zeroshot.evaluate_tasks of the safetensors model in `folder`, every task's requests in one
-    pass over the layers. The tasks share that pass, so the time is the whole pass's ("seconds")."""
+    """zeroshot.evaluate_tasks of the safetensors model in `folder`, every task's requests together in
+    the same passes over the layers. The tasks share them, so the time is the whole's ("seconds")."""
     start = time.perf_counter()
     items = {name: load_task(name, data_dir, limit) for name in names}
     requests = [all_requests(task_items) for task_items in items.values()]

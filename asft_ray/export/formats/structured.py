@@ -25,19 +25,19 @@ def check(model_spec: str, options: ExportOptions) -> None:
         raise AsftError("--cost-knobs, --cost-context and --cost-model go with --cost-target")
     from asft_ray.export.run import parse_ratio
 
-    if parse_ratio(options.head_ratio) != 0.0:  # a shape transformers can load, before any work
-        from asft_ray.models import model_config
-        from asft_ray.pruning.structured import unit_counts
+    head_ratio = parse_ratio(options.head_ratio)
+    if head_ratio == 0.0 and not options.drop_layers:
+        return
+    from asft_ray.models import model_config
+    from asft_ray.pruning.structured import unit_counts
 
-        cfg = model_config(model_spec)
-        unit_counts(cfg, cfg.num_hidden_layers, 0.0, parse_ratio(options.head_ratio))
-    if options.drop_layers:
-        from asft_ray.models import model_config
-
-        layers = model_config(model_spec).num_hidden_layers
-        if not 0 < options.drop_layers < layers:
-            raise AsftError(f"--drop-layers must be between 1 and {layers - 1} for a {layers}-layer model, "
-                            f"got {options.drop_layers}")
+    cfg = model_config(model_spec)  # read once (a GGUF's takes seconds), before any weight
+    layers = cfg.num_hidden_layers
+    if head_ratio != 0.0:  # a shape transformers can load
+        unit_counts(cfg, layers, 0.0, head_ratio)
+    if options.drop_layers and not 0 < options.drop_layers < layers:
+        raise AsftError(f"--drop-layers must be between 1 and {layers - 1} for a {layers}-layer model, "
+                        f"got {options.drop_layers}")
 
 
 def write(model_spec: str, out: Path, options: ExportOptions) -> dict:
