@@ -222,9 +222,9 @@ def test_workers_return_freed_weights_to_the_os(monkeypatch):
 
 
 def test_phase_peaks_see_a_transient_allocation_in_its_phase():
-    from asft_ray.recovery.phase_memory import PhasePeaks
-
     import mmap
+
+    from asft_ray.recovery.phase_memory import PhasePeaks
 
     phases = PhasePeaks("before")
     phases.enter("big")
@@ -407,10 +407,11 @@ def test_zero3_stop_and_resume_equals_an_uninterrupted_run(local_ray, pruned_dir
     pruned = AutoModelForCausalLM.from_pretrained(pruned_dir)
     masked_elements = sum(dict(pruned.named_parameters())[n].numel() for n in linear_weight_names(pruned))
     whole_bytes = sum(p.numel() * 4 for p in pruned.parameters())
-    for worker in full["memory"]:  # where the peak was: sampled every 10 ms, never above the lifetime high-water mark
+    for worker in full["memory"]:  # where the peak was: the 10 ms samples see what the step ends and ru_maxrss saw
         phases = worker["rss_peak_by_phase_mib"]
         assert {"load", "eval", "train", "export"} <= phases.keys(), phases
-        assert worker["train_rss_max_mib"] <= phases["train"] + 16 and max(phases.values()) <= worker["peak_rss_mib"]
+        assert worker["train_rss_max_mib"] <= phases["train"] + 16, worker
+        assert worker["peak_rss_mib"] <= max(phases.values()) + 32, worker  # the lifetime peak falls in a phase
     for worker in full["memory"]:  # partitioned loading: no whole parameter, half the reads, half the masks
         assert worker["load_full_param_bytes"] == 0, worker
         assert 0.45 * whole_bytes <= worker["load_read_bytes"] <= 0.55 * whole_bytes, (worker, whole_bytes)
