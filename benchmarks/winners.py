@@ -1,0 +1,100 @@
+"""The chosen 50 % method against SparseGPT beyond the foundation protocol (issue #15, acceptance 3).
+
+    python benchmarks/winners.py --what quick --seeds 0 1 2 3     # prune (32 x 2048 C4, seed S) + 16-window test
+    python benchmarks/winners.py --what full                       # the whole WikiText-2 test, seed-0 models
+    python benchmarks/winners.py --what zeroshot                   # first 500 items of the 8 sets (LAMBADA ppl too)
+    python benchmarks/winners.py --table
+
+Every step is the real CLI (`asft prune`, `asft eval`) on SmolLM2-135M at 50 % unstructured, for each
+method in --methods (default: the chosen `wanda+dsnot+obs` and `sparsegpt`), one after the other so that
+their prune times are side by side. One JSON line per finished step goes to
+benchmarks/results/winners.jsonl; steps already there are skipped (the script resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import ROOT, append_row, asft, read_rows, wikitext_ppl  # noqa: E402
+
+RESULTS = "winners"
+RUNS = ROOT / "runs" / "bench" / "winners"
+METHODS = ("wanda+dsnot+obs", "sparsegpt")
+
+
+def model_dir(method: str, seed: int) -> Path:
+    return RUNS / f"{method}-50-s{seed}"
+
+
+def quick(method: str, seed: int) -> dict:
+    out = model_dir(method, seed)
+    start = time.perf_counter()
+    asft("prune", "--model", "smollm2-135m", "--method", method, "--sparsity", "0.5", "--nsamples", "32",
+         "--seqlen", "2048", "--seed", str(seed), "--out", str(out), "--no-progress")
+    prune = json.loads((out / "asft_run.json").read_text())
+    result = wikitext_ppl(out, 16)
+    nll = result["window_nll"]
+    return {"prune_s": prune["timings"]["prune_s"], "wall_s": time.perf_counter() - start,
+            "sparsity": result["sparsity"], "ppl_8w": math.exp(math.fsum(nll[:8]) / 8), "ppl_16w": result["ppl"]}
+
+
+def full(method: str, seed: int) -> dict:
+    result = wikitext_ppl(model_dir(method, seed), None)
+    return {"windows": result["windows"], "ppl_full": result["ppl"], "eval_s": result["seconds"]}
+
+
+def zeroshot(method: str, seed: int) -> dict:
+    out = asft("eval", "--model", str(model_dir(method, seed)), "--task", "zeroshot", "--limit", "500",
+               "--no-stream", "--json", "--no-progress")
+    return {"zeroshot": json.loads(out.strip().splitlines()[-1])}
+
+
+STEPS = {"quick": quick, "full": full, "zeroshot": zeroshot}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | seeds | 16w test ppl: mean (sd; each seed) | full test ppl (seed 0) | mean zero-shot acc "
+             "(seed 0, 8 x 500) | LAMBADA ppl | prune s (each seed) |", "|---|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = {(r["what"], r["seed"]): r for r in rows if r["method"] == method}
+        quicks = [mine[k] for k in sorted(mine) if k[0] == "quick"]
+        ppl = [r["ppl_16w"] for r in quicks]
+        spread = f"{statistics.mean(ppl):.3f} ({statistics.stdev(ppl) if len(ppl) > 1 else 0:.3f}; " + \
+            ", ".join(f"{p:.3f}" for p in ppl) + ")" if ppl else ""
+        fullrow, zs = mine.get(("full", 0)), mine.get(("zeroshot", 0), {}).get("zeroshot")
+        accs = [t["acc"] for t in zs["tasks"].values()] if zs else []
+        lambada = zs["tasks"].get("lambada", {}).get("ppl") if zs else None
+        lines.append(
+            f"| {method} | {len(ppl)} | {spread} | {fullrow['ppl_full']:.3f} |" if fullrow else f"| {method} | {len(ppl)} | {spread} | |")
+        lines[-1] += (f" {statistics.mean(accs):.4f} |" if accs else " |") + (f" {lambada:.1f} |" if lambada else " |")
+        lines[-1] += " " + ", ".join(f"{r['prune_s']:.0f}" for r in quicks) + " |"
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--what", choices=sorted(STEPS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--table", action="store_true")
+    opts = parser.parse_args()
+    if opts.what and not opts.table:
+        for seed in opts.seeds:
+            for method in opts.methods:  # the methods alternate: their prune times are side by side
+                done = {(r["method"], r["what"], r["seed"]) for r in read_rows(RESULTS)}
+                if (method, opts.what, seed) in done:
+                    continue
+                append_row(RESULTS, {"method": method, "what": opts.what, "seed": seed, "sparsity_target": 0.5,
+                                     **STEPS[opts.what](method, seed)})
+    print(table(read_rows(RESULTS)))
+
+
+if __name__ == "__main__":
+    main()
