@@ -11,6 +11,7 @@ from asft_ray.distributed.sharded import WorkerResources, sharded_runner_factory
 from asft_ray.errors import AsftError
 from asft_ray.models import decoder_layers, prunable_linears
 from asft_ray.pruning.engine import prune_model
+from tests.conftest import build_tiny_llama
 from tests.workers import same_with_worker_counts
 
 
@@ -213,3 +214,81 @@ def test_the_owner_of_a_llama_mlp_output_input_solves_nothing_else():
     owners = assign_owners(costs, 2)
     assert [s for s, k in owners.items() if k == owners["mlp.down_proj"]] == ["mlp.down_proj"]
     assert costs["mlp.down_proj"] > sum(costs.values()) / 2
+
+
+@pytest.mark.parametrize("seqlen", [32, 8])  # 8 tokens: an owner sums 2 chunks' inputs per call
+def test_owners_summing_shipped_inputs_give_the_bits_of_shipped_hessians(scoring_pool, tiny_model, seqlen):
+    """Workers may send an input's chunk inputs instead of its Hessian partials; the owner then
+    computes the partials itself (stats.hessian_of): the same pruned weights, bit for bit, and the
+    reduction stays bounded (at most max_pending chunks not yet added)."""
+    from asft_ray.distributed.sharded import ShardedRunner
+
+    calib = torch.randint(0, 512, (16, seqlen), generator=torch.Generator().manual_seed(3))  # 4 chunks
+    workers = scoring_pool.take(2)
+
+    def run(ship_inputs):
+        runners = []
+
+        def make(*a):
+            runners.append(ShardedRunner(workers, *a, max_pending=2, ship_inputs=ship_inputs))
+            return runners[-1]
+
+        model = copy.deepcopy(tiny_model)
+        prune_model(model, "sparsegpt", Pattern.parse("unstructured"), 0.5, calib, show_progress=False, make_runner=make)
+        return {k: v.clone() for k, v in model.state_dict().items()}, runners
+
+    hessians, by_hessian = run(False)
+    inputs, by_inputs = run(True)
+    assert all(not r.shipped for r in by_hessian)
+    assert by_inputs[0].shipped == {"self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"}
+    assert all(r.peak_pending <= 2 for r in by_inputs)
+    for key, value in hessians.items():
+        assert torch.equal(inputs[key], value), key
+
+
+def test_a_hessian_summed_from_shipped_inputs_equals_the_one_summed_while_the_layer_runs():
+    from asft_ray.pruning.engine import chunk_stats, chunk_stats_and_inputs
+    from asft_ray.pruning.stats import hessian_of
+
+    layer = build_tiny_llama().model.layers[0]
+    g = torch.Generator().manual_seed(4)
+    chunk = [torch.randn(1, 24, 64, generator=g) for _ in range(3)]
+    rotary = build_tiny_llama().model.rotary_emb
+    kwargs = {"position_embeddings": rotary(chunk[0], torch.arange(24)[None])}
+    direct = chunk_stats(layer, chunk, (), kwargs, True)
+    small, inputs = chunk_stats_and_inputs(layer, chunk, (), kwargs, None, ["mlp.down_proj", "self_attn.q_proj"])
+    assert set(small.hessians) == {"self_attn.o_proj", "mlp.gate_proj"}
+    assert [x.shape for x in inputs["mlp.down_proj"]] == [(24, 128)] * 3
+    for source in ("mlp.down_proj", "self_attn.q_proj"):
+        assert torch.equal(hessian_of(inputs[source]), direct.hessians[source]), source
+    for stat in ("sq_norms", "sums", "tokens"):
+        assert all(torch.equal(getattr(small, stat)[s], getattr(direct, stat)[s]) for s in direct.sq_norms)
+
+
+def test_inputs_are_shipped_for_a_short_calibration_of_a_wide_layer_only():
+    """On the 1.57 B benchmark's layer shape, 8 samples of 256 tokens: every input's chunks (1024 x
+    width float32) are smaller than its Hessian and their grams cost less than the solves: shipped,
+    both chunks in one call. The protocol's 32 x 2048 tokens on SmolLM2's widths: Hessians (the
+    inputs are larger); 128 x 2048 on the 1.57 B shape: Hessians (the grams would outweigh the solves)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from asft_ray.distributed.sharded import plan_reduction
+    from asft_ray.pruning.stats import InputStats
+
+    def probe(hidden, mlp):
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_attention_heads=16, num_key_value_heads=16)
+        with torch.device("meta"):
+            layer = LlamaDecoderLayer(config, layer_idx=0)
+        sources = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+                   "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
+                   "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
+        widths = {"self_attn.q_proj": hidden, "self_attn.o_proj": hidden, "mlp.gate_proj": hidden, "mlp.down_proj": mlp}
+        return layer, InputStats(source=sources, sq_norms={s: torch.zeros(w) for s, w in widths.items()})
+
+    work, ship, per_call = plan_reduction(*probe(2048, 5632), 4 * 256, 8 * 256, max_pending=2)
+    assert ship == list(work) and per_call == 2
+    assert plan_reduction(*probe(576, 1536), 4 * 2048, 32 * 2048, max_pending=2)[1] == []
+    assert plan_reduction(*probe(2048, 5632), 4 * 2048, 128 * 2048, max_pending=2)[1] == []
+    forced = plan_reduction(*probe(576, 1536), 4 * 2048, 32 * 2048, max_pending=2, ship_inputs=True)
+    assert forced[1] == list(forced[0]) and forced[2] == 1

@@ -11,7 +11,10 @@ the number of workers). Chunk k goes to worker k mod N. For each decoder layer:
      coordinator: each input's Hessian has an *owner* actor that adds the chunk partials in
      chunk order as they arrive (a chain of pure `add` calls), with at most `max_pending`
      chunks whose partials are not yet added, then solves the linears that read that input
-     (weight-parallel: the owners' solves run at the same time, each next to its Hessian);
+     (weight-parallel: the owners' solves run at the same time, each next to its Hessian).
+     When an input's chunk inputs are smaller than its Hessian (wide inputs, short chunks: a
+     5632-wide MLP input over 1024 tokens is 23 MB against a 254 MB Hessian), the workers send
+     the inputs instead and the owner computes the partials itself (`add_inputs`, same bits);
   4. the coordinator applies the pruned weights, puts the pruned layer, and each worker pushes
      its chunks through it; the outputs stay in the object store as the next layer's inputs.
 
@@ -29,6 +32,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import numpy
 import ray
 import torch
 
@@ -41,13 +45,14 @@ from asft_ray.pruning.engine import (
     add_gradient_sums,
     chunk_forward,
     chunk_stats,
+    chunk_stats_and_inputs,
     gradient_sums,
     prune_jobs,
     prune_weight,
     split_chunks,
     untie_lm_head,
 )
-from asft_ray.pruning.stats import InputStats, sum_in_order
+from asft_ray.pruning.stats import InputStats, hessian_of, inputs_are_smaller, sum_in_order
 from asft_ray.pruning.streaming import return_free_memory
 
 
@@ -151,19 +156,38 @@ class ScoringWorker:
     def stats(self, layer, chunk, context, hessian: bool, only: list[str] | None = None) -> InputStats:
         return stats_to_cpu(chunk_stats(*self._on_device(layer, chunk, context), hessian, only))
 
-    def stats_split(self, layer, chunk, context, sources: list[str], only: list[str] | None = None):
+    def stats_split(self, layer, chunk, context, sources: list[str], only: list[str] | None = None,
+                    inputs_of: list[str] = ()):
         """Statistics with Hessians, as 1 + len(sources) separate results: the squared norms and
-        source map (small), then each input's Hessian (float64 numpy, so Ray stores it without a copy)."""
-        stats = chunk_stats(*self._on_device(layer, chunk, context), True, only)
-        if list(stats.hessians) != list(sources):
-            raise AsftError(f"layer inputs {list(stats.hessians)} differ from the expected {list(sources)}")
+        source map (small), then each input's Hessian (float64 numpy, so Ray stores it without a copy),
+        or, for the sources in `inputs_of`, the inputs themselves (float32 numpy, one per sample) for
+        the owner to sum (`add_inputs`): fewer bytes when the input is wide and the chunk short."""
+        stats, inputs = chunk_stats_and_inputs(*self._on_device(layer, chunk, context), only, inputs_of)
+        if list(stats.sq_norms) != list(sources):
+            raise AsftError(f"layer inputs {list(stats.sq_norms)} differ from the expected {list(sources)}")
         small = stats_to_cpu(InputStats(stats.source, stats.sq_norms, {}, stats.sums, stats.tokens))
         return_free_memory()
-        return (small, *(stats.hessians[s].cpu().numpy() for s in sources))
+        return (small, *([x.cpu().numpy() for x in inputs[s]] if s in inputs else stats.hessians[s].cpu().numpy()
+                         for s in sources))
 
     def add(self, total, part):
         """One step of an in-order sum: the total so far plus the next chunk's partial."""
         total = total + part
+        return_free_memory()
+        return total
+
+    def add_inputs(self, total, *chunks):
+        """Steps of an in-order sum whose partials are computed here, one per chunk, from the chunks'
+        inputs (stats.hessian_of: the very sum the worker that ran the chunk would have returned)."""
+        for samples in chunks:
+            part = hessian_of(_tensor(x).to(self.device) for x in samples).cpu().numpy()
+            if total is None:
+                total = part
+            elif total.flags.writeable:  # a total made here: added in place (the same elementwise sums)
+                numpy.add(total, part, out=total)
+            else:  # the total so far, read-only in the object store
+                total = total + part
+            del part
         return_free_memory()
         return total
 
@@ -255,20 +279,50 @@ def solve_cost(layer, stats: InputStats, source: str) -> float:
                      for n, s in stats.source.items() if s == source))
 
 
+def plan_reduction(layer, probe: InputStats, chunk_tokens: int, total_tokens: int, max_pending: int,
+                   ship_inputs: bool | None = None) -> tuple[dict[str, float], list[str], int]:
+    """How a layer's Hessians are reduced: each input's work on its owner (flops), the inputs whose
+    owners get the chunks' inputs rather than Hessian partials, and how many chunks' inputs an owner
+    sums in one call.
+
+    Shipping an input pays when its inputs take fewer bytes than its Hessian (short chunks, wide
+    inputs) and the owner's extra work, the grams of every chunk, is no more than the solve it does
+    anyway (with many calibration tokens the grams dominate: they stay spread over the workers).
+    `ship_inputs` True/False forces it. An owner sums as many chunks per call as fit in the bytes
+    of one Hessian (so the store holds no more than the partials would), at most max_pending."""
+    widths = {s: probe.sq_norms[s].numel() for s in probe.sq_norms}
+    work, ship = {}, []
+    for s, w in widths.items():
+        solve, grams = solve_cost(layer, probe, s), 2.0 * total_tokens * w * w
+        pays = inputs_are_smaller(chunk_tokens, w) and grams <= solve
+        if pays if ship_inputs is None else ship_inputs:
+            ship.append(s)
+        work[s] = solve + grams * (s in ship)
+    per_call = min([max_pending] + [max(1, 2 * widths[s] // chunk_tokens) for s in ship])
+    return work, ship, per_call
+
+
 class ShardedRunner:
     """The engine's Runner on Ray actors; the chunks live in Ray's object store.
 
     `max_pending`: at most this many chunks whose Hessian partials are not yet added into the
-    owners' totals (default: one per worker)."""
+    owners' totals (default: one per worker). `ship_inputs`: whether workers send an input's
+    Hessian partials (False) or the inputs themselves (True) to its owner; default (None): per
+    input, when that pays (`plan_reduction`). The sums are the same bits either way."""
 
     def __init__(self, workers: list, inputs: list[torch.Tensor], args: tuple, kwargs: dict,
-                 chunk_size: int = CHUNK_SIZE, max_pending: int | None = None):
+                 chunk_size: int = CHUNK_SIZE, max_pending: int | None = None, ship_inputs: bool | None = None):
         self.workers, self.chunk_size = workers, chunk_size
-        self.chunks = [ray.put([x.cpu() for x in chunk]) for chunk in split_chunks(inputs, chunk_size)]
+        chunks = split_chunks(inputs, chunk_size)
+        tokens = [sum(x.numel() // x.shape[-1] for x in chunk) for chunk in chunks]
+        self.chunk_tokens, self.total_tokens = max(tokens), sum(tokens)
+        self.chunks = [ray.put([x.cpu() for x in chunk]) for chunk in chunks]
         self.context = ray.put((to_device(args, "cpu"), to_device(kwargs, "cpu")))
         self.max_pending = max_pending or len(workers)
+        self.ship_inputs = ship_inputs
         self.peak_pending = 0  # the most chunks seen with partials not yet added (checked by the tests)
         self.peak_layers_ahead = 0  # layers submitted to the workers and not yet computed, at most (tests)
+        self.shipped: set[str] = set()  # inputs whose owner summed their Hessian from the inputs (tests)
         self._submitted: list[list] = []
         self._sources: dict[tuple | None, list[str]] = {}
 
@@ -292,19 +346,38 @@ class ShardedRunner:
     def _collect_hessians(self, layer, layer_ref, only) -> InputStats:
         probe = self._input_sources(layer_ref, only)
         sources = list(probe.sq_norms)
-        owners = assign_owners({s: solve_cost(layer, probe, s) for s in sources}, len(self.workers))
+        work, ship, per_call = plan_reduction(layer, probe, self.chunk_tokens, self.total_tokens,
+                                              self.max_pending, self.ship_inputs)
+        self.shipped.update(ship)
+        owners = assign_owners(work, len(self.workers))
         totals = {s: None for s in sources}
-        small_parts, pending = [], []
+        waiting = {s: [] for s in ship}  # shipped inputs of chunks not yet handed to their owner
+        small_parts = []
+        pending, unsubmitted = [], []  # per chunk: the sums that include it (filled in when they are submitted)
         for k, chunk in enumerate(self.chunks):
             while len(pending) >= self.max_pending:  # wait for the oldest chunk's partials to be added
-                ray.wait(pending.pop(0), num_returns=len(sources))
+                oldest = pending.pop(0)  # submitted: per_call <= max_pending
+                ray.wait(oldest, num_returns=len(oldest))
             refs = self._worker(k).stats_split.options(num_returns=1 + len(sources)).remote(
-                layer_ref, chunk, self.context, sources, only)
+                layer_ref, chunk, self.context, sources, only, ship)
             small_parts.append(refs[0])
-            for source, part in zip(sources, refs[1:]):  # the first chunk's partial is the total so far
-                totals[source] = part if k == 0 else self.workers[owners[source]].add.remote(totals[source], part)
-            pending.append(list(totals.values()))
-            unreduced = sum(len(ray.wait(r, num_returns=len(r), timeout=0)[0]) < len(r) for r in pending)
+            for source, part in zip(sources, refs[1:]):
+                if source in waiting:
+                    waiting[source].append(part)
+                else:  # the first chunk's partial is the total so far
+                    totals[source] = part if k == 0 else self.workers[owners[source]].add.remote(totals[source], part)
+            entry = [totals[s] for s in sources if s not in waiting]
+            pending.append(entry)
+            unsubmitted.append(entry)
+            if not ship or len(unsubmitted) == per_call or k == len(self.chunks) - 1:
+                for s in ship:
+                    totals[s] = self.workers[owners[s]].add_inputs.remote(totals[s], *waiting[s])
+                    waiting[s] = []
+                for e in unsubmitted:
+                    e.extend(totals[s] for s in ship)
+                unsubmitted = []
+            unreduced = sum(any(e is u for u in unsubmitted) or
+                            len(ray.wait(e, num_returns=len(e), timeout=0)[0]) < len(e) for e in pending)
             self.peak_pending = max(self.peak_pending, unreduced)
             del refs, part
         small = sum_in_order(ray.get(part) for part in small_parts)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
@@ -165,22 +166,35 @@ def _final_norm(model: nn.Module) -> nn.Module:
 CHUNK_SIZE = 4  # calibration samples per unit of work; statistics are reduced per chunk, in chunk order
 
 
-@torch.no_grad()
 def chunk_stats(layer: nn.Module, chunk: list[torch.Tensor], args: tuple, kwargs: dict, hessian: bool,
                 only: list[str] | None = None) -> InputStats:
     """Input statistics of `layer`'s linears (or of the linears named in `only`, stopping each
     pass once they have all seen their input) over one chunk of calibration samples."""
+    return _chunk_collector(layer, chunk, args, kwargs, hessian, only).result()
+
+
+def chunk_stats_and_inputs(layer: nn.Module, chunk: list[torch.Tensor], args: tuple, kwargs: dict,
+                           only: list[str] | None, keep_inputs: Collection[str]) -> tuple[InputStats, dict]:
+    """chunk_stats with Hessians, except for the inputs (sources) in `keep_inputs`: for those, the
+    inputs themselves (float32, tokens x width, one per sample), for another actor to sum with
+    stats.hessian_of. Both: {source: ...}."""
+    collector = _chunk_collector(layer, chunk, args, kwargs, True, only, keep_inputs)
+    return collector.result(), collector.inputs
+
+
+@torch.no_grad()
+def _chunk_collector(layer, chunk, args, kwargs, hessian, only, keep_inputs=()) -> LayerInputStats:
     linears = prunable_linears(layer)
     if only is not None:
         linears = {name: linears[name] for name in only}
-    with LayerInputStats(linears, hessian, stop_early=only is not None) as stats:
+    with LayerInputStats(linears, hessian, stop_early=only is not None, keep_inputs=keep_inputs) as stats:
         for x in chunk:
             stats.begin_sample()
             try:
                 _run_layer(layer, x, args, kwargs)
             except StopLayer:
                 pass
-    return stats.result()
+    return stats
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ statistic is computed once per distinct input.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,36 @@ def add_widened(total: torch.Tensor, part: torch.Tensor, rows: int = 256) -> Non
         total[start : start + rows].add_(part[start : start + rows])
 
 
+def add_gram(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """total + x^T x: the gram in float32 (as always), summed in float64; the first one is just widened.
+
+    The one rule for a Hessian's sum: LayerInputStats adds each sample's gram with it and
+    `hessian_of` repeats it on inputs shipped to another actor, so both give the same bits (the
+    gram of a contiguous copy: a strided view could take another BLAS path)."""
+    x = x.contiguous()
+    gram = x.T @ x
+    if total is None:
+        return gram.double()
+    add_widened(total, gram)
+    return total
+
+
+def hessian_of(samples) -> torch.Tensor:
+    """sum_s x_s^T x_s over one chunk's samples (each tokens x width, float32), exactly as
+    LayerInputStats sums them while the layer runs."""
+    total = None
+    for x in samples:
+        total = add_gram(total, x)
+    return total
+
+
+def inputs_are_smaller(tokens: int, width: int) -> bool:
+    """Whether a chunk's float32 inputs (tokens x width) take fewer bytes than their float64 Hessian
+    (width x width): true for wide inputs and short chunks, e.g. a 5632-wide MLP input over 1024 tokens
+    (23 MB against 254 MB), and ever more so at 70 B widths."""
+    return tokens * 4 < width * 8
+
+
 class StopLayer(Exception):
     """Raised by the hooks once every watched linear has seen its input: the rest of the layer's forward is not needed."""
 
@@ -86,8 +117,11 @@ class LayerInputStats:
     its input in the current pass (used to collect one group's statistics without running
     the rest of the layer)."""
 
-    def __init__(self, linears: dict[str, nn.Linear], hessian: bool, stop_early: bool = False):
+    def __init__(self, linears: dict[str, nn.Linear], hessian: bool, stop_early: bool = False,
+                 keep_inputs: Collection[str] = ()):
         self.linears = linears
+        self.keep_inputs = set(keep_inputs)  # sources whose inputs are kept (float32, per sample) instead of a Hessian
+        self.inputs: dict[str, list[torch.Tensor]] = {}
         self.stop_early = stop_early
         self._fired: set[str] = set()
         self.want_hessian = hessian
@@ -141,12 +175,10 @@ class LayerInputStats:
         self.sums[name] = self.sums[name] + total if name in self.sums else total
         count = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
         self.tokens[name] = self.tokens[name] + count if name in self.tokens else count
-        if self.want_hessian:
-            gram = x.T @ x  # float32, as always; summed in float64
-            if name in self.hessians:
-                add_widened(self.hessians[name], gram)
-            else:
-                self.hessians[name] = gram.double()
+        if self.want_hessian and name in self.keep_inputs:  # a copy: the layer's forward must not change it
+            self.inputs.setdefault(name, []).append(x.clone(memory_format=torch.contiguous_format))
+        elif self.want_hessian:
+            self.hessians[name] = add_gram(self.hessians.get(name), x)
 
     def result(self) -> InputStats:
         return InputStats(dict(self.source), dict(self.sq_norms), dict(self.hessians), dict(self.sums),
