@@ -237,6 +237,23 @@ def test_phase_peaks_see_a_transient_allocation_in_its_phase():
     assert peaks["big"] >= peaks["before"] + 60 and peaks["after"] <= peaks["big"] - 30, peaks
 
 
+def test_a_phase_inside_another_counts_for_both():
+    import mmap
+
+    from asft_ray.recovery.phase_memory import PhasePeaks
+
+    phases = PhasePeaks("train/forward")
+    phases.enter("train/backward")
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"x" * len(block))
+    time.sleep(0.05)
+    block.close()
+    phases.enter("export")
+    peaks = phases.stop()
+    assert peaks.keys() == {"train", "train/forward", "train/backward", "export"}
+    assert peaks["train"] == peaks["train/backward"] >= peaks["train/forward"] + 60, peaks
+
+
 def test_warmup_cosine_schedule():
     assert warmup_cosine(0, 4, 20, 0.1) == pytest.approx(0.2)
     assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)

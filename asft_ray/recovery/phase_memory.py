@@ -22,10 +22,13 @@ def rss_now_mib() -> float:
 
 
 class PhasePeaks:
-    """`enter(name)` marks where the process is; `stop()` returns {phase: largest RSS MiB seen in it}."""
+    """`enter(name)` marks where the process is; `stop()` returns {phase: largest RSS MiB seen in it}.
+
+    A phase may be part of another: a sample in "train/backward" counts for "train" as well."""
 
     def __init__(self, phase: str = "start", interval_s: float = 0.01):
-        self.phase, self.interval_s, self.peaks = phase, interval_s, {}
+        self.interval_s, self.peaks = interval_s, {}
+        self._set(phase)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._sample()
@@ -35,7 +38,12 @@ class PhasePeaks:
     def _sample(self) -> None:
         rss = rss_now_mib()
         with self._lock:
-            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
+            for name in self._names:
+                self.peaks[name] = max(self.peaks.get(name, 0.0), rss)
+
+    def _set(self, phase: str) -> None:
+        parts = phase.split("/")
+        self.phase, self._names = phase, ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -44,7 +52,7 @@ class PhasePeaks:
     def enter(self, phase: str) -> None:
         self._sample()  # what the phase that ends reached
         with self._lock:
-            self.phase = phase
+            self._set(phase)
         self._sample()
 
     def stop(self) -> dict[str, float]:

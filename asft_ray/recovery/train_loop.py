@@ -141,9 +141,11 @@ def build_optimizer(model, plan: TrainingPlan, max_steps: int):
 
 
 def train_step(engine, teacher, objective: Objective, stream, cfg: RecoverConfig, plan: TrainingPlan, step: int,
-               rank: int, world: int, before_update: Callable[[], None] | None = None) -> dict:
+               rank: int, world: int, before_update: Callable[[], None] | None = None,
+               mark: Callable[[str], None] = lambda part: None) -> dict:
     """One optimizer step over `grad_accum` micro-batches; returns the mean loss terms over all workers.
-    `before_update` runs after the last micro-step's backward, before the optimizer update."""
+    `before_update` runs after the last micro-step's backward, before the optimizer update; `mark`
+    is told which part of the step starts (phase_memory.PhasePeaks.enter)."""
     import torch.distributed as dist
 
     sums: dict[str, float] = {}
@@ -151,13 +153,17 @@ def train_step(engine, teacher, objective: Objective, stream, cfg: RecoverConfig
         ids = micro_batch(stream, cfg.seed, step, micro, rank, world, plan.micro_batch, plan.grad_accum, cfg.seqlen)
         ids = ids.to(engine.device)
         hidden = objective.hidden_weight > 0
+        mark("train/student forward")
         out = engine(input_ids=ids, output_hidden_states=hidden, use_cache=False)
         teacher_out = None
         if objective.needs_teacher:
+            mark("train/teacher forward")
             with torch.no_grad():
                 teacher_out = teacher(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+        mark("train/loss and backward")
         loss, parts = recovery_loss(objective, ids, out, teacher_out)
         engine.backward(loss)
+        mark("train/optimizer step")
         if before_update is not None and engine.is_gradient_accumulation_boundary():
             before_update()
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
@@ -369,7 +375,7 @@ def train_loop(config: dict) -> None:
     for step in range(start, cfg.max_steps):
         phases.enter("train")
         t, lr = time.perf_counter(), engine.get_lr()[0]
-        row = train_step(engine, teacher, objective, stream, cfg, plan, step, rank, world, before_update)
+        row = train_step(engine, teacher, objective, stream, cfg, plan, step, rank, world, before_update, phases.enter)
         row.update(step=step + 1, seconds=time.perf_counter() - t, lr=lr)
         history.append(row)
         train_rss_max = max(train_rss_max, rss_mib())
