@@ -116,11 +116,15 @@ def zero3_buffer_sizes(largest_linear: int) -> dict:
     max(1e6, its numel). DeepSpeed's defaults (a 5e8-element reduce bucket, 1e9 live parameters,
     1e9-element optimizer sub-groups) are sized for big multi-GPU jobs; on a worker holding one
     partition of a small model they kept ZeRO-3's peak above ZeRO-2's (SmolLM2, 2 workers: 4051 vs
-    3379 MiB; with these: 3076 MiB, the same losses). A user's DeepSpeed file overrides each one."""
+    3379 MiB; with these: 3076 MiB, the same losses). A user's DeepSpeed file overrides each one.
+
+    The optimizer steps one sub-group of a worker's fp32 partition at a time, and torch's Adam makes
+    temporaries the size of what it steps (on the CPU `exp_avg_sq.sqrt() / c`: two at once), so the
+    sub-group is one unit."""
     unit = max(10**6, int(largest_linear))
     return {"reduce_bucket_size": 2 * unit, "stage3_prefetch_bucket_size": 2 * unit,
             "stage3_max_live_parameters": 5 * unit, "stage3_max_reuse_distance": 5 * unit,
-            "sub_group_size": 10 * unit, "stage3_param_persistence_threshold": 10**4}
+            "sub_group_size": unit, "stage3_param_persistence_threshold": 10**4}
 
 
 def build_plan(cfg: RecoverConfig, user: dict, world: int, source: str = "deepspeed config",
