@@ -120,7 +120,8 @@ def zero3_buffer_sizes(largest_linear: int) -> dict:
 
     The optimizer steps one sub-group of a worker's fp32 partition at a time, and torch's Adam makes
     temporaries the size of what it steps (on the CPU `exp_avg_sq.sqrt() / c`: two at once), so the
-    sub-group is one unit."""
+    sub-group is one unit (a 0.5 B model on 4 workers: the optimizer step's peak went from 4557 to
+    3920 MiB per worker with 10 units -> 1, the same losses)."""
     unit = max(10**6, int(largest_linear))
     return {"reduce_bucket_size": 2 * unit, "stage3_prefetch_bucket_size": 2 * unit,
             "stage3_max_live_parameters": 5 * unit, "stage3_max_reuse_distance": 5 * unit,
