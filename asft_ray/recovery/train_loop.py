@@ -153,13 +153,13 @@ def train_step(engine, teacher, objective: Objective, stream, cfg: RecoverConfig
         ids = micro_batch(stream, cfg.seed, step, micro, rank, world, plan.micro_batch, plan.grad_accum, cfg.seqlen)
         ids = ids.to(engine.device)
         hidden = objective.hidden_weight > 0
-        mark("train/student forward")
-        out = engine(input_ids=ids, output_hidden_states=hidden, use_cache=False)
         teacher_out = None
-        if objective.needs_teacher:
+        if objective.needs_teacher:  # first: its gathered weights come and go before the student's are held
             mark("train/teacher forward")
             with torch.no_grad():
                 teacher_out = teacher(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+        mark("train/student forward")
+        out = engine(input_ids=ids, output_hidden_states=hidden, use_cache=False)
         mark("train/loss and backward")
         loss, parts = recovery_loss(objective, ids, out, teacher_out)
         engine.backward(loss)
