@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from datetime import date
 from pathlib import Path
 
-from results_io import asft, read_rows, wikitext_ppl
+from results_io import asft, read_rows, wikitext_ppl, window_ppl
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "bench"
@@ -72,11 +71,6 @@ def done_rows(results: str = "foundation") -> dict:
     return {r["key"]: r for r in read_rows(results)}
 
 
-def ppl_of_first(result: dict, n: int) -> float:
-    nll = result["window_nll"][:n]
-    return math.exp(math.fsum(nll) / len(nll))
-
-
 def run_row(method: str, pattern: str, nsamples: int, done: dict, runs: Path, mode: str = "") -> dict:
     if method == "dense" and pattern == "-":
         model, prune = MODEL, None
@@ -120,7 +114,7 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict, runs: Path, mo
     if pattern == "full":
         row["ppl_full"] = result["ppl"]
     else:
-        row["ppl_8w"] = ppl_of_first(result, 8)
+        row["ppl_8w"] = window_ppl(result["window_nll"][:8])
         row["ppl_16w"] = result["ppl"]
     return row
 

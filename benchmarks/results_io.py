@@ -1,6 +1,7 @@
 """Where benchmark scripts keep their rows: one JSON line per run in benchmarks/results/NAME.jsonl."""
 
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -26,6 +27,11 @@ def wikitext_ppl(model: str, windows: int | None = None, split: str = "test", se
     limit = ["--max-windows", str(windows)] if windows else []
     out = asft("eval", "--model", str(model), "--split", split, "--seqlen", str(seqlen), *limit, "--json", "--no-progress")
     return json.loads(out.strip().splitlines()[-1])
+
+
+def window_ppl(nll: list[float]) -> float:
+    """The paper protocol's perplexity of some windows: exp of the mean per-window NLL."""
+    return math.exp(math.fsum(nll) / len(nll))
 
 
 def read_rows(name: str) -> list[dict]:

@@ -13,12 +13,11 @@ Rows already in results/true_sequential.jsonl (same method, pattern, seed, mode)
 
 import argparse
 import copy
-import math
 import statistics
 import time
 
 import torch
-from results_io import append_row, read_rows
+from results_io import append_row, read_rows, window_ppl
 
 from asft_ray.config import Pattern
 from asft_ray.data import c4_documents, sample_calibration, wikitext2_ids
@@ -32,7 +31,7 @@ WINDOWS = 16
 def ppl(model, ids) -> tuple[float, float]:
     """(ppl over the first 16 windows, ppl over the first 8)."""
     nll = perplexity(model, ids, 2048, max_windows=WINDOWS, show_progress=False)["window_nll"]
-    return math.exp(math.fsum(nll) / len(nll)), math.exp(math.fsum(nll[:8]) / 8)
+    return window_ppl(nll), window_ppl(nll[:8])
 
 
 def table() -> str:

@@ -13,10 +13,9 @@ Rows already in results/wanda_sensitivity.jsonl (same pattern, seed, variant) ar
 
 import argparse
 import copy
-import math
 
 import torch
-from results_io import append_row, read_rows
+from results_io import append_row, read_rows, window_ppl
 
 from asft_ray.config import Pattern
 from asft_ray.data import c4_documents, sample_calibration, wikitext2_ids
@@ -61,7 +60,7 @@ def main():
                         make_runner=lambda *a: LocalRunner(*a, chunk_size=len(calib)))
             nll = perplexity(model, ids, 2048, max_windows=16, show_progress=False)["window_nll"]
             append_row("wanda_sensitivity", {"pattern": args.pattern, "seed": seed, "variant": variant, "nsamples": 32,
-                                             "ppl_16w": math.exp(math.fsum(nll) / 16), "ppl_8w": math.exp(math.fsum(nll[:8]) / 8)})
+                                             "ppl_16w": window_ppl(nll), "ppl_8w": window_ppl(nll[:8])})
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import ROOT, append_row, asft, read_rows, wikitext_ppl  # noqa: E402
+from results_io import ROOT, append_row, asft, read_rows, wikitext_ppl, window_ppl  # noqa: E402
 
 RESULTS = "winners"
 RUNS = ROOT / "runs" / "bench" / "winners"
@@ -40,9 +39,8 @@ def quick(method: str, seed: int) -> dict:
          "--seqlen", "2048", "--seed", str(seed), "--out", str(out), "--no-progress")
     prune = json.loads((out / "asft_run.json").read_text())
     result = wikitext_ppl(out, 16)
-    nll = result["window_nll"]
     return {"prune_s": prune["timings"]["prune_s"], "wall_s": time.perf_counter() - start,
-            "sparsity": result["sparsity"], "ppl_8w": math.exp(math.fsum(nll[:8]) / 8), "ppl_16w": result["ppl"]}
+            "sparsity": result["sparsity"], "ppl_8w": window_ppl(result["window_nll"][:8]), "ppl_16w": result["ppl"]}
 
 
 def full(method: str, seed: int) -> dict:
@@ -66,15 +64,19 @@ def table(rows: list[dict]) -> str:
         mine = {(r["what"], r["seed"]): r for r in rows if r["method"] == method}
         quicks = [mine[k] for k in sorted(mine) if k[0] == "quick"]
         ppl = [r["ppl_16w"] for r in quicks]
-        spread = f"{statistics.mean(ppl):.3f} ({statistics.stdev(ppl) if len(ppl) > 1 else 0:.3f}; " + \
-            ", ".join(f"{p:.3f}" for p in ppl) + ")" if ppl else ""
-        fullrow, zs = mine.get(("full", 0)), mine.get(("zeroshot", 0), {}).get("zeroshot")
-        accs = [t["acc"] for t in zs["tasks"].values()] if zs else []
+        spread = ""
+        if ppl:
+            sd = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
+            spread = f"{statistics.mean(ppl):.3f} ({sd:.3f}; " + ", ".join(f"{p:.3f}" for p in ppl) + ")"
+        full_row = mine.get(("full", 0))
+        zs = mine.get(("zeroshot", 0), {}).get("zeroshot")
         lambada = zs["tasks"].get("lambada", {}).get("ppl") if zs else None
-        lines.append(
-            f"| {method} | {len(ppl)} | {spread} | {fullrow['ppl_full']:.3f} |" if fullrow else f"| {method} | {len(ppl)} | {spread} | |")
-        lines[-1] += (f" {statistics.mean(accs):.4f} |" if accs else " |") + (f" {lambada:.1f} |" if lambada else " |")
-        lines[-1] += " " + ", ".join(f"{r['prune_s']:.0f}" for r in quicks) + " |"
+        cells = [method, str(len(ppl)), spread,
+                 f"{full_row['ppl_full']:.3f}" if full_row else "",
+                 f"{zs['mean_acc']:.4f}" if zs else "",
+                 f"{lambada:.1f}" if lambada else "",
+                 ", ".join(f"{r['prune_s']:.0f}" for r in quicks)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
