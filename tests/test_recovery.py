@@ -221,33 +221,34 @@ def test_workers_return_freed_weights_to_the_os(monkeypatch):
     assert worker_env(use_gpu=False)["MALLOC_MMAP_THRESHOLD_"] == "65536"
 
 
-def test_phase_peaks_see_a_transient_allocation_in_its_phase():
+def _resident_for_a_moment(mib: int = 64) -> None:
+    """`mib` MiB resident for 50 ms: its own mapping (a freed heap block may stay resident), touched,
+    then unmapped (gone from the RSS at once)."""
     import mmap
 
+    block = mmap.mmap(-1, mib * 2**20)
+    block.write(b"x" * len(block))
+    time.sleep(0.05)
+    block.close()
+
+
+def test_phase_peaks_see_a_transient_allocation_in_its_phase():
     from asft_ray.recovery.phase_memory import PhasePeaks
 
     phases = PhasePeaks("before")
     phases.enter("big")
-    block = mmap.mmap(-1, 64 * 2**20)  # its own mapping (a heap block may stay resident after free)
-    block.write(b"x" * len(block))  # touched: resident
-    time.sleep(0.05)
-    block.close()  # unmapped: gone from the RSS at once
+    _resident_for_a_moment()
     phases.enter("after")
     peaks = phases.stop()
     assert peaks["big"] >= peaks["before"] + 60 and peaks["after"] <= peaks["big"] - 30, peaks
 
 
 def test_a_phase_inside_another_counts_for_both():
-    import mmap
-
     from asft_ray.recovery.phase_memory import PhasePeaks
 
     phases = PhasePeaks("train/forward")
     phases.enter("train/backward")
-    block = mmap.mmap(-1, 64 * 2**20)
-    block.write(b"x" * len(block))
-    time.sleep(0.05)
-    block.close()
+    _resident_for_a_moment()
     phases.enter("export")
     peaks = phases.stop()
     assert peaks.keys() == {"train", "train/forward", "train/backward", "export"}
