@@ -5,7 +5,9 @@
 Reads RUN_DIR/report.json (`asft run`), then runs the real CLI, one model after the other in this
 order, `asft eval --task zeroshot --limit N --no-stream --json` for the dense model and for the
 recommended one (the run's final model when the report keeps the dense model) (both loaded whole: the same scoring path for both), and appends one row per model
-to benchmarks/results/zeroshot.jsonl with the run folder and which model it is.
+to benchmarks/results/zeroshot.jsonl with the run folder and which model it is. With --skip-dense the
+dense model is not run again (zero-shot scoring is deterministic: its rows of 2026-11-28 and
+2026-12-04 agree to every digit; compare with those).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run", help="an `asft run` folder holding report.json")
     parser.add_argument("--limit", type=int, default=500, help="items of each of the eight sets")
+    parser.add_argument("--skip-dense", action="store_true", help="only the recommended (or final) model")
     opts = parser.parse_args()
     run = Path(opts.run).resolve()
     report = json.loads((run / "report.json").read_text())
@@ -32,6 +35,8 @@ def main() -> None:
         role = "final (none recommended: " + report["recommendation"]["verdict"] + ")"
     path = Path(chosen["path"])
     models = {"dense": report["model"], f"{role}: {chosen['name']}": str(path if path.is_absolute() else run / path)}
+    if opts.skip_dense:
+        del models["dense"]
     for role, model in models.items():
         out = asft("eval", "--model", model, "--task", "zeroshot", "--limit", str(opts.limit), "--no-stream",
                    "--json", "--no-progress")
