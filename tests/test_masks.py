@@ -3,6 +3,7 @@ import torch
 
 from asft_ray.config import Pattern
 from asft_ray.errors import AsftError
+from asft_ray.pruning import masks
 from asft_ray.pruning.masks import is_valid_nm, make_mask, nm_mask, unstructured_mask
 
 
@@ -69,3 +70,18 @@ def test_make_mask_dispatches_on_pattern():
     scores = torch.randn(8, 16)
     assert torch.equal(make_mask(scores, Pattern.parse("2:4"), 0.5), nm_mask(scores, 2, 4))
     assert torch.equal(make_mask(scores, Pattern.parse("unstructured"), 0.25), unstructured_mask(scores, 0.25))
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (300, 500), (1, 4000), (64, 100, 4)])
+def test_rows_sorted_a_block_at_a_time_give_the_mask_of_one_whole_sort(shape, monkeypatch):
+    """prune_lowest sorts SORT_BLOCK_ELEMENTS scores per call; with ties and per-row counts the
+    mask equals the one a single sort of the whole tensor gives."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(*shape, generator=g).round(decimals=1)  # many ties
+    per_row = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    for k in (3, per_row):
+        whole = torch.ones_like(scores, dtype=torch.bool)
+        order = torch.sort(scores, dim=-1, stable=True).indices
+        whole.scatter_(-1, order, torch.arange(shape[-1]) >= torch.as_tensor(k).unsqueeze(-1).expand(*shape[:-1], 1))
+        monkeypatch.setattr(masks, "SORT_BLOCK_ELEMENTS", 512)  # several blocks for every shape but the 1-row one
+        assert torch.equal(masks.prune_lowest(scores, k), whole)

@@ -35,6 +35,7 @@ from asft_ray.progress import progress
 from asft_ray.pruning.hooks import EngineHooks
 from asft_ray.pruning.masks import make_mask
 from asft_ray.pruning.stats import InputStats, LayerInputStats, StopLayer, input_groups, sum_in_order
+from asft_ray.pruning.streaming import return_free_memory
 
 
 def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: float, **stats) -> torch.Tensor:
@@ -55,7 +56,7 @@ def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: 
         if refinement.changes == "weights":  # the last step: new values for the kept weights
             return refinement.refine(weight, keep, pattern, stats, setting)
         keep = refinement.refine(weight, keep, pattern, stats, setting)
-    return torch.where(keep, weight, torch.zeros_like(weight))  # +0.0, not the -0.0 that weight * keep gives
+    return weight.masked_fill(~keep, 0.0)  # +0.0, not the -0.0 that weight * keep gives; no zeros-sized temporary
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,7 @@ def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_seque
         jobs = (LinearJob(name, linears[name].weight.data, sparsity_of(sparsity, index, name)) for name in group)
         for name, weight in runner.prune(method, pattern, jobs, stats):
             linears[name].weight.data = weight
+            return_free_memory()  # the dense weight just replaced: its heap pages back to the OS before the next linear
 
 
 @torch.no_grad()
