@@ -143,10 +143,17 @@ def test_everything_a_worker_gets_moves_to_its_device():
     assert kwargs["position_ids"] is None and kwargs["flag"] is True
 
 
+def _objects_this_process_tracks() -> int:
+    """Entries in this process's Ray reference table: objects it owns or borrows, including the
+    ones kept only as lineage (no live ObjectRef) to rebuild a retriable task's outputs."""
+    return len(ray._private.worker.global_worker.core_worker.get_all_reference_counts())
+
+
 def test_the_coordinator_stays_at_most_one_layer_ahead_of_the_workers(scoring_pool):
     """advance() returns once the previous layer is computed: however fast the caller reads layers,
-    at most two layers are ever submitted and not yet computed (the object store never holds the
-    model), and the outputs are those of the in-process runner."""
+    at most two layers are ever submitted and not yet computed, the layers already computed leave
+    the object store (it never holds the model: a retried forward would have kept every layer there
+    for lineage, spilled to disk), and the outputs are those of the in-process runner."""
     from asft_ray.distributed.sharded import ShardedRunner
     from asft_ray.models import decoder_layers
     from asft_ray.pruning.engine import LocalRunner, capture_layer0_inputs
@@ -156,11 +163,14 @@ def test_the_coordinator_stays_at_most_one_layer_ahead_of_the_workers(scoring_po
     ids = torch.randint(0, 512, (16, 256), generator=torch.Generator().manual_seed(4))  # enough work per layer
     runner = ShardedRunner(scoring_pool.take(1), *capture_layer0_inputs(model, ids))
     local = LocalRunner(*capture_layer0_inputs(model, ids))
+    objects = []
     for layer in decoder_layers(model):
         runner.advance(layer)
         local.advance(layer)
+        objects.append(_objects_this_process_tracks())
     outputs = runner.outputs()
     assert 1 <= runner.peak_layers_ahead <= 2
+    assert max(objects[2:]) <= objects[1] + 2, objects  # flat (kept for lineage: 5 more per layer)
     assert all(torch.equal(a, b) for a, b in zip(outputs, local.outputs()))
 
 

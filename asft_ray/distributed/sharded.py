@@ -404,7 +404,13 @@ class ShardedRunner:
         never gets further ahead, so the object store holds at most two layers (not the whole model)."""
         layer_ref = ray.put(SharedLayer(layer))
         inputs = self.chunks
-        self.chunks = [self._worker(k).forward.remote(layer_ref, c, self.context) for k, c in enumerate(inputs)]
+        # Not retried (max_task_retries=0), unlike the actor's other calls. Ray keeps a retriable task's
+        # arguments for as long as its outputs live, to rebuild them if lost; each layer's outputs feed
+        # the next layer, so that chain would keep every layer ever sent in the object store (spilled to
+        # disk: the whole model written out once per pass). A worker that dies here fails the run,
+        # which resumes from its last finished layer; the statistics and solves of a layer are retried.
+        forward = [self._worker(k).forward.options(max_task_retries=0) for k in range(len(inputs))]
+        self.chunks = [f.remote(layer_ref, c, self.context) for f, c in zip(forward, inputs)]
         self._submitted = [refs for refs in self._submitted + [self.chunks] if not _all_ready(refs)]
         self.peak_layers_ahead = max(self.peak_layers_ahead, len(self._submitted))
         ray.wait(inputs, num_returns=len(inputs), fetch_local=False)
