@@ -213,6 +213,12 @@ class ScoringWorker:
         sums = gradient_sums(model.to(self.device), ids.to(self.device), show_progress=False, lm_head=lm_head)
         return {key: (g.cpu(), g2.cpu()) for key, (g, g2) in sums.items()}
 
+    # Not retried, unlike the actor's other calls. Ray keeps a retriable task's arguments for as long
+    # as its outputs live, to rebuild them if lost; each layer's outputs feed the next layer's forward,
+    # so that chain would keep every layer ever sent in the object store (spilled to disk: the whole
+    # model written out once per pass). A worker that dies in a forward fails the run, which resumes
+    # from its last finished layer; the statistics, sums and solves of a layer are retried.
+    @ray.method(max_task_retries=0)
     def forward(self, layer, chunk, context) -> list[torch.Tensor]:
         outs = chunk_forward(*self._on_device(layer, chunk, context))
         return [x.cpu() for x in outs]
@@ -404,13 +410,7 @@ class ShardedRunner:
         never gets further ahead, so the object store holds at most two layers (not the whole model)."""
         layer_ref = ray.put(SharedLayer(layer))
         inputs = self.chunks
-        # Not retried (max_task_retries=0), unlike the actor's other calls. Ray keeps a retriable task's
-        # arguments for as long as its outputs live, to rebuild them if lost; each layer's outputs feed
-        # the next layer, so that chain would keep every layer ever sent in the object store (spilled to
-        # disk: the whole model written out once per pass). A worker that dies here fails the run,
-        # which resumes from its last finished layer; the statistics and solves of a layer are retried.
-        forward = [self._worker(k).forward.options(max_task_retries=0) for k in range(len(inputs))]
-        self.chunks = [f.remote(layer_ref, c, self.context) for f, c in zip(forward, inputs)]
+        self.chunks = [self._worker(k).forward.remote(layer_ref, c, self.context) for k, c in enumerate(inputs)]
         self._submitted = [refs for refs in self._submitted + [self.chunks] if not _all_ready(refs)]
         self.peak_layers_ahead = max(self.peak_layers_ahead, len(self._submitted))
         ray.wait(inputs, num_returns=len(inputs), fetch_local=False)
