@@ -331,25 +331,36 @@ def test_the_local_runner_lets_each_dense_weight_go_before_the_next_is_pruned(ti
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
-def test_a_float32_gram_is_added_to_its_float64_sum_without_a_float64_copy():
-    """add_widened: bit-identical to total + part.double(), and its peak memory is a block of rows,
-    not the whole float64 copy that torch makes of a mixed-dtype operand on the CPU."""
-    from asft_ray.pruning.stats import add_widened
+def test_hessian_sums_are_the_whole_products_bits_and_never_hold_a_whole_gram():
+    """add_gram and add_hessian_of compute x^T x a block of rows at a time: the same bits as the
+    whole float32 product widened and summed (x.T @ x, then .double(), then in order), and their
+    memory is the float64 total plus a few blocks, never the whole float32 gram or float64 partial."""
+    from asft_ray.pruning.stats import add_gram, add_hessian_of, hessian_of
 
     def status_mib(field):
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
-    width = 4096  # a whole float64 copy: 128 MiB, far above allocator noise
+    def grown_by(call):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status_mib("VmRSS")
+        call()
+        return status_mib("VmHWM") - before
+
+    width, tokens = 3000, 64  # a whole float32 gram is 34 MiB, its float64 copy 69 MiB
     g = torch.Generator().manual_seed(0)
-    total = torch.randn(width, width, generator=g, dtype=torch.float64) * 1e3
-    part = torch.randn(width, width, generator=g) * torch.logspace(-4, 4, width)
-    expected = total + part.double()
-    add_widened(torch.zeros(8, width, dtype=torch.float64), part[:8])  # warm up
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status_mib("VmRSS")
-    add_widened(total, part)
-    grown = status_mib("VmHWM") - before
+    scale = torch.logspace(-3, 3, width)
+    xs = [torch.randn(tokens, width, generator=g) * scale for _ in range(3)]
+    grams = [x.T @ x for x in xs]
+    assert torch.equal(hessian_of(xs[:2]), grams[0].double() + grams[1].double())  # 2 samples, in order
+    expected = grams[0].double() + (grams[1].double() + grams[2].double())  # total + (a chunk's partial)
+    add_hessian_of(hessian_of(xs[:1]), xs[1:2])  # warm up the allocator and BLAS on these shapes
+    total = hessian_of(xs[:1])
+    grown = grown_by(lambda: add_hessian_of(total, xs[1:]))
     assert torch.equal(total, expected)
-    assert grown < 0.5 * width * width * 8 / 2**20, f"{grown:.1f} MiB"  # a few row blocks at most
+    one_gram_mib = width * width * 4 / 2**20
+    assert grown < 0.25 * one_gram_mib, f"{grown:.1f} MiB"  # a few blocks, not a whole gram
+    grown = grown_by(lambda: add_gram(total, xs[0]))
+    assert torch.equal(total, expected + grams[0].double())
+    assert grown < 0.25 * one_gram_mib, f"{grown:.1f} MiB"

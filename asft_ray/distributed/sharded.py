@@ -52,7 +52,7 @@ from asft_ray.pruning.engine import (
     split_chunks,
     untie_lm_head,
 )
-from asft_ray.pruning.stats import InputStats, hessian_of, inputs_are_smaller, sum_in_order
+from asft_ray.pruning.stats import InputStats, add_hessian_of, hessian_of, inputs_are_smaller, sum_in_order
 from asft_ray.pruning.streaming import return_free_memory
 
 
@@ -178,16 +178,16 @@ class ScoringWorker:
 
     def add_inputs(self, total, *chunks):
         """Steps of an in-order sum whose partials are computed here, one per chunk, from the chunks'
-        inputs (stats.hessian_of: the very sum the worker that ran the chunk would have returned)."""
+        inputs (stats.hessian_of: the very sum the worker that ran the chunk would have returned).
+        Each partial is added a block of rows at a time (stats.add_hessian_of, the same bits), so
+        only the total exists whole."""
+        if total is not None:  # the total so far, read-only in the object store: one private copy
+            total = torch.from_numpy(total.copy()).to(self.device)
         for samples in chunks:
-            part = hessian_of(_tensor(x).to(self.device) for x in samples).cpu().numpy()
-            if total is None:
-                total = part
-            elif total.flags.writeable:  # a total made here: added in place (the same elementwise sums)
-                numpy.add(total, part, out=total)
-            else:  # the total so far, read-only in the object store
-                total = total + part
-            del part
+            xs = [_tensor(x).to(self.device) for x in samples]
+            total = hessian_of(xs) if total is None else add_hessian_of(total, xs)
+            del xs
+        total = total.cpu().numpy()
         return_free_memory()
         return total
 

@@ -58,28 +58,34 @@ def sum_in_order(parts) -> InputStats:
     return total
 
 
-def add_widened(total: torch.Tensor, part: torch.Tensor, rows: int = 256) -> None:
-    """total += part, for a float64 total and a float32 part, a block of rows at a time.
-
-    On the CPU, torch first copies a mixed-dtype operand whole into the result's dtype: adding an
-    i x i float32 gram to its float64 sum would allocate an i x i float64 copy (254 MB for the
-    5632-wide down_proj input); per block the copy is rows x i. Widening is exact and addition is
-    element by element, so the sums are bit-identical to total += part.double()."""
-    for start in range(0, total.shape[0], rows):
-        total[start : start + rows].add_(part[start : start + rows])
+GRAM_ROWS = 256  # rows of a Hessian computed at a time: 256 x 5632 float64 is 11 MB
 
 
-def add_gram(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """total + x^T x: the gram in float32 (as always), summed in float64; the first one is just widened.
+def gram_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of x^T x, in float32, for a contiguous x (tokens x width).
+
+    The one way every Hessian here is computed, whole or in blocks, so every path gives the same
+    bits (on this CPU's BLAS the blocks also equal the rows of one whole product: tested)."""
+    return x[:, start:stop].T @ x
+
+
+def add_gram(total: torch.Tensor | None, x: torch.Tensor, rows: int = GRAM_ROWS) -> torch.Tensor:
+    """total + x^T x: the gram in float32, summed in float64; the first one is just widened.
 
     The one rule for a Hessian's sum: LayerInputStats adds each sample's gram with it and
-    `hessian_of` repeats it on inputs shipped to another actor, so both give the same bits (the
-    gram of a contiguous copy: a strided view could take another BLAS path)."""
+    `hessian_of` repeats it on inputs shipped to another actor, so both give the same bits.
+    A block of rows at a time, so that neither the float32 gram nor a float64 copy of it
+    (torch widens a mixed-dtype operand whole on the CPU) ever exists whole: 127 + 254 MB for
+    the 5632-wide down_proj input of a 1.57 B model, a few MB per block."""
     x = x.contiguous()
-    gram = x.T @ x
+    width = x.shape[1]
     if total is None:
-        return gram.double()
-    add_widened(total, gram)
+        total = torch.empty(width, width, dtype=torch.float64, device=x.device)
+        for start in range(0, width, rows):
+            total[start : start + rows].copy_(gram_rows(x, start, start + rows))
+        return total
+    for start in range(0, width, rows):
+        total[start : start + rows].add_(gram_rows(x, start, start + rows))
     return total
 
 
@@ -89,6 +95,19 @@ def hessian_of(samples) -> torch.Tensor:
     total = None
     for x in samples:
         total = add_gram(total, x)
+    return total
+
+
+def add_hessian_of(total: torch.Tensor, samples, rows: int = GRAM_ROWS) -> torch.Tensor:
+    """total += hessian_of(samples) in place, with the same bits, a block of rows at a time: the
+    chunk's partial never exists whole (254 MB for a 5632-wide input), only one block of it."""
+    xs = [x.contiguous() for x in samples]
+    for start in range(0, total.shape[0], rows):
+        part = None
+        for x in xs:
+            block = gram_rows(x, start, start + rows)
+            part = block.double() if part is None else part.add_(block)
+        total[start : start + rows].add_(part)
     return total
 
 
