@@ -123,3 +123,28 @@ def test_the_inverse_hessian_factor_needs_one_float64_matrix_beside_its_input():
     grown = status_mib("VmHWM") - before
     assert factor.shape == (width, width)
     assert grown < 1.5 * matrix_mib, f"{grown:.1f} MiB for a {matrix_mib:.0f} MiB matrix"
+    consumed = H.clone()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_mib("VmRSS")
+    in_place = sparsegpt.inverse_hessian_cholesky(consumed, w, 0.01, consume=True)  # no working copy at all
+    grown = status_mib("VmHWM") - before
+    assert torch.equal(in_place, factor) and in_place.data_ptr() == consumed.data_ptr()
+    assert grown < 0.5 * matrix_mib, f"{grown:.1f} MiB for a {matrix_mib:.0f} MiB matrix"
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda+obs", "sparsegpt+lsq", "wanda+dsnot+obs"])
+def test_a_consumed_hessian_gives_the_same_weights_and_only_its_last_reader_overwrites_it(method):
+    """prune_weight(consume_hessian=True) lets the last step that reads the Hessian factor it in
+    place: the same pruned weight, bit for bit; an earlier reader (sparsegpt before +lsq) still
+    sees it whole, and without the flag the caller's Hessian is never changed."""
+    x = correlated_inputs(256, 48)
+    stats = {"hessian": (x.T @ x).double(), "sq_norms": x.pow(2).sum(0).double(),
+             "sums": x.sum(0).double(), "tokens": torch.tensor(256.0, dtype=torch.float64)}
+    w = torch.randn(16, 48, generator=torch.Generator().manual_seed(1))
+    kept = stats["hessian"].clone()
+    expected = prune_weight(method, w, Pattern.parse("unstructured"), 0.5, **stats)
+    assert torch.equal(stats["hessian"], kept)
+    consumed = prune_weight(method, w, Pattern.parse("unstructured"), 0.5, consume_hessian=True, **stats)
+    assert torch.equal(consumed, expected)
+    assert not torch.equal(stats["hessian"], kept) or method == "sparsegpt+lsq"  # lsq only reads it

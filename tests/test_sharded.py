@@ -256,6 +256,31 @@ def test_owners_summing_shipped_inputs_give_the_bits_of_shipped_hessians(scoring
         assert torch.equal(inputs[key], value), key
 
 
+def test_a_shipped_inputs_finished_hessian_never_enters_the_object_store(scoring_pool, tiny_model):
+    """The owner sums the last chunks' inputs in the solve call itself: after collect, each shipped
+    input's Hessian is the sum so far (none here: 2 chunks, both in the one call) plus the chunks
+    still to add, and the pruned weights equal the in-process runner's, bit for bit."""
+    from asft_ray.distributed.sharded import ShardedRunner
+    from asft_ray.pruning.engine import LinearJob, LocalRunner, capture_layer0_inputs
+
+    calib = torch.randint(0, 512, (8, 8), generator=torch.Generator().manual_seed(5))  # 2 chunks of 4
+    layer = decoder_layers(tiny_model)[0]
+    captured = capture_layer0_inputs(tiny_model, calib)
+    runner = ShardedRunner(scoring_pool.take(2), *captured, max_pending=2, ship_inputs=True)
+    local = LocalRunner(*captured)
+    stats, local_stats = runner.collect(layer, hessian=True), local.collect(layer, hessian=True)
+    assert {s: (h.ref, len(h.chunks)) for s, h in stats.hessians.items()} == dict.fromkeys(stats.hessians, (None, 2))
+
+    def jobs():
+        return (LinearJob(name, linear.weight.data, 0.5) for name, linear in prunable_linears(layer).items())
+
+    unstructured = Pattern.parse("unstructured")
+    expected = dict(local.prune("sparsegpt", unstructured, jobs(), local_stats))
+    pruned = dict(runner.prune("sparsegpt", unstructured, jobs(), stats))
+    assert list(pruned) == list(expected)
+    assert all(torch.equal(pruned[name], expected[name]) for name in expected)
+
+
 def test_a_hessian_summed_from_shipped_inputs_equals_the_one_summed_while_the_layer_runs():
     from asft_ray.pruning.engine import chunk_stats, chunk_stats_and_inputs
     from asft_ray.pruning.stats import hessian_of

@@ -176,32 +176,45 @@ class ScoringWorker:
         return_free_memory()
         return total
 
-    def add_inputs(self, total, *chunks):
-        """Steps of an in-order sum whose partials are computed here, one per chunk, from the chunks'
-        inputs (stats.hessian_of: the very sum the worker that ran the chunk would have returned).
-        Each partial is added a block of rows at a time (stats.add_hessian_of, the same bits), so
-        only the total exists whole."""
-        if total is not None:  # the total so far, read-only in the object store: one private copy
+    def _summed(self, total, chunks) -> torch.Tensor:
+        """The total so far (read-only in the object store: one private copy) plus each chunk's
+        partial, computed here from the chunk's inputs (stats.hessian_of: the very sum the worker
+        that ran the chunk would have returned) and added a block of rows at a time
+        (stats.add_hessian_of, the same bits), so only the total exists whole."""
+        if total is not None:
             total = torch.from_numpy(total.copy()).to(self.device)
         for samples in chunks:
             xs = [_tensor(x).to(self.device) for x in samples]
             total = hessian_of(xs) if total is None else add_hessian_of(total, xs)
             del xs
-        total = total.cpu().numpy()
+        return total
+
+    def add_inputs(self, total, *chunks):
+        """Steps of an in-order sum whose partials are computed here from the chunks' inputs."""
+        total = self._summed(total, chunks).cpu().numpy()
         return_free_memory()
         return total
 
-    def solve(self, method: str, pattern: Pattern, weight, sparsity: float, hessian=None, others=None) -> torch.Tensor:
-        """One linear pruned (SparseGPT: with its weight update) on this worker's device, from its
-        Hessian and the `others` statistics the method needs."""
-        weight = _tensor(weight).to(self.device)
-        stats = {k: v.to(self.device) for k, v in (others or {}).items()}
-        if hessian is not None:
-            stats["hessian"] = _tensor(hessian).to(self.device)
-        pruned = prune_weight(method, weight, pattern, sparsity, **stats).cpu()
-        del stats, weight
+    def solve(self, method: str, pattern: Pattern, jobs: list, hessian, *chunks):
+        """The linears that read one input, pruned on this worker's device (SparseGPT: with the
+        weight update), one result per job. `jobs`: (weight, sparsity, others) per linear, `others`
+        the statistics besides the Hessian that the method needs.
+
+        `hessian` is the input's summed Hessian (read-only in the object store); or, with `chunks`,
+        the sum so far that those chunks' inputs complete: then this call does the sum's last step
+        (as `add_inputs`), so the finished Hessian never enters the object store, and the last
+        solve factors it in place instead of copying it (prune_weight's `consume_hessian`)."""
+        owned = bool(chunks)
+        hessian = self._summed(hessian, chunks) if owned else _tensor(hessian).to(self.device)
+        pruned = []
+        for k, (weight, sparsity, others) in enumerate(jobs):
+            stats = {key: v.to(self.device) for key, v in (others or {}).items()}
+            pruned.append(prune_weight(method, _tensor(weight).to(self.device), pattern, sparsity, hessian=hessian,
+                                       consume_hessian=owned and k == len(jobs) - 1, **stats).cpu())
+            del stats
+        del hessian
         return_free_memory()
-        return pruned
+        return pruned if len(pruned) > 1 else pruned[0]  # num_returns=len(jobs)
 
     def score_rows(self, final, chunk, score, targets) -> list:
         """engine.Runner.score_rows for one chunk: `score` of each sample's activations and target."""
@@ -256,10 +269,13 @@ def start_workers(n: int, resources: WorkerResources, timeout_s: float | None = 
 
 @dataclass(frozen=True)
 class RemoteHessian:
-    """A summed Hessian that stays in the object store, with the actor that reduced it (and solves with it)."""
+    """An input's Hessian on the actor that reduces it (and solves with it): `ref`, the sum so far
+    in the object store (None: nothing summed yet), and `chunks`, the chunks' inputs that the
+    solve call adds to it first (empty: `ref` is the whole sum)."""
 
-    ref: ray.ObjectRef
+    ref: ray.ObjectRef | None
     owner: object
+    chunks: tuple = ()
 
 
 def assign_owners(costs: dict[str, float], n_workers: int) -> dict[str, int]:
@@ -375,7 +391,9 @@ class ShardedRunner:
             entry = [totals[s] for s in sources if s not in waiting]
             pending.append(entry)
             unsubmitted.append(entry)
-            if not ship or len(unsubmitted) == per_call or k == len(self.chunks) - 1:
+            # The last chunks' inputs are summed by the solve call itself (`solve`), so a shipped
+            # input's finished Hessian never enters the object store.
+            if not ship or len(unsubmitted) == per_call and k < len(self.chunks) - 1:
                 for s in ship:
                     totals[s] = self.workers[owners[s]].add_inputs.remote(totals[s], *waiting[s])
                     waiting[s] = []
@@ -387,22 +405,33 @@ class ShardedRunner:
             self.peak_pending = max(self.peak_pending, unreduced)
             del refs, part
         small = sum_in_order(ray.get(part) for part in small_parts)
-        hessians = {s: RemoteHessian(totals[s], self.workers[owners[s]]) for s in sources}
+        hessians = {s: RemoteHessian(totals[s], self.workers[owners[s]], tuple(waiting.get(s, ()))) for s in sources}
         return InputStats(small.source, small.sq_norms, hessians)
 
     def prune(self, method: str, pattern: Pattern, jobs: Iterable[LinearJob], stats: InputStats) -> Iterator[tuple[str, torch.Tensor]]:
-        """Methods that need the Hessian (SparseGPT): each linear solved by its input's owner (in
-        parallel across owners); the others: here (a sort per row, cheap next to moving the weight).
-        Every solve is submitted (its weight copied into the object store) before the first result
-        is fetched, and results come back one at a time, so this process holds at most one pruned
-        weight beside the layer."""
+        """Methods that need the Hessian (SparseGPT): the linears that read one input are solved in
+        one call on that input's owner (in parallel across owners); the others: here (a sort per
+        row, cheap next to moving the weight). Every solve is submitted (its weight copied into
+        the object store) before the first result is fetched, and results come back one at a time,
+        so this process holds at most one pruned weight beside the layer."""
         recipe = resolve(method)
         if not recipe.hessian:
             yield from prune_jobs(method, pattern, jobs, stats)
             return
-        submitted = [(job.name, _submit_solve(method, pattern, job, stats)) for job in jobs]
-        for name, ref in submitted:
-            yield name, ray.get(ref)
+        by_input: dict[str, list[LinearJob]] = {}
+        names = []  # the order the jobs came in, which results are yielded in
+        for job in jobs:
+            by_input.setdefault(stats.source[job.name], []).append(job)
+            names.append(job.name)
+        job = None  # no dense weight is kept here once its solve is submitted
+        refs = {}
+        while by_input:  # submitted, then dropped: no dense weight is kept here
+            group = by_input.pop(next(iter(by_input)))
+            submitted = _submit_solves(method, pattern, group, stats)
+            refs.update(zip([job.name for job in group], submitted if len(group) > 1 else [submitted]))
+            del group
+        for name in names:
+            yield name, ray.get(refs.pop(name))
 
     def advance(self, layer) -> None:
         """Push the activations through `layer` on the workers. Returns once the *previous* layer's
@@ -426,11 +455,12 @@ class ShardedRunner:
         return [result for part in parts for result in ray.get(part)]
 
 
-def _submit_solve(method: str, pattern: Pattern, job: LinearJob, stats: InputStats) -> ray.ObjectRef:
-    """One linear's solve, on the actor that owns its input's Hessian."""
-    hessian = stats.hessian(job.name)
-    others = {s: stats.get(s, job.name) for s in sorted(resolve(method).needs - {"hessian"})}
-    return hessian.owner.solve.remote(method, pattern, _as_array(job.weight), job.sparsity, hessian.ref, others or None)
+def _submit_solves(method: str, pattern: Pattern, group: list[LinearJob], stats: InputStats):
+    """The solves of the linears that read one input, in one call on the actor that owns its Hessian."""
+    hessian = stats.hessian(group[0].name)
+    needs = sorted(resolve(method).needs - {"hessian"})
+    jobs = [(_as_array(job.weight), job.sparsity, {s: stats.get(s, job.name) for s in needs} or None) for job in group]
+    return hessian.owner.solve.options(num_returns=len(group)).remote(method, pattern, jobs, hessian.ref, *hessian.chunks)
 
 
 def _all_ready(refs: list) -> bool:

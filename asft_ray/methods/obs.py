@@ -8,7 +8,8 @@ from asft_ray.methods.registry import Refinement, register_refinement
 def refine(weight, keep, pattern, stats, setting):
     from asft_ray.scoring import sparsegpt
 
-    return sparsegpt.prune(weight, stats["hessian"], 0.0, pattern, keep=keep)
+    return sparsegpt.prune(weight, stats["hessian"], 0.0, pattern, keep=keep,
+                           consume_hessian=stats.get("consume_hessian", False))
 
 
 register_refinement(Refinement("obs", needs=("hessian",), changes="weights",

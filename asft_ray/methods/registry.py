@@ -38,7 +38,9 @@ class Method:
     * `prune(weight, pattern, sparsity, stats) -> weight`: the method returns the pruned weight
       itself (it may update the kept weights, as SparseGPT does).
 
-    `stats` is a dict holding (at least) the statistics named in `needs`, for this linear."""
+    `stats` is a dict holding (at least) the statistics named in `needs`, for this linear, and
+    `consume_hessian`: True when this step is the last reader of stats["hessian"] and may
+    overwrite it (engine.prune_weight sets it)."""
 
     name: str
     needs: frozenset[str]

@@ -6,7 +6,7 @@ from asft_ray.methods.registry import Method, register
 def prune(weight, pattern, sparsity, stats):
     from asft_ray.scoring import sparsegpt
 
-    return sparsegpt.prune(weight, stats["hessian"], sparsity, pattern)
+    return sparsegpt.prune(weight, stats["hessian"], sparsity, pattern, consume_hessian=stats.get("consume_hessian", False))
 
 
 register(Method("sparsegpt", needs=("hessian",), compare="block", summary="OBS with the weight update", prune=prune))

@@ -38,24 +38,35 @@ from asft_ray.pruning.stats import InputStats, LayerInputStats, StopLayer, input
 from asft_ray.pruning.streaming import return_free_memory
 
 
-def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: float, **stats) -> torch.Tensor:
+def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: float,
+                 consume_hessian: bool = False, **stats) -> torch.Tensor:
     """The pruned weight of one linear. `method` is a method string (asft_ray.methods.resolve);
     `stats` holds at least what it needs: sq_norms (wanda), hessian (sparsegpt), grad_sum
-    (taylor), grad_sq_sum (fisher), sums and tokens (dsnot)..."""
+    (taylor), grad_sq_sum (fisher), sums and tokens (dsnot)...
+
+    `consume_hessian`: the caller will not read stats["hessian"] again, so the last step that
+    reads it may overwrite it (SparseGPT's update then factors it in place: no float64 copy).
+    That step finds `consume_hessian` True in its stats; every other step finds it False."""
     recipe = resolve(method)
     declared = recipe.method
+    steps = [declared, *(refinement for refinement, _ in recipe.refinements)]
+    last_reader = max((i for i, step in enumerate(steps) if "hessian" in step.needs), default=None)
+
+    def stats_of(step: int) -> dict:
+        return {**stats, "consume_hessian": consume_hessian and step == last_reader}
+
     if declared.prune is not None:  # the method builds the weight itself (and may update the kept weights)
-        pruned = declared.prune(weight, pattern, sparsity, stats)
+        pruned = declared.prune(weight, pattern, sparsity, stats_of(0))
         if not recipe.refinements:
             return pruned
         keep = pruned != 0  # only weight refinements follow such methods (registry.resolve checks)
     else:
-        scores = declared.score(weight, stats)
+        scores = declared.score(weight, stats_of(0))
         keep = make_mask(scores.float(), pattern, sparsity, per_row=declared.compare == "row")
-    for refinement, setting in recipe.refinements:
+    for step, (refinement, setting) in enumerate(recipe.refinements, 1):
         if refinement.changes == "weights":  # the last step: new values for the kept weights
-            return refinement.refine(weight, keep, pattern, stats, setting)
-        keep = refinement.refine(weight, keep, pattern, stats, setting)
+            return refinement.refine(weight, keep, pattern, stats_of(step), setting)
+        keep = refinement.refine(weight, keep, pattern, stats_of(step), setting)
     return weight.masked_fill(~keep, 0.0)  # +0.0, not the -0.0 that weight * keep gives; no zeros-sized temporary
 
 

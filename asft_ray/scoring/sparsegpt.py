@@ -17,9 +17,12 @@ from asft_ray.config import Pattern
 from asft_ray.pruning.masks import prune_lowest
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*I)^-1; zeroes weight columns whose input is always zero."""
-    H = hessian.double().clone()
+def inverse_hessian_cholesky(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float,
+                              consume: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*I)^-1; zeroes weight columns whose input is always zero.
+    `consume`: the caller no longer needs `hessian`, so a float64 one is factored in its own memory
+    instead of a copy (the same bits: the copy would be factored the same way)."""
+    H = hessian if consume and hessian.dtype == torch.float64 else hessian.double().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     weight[:, dead] = 0
@@ -61,10 +64,11 @@ def prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     keep: torch.Tensor | None = None,
+    consume_hessian: bool = False,
 ) -> torch.Tensor:
     W = weight.detach().float().clone()
     rows, cols = W.shape
-    Hinv = inverse_hessian_cholesky(hessian, W, percdamp)
+    Hinv = inverse_hessian_cholesky(hessian, W, percdamp, consume_hessian)
     Hinv = torch.empty(Hinv.shape, dtype=W.dtype, device=W.device).copy_(Hinv)  # row-major float32; the float64 factor is freed here
 
     for i1 in range(0, cols, blocksize):
