@@ -201,6 +201,7 @@ def test_sharded_solves_hold_no_dense_weight_and_return_one_pruned_weight_at_a_t
     rest = dict(results)
     assert [first_name, *rest] == names
     assert all(int((w == 0).sum()) == w.numel() // 2 for w in [first, *rest.values()])
+    assert runner.weights_sent == len(names)  # not the collected layer's weights: each copied to the store
 
 
 def test_the_owner_of_a_llama_mlp_output_input_solves_nothing_else():
@@ -279,6 +280,7 @@ def test_a_shipped_inputs_finished_hessian_never_enters_the_object_store(scoring
     pruned = dict(runner.prune("sparsegpt", unstructured, jobs(), stats))
     assert list(pruned) == list(expected)
     assert all(torch.equal(pruned[name], expected[name]) for name in expected)
+    assert runner.weights_sent == 0  # the solves read the weights from the layer already in the store
 
 
 def test_a_hessian_summed_from_shipped_inputs_equals_the_one_summed_while_the_layer_runs():

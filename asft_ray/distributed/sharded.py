@@ -195,10 +195,11 @@ class ScoringWorker:
         return_free_memory()
         return total
 
-    def solve(self, method: str, pattern: Pattern, jobs: list, hessian, *chunks):
+    def solve(self, method: str, pattern: Pattern, jobs: list, layer, hessian, *chunks):
         """The linears that read one input, pruned on this worker's device (SparseGPT: with the
         weight update), one result per job. `jobs`: (weight, sparsity, others) per linear, `others`
-        the statistics besides the Hessian that the method needs.
+        the statistics besides the Hessian that the method needs; a weight given by its linear's
+        name is read from `layer` (the SharedLayer already in the object store: no second copy).
 
         `hessian` is the input's summed Hessian (read-only in the object store); or, with `chunks`,
         the sum so far that those chunks' inputs complete: then this call does the sum's last step
@@ -208,6 +209,8 @@ class ScoringWorker:
         hessian = self._summed(hessian, chunks) if owned else _tensor(hessian).to(self.device)
         pruned = []
         for k, (weight, sparsity, others) in enumerate(jobs):
+            if isinstance(weight, str):
+                weight = layer.arrays[f"{weight}.weight"]
             stats = {key: v.to(self.device) for key, v in (others or {}).items()}
             pruned.append(prune_weight(method, _tensor(weight).to(self.device), pattern, sparsity, hessian=hessian,
                                        consume_hessian=owned and k == len(jobs) - 1, **stats).cpu())
@@ -347,6 +350,8 @@ class ShardedRunner:
         self.shipped: set[str] = set()  # inputs whose owner summed their Hessian from the inputs (tests)
         self._submitted: list[list] = []
         self._sources: dict[tuple | None, list[str]] = {}
+        self._collected = None  # (the layer in the store, {linear: (data_ptr, shape)}) of the last collect
+        self.weights_sent = 0  # weights that were not the collected layer's, so were copied to the store (tests)
 
     def _worker(self, k: int):
         return self.workers[k % len(self.workers)]
@@ -356,6 +361,11 @@ class ShardedRunner:
         if not hessian:  # small partials: fetched one at a time, in chunk order
             parts = [self._worker(k).stats.remote(layer_ref, c, self.context, False, only) for k, c in enumerate(self.chunks)]
             return sum_in_order(ray.get(part) for part in parts)
+        from asft_ray.models import prunable_linears
+
+        # the solves read the weights from this very copy, if the jobs are this layer's weights
+        self._collected = (layer_ref, {name: (linear.weight.data_ptr(), tuple(linear.weight.shape))
+                                       for name, linear in prunable_linears(layer).items()})
         return self._collect_hessians(layer, layer_ref, only)
 
     def _input_sources(self, layer_ref, only) -> InputStats:
@@ -424,10 +434,14 @@ class ShardedRunner:
             by_input.setdefault(stats.source[job.name], []).append(job)
             names.append(job.name)
         job = None  # no dense weight is kept here once its solve is submitted
+        layer_ref, collected = self._collected or (None, {})
+        self._collected = None  # the solves keep the layer in the store while they need it
         refs = {}
         while by_input:  # submitted, then dropped: no dense weight is kept here
             group = by_input.pop(next(iter(by_input)))
-            submitted = _submit_solves(method, pattern, group, stats)
+            in_layer = [collected.get(job.name) == (job.weight.data_ptr(), tuple(job.weight.shape)) for job in group]
+            self.weights_sent += in_layer.count(False)
+            submitted = _submit_solves(method, pattern, group, in_layer, layer_ref, stats)
             refs.update(zip([job.name for job in group], submitted if len(group) > 1 else [submitted]))
             del group
         for name in names:
@@ -455,12 +469,18 @@ class ShardedRunner:
         return [result for part in parts for result in ray.get(part)]
 
 
-def _submit_solves(method: str, pattern: Pattern, group: list[LinearJob], stats: InputStats):
-    """The solves of the linears that read one input, in one call on the actor that owns its Hessian."""
+def _submit_solves(method: str, pattern: Pattern, group: list[LinearJob], in_layer: list[bool], layer_ref,
+                   stats: InputStats):
+    """The solves of the linears that read one input, in one call on the actor that owns its Hessian.
+    A weight that is the collected layer's (`in_layer`) goes by name: the actor reads it from the
+    layer already in the object store; any other is copied there."""
     hessian = stats.hessian(group[0].name)
     needs = sorted(resolve(method).needs - {"hessian"})
-    jobs = [(_as_array(job.weight), job.sparsity, {s: stats.get(s, job.name) for s in needs} or None) for job in group]
-    return hessian.owner.solve.options(num_returns=len(group)).remote(method, pattern, jobs, hessian.ref, *hessian.chunks)
+    jobs = [(job.name if same else _as_array(job.weight), job.sparsity,
+             {s: stats.get(s, job.name) for s in needs} or None) for job, same in zip(group, in_layer, strict=True)]
+    layer = layer_ref if any(in_layer) else None
+    return hessian.owner.solve.options(num_returns=len(group)).remote(method, pattern, jobs, layer, hessian.ref,
+                                                                      *hessian.chunks)
 
 
 def _all_ready(refs: list) -> bool:
