@@ -454,6 +454,13 @@ def test_zero3_stop_and_resume_equals_an_uninterrupted_run(local_ray, pruned_dir
     record = json.loads((tmp_path / "cut" / "asft_run.json").read_text())
     assert record["losses"] == resumed["losses"] and record["tokens_per_s"] > 0
 
+    # activations recomputed in the backward instead of kept: the same run, bit for bit
+    again = _recover(pruned_dir, tmp_path / "recomputed", data_dir, zero_stage=3, eval_every=2, eval_windows=3,
+                     activation_checkpointing=True)
+    assert again["losses"] == full["losses"] and again["evals"] == full["evals"]
+    c = load_file(tmp_path / "recomputed" / "model.safetensors")
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
 
 @pytest.mark.slow  # 45-50 s: `make test-slow`. The default suite has ZeRO-3's bitwise resume, ZeRO-2 with a teacher
 # (test_zero3_bf16_offload_with_sharded_teacher_matches_zero2) and every checkpoint refusal (test_recover_trust.py)
@@ -488,6 +495,7 @@ def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(local_ray, pruned
     two = _recover(pruned_dir, tmp_path / "z2", data_dir, zero_stage=2, **kw)
     _assert_masks_held(three, tmp_path / "z3", pruned_dir)
     _assert_masks_held(two, tmp_path / "z2", pruned_dir)
+    assert three["teacher_mib_after_training"] == two["teacher_mib_after_training"] == 0  # freed before the export
     assert all({"lm", "kd"} <= set(row) for row in three["history"] + two["history"])
     assert two["deepspeed_config"]["zero_optimization"]["stage"] == 2
     zo = three["deepspeed_config"]["zero_optimization"]

@@ -60,6 +60,8 @@ class RecoverConfig:
     warmup_steps: int | None = setting(None, "linear warm-up steps, then cosine", default_text="max_steps // 10")
     min_lr_ratio: float | None = setting(None, "cosine ends at lr * this")
     deepspeed: str | None = setting(None, "DeepSpeed JSON/YAML merged with these flags (a conflicting key is an error)")
+    activation_checkpointing: bool = setting(False, "recompute each decoder layer's activations in the backward "
+                                                    "instead of keeping them: less memory, about a third more compute")
     # checkpoints, evaluation, where it runs
     checkpoint_every: int = how_it_runs(0, "steps between DeepSpeed checkpoints; 0: none")
     eval_every: int = how_it_runs(0, "steps between WikiText-2 valid ppl checks; 0: none")

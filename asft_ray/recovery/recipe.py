@@ -239,6 +239,7 @@ def _record(cfg, identity, plan, summary, inputs: RunInputs, data_dir, prepared_
         "mask_check_after_resume": summary["mask_check_after_resume"],
         "resumed_from_step": summary["resumed_from_step"],
         "trainable_params": summary["trainable_params"],
+        "teacher_mib_after_training": summary.get("teacher_mib_after_training"),  # 0: freed before the export
         "timings": {"prepare_s": prepared_s, "train_s": train_s, "total_s": total_s},
         "versions": {"asft_ray": asft_ray.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }

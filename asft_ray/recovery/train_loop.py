@@ -303,6 +303,26 @@ def gradient_mib(engine) -> float:
     return _storage_bytes(tensors, set()) / 2**20
 
 
+def release_teacher(teacher) -> float | None:
+    """Free the teacher's weights once training is over, so that the export has that memory: every
+    parameter's storage (under ZeRO-3, its partition `ds_tensor`) is swapped for an empty tensor.
+    Dropping the engine is not enough: DeepSpeed 0.19 keeps a ZeRO-3 engine's module alive for the
+    rest of the process (the autograd Function classes it defines per module close over it).
+    Returns the MiB the teacher still holds (0 when freed), None without a teacher."""
+    from asft_ray.pruning.streaming import return_free_memory
+
+    if teacher is None:
+        return None
+    if hasattr(teacher, "destroy"):  # a DeepSpeed engine: its hooks off first
+        teacher.destroy()
+    for p in getattr(teacher, "module", teacher).parameters():
+        for tensor in (p, getattr(p, "ds_tensor", None)):
+            if tensor is not None:
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return_free_memory()
+    return teacher_mib(teacher)
+
+
 def teacher_mib(teacher) -> float:
     """MiB of the teacher's weights this worker holds: the whole model under ZeRO-2, this worker's
     partitions (plus DeepSpeed's small persistent whole parameters) under ZeRO-3. 0 without a teacher."""
@@ -334,6 +354,8 @@ def train_loop(config: dict) -> None:
     student = build_student(cfg, plan, device)
     model, masks, trainable = student.model, student.masks, student.trainable
     load_stats = _load_stats(student)
+    if cfg.activation_checkpointing:  # the same numbers: the recomputed forward gives the same bits
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer, scheduler = build_optimizer(model, plan, cfg.max_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=plan.ds_config,
@@ -400,6 +422,8 @@ def train_loop(config: dict) -> None:
         held = {}
     summary = {"stopped": stopped, "steps_done": len(history), "resumed_from_step": start, "history": history,
                "evals": evals, "tokens_per_step": tokens_per_step, "world_size": world}
+    summary["teacher_mib_after_training"] = release_teacher(teacher)  # its memory goes to the export
+    teacher = teacher_keep_alive = None
     if not stopped:
         summary["mask_check"] = check_masks()
         summary["mask_check_after_resume"] = resumed_check
