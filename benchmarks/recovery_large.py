@@ -139,8 +139,10 @@ def run_label(label: str, folders: dict, work: Path, opts, numbers: dict) -> dic
     row = {"key": label + opts.tag, "zero_stage": zero, "workers": workers, "steps": opts.steps, "seqlen": opts.seqlen,
            **numbers}
     tiny_out, large_out = work / f"out-tiny-{label}", work / f"out-large-{label}"
+    extra = list(opts.recover_flags)  # the same flags for the tiny run that measures the fixed overhead
+    row["recover_flags"] = extra
     record, facts = cli(recover_args(folders["tiny-pruned"], folders["tiny-dense"], tiny_out, zero, workers,
-                                     opts.steps, opts.seqlen), f"tiny {label}")
+                                     opts.steps, opts.seqlen) + extra, f"tiny {label}")
     row["tiny"] = tiny = summarize(record, facts)
     overhead = [w["peak_rss_mib"] - w["state_mib"] for w in tiny["workers"]]
     row["overhead_mib"] = overhead
@@ -154,7 +156,7 @@ def run_label(label: str, folders: dict, work: Path, opts, numbers: dict) -> dic
         print(row["skipped"], flush=True)
         return row
     record, facts = cli(recover_args(folders["large-pruned"], folders["large-dense"], large_out, zero, workers,
-                                     opts.steps, opts.seqlen), f"large {label}")
+                                     opts.steps, opts.seqlen) + extra, f"large {label}")
     row["large"] = large = summarize(record, facts)
     row["bound_mib"] = [1.25 * w["state_mib"] + o for w, o in zip(large["workers"], overhead)]
     row["bound_ok"] = [w["peak_rss_mib"] <= b for w, b in zip(large["workers"], row["bound_mib"])]
@@ -192,6 +194,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--workdir", default="runs/recovery-large")
     parser.add_argument("--tag", default="", help="suffix of the row keys (another shape)")
+    parser.add_argument("--recover-flags", nargs="*", default=[],
+                        help="more `asft recover` flags for every run, e.g. --recover-flags=--activation-checkpointing")
     parser.add_argument("--smoke", action="store_true", help="a 2-layer hidden-256 model, own results file")
     parser.add_argument("--table", action="store_true", help="only print the rows as a markdown table")
     opts = parser.parse_args()
