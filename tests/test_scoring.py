@@ -148,3 +148,15 @@ def test_a_consumed_hessian_gives_the_same_weights_and_only_its_last_reader_over
     consumed = prune_weight(method, w, Pattern.parse("unstructured"), 0.5, consume_hessian=True, **stats)
     assert torch.equal(consumed, expected)
     assert not torch.equal(stats["hessian"], kept) or method == "sparsegpt+lsq"  # lsq only reads it
+
+
+@pytest.mark.parametrize("width, rows", [(300, 256), (300, 7), (5, 2), (128, 128)])
+def test_narrowing_the_factor_in_its_own_memory_gives_the_float32_copys_bits(width, rows):
+    """sparsegpt._narrow_in_place writes the float32 row-major factor over the float64 one it is
+    read from; every block reads its columns before they are written: the very bits of .float()."""
+    x = correlated_inputs(2 * width, width, seed=width)
+    factor = sparsegpt.inverse_hessian_cholesky((x.T @ x).double(), torch.randn(2, width), 0.01)
+    expected = torch.empty(factor.shape).copy_(factor)
+    narrowed = sparsegpt._narrow_in_place(factor, rows)
+    assert narrowed.data_ptr() == factor.data_ptr() and narrowed.is_contiguous()
+    assert torch.equal(narrowed, expected) and not torch.signbit(narrowed).tril(-1).any()
