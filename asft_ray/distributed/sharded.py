@@ -15,6 +15,8 @@ the number of workers). Chunk k goes to worker k mod N. For each decoder layer:
      When an input's chunk inputs are smaller than its Hessian (wide inputs, short chunks: a
      5632-wide MLP input over 1024 tokens is 23 MB against a 254 MB Hessian), the workers send
      the inputs instead and the owner computes the partials itself (`add_inputs`, same bits);
+     the last chunks are summed in the solve call, so that Hessian never enters the object
+     store and the solve factors it in place;
   4. the coordinator applies the pruned weights, puts the pruned layer, and each worker pushes
      its chunks through it; the outputs stay in the object store as the next layer's inputs.
 
@@ -32,7 +34,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-import numpy
 import ray
 import torch
 
@@ -421,9 +422,10 @@ class ShardedRunner:
     def prune(self, method: str, pattern: Pattern, jobs: Iterable[LinearJob], stats: InputStats) -> Iterator[tuple[str, torch.Tensor]]:
         """Methods that need the Hessian (SparseGPT): the linears that read one input are solved in
         one call on that input's owner (in parallel across owners); the others: here (a sort per
-        row, cheap next to moving the weight). Every solve is submitted (its weight copied into
-        the object store) before the first result is fetched, and results come back one at a time,
-        so this process holds at most one pruned weight beside the layer."""
+        row, cheap next to moving the weight). Every solve is submitted before the first result is
+        fetched (the collected layer's weights are read from its copy in the object store; other
+        weights are copied there), and results come back one at a time, so this process holds at
+        most one pruned weight beside the layer."""
         recipe = resolve(method)
         if not recipe.hessian:
             yield from prune_jobs(method, pattern, jobs, stats)
