@@ -286,6 +286,21 @@ def pruned_dir(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def untied_dirs(tmp_path_factory):
+    """(dense, pruned) tiny Llamas with an untied head: under ZeRO-3 their vocabulary tables are
+    split into parts (recovery/vocab_parts.py)."""
+    from asft_ray.models import save_model
+    from tests.conftest import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-untied")
+    tokenizer = build_tokenizer()
+    model = build_tiny_llama(vocab_size=len(tokenizer), tie_word_embeddings=False)
+    save_model(model, tokenizer, folder / "dense")
+    save_model(magnitude_prune(model), tokenizer, folder / "pruned")
+    return folder / "dense", folder / "pruned"
+
+
+@pytest.fixture(scope="module")
 def other_vocab_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-other-vocab")
     build_tiny_llama(vocab_size=600).save_pretrained(folder)
@@ -485,17 +500,21 @@ def test_zero2_with_distillation_keeps_masks_through_resume(local_ray, pruned_di
     _assert_model_state_memory(record, pruned_dir, zero_stage=2, teacher_bytes_per_param=4)
 
 
-def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(local_ray, pruned_dir, tiny_model_dir, tmp_path,
-                                                               data_dir):
-    """bf16 weights with an fp32 master, optimizer and parameters offloaded, the teacher partitioned:
-    masks hold in module, master and moments; the first loss (before any update) equals ZeRO-2's
-    with a whole teacher, and the curves agree to bf16 tolerance."""
+def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(local_ray, untied_dirs, tmp_path, data_dir):
+    """bf16 weights with an fp32 master, optimizer and parameters offloaded, the teacher partitioned,
+    the untied embedding and head of both in vocabulary parts: masks hold in module, master and
+    moments; the first loss (before any update) equals ZeRO-2's with a whole teacher, the curves
+    agree to bf16 tolerance, and the frozen tables are written back whole, as they were."""
+    tiny_model_dir, pruned_dir = untied_dirs
     kw = dict(teacher=str(tiny_model_dir), kd_weight=1.0, max_steps=3, checkpoint_every=0, bf16=True)
     three = _recover(pruned_dir, tmp_path / "z3", data_dir, zero_stage=3, offload_optimizer=True, offload_params=True, **kw)
     two = _recover(pruned_dir, tmp_path / "z2", data_dir, zero_stage=2, **kw)
     _assert_masks_held(three, tmp_path / "z3", pruned_dir)
     _assert_masks_held(two, tmp_path / "z2", pruned_dir)
     assert three["teacher_mib_after_training"] == two["teacher_mib_after_training"] == 0  # freed before the export
+    source, exported = load_file(pruned_dir / "model.safetensors"), load_file(tmp_path / "z3" / "model.safetensors")
+    assert exported.keys() == source.keys()
+    assert all(torch.equal(exported[n], source[n]) for n in ("model.embed_tokens.weight", "lm_head.weight"))
     assert all({"lm", "kd"} <= set(row) for row in three["history"] + two["history"])
     assert two["deepspeed_config"]["zero_optimization"]["stage"] == 2
     zo = three["deepspeed_config"]["zero_optimization"]
@@ -506,9 +525,14 @@ def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(local_ray, pruned
     assert three["losses"] == pytest.approx(two["losses"], rel=1e-2)
     # the teacher's weights per worker, bf16: the whole model under ZeRO-2; under ZeRO-3 each worker's
     # half of every parameter, plus whole copies of those below DeepSpeed's persistence threshold
-    sizes = [t.numel() for t in load_file(tiny_model_dir / "model.safetensors").values()]
+    from asft_ray.recovery.vocab_parts import part_rows
+
+    tensors = load_file(tiny_model_dir / "model.safetensors")
+    sizes = [t.numel() for t in tensors.values()]
+    held = [t.numel() for n, t in tensors.items() if n not in ("model.embed_tokens.weight", "lm_head.weight")]
+    held += [rows * 64 for _ in range(2) for rows in part_rows(*tensors["lm_head.weight"].shape, 128 * 64)]  # the parts
     threshold = zo["stage3_param_persistence_threshold"]
-    partitioned = sum(-(-n // 2) + (n if n < threshold else 0) for n in sizes)
+    partitioned = sum(-(-n // 2) + (n if n < threshold else 0) for n in held)
     assert all(abs(m["teacher_mib"] / (2 * sum(sizes) / 2**20) - 1) < 0.05 for m in two["memory"]), two["memory"]
     assert all(abs(m["teacher_mib"] / (2 * partitioned / 2**20) - 1) < 0.05 for m in three["memory"]), (
         sizes, [m["teacher_mib"] for m in three["memory"]])

@@ -113,28 +113,39 @@ def test_input_check_reads_masks_without_loading_the_model(monkeypatch, tmp_path
     assert info["masked_params"] == 1 and info["sparsity"] == pytest.approx(1 - masks["model.layers.0.mlp.up_proj.weight"].float().mean().item())
 
 
-@pytest.fixture(scope="module")
-def zero3_facts(tiny_model_dir, tmp_path_factory):
-    """Run tests/zero3_worker_check.py on 2 gloo processes; its facts, one dict per rank."""
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def zero3_facts(tiny_model_dir, tmp_path_factory, request):
+    """Run tests/zero3_worker_check.py on 2 gloo processes; its facts, one dict per rank. Untied:
+    the embedding and the head (512 x 64) are 4 times the largest linear, so each is loaded,
+    run and exported as 4 vocabulary parts (recovery/vocab_parts.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from asft_ray.models import save_model
+    from tests.conftest import build_tiny_llama, build_tokenizer
     from tests.test_recovery import magnitude_prune
 
     folder = tmp_path_factory.mktemp("zero3")
+    dense = tiny_model_dir
+    if request.param == "untied":
+        dense = folder / "dense"
+        tokenizer = build_tokenizer()
+        build_tiny_llama(vocab_size=len(tokenizer), tie_word_embeddings=False).save_pretrained(dense)
+        tokenizer.save_pretrained(dense)
     pruned = folder / "pruned"
-    save_model(magnitude_prune(AutoModelForCausalLM.from_pretrained(tiny_model_dir)),
-               AutoTokenizer.from_pretrained(tiny_model_dir), pruned)
+    save_model(magnitude_prune(AutoModelForCausalLM.from_pretrained(dense)),
+               AutoTokenizer.from_pretrained(dense), pruned)
     g = torch.Generator().manual_seed(3)
     save_file({"model.layers.1.mlp.down_proj.weight": torch.rand(64, 128, generator=g) > 0.5,
                "model.layers.0.self_attn.k_proj.weight": torch.rand(32, 64, generator=g) > 0.5}, folder / "masks.safetensors")
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(REPO / "tests" / "zero3_worker_check.py"), str(pruned), str(tiny_model_dir),
+           str(REPO / "tests" / "zero3_worker_check.py"), str(pruned), str(dense),
            str(folder / "masks.safetensors"), str(folder)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((folder / "facts.json").read_text()), pruned, folder
+    facts = json.loads((folder / "facts.json").read_text())
+    assert facts[0]["vocab_parts"] == (0 if request.param == "tied" else 8)  # 4 rows blocks of each table
+    return facts, pruned, folder
 
 
 def test_zero3_workers_load_only_their_partitions(zero3_facts):
@@ -145,6 +156,8 @@ def test_zero3_workers_load_only_their_partitions(zero3_facts):
         assert f["full_param_bytes_after_build"] == 0 and f["full_param_bytes_after_load"] == 0, f
         assert f["read_bytes"] <= 0.55 * whole, (f["read_bytes"], whole)  # about half, plus the odd boundary row
         assert f["largest_read"] < largest_weight, f  # never one whole big weight
+        if f["vocab_parts"]:  # nothing ZeRO-3 gathers is larger than the largest decoder linear
+            assert f["largest_param_numel"] == 128 * 64, f
         assert f["mask_shapes_are_partitions"]
         assert f["mask_bytes"] <= 0.55 * sum(  # one bool per element of this worker's half
             n for n in [64 * 64, 32 * 64, 32 * 64, 64 * 64, 128 * 64, 128 * 64, 64 * 128]) * 2

@@ -48,6 +48,8 @@ def main(pruned: str, dense: str, mask_file: str, out: str) -> None:
     dtypes = zero3.load_partitions(student, pruned, checkpoint)
     facts["full_param_bytes_after_load"] = sum(p.data.numel() * p.data.element_size() for p in student.parameters())
     facts["read_bytes"], facts["largest_read"] = checkpoint.bytes_read, checkpoint.largest_read
+    facts["vocab_parts"] = len(student.vocab_part_sources)
+    facts["largest_param_numel"] = max(p.ds_numel for p in student.parameters())
     masks = zero3.partition_masks(student, pruned, checkpoint, None, dense=False)
     facts["mask_bytes"] = sum(m.numel() * m.element_size() for m in masks.values())
     facts["mask_shapes_are_partitions"] = all(

@@ -11,6 +11,7 @@ parameter; no worker ever holds a whole state dict or a second model.
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def _full_shape(param) -> tuple[int, ...]:
     return tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
 
 
+def _gathered(name, p, trained: bool, dtype, rank: int, full_fp32, gathered_parameters):
+    """One parameter whole on rank 0 (None elsewhere): a trained one from the fp32 master, else gathered."""
+    value = full_fp32(p) if trained else None
+    if value is None:
+        with gathered_parameters([p], modifier_rank=None):
+            return p.data.detach().to("cpu", dtype, copy=True) if rank == 0 else None
+    return value.detach().reshape(_full_shape(p)).to("cpu", dtype, copy=True) if rank == 0 else None
+
+
 def export_sharded(model, trainable: list[str], dtypes: dict[str, torch.dtype], spec: str, folder: Path, rank: int,
                    checkpoint=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """Write `model`'s weights into `folder` as `spec`'s config + tokenizer + sharded safetensors.
@@ -37,34 +47,34 @@ def export_sharded(model, trainable: list[str], dtypes: dict[str, torch.dtype], 
     from deepspeed.utils import safe_get_full_fp32_param
 
     folder = Path(folder)
-    params = list(model.named_parameters())  # tied weights appear once, as transformers saves them
+    # tied weights appear once, as transformers saves them; vocabulary parts (vocab_parts.py) are
+    # written back as the one tensor they were read from
+    parts = getattr(model, "vocab_part_sources", {})
+    tensors: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        tensors.setdefault(parts.get(name, (name,))[0], []).append((name, p))
     persistent = set(model.state_dict().keys())
     buffers = [(n, b) for n, b in model.named_buffers() if n in persistent]
     sizes = []
-    for name, p in params:
-        numel = 1
-        for d in _full_shape(p):
-            numel *= d
-        sizes.append((name, numel * dtypes[name].itemsize))
+    for stored, group in tensors.items():
+        numel = sum(math.prod(_full_shape(p)) for _, p in group)
+        sizes.append((stored, numel * dtypes[group[0][0]].itemsize))
     sizes += [(n, b.numel() * b.element_size()) for n, b in buffers]
     writer = None
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         writer = ShardWriter(folder, plan_shards(sizes, max_shard_bytes))
     trained = set(trainable)
-    for name, p in params:
-        if name not in trained and checkpoint is not None and name in checkpoint:
+    for stored, group in tensors.items():
+        dtype = dtypes[group[0][0]]
+        if not trained & {n for n, _ in group} and checkpoint is not None and stored in checkpoint:
             if rank == 0:
-                writer.add(name, checkpoint.read(name).to(dtypes[name]))
+                writer.add(stored, checkpoint.read(stored).to(dtype))
             continue
-        value = safe_get_full_fp32_param(p) if name in trained else None
-        if value is None:
-            with GatheredParameters([p], modifier_rank=None):
-                value = p.data.detach().to("cpu", dtypes[name], copy=True) if rank == 0 else None
-        elif rank == 0:
-            value = value.detach().reshape(_full_shape(p)).to("cpu", dtypes[name], copy=True)
+        values = [_gathered(name, p, name in trained, dtype, rank, safe_get_full_fp32_param, GatheredParameters)
+                  for name, p in group]
         if rank == 0:
-            writer.add(name, value)
+            writer.add(stored, values[0] if len(values) == 1 else torch.cat(values))
     if checkpoint is not None:
         checkpoint.close()  # unmap the frozen weights read above (their pages would stay in RSS)
     if rank != 0:

@@ -7,6 +7,9 @@ flattened weight, the last one padded with zeros). Loading: each worker reads fr
 safetensors files only the rows that cover its own partition and copies them into `ds_tensor`.
 No full-size tensor is ever made. (A GGUF or hub model has no safetensors to slice: it is
 loaded whole on the CPU once per worker and then cut; `partitioned_from_disk` is False then.)
+An untied input embedding and LM head are built as vocabulary parts no larger than the largest
+decoder linear (vocab_parts.py), read from rows of the tensors on disk, so ZeRO-3 never gathers
+a whole vocabulary table.
 
 Masks: one bool per element of each worker's partition, from the partition's exact zeros (or the
 same slice of `--mask-file`), on the partition's device. They are enforced on the partitioned
@@ -34,6 +37,7 @@ from asft_ray.recovery.masks import (
     mask_gradient,
 )
 from asft_ray.recovery.shards import Checkpoint
+from asft_ray.recovery.vocab_parts import split_vocab_tables
 
 
 def partition_range(rank: int, partition_numel: int, numel: int) -> tuple[int, int]:
@@ -83,13 +87,16 @@ def build_partitioned(spec: str, ds_config: dict, dtype: torch.dtype):
     # afterwards (the `kernels` hub wrappers on LlamaAttention) are lost for every later instance
     # (the teacher built second then fails with "no attribute '_kernel_funcs'").
     MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    source = resolve_model(spec)
+    checkpoint = None if source.gguf_file or source.is_hub else Checkpoint.from_folder(source.location)
     with _zero3_construction(ds_config):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # untied vocabulary tables in parts no larger than a decoder linear (read by rows from disk)
+        unit = max(dict(model.named_parameters())[n].ds_numel for n in linear_weight_names(model))
+        model.vocab_part_sources = split_vocab_tables(model, unit) if checkpoint is not None else {}
     if next(model.parameters()).ds_tensor.dtype != dtype:
         raise AsftError(f"zero.Init built {next(model.parameters()).ds_tensor.dtype} partitions, expected {dtype}")
     model.tie_weights()  # transformers ties after its own zero3 init, which is skipped here
-    source = resolve_model(spec)
-    checkpoint = None if source.gguf_file or source.is_hub else Checkpoint.from_folder(source.location)
     return model, keep_alive, checkpoint
 
 
@@ -117,15 +124,18 @@ def load_partitions(model, spec: str, checkpoint) -> dict[str, torch.dtype]:
     """Copy each worker's own slice of every parameter from disk into its `ds_tensor`.
     Returns the source dtype of each parameter (the export writes them back in it)."""
     source = checkpoint if checkpoint is not None else _WholeModel(spec)
+    parts = getattr(model, "vocab_part_sources", {})  # a vocabulary part: rows of a tensor on disk
     dtypes = {}
     for name, param in model.named_parameters():
-        if name not in source:
-            raise AsftError(f"model {spec!r}: no weight named {name!r} to load (tied or renamed weights?)")
+        stored, first_row = parts.get(name, (name, 0))
+        if stored not in source:
+            raise AsftError(f"model {spec!r}: no weight named {stored!r} to load (tied or renamed weights?)")
         start, stop = partition_range(_partition_rank(param), param.partition_numel(), param.ds_numel)
+        offset = first_row * (param.ds_numel // param.ds_shape[0])
         part = param.ds_tensor.data
         part.zero_()
-        part[: stop - start].copy_(source.read_flat(name, start, stop))
-        dtypes[name] = source.dtype(name)
+        part[: stop - start].copy_(source.read_flat(stored, offset + start, offset + stop))
+        dtypes[name] = source.dtype(stored)
     return dtypes
 
 
