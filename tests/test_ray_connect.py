@@ -175,10 +175,12 @@ def test_the_embedded_cluster_does_not_join_a_recorded_one(foreign_head, monkeyp
     try:
         mine = ray.get_runtime_context().gcs_address
         nodes = ray.nodes()
+        worker_env = ray.get(ray.remote(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_")).remote())
     finally:
         ray.shutdown()
     assert mine and not mine.endswith(f":{foreign_head['port']}")  # a GCS of its own
     assert len(nodes) == 1
+    assert worker_env == os.environ.get("MALLOC_MMAP_THRESHOLD_", str(2**20))  # the embedded workers' malloc
 
 
 def test_asft_prune_without_address_leaves_a_recorded_cluster_alone(foreign_head, tiny_model_dir, tmp_path):

@@ -40,14 +40,12 @@ def _use_gpu(cfg: RecoverConfig, ray) -> bool:
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
-    """The Ray Train workers' environment. `MALLOC_MMAP_THRESHOLD_`: ZeRO-3 gathers every weight
-    for each forward and backward and frees it after; glibc's malloc serves blocks below its
-    dynamic mmap threshold (which grows up to 32 MiB) from the heap, where freed ones stay in
-    RSS, fragmented. Fixed at 1 MiB, a gathered weight is its own mapping, returned on free
-    (a 2-layer hidden-256 Llama, ZeRO-3, 2 workers: peak RSS 1073 -> 860 MiB). A value in the
-    driver's environment is kept."""
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
-           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(2**20))}
+    """The Ray Train workers' environment, with glibc's mmap threshold fixed
+    (distributed.runner.WORKER_MMAP_THRESHOLD: ZeRO-3 gathers every weight for each forward and
+    backward and frees it after)."""
+    from asft_ray.distributed.runner import worker_malloc_env
+
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", **worker_malloc_env()}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return env
