@@ -106,6 +106,7 @@ def main(pruned: str, dense: str, mask_file: str, out: str) -> None:
         facts["file_masks"] = sorted(gathered[0]["file"])
         facts["file_bytes"] = sum(p.stat().st_size for p in Path(pruned).glob("*.safetensors"))
         facts["model_param_bytes"] = sum(p.numel() * p.element_size() for p in ref_student.parameters())
+        facts["largest_weight_numel"] = max(p.numel() for p in ref_student.parameters())
     all_facts = [None] * world
     dist.all_gather_object(all_facts, facts)
     if rank == 0:

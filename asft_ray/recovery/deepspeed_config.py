@@ -111,6 +111,12 @@ def _to_file(name: str, value):
     return ("cpu" if value else "none") if name in _OFFLOAD else value
 
 
+def zero3_unit(largest_linear: int) -> int:
+    """The size ZeRO-3's buffers and the vocabulary parts are measured in: the model's largest
+    decoder linear (elements), at least 1e6 (below that, Python's per-call overhead dominates)."""
+    return max(10**6, int(largest_linear))
+
+
 def zero3_buffer_sizes(largest_linear: int) -> dict:
     """ZeRO-3 bucket and buffer sizes (elements) from the model's largest decoder linear, `unit` =
     max(1e6, its numel). DeepSpeed's defaults (a 5e8-element reduce bucket, 1e9 live parameters,
@@ -122,7 +128,7 @@ def zero3_buffer_sizes(largest_linear: int) -> dict:
     temporaries the size of what it steps (on the CPU `exp_avg_sq.sqrt() / c`: two at once), so the
     sub-group is one unit (a 0.5 B model on 4 workers: the optimizer step's peak went from 4557 to
     3920 MiB per worker with 10 units -> 1, the same losses)."""
-    unit = max(10**6, int(largest_linear))
+    unit = zero3_unit(largest_linear)
     return {"reduce_bucket_size": 2 * unit, "stage3_prefetch_bucket_size": 2 * unit,
             "stage3_max_live_parameters": 5 * unit, "stage3_max_reuse_distance": 5 * unit,
             "sub_group_size": unit, "stage3_param_persistence_threshold": 10**4}

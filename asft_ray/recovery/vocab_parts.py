@@ -28,7 +28,7 @@ from torch import nn
 
 def part_rows(vocab: int, hidden: int, unit: int) -> list[int]:
     """Rows per part: as few parts as keep each one at most `unit` elements (ZeRO-3's unit, the
-    largest decoder linear), rows spread as evenly as possible."""
+    largest decoder linear or 1e6: deepspeed_config.zero3_unit), rows spread as evenly as possible."""
     parts = max(1, math.ceil(vocab * hidden / max(1, unit)))
     return [vocab // parts + (k < vocab % parts) for k in range(parts)]
 
@@ -38,12 +38,13 @@ class PartedEmbedding(nn.Module):
 
     def __init__(self, rows: list[int], hidden: int, dtype=None):
         super().__init__()
-        self.parts = nn.ModuleList(nn.Embedding(n, hidden, dtype=dtype) for n in rows)
+        # a ModuleDict, not a ModuleList: models.decoder_layers looks for the one ModuleList of layers
+        self.parts = nn.ModuleDict({str(k): nn.Embedding(n, hidden, dtype=dtype) for k, n in enumerate(rows)})
         self.starts = [sum(rows[:k]) for k in range(len(rows))]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = None
-        for start, part in zip(self.starts, self.parts):
+        for start, part in zip(self.starts, self.parts.values()):
             inside = (ids >= start) & (ids < start + part.num_embeddings)
             rows = part((ids - start).clamp(0, part.num_embeddings - 1))  # every part runs: ZeRO-3's trace stays fixed
             out = rows if out is None else torch.where(inside.unsqueeze(-1), rows, out)
@@ -55,10 +56,10 @@ class PartedHead(nn.Module):
 
     def __init__(self, rows: list[int], hidden: int, dtype=None):
         super().__init__()
-        self.parts = nn.ModuleList(nn.Linear(hidden, n, bias=False, dtype=dtype) for n in rows)
+        self.parts = nn.ModuleDict({str(k): nn.Linear(hidden, n, bias=False, dtype=dtype) for k, n in enumerate(rows)})
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(hidden) for part in self.parts], dim=-1)
+        return torch.cat([part(hidden) for part in self.parts.values()], dim=-1)
 
 
 def split_vocab_tables(model: nn.Module, unit: int) -> dict[str, tuple[str, int]]:

@@ -36,6 +36,7 @@ from asft_ray.recovery.masks import (
     linear_weight_names,
     mask_gradient,
 )
+from asft_ray.recovery.deepspeed_config import zero3_unit
 from asft_ray.recovery.shards import Checkpoint
 from asft_ray.recovery.vocab_parts import split_vocab_tables
 
@@ -91,8 +92,8 @@ def build_partitioned(spec: str, ds_config: dict, dtype: torch.dtype):
     checkpoint = None if source.gguf_file or source.is_hub else Checkpoint.from_folder(source.location)
     with _zero3_construction(ds_config):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        # untied vocabulary tables in parts no larger than a decoder linear (read by rows from disk)
-        unit = max(dict(model.named_parameters())[n].ds_numel for n in linear_weight_names(model))
+        # untied vocabulary tables in parts no larger than ZeRO-3's unit (read by rows from disk)
+        unit = zero3_unit(max(dict(model.named_parameters())[n].ds_numel for n in linear_weight_names(model)))
         model.vocab_part_sources = split_vocab_tables(model, unit) if checkpoint is not None else {}
     if next(model.parameters()).ds_tensor.dtype != dtype:
         raise AsftError(f"zero.Init built {next(model.parameters()).ds_tensor.dtype} partitions, expected {dtype}")
