@@ -188,7 +188,7 @@ def test_zero3_buffers_are_sized_from_the_model_unless_the_file_sets_them():
     user = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1000}}
     zero = build_plan(_cfg(), user, world=2, largest_linear=576 * 1536).ds_config["zero_optimization"]
     assert zero["stage3_prefetch_bucket_size"] == 1000  # the file's value wins
-    assert zero["reduce_bucket_size"] == 2 * 10**6 and zero["stage3_max_live_parameters"] == 5 * 10**6  # unit: 1e6
+    assert zero["reduce_bucket_size"] == 2 * 10**6 and zero["stage3_max_live_parameters"] == 3 * 10**6  # unit: 1e6
     big = build_plan(_cfg(), {"zero_optimization": {"stage": 3}}, world=2, largest_linear=8192 * 28672)
     assert big.ds_config["zero_optimization"]["sub_group_size"] == 8192 * 28672
     stage2 = build_plan(_cfg(), {}, world=2, largest_linear=576 * 1536).ds_config["zero_optimization"]

@@ -127,10 +127,13 @@ def zero3_buffer_sizes(largest_linear: int) -> dict:
     The optimizer steps one sub-group of a worker's fp32 partition at a time, and torch's Adam makes
     temporaries the size of what it steps (on the CPU `exp_avg_sq.sqrt() / c`: two at once), so the
     sub-group is one unit (a 0.5 B model on 4 workers: the optimizer step's peak went from 4557 to
-    3920 MiB per worker with 10 units -> 1, the same losses)."""
+    3920 MiB per worker with 10 units -> 1, the same losses). At most 3 units are kept gathered,
+    and a gathered one is kept for reuse only within 1 unit of other gathers: the vocabulary parts
+    of the head, used by the forward and again by the backward, would otherwise stay gathered
+    through the loss."""
     unit = zero3_unit(largest_linear)
     return {"reduce_bucket_size": 2 * unit, "stage3_prefetch_bucket_size": 2 * unit,
-            "stage3_max_live_parameters": 5 * unit, "stage3_max_reuse_distance": 5 * unit,
+            "stage3_max_live_parameters": 3 * unit, "stage3_max_reuse_distance": unit,
             "sub_group_size": unit, "stage3_param_persistence_threshold": 10**4}
 
 
