@@ -355,12 +355,12 @@ def test_hessian_sums_are_the_whole_products_bits_and_never_hold_a_whole_gram():
     grams = [x.T @ x for x in xs]
     assert torch.equal(hessian_of(xs[:2]), grams[0].double() + grams[1].double())  # 2 samples, in order
     expected = grams[0].double() + (grams[1].double() + grams[2].double())  # total + (a chunk's partial)
-    add_hessian_of(hessian_of(xs[:1]), xs[1:2])  # warm up the allocator and BLAS on these shapes
+    add_hessian_of(hessian_of(xs[:1]), xs[1:2], rows=64)  # warm up the allocator and BLAS on these shapes
     total = hessian_of(xs[:1])
-    grown = grown_by(lambda: add_hessian_of(total, xs[1:]))
+    grown = grown_by(lambda: add_hessian_of(total, xs[1:], rows=64))  # blocks of 64 rows: under 4 MiB each
     assert torch.equal(total, expected)
     one_gram_mib = width * width * 4 / 2**20
     assert grown < 0.25 * one_gram_mib, f"{grown:.1f} MiB"  # a few blocks, not a whole gram
-    grown = grown_by(lambda: add_gram(total, xs[0]))
+    grown = grown_by(lambda: add_gram(total, xs[0], rows=64))
     assert torch.equal(total, expected + grams[0].double())
     assert grown < 0.25 * one_gram_mib, f"{grown:.1f} MiB"
