@@ -183,7 +183,7 @@ class ScoringWorker:
         that ran the chunk would have returned) and added a block of rows at a time
         (stats.add_hessian_of, the same bits), so only the total exists whole."""
         if total is not None:
-            total = torch.from_numpy(total.copy()).to(self.device)
+            total = _tensor(total).to(self.device, copy=True)  # one private copy, on this worker's device
         for samples in chunks:
             xs = [_tensor(x).to(self.device) for x in samples]
             total = hessian_of(xs) if total is None else add_hessian_of(total, xs)

@@ -29,11 +29,15 @@ def _full_shape(param) -> tuple[int, ...]:
     return tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
 
 
-def _gathered(name, p, trained: bool, dtype, rank: int, full_fp32, gathered_parameters):
-    """One parameter whole on rank 0 (None elsewhere): a trained one from the fp32 master, else gathered."""
-    value = full_fp32(p) if trained else None
+def _gathered(p, trained: bool, dtype, rank: int):
+    """One parameter whole on rank 0 (None elsewhere): a trained one from the fp32 master, else gathered.
+    Collective: every rank calls it."""
+    from deepspeed.runtime.zero import GatheredParameters
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    value = safe_get_full_fp32_param(p) if trained else None
     if value is None:
-        with gathered_parameters([p], modifier_rank=None):
+        with GatheredParameters([p], modifier_rank=None):
             return p.data.detach().to("cpu", dtype, copy=True) if rank == 0 else None
     return value.detach().reshape(_full_shape(p)).to("cpu", dtype, copy=True) if rank == 0 else None
 
@@ -43,9 +47,6 @@ def export_sharded(model, trainable: list[str], dtypes: dict[str, torch.dtype], 
     """Write `model`'s weights into `folder` as `spec`'s config + tokenizer + sharded safetensors.
     Frozen weights that `checkpoint` (the source's shards.Checkpoint, if any) holds are copied
     from it as they are (they never changed, and a bf16 run's module copy would be rounded)."""
-    from deepspeed.runtime.zero import GatheredParameters
-    from deepspeed.utils import safe_get_full_fp32_param
-
     folder = Path(folder)
     # tied weights appear once, as transformers saves them; vocabulary parts (vocab_parts.py) are
     # written back as the one tensor they were read from
@@ -71,8 +72,7 @@ def export_sharded(model, trainable: list[str], dtypes: dict[str, torch.dtype], 
             if rank == 0:
                 writer.add(stored, checkpoint.read(stored).to(dtype))
             continue
-        values = [_gathered(name, p, name in trained, dtype, rank, safe_get_full_fp32_param, GatheredParameters)
-                  for name, p in group]
+        values = [_gathered(p, name in trained, dtype, rank) for name, p in group]
         if rank == 0:
             writer.add(stored, values[0] if len(values) == 1 else torch.cat(values))
     if checkpoint is not None:
