@@ -51,9 +51,9 @@ def main(pruned: str, dense: str, mask_file: str, out: str) -> None:
     facts["vocab_parts"] = len(student.vocab_part_sources)
     facts["largest_param_numel"] = max(p.ds_numel for p in student.parameters())
     masks = zero3.partition_masks(student, pruned, checkpoint, None, dense=False)
-    facts["mask_bytes"] = sum(m.numel() * m.element_size() for m in masks.values())
+    facts["mask_bytes"] = sum(m.nbytes for m in masks.values())
     facts["mask_shapes_are_partitions"] = all(
-        m.numel() == dict(student.named_parameters())[n].partition_numel() for n, m in masks.items())
+        m.numel == dict(student.named_parameters())[n].partition_numel() for n, m in masks.items())
 
     # the same partitions from a mask file: the partition is zeroed where the file says so
     from_file, keep2, ckpt2 = zero3.build_partitioned(pruned, ds, torch.float32)
@@ -74,8 +74,8 @@ def main(pruned: str, dense: str, mask_file: str, out: str) -> None:
 
     # gather each rank's partition masks on rank 0 to compare with the whole weights' zeros
     gathered = [None] * world
-    dist.all_gather_object(gathered, {"zeros": {n: m.tolist() for n, m in masks.items()},
-                                      "file": {n: m.tolist() for n, m in file_masks.items()},
+    dist.all_gather_object(gathered, {"zeros": {n: m.unpack().tolist() for n, m in masks.items()},
+                                      "file": {n: m.unpack().tolist() for n, m in file_masks.items()},
                                       "partition_numel": {n: dict(student.named_parameters())[n].partition_numel()
                                                           for n in masks}})
     export_sharded(student_engine.module, [], dtypes, pruned, Path(out) / "export", rank, checkpoint=None,

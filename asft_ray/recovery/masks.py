@@ -7,13 +7,17 @@ multiplies every gradient by the mask before anything else sees it. Then the opt
 accumulation, clipping and DeepSpeed's fp32 master copy all keep masked entries at exactly 0.
 Re-zeroing the weights after each step instead would leave ZeRO-3's master copy unmasked.
 
-These masks are whole (one bool per weight) and serve ZeRO-2, where every worker holds whole
-weights anyway; under ZeRO-3 each worker keeps only its partition's mask (zero3.py). Either
-way a mask lives on its weight's device, so the hook never moves data between devices.
+Masks are made as bool tensors and kept bit-packed (`PackedMask`, 1 bit per weight instead of
+1 byte): whole ones for ZeRO-2, where every worker holds whole weights anyway; under ZeRO-3
+each worker keeps only its partition's mask (zero3.py). A packed mask is unpacked one
+parameter at a time where it is used (one gradient, one report), so the byte-per-weight form
+never exists for the whole model. Either way a mask lives on its weight's device, so the hook
+never moves data between devices.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +25,42 @@ from torch import nn
 
 from asft_ray.errors import AsftError
 from asft_ray.models import decoder_layers, prunable_linears
+
+
+def _bit_values(device) -> torch.Tensor:
+    return torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
+
+
+@dataclass(frozen=True)
+class PackedMask:
+    """A bool mask stored 8 entries per byte (first entry in the high bit), on the mask's device.
+    `numel` entries, flattened in row-major order; `keeps_all`: no entry is False."""
+
+    bits: torch.Tensor
+    numel: int
+    keeps_all: bool
+
+    @classmethod
+    def pack(cls, mask: torch.Tensor) -> "PackedMask":
+        flat = mask.reshape(-1)
+        pad = (-flat.numel()) % 8
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        weighted = flat.view(-1, 8).to(torch.uint8) * _bit_values(flat.device)
+        return cls(weighted.sum(dim=1, dtype=torch.uint8), mask.numel(), bool(mask.all()))
+
+    def unpack(self, shape=None) -> torch.Tensor:
+        """The bool mask, flat or in `shape` (a new tensor each call)."""
+        flat = (self.bits.unsqueeze(1) & _bit_values(self.bits.device)).ne(0).reshape(-1)[: self.numel]
+        return flat if shape is None else flat.view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.numel()
+
+
+def pack_masks(masks: dict[str, torch.Tensor]) -> dict[str, PackedMask]:
+    return {name: PackedMask.pack(mask) for name, mask in masks.items()}
 
 
 def linear_weight_names(model: nn.Module) -> list[str]:
@@ -108,13 +148,13 @@ def mask_gradient(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return grad * mask.to(grad.device, grad.dtype)
 
 
-def register_mask_hooks(model: nn.Module, masks: dict[str, torch.Tensor]) -> list:
+def register_mask_hooks(model: nn.Module, masks: dict[str, PackedMask]) -> list:
     """Hook every masked parameter so its gradient is masked. Register before deepspeed.initialize,
     so the hook runs before ZeRO's own gradient hooks reduce and partition the gradient. A mask
     that keeps every entry (a layer with no zeros, or `--dense`) gets no hook: it would only copy."""
     params = dict(model.named_parameters())
-    return [params[name].register_hook(lambda g, m=mask: mask_gradient(g, m))
-            for name, mask in masks.items() if not bool(mask.all())]
+    return [params[name].register_hook(lambda g, m=mask: mask_gradient(g, m.unpack(g.shape)))
+            for name, mask in masks.items() if not mask.keeps_all]
 
 
 def select_trainable(model: nn.Module, masks: dict[str, torch.Tensor], norms: bool, biases: bool) -> list[str]:

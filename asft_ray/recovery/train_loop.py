@@ -38,6 +38,7 @@ from asft_ray.recovery.losses import Objective, recovery_loss
 from asft_ray.recovery.masks import (
     apply_masks,
     copies_mask_report,
+    pack_masks,
     register_mask_hooks,
     select_trainable,
     student_masks,
@@ -60,8 +61,8 @@ def _import_deepspeed(use_gpu: bool):
 
 @dataclass
 class Student:
-    """The student as this worker holds it. `masks`: full bool masks (ZeRO-2) or this worker's
-    partition masks (ZeRO-3, `partitioned`). `source_dtypes`: each parameter's dtype on disk (the
+    """The student as this worker holds it. `masks`: bit-packed whole masks (ZeRO-2) or this worker's
+    packed partition masks (ZeRO-3, `partitioned`). `source_dtypes`: each parameter's dtype on disk (the
     export writes it back in it). `checkpoint`: the source safetensors (None for GGUF / hub).
     `keep_alive`: transformers' HfDeepSpeedConfig, referenced while the model lives."""
 
@@ -102,6 +103,7 @@ def build_student(cfg: RecoverConfig, plan: TrainingPlan, device: torch.device) 
     model.to(device)  # masks are made from the weights, so they live where the gradients will
     masks = student_masks(model, cfg.mask_file, cfg.dense)
     apply_masks(model, masks)
+    masks = pack_masks(masks)
     trainable = select_trainable(model, masks, cfg.train_norms, cfg.train_biases)
     register_mask_hooks(model, masks)
     model.train()
@@ -213,7 +215,7 @@ def mask_report(model, masks: dict, trainable: list[str], optimizer_state: bool 
     for name, mask in masks.items():
         p = params[name]
         with GatheredParameters([p], modifier_rank=None):
-            one = copies_mask_report(p.data, p, mask, name in trainable, safe_get_full_fp32_param,
+            one = copies_mask_report(p.data, p, mask.unpack(), name in trainable, safe_get_full_fp32_param,
                                      safe_get_full_optimizer_state, optimizer_state)
         for key, value in one.items():
             report[key] += value
@@ -433,7 +435,7 @@ def train_loop(config: dict) -> None:
         summary["trainable_params"] = len(trainable)
     memory = [None] * world
     dist.all_gather_object(memory, {**peak_memory_mib(device, train_rss_max, phases.stop()), **held, **load_stats,
-                                    "mask_bytes": sum(m.numel() * m.element_size() for m in masks.values())})
+                                    "mask_bytes": sum(m.nbytes for m in masks.values())})
     summary["memory"] = memory
     if rank == 0:
         write_json_atomic(state / SUMMARY, summary)

@@ -11,7 +11,7 @@ An untied input embedding and LM head are built as vocabulary parts no larger th
 decoder linear (vocab_parts.py), read from rows of the tensors on disk, so ZeRO-3 never gathers
 a whole vocabulary table.
 
-Masks: one bool per element of each worker's partition, from the partition's exact zeros (or the
+Masks: one bit per element of each worker's partition (masks.PackedMask), from the partition's exact zeros (or the
 same slice of `--mask-file`), on the partition's device. They are enforced on the partitioned
 gradient, after ZeRO-3 has reduce-scattered it and before the optimizer steps:
 a hook on the parameter (`register_mask_hooks`, the ZeRO-2 way) would see the *full* gradient
@@ -31,6 +31,7 @@ from asft_ray.errors import AsftError
 from asft_ray.models import model_config, resolve_model
 from asft_ray.recovery.masks import (
     check_mask_entry,
+    PackedMask,
     check_mask_names,
     copies_mask_report,
     linear_weight_names,
@@ -140,8 +141,8 @@ def load_partitions(model, spec: str, checkpoint) -> dict[str, torch.dtype]:
     return dtypes
 
 
-def partition_masks(model, spec: str, checkpoint, mask_file: str | None, dense: bool) -> dict[str, torch.Tensor]:
-    """Bool masks of this worker's partitions of the decoder linears (padding: False), on the
+def partition_masks(model, spec: str, checkpoint, mask_file: str | None, dense: bool) -> dict[str, PackedMask]:
+    """Packed masks of this worker's partitions of the decoder linears (padding: False), on the
     partition's device. From the loaded partitions' exact zeros, or the same slice of `mask_file`
     (then the partition is zeroed where the mask says so). Call after load_partitions."""
     params = dict(model.named_parameters())
@@ -154,7 +155,7 @@ def partition_masks(model, spec: str, checkpoint, mask_file: str | None, dense: 
         param = params[name]
         part = param.ds_tensor.data
         if dense:
-            masks[name] = torch.ones(part.numel(), dtype=torch.bool, device=part.device)
+            masks[name] = PackedMask.pack(torch.ones(part.numel(), dtype=torch.bool, device=part.device))
             continue
         start, stop = partition_range(_partition_rank(param), param.partition_numel(), param.ds_numel)
         mask = torch.zeros(part.numel(), dtype=torch.bool, device=part.device)
@@ -164,7 +165,7 @@ def partition_masks(model, spec: str, checkpoint, mask_file: str | None, dense: 
             check_mask_entry(mask_file, name, masks_on_disk.dtype(name), masks_on_disk.shape(name), param.ds_shape)
             mask[: stop - start] = masks_on_disk.read_flat(name, start, stop).to(part.device)
             part.mul_(mask.to(part.dtype))
-        masks[name] = mask
+        masks[name] = PackedMask.pack(mask)
     return masks
 
 
@@ -175,11 +176,11 @@ def enforce_masks_on_partitions(model, masks: dict[str, torch.Tensor]):
     from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
     params = dict(model.named_parameters())
-    todo = [(params[name], mask) for name, mask in masks.items() if not bool(mask.all())]
+    todo = [(params[name], mask) for name, mask in masks.items() if not mask.keeps_all]
 
     def enforce() -> None:
         for param, mask in todo:
-            safe_set_local_grad(param, mask_gradient(safe_get_local_grad(param), mask))
+            safe_set_local_grad(param, mask_gradient(safe_get_local_grad(param), mask.unpack()))
 
     return enforce
 
@@ -197,7 +198,7 @@ def partition_mask_report(model, masks: dict, trainable: list[str], device, opti
     master_checked = state_checked = 0
     for name, mask in masks.items():
         p = params[name]
-        one = copies_mask_report(p.ds_tensor, p, mask, name in trainable, safe_get_local_fp32_param,
+        one = copies_mask_report(p.ds_tensor, p, mask.unpack(), name in trainable, safe_get_local_fp32_param,
                                  safe_get_local_optimizer_state, optimizer_state)
         for key in keys:
             found[key] += one[key]
