@@ -79,13 +79,15 @@ def add_gram(total: torch.Tensor | None, x: torch.Tensor, rows: int = GRAM_ROWS)
     the 5632-wide down_proj input of a 1.57 B model, a few MB per block."""
     x = x.contiguous()
     width = x.shape[1]
-    if total is None:
+    first = total is None
+    if first:
         total = torch.empty(width, width, dtype=torch.float64, device=x.device)
-        for start in range(0, width, rows):
-            total[start : start + rows].copy_(gram_rows(x, start, start + rows))
-        return total
     for start in range(0, width, rows):
-        total[start : start + rows].add_(gram_rows(x, start, start + rows))
+        block = gram_rows(x, start, start + rows)
+        if first:
+            total[start : start + rows].copy_(block)
+        else:
+            total[start : start + rows].add_(block)
     return total
 
 
