@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -329,3 +330,20 @@ def test_inputs_are_shipped_for_a_short_calibration_of_a_wide_layer_only():
     assert plan_reduction(*probe(2048, 5632), 4 * 2048, 128 * 2048, max_pending=2)[1] == []
     forced = plan_reduction(*probe(576, 1536), 4 * 2048, 32 * 2048, max_pending=2, ship_inputs=True)
     assert forced[1] == list(forced[0]) and forced[2] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_shared_layer_comes_out_of_the_store_without_a_copy_in_any_dtype(local_ray, dtype):
+    """Layers travel as numpy buffers that Ray maps from the store (read-only: not a private copy);
+    bf16, which numpy lacks, as the int16 of its bits, viewed back as the same bf16 values."""
+    from asft_ray.distributed.sharded import SharedLayer
+
+    layer = torch.nn.Linear(64, 32).to(dtype)
+    back = ray.get(ray.put(SharedLayer(layer)))
+    for name, value in layer.state_dict().items():
+        shipped = back.arrays[name]
+        array = getattr(shipped, "array", shipped)
+        assert isinstance(array, np.ndarray) and not array.flags.writeable, name  # a view of the store's buffer
+    out = back.materialize()
+    for name, value in layer.state_dict().items():
+        assert out.state_dict()[name].dtype == dtype and torch.equal(out.state_dict()[name], value), name

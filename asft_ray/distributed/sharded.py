@@ -74,8 +74,9 @@ class WorkerResources:
 
 class SharedLayer:
     """A layer as it goes into the object store: its structure on the `meta` device plus its
-    tensors as numpy arrays. Ray writes numpy buffers straight into shared memory and workers
-    map them without a copy, so neither side holds a second private copy of the layer."""
+    tensors as numpy arrays (a bf16 one as the int16 of its bits). Ray writes numpy buffers straight
+    into shared memory and workers map them without a copy, so neither side holds a second private
+    copy of the layer."""
 
     def __init__(self, layer: torch.nn.Module):
         tensors = dict(layer.named_parameters()) | dict(layer.named_buffers())
@@ -92,11 +93,24 @@ class SharedLayer:
         return self.skeleton
 
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class _Bits:
+    """A tensor of a dtype numpy lacks (bfloat16, float8), shipped as the integers of its bits:
+    still a numpy buffer, so still written into the store and mapped back without a copy."""
+
+    dtype: torch.dtype
+    array: object  # numpy.ndarray
+
+
 def _as_array(t: torch.Tensor):
+    t = t.cpu()
     try:
-        return t.cpu().numpy()
-    except TypeError:  # bfloat16 and other dtypes numpy lacks travel as tensors (copied)
-        return t.cpu()
+        return t.numpy()
+    except TypeError:
+        return _Bits(t.dtype, t.view(_INT_OF_SIZE[t.element_size()]).numpy())
 
 
 def _tensor(value) -> torch.Tensor:
@@ -105,6 +119,8 @@ def _tensor(value) -> torch.Tensor:
         return value
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        if isinstance(value, _Bits):
+            return torch.from_numpy(value.array).view(value.dtype)
         return torch.from_numpy(value)
 
 
