@@ -83,7 +83,7 @@ def prune(
     keep: torch.Tensor | None = None,
     consume_hessian: bool = False,
 ) -> torch.Tensor:
-    W = weight.detach().float().clone()
+    W = weight.detach().to(torch.float32, copy=True)  # one float32 copy, whatever the weight's dtype
     rows, cols = W.shape
     Hinv = inverse_hessian_cholesky(hessian, W, percdamp, consume_hessian)
     if consume_hessian and Hinv.dtype == torch.float64 and Hinv.stride() == (1, cols):  # the caller's H, factored in place
