@@ -11,7 +11,9 @@ every layer, and a number of whole layers dropped. Which of these the plan may u
 the target, the one that keeps the most linear weights (decoder linears and head: what a decode
 step reads); on a tie, the one with fewer layers dropped, then fewer KV groups removed. For each
 choice of KV groups and dropped layers, the cost rises with the MLP channels kept, so the best
-MLP count is found by bisection: the largest that meets the target.
+MLP count is found by bisection: the largest that meets the target. `feasible_plans` gives all
+of those plans, one per choice; the structured export's `--cost-search` measures each on
+validation data instead of taking the least aggressive (export/structure_search.py).
 
 Pure arithmetic on shapes: no torch, no Ray.
 """
@@ -82,11 +84,12 @@ def _options(dense: DecoderShape, knobs: tuple[str, ...]) -> list[tuple[int, int
     return [(g, d) for g in groups for d in drops]
 
 
-def plan_for_cost(dense: DecoderShape, model: CostModel, target: float, context: int,
-                  knobs: tuple[str, ...] = ("mlp",)) -> CostPlan:
-    """The least aggressive plan (see the module docstring) whose predicted cost per generated token,
-    with `context` tokens in the KV cache, is at most `target` x the dense model's. AsftError,
-    naming the cheapest reachable cost, when no plan within the caps meets it."""
+def feasible_plans(dense: DecoderShape, model: CostModel, target: float, context: int,
+                   knobs: tuple[str, ...] = ("mlp",)) -> list[CostPlan]:
+    """For each choice of KV groups kept and layers dropped that the knobs and caps allow, the plan
+    with the most MLP channels whose predicted cost per generated token, with `context` tokens in
+    the KV cache, is at most `target` x the dense model's (choices that cannot meet it are left
+    out). AsftError, naming the cheapest reachable cost, when no choice meets it."""
     knobs = check_cost_request(target, context, knobs)
     dense_cost = model.predict(dense, context)
     if not dense_cost > 0:
@@ -118,4 +121,12 @@ def plan_for_cost(dense: DecoderShape, model: CostModel, target: float, context:
         raise AsftError(f"cost target {target:g} cannot be met with knobs {', '.join(knobs)}: the cheapest plan they "
                         f"allow ({cheapest.describe()}) is predicted at {cheapest.relative_cost:.3f} x the dense cost "
                         f"per generated token at {context} tokens of context; raise the target or allow more knobs")
-    return max(feasible, key=lambda p: (_kept_weights(p.shape), -p.drop_layers, -p.head_ratio))
+    return feasible
+
+
+def plan_for_cost(dense: DecoderShape, model: CostModel, target: float, context: int,
+                  knobs: tuple[str, ...] = ("mlp",)) -> CostPlan:
+    """The least aggressive of the feasible plans (see the module docstring); AsftError, naming the
+    cheapest reachable cost, when none meets the target."""
+    return max(feasible_plans(dense, model, target, context, knobs),
+               key=lambda p: (_kept_weights(p.shape), -p.drop_layers, -p.head_ratio))

@@ -42,6 +42,12 @@ class ExportOptions:
     cost_model: str | None = setting(None, "structured, with --cost-target: a fitted decode-cost model (JSON); "
                                            "calibrated on this machine and saved there when the file does not exist",
                                      default_text="calibrate now, kept in structured.json only")
+    cost_search: int = setting(0, "structured, with --cost-target: export every plan that meets the target (one per "
+                                  "choice of KV groups and layers dropped) in Ray Tune trials, measure each on this "
+                                  "many WikiText-2 valid windows of --seqlen tokens, keep the best; 0: the least "
+                                  "aggressive plan, unmeasured")
+    search_cpus: float = setting(1.0, "structured, with --cost-search: CPUs per trial (trials run side by side on the "
+                                      "cluster's CPUs)")
     seqlen: int = setting(2048, "structured: calibration window length")
     seed: int = setting(0, "structured: calibration sampling seed")
     dtype: str = setting("float16", "semistructured: kernel dtype", choices=["float16", "bfloat16"])

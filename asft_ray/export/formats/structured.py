@@ -13,7 +13,7 @@ from asft_ray.errors import AsftError
 from asft_ray.export.formats.registry import ExportFormat, ExportOptions, register
 
 
-COST_DETAILS = ("cost_knobs", "cost_context", "cost_model")  # options that only --cost-target reads
+COST_DETAILS = ("cost_knobs", "cost_context", "cost_model", "cost_search", "search_cpus")  # read only with --cost-target
 
 
 def check(model_spec: str, options: ExportOptions) -> None:
@@ -22,7 +22,8 @@ def check(model_spec: str, options: ExportOptions) -> None:
     if options.cost_target is not None:
         _check_cost_options(options)
     elif any(getattr(options, name) != ExportOptions.__dataclass_fields__[name].default for name in COST_DETAILS):
-        raise AsftError("--cost-knobs, --cost-context and --cost-model go with --cost-target")
+        raise AsftError("--cost-knobs, --cost-context, --cost-model, --cost-search and --search-cpus go with "
+                        "--cost-target")
     from asft_ray.export.run import parse_ratio
 
     head_ratio = parse_ratio(options.head_ratio)
@@ -47,15 +48,21 @@ def write(model_spec: str, out: Path, options: ExportOptions) -> dict:
     from asft_ray.models import is_safetensors_dir, resolve_model
 
     if is_safetensors_dir(resolve_model(model_spec)):  # the rule `asft prune` streams by
-        return write_streamed(model_spec, out, options)
-    return write_in_memory(model_spec, out, options)
+        report = write_streamed(model_spec, out, options)
+    else:
+        report = write_in_memory(model_spec, out, options)
+    if options.cost_search:
+        from asft_ray.export.structure_search import finish
+
+        finish(out)  # the chosen plan is written: its trials' measurements are in the report
+    return report
 
 
 def write_in_memory(model_spec: str, out: Path, options: ExportOptions) -> dict:
     from asft_ray.export.structured import save_structured, structure_in_memory
     from asft_ray.models import load_model
 
-    settings, settings_report = _settings(model_spec, options)
+    settings, settings_report = _settings(model_spec, options, out)
     model, tokenizer = load_model(model_spec, options.device, show_progress=options.show_progress)
     report = structure_in_memory(model, _calibration(tokenizer, options), settings)
     return save_structured(model, tokenizer, out, {**report, **settings_report, "streamed": False})
@@ -65,13 +72,13 @@ def write_streamed(model_spec: str, out: Path, options: ExportOptions) -> dict:
     from asft_ray.export.structured_streamed import structure_streamed
     from asft_ray.models import load_tokenizer, resolve_model
 
-    settings, settings_report = _settings(model_spec, options)
+    settings, settings_report = _settings(model_spec, options, out)
     tokenizer = load_tokenizer(model_spec)
     return structure_streamed(Path(resolve_model(model_spec).location), tokenizer, out, _calibration(tokenizer, options),
                               settings, settings_report, options.show_progress)
 
 
-def _settings(model_spec: str, options: ExportOptions):
+def _settings(model_spec: str, options: ExportOptions, out: Path):
     """The export's StructureSettings and what structured.json records of them: the ratios as given,
     or, with `cost_target`, as the cost-budget planner chose them (with its prediction and cost model)."""
     from asft_ray.export.run import parse_ratio
@@ -79,7 +86,7 @@ def _settings(model_spec: str, options: ExportOptions):
 
     mlp, heads, drop, cost_plan = parse_ratio(options.mlp_ratio), parse_ratio(options.head_ratio), options.drop_layers, None
     if options.cost_target is not None:
-        cost_plan = _cost_plan(model_spec, options)
+        cost_plan = _cost_plan(model_spec, options, out)
         mlp, heads, drop = cost_plan["mlp_ratio"], cost_plan["head_ratio"], cost_plan["drop_layers"]
     settings = StructureSettings(mlp, heads, options.refit, drop)
     report = {"mlp_ratio": mlp, "head_ratio": heads, "nsamples": options.nsamples, "refit": options.refit,
@@ -97,26 +104,41 @@ def _check_cost_options(options: ExportOptions) -> None:
                                "--cost-context")
     if "layers" in knobs and options.nsamples < 1:
         raise AsftError("--cost-knobs layers drops layers by block influence on calibration data: pass --nsamples")
+    if options.cost_search < 0 or options.search_cpus <= 0:
+        raise AsftError("--cost-search is a number of validation windows (0: off) and --search-cpus must be above 0")
 
 
-def _cost_plan(model_spec: str, options: ExportOptions) -> dict:
+def _cost_plan(model_spec: str, options: ExportOptions, out: Path) -> dict:
     """The cost-budget plan (pruning/cost_budget.py) for the model's shape, with the cost model of
-    `cost_model` (calibrated on this machine first when that file does not exist, or when none is given)."""
+    `cost_model` (calibrated on this machine first when that file does not exist, or when none is given):
+    the least aggressive one, or with `cost_search` the one measured best on validation (every feasible
+    plan's measurement under `search`)."""
     from asft_ray.eval.cost_calibration import load_or_calibrate
     from asft_ray.eval.cost_model import DecoderShape
     from asft_ray.models import model_config
-    from asft_ray.pruning.cost_budget import parse_knobs, plan_for_cost
+    from asft_ray.pruning.cost_budget import feasible_plans, parse_knobs, plan_for_cost
 
     dense = DecoderShape.from_config(model_config(model_spec))
     path = Path(options.cost_model).resolve() if options.cost_model else None
     cost_model = load_or_calibrate(path, dense)
     knobs = parse_knobs(options.cost_knobs)
-    plan = plan_for_cost(dense, cost_model, options.cost_target, options.cost_context, knobs)
+    search = None
+    if options.cost_search:
+        from asft_ray.export.structure_search import search_plans
+
+        plans = feasible_plans(dense, cost_model, options.cost_target, options.cost_context, knobs)
+        chosen, rows = search_plans(model_spec, options, plans, out)
+        plan = plans[chosen]
+        search = {"windows": options.cost_search, "seqlen": options.seqlen, "split": "valid", "chosen": chosen,
+                  "plans": rows}
+    else:
+        plan = plan_for_cost(dense, cost_model, options.cost_target, options.cost_context, knobs)
     return {"target": options.cost_target, "context": options.cost_context, "knobs": list(knobs),
             "mlp_ratio": plan.mlp_ratio, "head_ratio": plan.head_ratio, "drop_layers": plan.drop_layers,
             "predicted_relative_cost": plan.relative_cost, "predicted_seconds_per_token": plan.seconds_per_token,
             "dense_predicted_seconds_per_token": plan.dense_seconds_per_token,
-            "cost_model": {"path": str(path) if path else None, **cost_model.to_dict()}}
+            "cost_model": {"path": str(path) if path else None, **cost_model.to_dict()},
+            **({"search": search} if search else {})}
 
 
 def _calibration(tokenizer, options: ExportOptions):
@@ -136,6 +158,11 @@ def describe(model_spec: str, out: Path, report: dict) -> str:
         line += (f"; planned for {plan['target']:g} x the dense cost per token: MLP ratio {plan['mlp_ratio']:.4g}, "
                  f"head ratio {plan['head_ratio']:.4g}, {plan['drop_layers']} layers dropped, predicted "
                  f"{plan['predicted_relative_cost']:.3f} x at {plan['context']} tokens of context")
+        search = plan.get("search")
+        if search:
+            line += (f"; chosen of {len(search['plans'])} plans by validation ppl "
+                     f"({search['plans'][search['chosen']]['val_ppl']:.3f} over {search['windows']} windows: "
+                     + ", ".join(f"{row['val_ppl']:.3f}" for row in search["plans"]) + ")")
     return line
 
 
