@@ -65,7 +65,9 @@ class StructureSpec:
     budget: `cost_target` (e.g. 0.7: at most 70 % of the dense model's predicted seconds per
     generated token), and the structured planner (pruning/cost_budget.py) chooses the least
     aggressive ratios among `cost_knobs` that meet it, predicted by a decode-cost model calibrated
-    on this machine once per run folder (RUN/structure/cost_model.json, or the file `cost_model`)."""
+    on this machine once per run folder (RUN/structure/cost_model.json, or the file `cost_model`).
+    With `cost_search: N` it measures every plan that meets the budget on N WikiText-2 valid windows
+    instead, and keeps the best (export/structure_search.py)."""
 
     mlp_ratio: float = 0.0  # share of each layer's MLP channels removed
     head_ratio: float = 0.0  # share of each layer's KV groups (with their query heads) removed
@@ -74,6 +76,7 @@ class StructureSpec:
     cost_knobs: tuple[str, ...] = ("mlp",)  # what the planner may remove: mlp, heads, layers
     cost_context: int | None = None  # KV-cache tokens the cost is predicted at; None: the evaluation's speed context
     cost_model: str | None = None  # fitted cost model JSON (calibrated there if missing); None: in the run folder
+    cost_search: int = 0  # validation windows each feasible plan is measured on (0: the least aggressive plan)
     refit: bool = True  # least-squares refit of down_proj / o_proj on the kept channels and heads
     nsamples: int = 16  # C4 calibration windows
     seqlen: int = 2048
@@ -99,8 +102,10 @@ class StructureSpec:
                                f"{source}: cost_context")
         elif not ratios:
             raise AsftError(f"{source}: nothing to remove: set mlp_ratio, head_ratio or drop_layers, or cost_target")
-        elif (self.cost_knobs, self.cost_context, self.cost_model) != (("mlp",), None, None):
-            raise AsftError(f"{source}: cost_knobs, cost_context and cost_model go with cost_target")
+        elif (self.cost_knobs, self.cost_context, self.cost_model, self.cost_search) != (("mlp",), None, None, 0):
+            raise AsftError(f"{source}: cost_knobs, cost_context, cost_model and cost_search go with cost_target")
+        if self.cost_search < 0:
+            raise AsftError(f"{source}: cost_search is a number of validation windows (0: off), got {self.cost_search}")
         if self.nsamples < 1 or self.seqlen < 1:
             raise AsftError(f"{source}: nsamples and seqlen must be positive")
 
@@ -459,7 +464,8 @@ def _structured_pruning(cfg: RunConfig, data_dir: str) -> dict:
             what = dict(mlp_ratio=s.mlp_ratio, head_ratio=s.head_ratio, drop_layers=s.drop_layers)
         else:
             what = dict(cost_target=s.cost_target, cost_knobs=",".join(s.cost_knobs),
-                        cost_context=s.cost_context or cfg.eval.speed_context, cost_model=str(run_cost_model(cfg)))
+                        cost_context=s.cost_context or cfg.eval.speed_context, cost_model=str(run_cost_model(cfg)),
+                        cost_search=s.cost_search)
         task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(export_model))
         ray.get(task.remote(_node_threads(), cfg.model, "structured", out, **what, refit=s.refit, nsamples=s.nsamples,
                             seqlen=s.seqlen, seed=s.seed, data_dir=data_dir, device=cfg.device, show_progress=False))
@@ -478,7 +484,11 @@ def structure_summary(s: StructureSpec, report: dict) -> dict:
             f"calibration tokens: {before / 1e6:.1f} M -> {after / 1e6:.1f} M parameters "
             f"({100 * after / before:.1f} %), saved as a smaller dense model.")
     if plan is not None:
-        step += (f" The amounts were planned for a cost budget: the least aggressive plan "
+        search = plan.get("search")
+        which = (f"of the {len(search['plans'])} plans predicted to meet it, the one with the lowest WikiText-2 valid "
+                 f"ppl over {search['windows']} windows ({search['plans'][search['chosen']]['val_ppl']:.3f})"
+                 if search else "the least aggressive plan")
+        step += (f" The amounts were planned for a cost budget: {which} "
                  f"(knobs: {', '.join(plan['knobs'])}) predicted to cost at most {plan['target']:g} x the dense "
                  f"model per generated token at {plan['context']} tokens of context, predicted at "
                  f"{plan['predicted_relative_cost']:.3f} x by the decode-cost model {plan['cost_model']['path']}.")

@@ -140,6 +140,8 @@ def test_int8_copies_are_candidates_with_their_own_quality_and_cost_and_are_not_
     ({"prune": None, "structure": {"cost_target": 0.7, "cost_context": 0}}, "at least 1 token"),
     ({"prune": None, "structure": {"cost_target": "0.7"}}, "key 'cost_target' must be"),
     ({"prune": None, "structure": {"mlp_ratio": 0.3, "cost_knobs": ["heads"]}}, "go with cost_target"),
+    ({"prune": None, "structure": {"mlp_ratio": 0.3, "cost_search": 4}}, "go with cost_target"),
+    ({"prune": None, "structure": {"cost_target": 0.7, "cost_search": -1}}, "number of validation windows"),
     ({"tolerance": {"max_ppl_ratio": 0.5}}, "at least 1"),
     ({"tolerance": {"ppl": 2}}, "unknown tolerance key"),
     ({"int8": "dense"}, "key 'int8' must be a list of strings"),
@@ -171,6 +173,20 @@ def test_the_repo_demo_run_config_parses():
     assert cfg.structure.mlp_ratio > 0 and cfg.recover_config().dense  # the demo ends in a smaller model
     sparse = RunConfig.from_dict(load_yaml(str(REPO / "configs" / "run-wanda50.yaml")))
     assert sparse.staged_config().stages == (0.3, 0.5) and not sparse.recover_config().dense
+
+
+def test_a_searched_structure_says_which_plan_was_measured_best():
+    from asft_ray.pipeline import StructureSpec, structure_summary
+
+    rows = [{"val_ppl": 31.5}, {"val_ppl": 29.25}]
+    plan = {"mlp_ratio": 0.25, "head_ratio": 0.5, "drop_layers": 1, "knobs": ["mlp", "heads", "layers"], "target": 0.75,
+            "context": 144, "predicted_relative_cost": 0.7499, "cost_model": {"path": "/c.json"},
+            "search": {"windows": 4, "chosen": 1, "plans": rows}}
+    report = {"before": {"parameters": 100_000_000}, "after": {"parameters": 80_000_000}, "cost_plan": plan}
+    summary = structure_summary(StructureSpec(cost_target=0.75, cost_search=4), report)
+    assert "MLP channels -25 %, KV groups -50 %, 1 decoder layers removed" in summary["method"]
+    assert ("of the 2 plans predicted to meet it, the one with the lowest WikiText-2 valid ppl over 4 windows "
+            "(29.250) (knobs: mlp, heads, layers)") in summary["step"]
 
 
 def test_a_structured_run_ends_in_a_smaller_model_and_a_recommendation(tiny_model_dir, tmp_path):
