@@ -3,6 +3,7 @@ must agree with, monotonicity, and the clear error for a target out of reach."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -71,6 +72,22 @@ def test_the_plan_is_the_exhaustive_searchs_least_aggressive_one(target):
     plan = plan_for_cost(dense, model, target, context=32, knobs=("mlp", "heads", "layers"))
     assert (plan.shape.intermediate, plan.shape.kv_heads, plan.drop_layers) == _exhaustive(dense, model, target, 32)
     assert plan.relative_cost <= target
+
+
+@pytest.mark.parametrize("target", [0.85, 0.7])
+def test_the_feasible_plans_are_one_per_choice_each_with_the_most_mlp_channels_that_meet_the_target(target):
+    dense = DecoderShape(hidden=16, intermediate=40, heads=8, kv_heads=4, layers=8, vocab=50)
+    model = cost_model(token=50.0, layer=30.0, float_bytes=0.05, kv_bytes=0.02)
+    plans = cost_budget.feasible_plans(dense, model, target, 32, ("mlp", "heads", "layers"))
+    choices = [(p.shape.kv_heads, p.drop_layers) for p in plans]
+    assert len(choices) == len(set(choices)) > 1
+    for plan in plans:
+        assert plan.relative_cost <= target
+        if plan.shape.intermediate < dense.intermediate:  # one channel more misses the target
+            bigger = dataclasses.replace(plan.shape, intermediate=plan.shape.intermediate + 1)
+            assert model.predict(bigger, 32) > target * plan.dense_seconds_per_token
+    least = plan_for_cost(dense, model, target, 32, ("mlp", "heads", "layers"))
+    assert least in plans
 
 
 def test_a_lower_target_never_gives_a_milder_plan():
