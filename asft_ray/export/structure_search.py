@@ -56,17 +56,13 @@ def search_plans(model_spec: str, options, plans: list, out: Path) -> tuple[int,
     import ray
     from ray import tune
 
-    from asft_ray.data import resolve_data_dir, wikitext2_ids
+    from asft_ray.data import resolve_data_dir
     from asft_ray.distributed.runner import init_ray
-    from asft_ray.models import load_tokenizer
 
     if Path(model_spec).exists():  # trials run in other processes and folders: absolute paths only
         model_spec = str(Path(model_spec).resolve())
     options = dataclasses.replace(options, data_dir=resolve_data_dir(options.data_dir))
-    windows, seqlen = options.cost_search, options.seqlen
-    val_ids = wikitext2_ids(load_tokenizer(model_spec), "valid", options.data_dir)[:, : windows * seqlen]
-    if val_ids.shape[1] < windows * seqlen:
-        raise AsftError(f"--cost-search {windows}: the validation split has fewer than {windows} windows of {seqlen} tokens")
+    val_ids = validation_ids(model_spec, options)
     work = _open_work(out, _search_key(model_spec, options, plans))
     gpu = options.device.startswith("cuda")
     trainable = tune.with_resources(
@@ -90,6 +86,18 @@ def search_plans(model_spec: str, options, plans: list, out: Path) -> tuple[int,
     rows = [json.loads((work / f"plan-{index}.json").read_text()) for index in range(len(plans))]
     best = min(range(len(plans)), key=lambda index: (rows[index]["val_ppl"], index))
     return best, rows
+
+
+def validation_ids(model_spec: str, options):
+    """The first `cost_search` windows of `seqlen` tokens of WikiText-2 valid; AsftError when the split is shorter."""
+    from asft_ray.data import wikitext2_ids
+    from asft_ray.models import load_tokenizer
+
+    windows, seqlen = options.cost_search, options.seqlen
+    ids = wikitext2_ids(load_tokenizer(model_spec), "valid", options.data_dir)[:, : windows * seqlen]
+    if ids.shape[1] < windows * seqlen:
+        raise AsftError(f"--cost-search {windows}: the validation split has fewer than {windows} windows of {seqlen} tokens")
+    return ids
 
 
 def finish(out: Path) -> None:

@@ -21,6 +21,10 @@ def check(model_spec: str, options: ExportOptions) -> None:
         raise AsftError("--drop-layers and --refit measure on calibration data: pass --nsamples (e.g. 32)")
     if options.cost_target is not None:
         _check_cost_options(options)
+        if options.cost_search:  # enough validation text, before the cost model or any trial
+            from asft_ray.export.structure_search import validation_ids
+
+            validation_ids(model_spec, options)
     elif any(getattr(options, name) != ExportOptions.__dataclass_fields__[name].default for name in COST_DETAILS):
         raise AsftError("--cost-knobs, --cost-context, --cost-model, --cost-search and --search-cpus go with "
                         "--cost-target")
