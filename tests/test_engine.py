@@ -364,28 +364,3 @@ def test_hessian_sums_are_the_whole_products_bits_and_never_hold_a_whole_gram():
     grown = grown_by(lambda: add_gram(total, xs[0], rows=64))
     assert torch.equal(total, expected + grams[0].double())
     assert grown < 0.25 * one_gram_mib, f"{grown:.1f} MiB"
-
-
-@torch.no_grad()
-def test_a_16_bit_layer_widened_per_call_computes_the_float32_copys_bits_and_keeps_its_weights_16_bit(tiny_model,
-                                                                                                     calib_ids):
-    """The scoring actors compute a bf16 layer without a float32 copy of its weights (each linear
-    widens its weight for its own call): outputs, squared norms and Hessians equal those of the
-    float32 copy bit for bit."""
-    from asft_ray.pruning.engine import chunk_forward, chunk_stats, computing_copy, widen_per_call
-
-    inputs, args, kwargs = capture_layer0_inputs(tiny_model, calib_ids)
-    layer = copy.deepcopy(decoder_layers(tiny_model)[0]).to(torch.bfloat16)
-    float_copy = computing_copy(layer)
-    widened = widen_per_call(copy.deepcopy(layer))
-    assert all(lin.weight.dtype == torch.bfloat16 for lin in prunable_linears(widened).values())
-    assert all(p.dtype == torch.float32 for name, p in widened.named_parameters() if "norm" in name)
-    chunk = inputs[:3]
-    for a, b in zip(chunk_forward(widened, chunk, args, kwargs), chunk_forward(float_copy, chunk, args, kwargs)):
-        assert a.dtype == torch.float32 and torch.equal(a, b)
-    mine, theirs = chunk_stats(widened, chunk, args, kwargs, True), chunk_stats(float_copy, chunk, args, kwargs, True)
-    for name in prunable_linears(layer):
-        assert torch.equal(mine.sq_norm(name), theirs.sq_norm(name)), name
-        assert torch.equal(mine.hessian(name), theirs.hessian(name)), name
-    fp32 = decoder_layers(tiny_model)[0]
-    assert widen_per_call(fp32) is fp32 and fp32.mlp.down_proj.forward.__func__ is torch.nn.Linear.forward

@@ -52,7 +52,6 @@ from asft_ray.pruning.engine import (
     prune_weight,
     split_chunks,
     untie_lm_head,
-    widen_per_call,
 )
 from asft_ray.pruning.stats import InputStats, add_hessian_of, hessian_of, inputs_are_smaller, sum_in_order
 from asft_ray.pruning.streaming import return_free_memory
@@ -168,8 +167,7 @@ class ScoringWorker:
     def _on_device(self, layer, chunk, context):
         args, kwargs = to_device(context, self.device)
         # computed in float32 (as engine.computing_copy does in-process); 16-bit layers travel as 16-bit
-        # and stay 16-bit here: each linear widens its weight for its own call (engine.widen_per_call)
-        layer = widen_per_call(_materialize(layer).to(device=self.device))
+        layer = _materialize(layer).to(device=self.device, dtype=torch.float32)
         return layer, [x.to(self.device) for x in chunk], args, kwargs
 
     def stats(self, layer, chunk, context, hessian: bool, only: list[str] | None = None) -> InputStats:
@@ -240,7 +238,7 @@ class ScoringWorker:
 
     def score_rows(self, final, chunk, score, targets) -> list:
         """engine.Runner.score_rows for one chunk: `score` of each sample's activations and target."""
-        final = widen_per_call(_materialize(final).to(device=self.device))
+        final = _materialize(final).to(device=self.device, dtype=torch.float32)
         return [to_device(score(final, x.to(self.device), to_device(target, self.device)), "cpu")
                 for x, target in zip(chunk, targets, strict=True)]
 

@@ -149,26 +149,6 @@ def computing_copy(layer: nn.Module) -> nn.Module:
     return copy.deepcopy(layer).float()
 
 
-def widen_per_call(layer: nn.Module) -> nn.Module:
-    """`layer` (a private copy: it is changed in place) computing as computing_copy's float32 copy
-    does, bit for bit, without a float32 copy of its 16-bit linear weights: each linear widens its
-    weight for the call that reads it (at most one linear's float32 weight exists at a time, not the
-    whole layer's), other parameters and buffers are made float32 once. For forwards without
-    gradients (statistics, outputs): a backward would reach the 16-bit weights."""
-    for module in layer.modules():
-        if isinstance(module, nn.Linear) and module.weight.dtype != torch.float32:
-            module.forward = _widened_linear.__get__(module)
-            continue
-        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-            if tensor.is_floating_point() and tensor.dtype != torch.float32:
-                tensor.data = tensor.data.float()
-    return layer
-
-
-def _widened_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return nn.functional.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
-
-
 def _run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     out = layer(x, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
