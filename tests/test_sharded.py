@@ -44,6 +44,19 @@ def test_one_and_two_workers_give_identical_weights(scoring_pool, tiny_model, ca
         assert agree.float().mean() > 0.999, key
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_bf16_model_prunes_on_the_workers_as_in_process(scoring_pool, tiny_model, calib8, method):
+    """A bf16 layer travels as the bits of its values and is computed in float32 on the workers,
+    as in process; the pruned weights stay bf16, the same for 1 and 2 workers."""
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    sharded = same_with_worker_counts(scoring_pool, lambda workers: pruned_weights(model, method, calib8, workers))[1]
+    local = pruned_weights(model, method, calib8)
+    for key in sharded:
+        assert sharded[key].dtype == torch.bfloat16, key
+        agree = (local[key] == 0) == (sharded[key] == 0)
+        assert agree.float().mean() > 0.999, key
+
+
 def test_more_workers_than_the_cluster_can_place_fails_with_the_missing_resource(local_ray):
     with pytest.raises(AsftError, match=r"lacks resources, asked 6 CPU \(cluster has 2\)"):
         start_workers(3, WorkerResources(cpus=2), timeout_s=3)
