@@ -17,7 +17,7 @@ from asft_ray.errors import AsftError
 from asft_ray.eval.cost_model import CostModel, DecoderShape
 from asft_ray.eval.perplexity import perplexity
 from asft_ray.export.formats.registry import ExportOptions
-from asft_ray.export.structure_search import plan_options, search_plans, work_folder
+from asft_ray.export.structure_search import _open_work, plan_options, search_plans, work_folder
 from asft_ray.export.structured import REPORT
 from asft_ray.models import load_model, model_config
 from asft_ray.pruning.cost_budget import feasible_plans
@@ -87,8 +87,10 @@ def test_a_rerun_reuses_finished_trials_and_other_inputs_start_over(local_ray, t
     finished.write_text(json.dumps({**record, "val_ppl": 1.0}))  # a trial that "finished" with the best ppl
     again, rows_again = search_plans(str(tiny_model_dir), options, plans, out)
     assert (again, rows_again[1]["val_ppl"]) == (1, 1.0) and rows_again[0] == rows[0]  # reused, not rerun
-    other = search_plans(str(tiny_model_dir), ExportOptions(**{**options.__dict__, "cost_search": 1}), plans, out)
-    assert other[1][1]["val_ppl"] != 1.0 and other[1][1]["val_windows"] == 1  # other inputs: measured again
+    # other inputs (another key): the folder of the earlier search is replaced, so every trial runs again
+    work = _open_work(out, "another search's key")
+    assert sorted(p.name for p in work.iterdir()) == ["search.json"]
+    assert json.loads((work / "search.json").read_text()) == {"key": "another search's key"}
 
 
 def test_a_search_folder_asft_did_not_write_is_refused(tiny_model_dir, tmp_path):
