@@ -24,8 +24,8 @@ from asft_ray.recovery.masks import (
     apply_masks,
     count_masked_nonzeros,
     linear_weight_names,
-    load_mask_file,
     PackedMask,
+    load_mask_file,
     masks_from_zeros,
     pack_masks,
     register_mask_hooks,
@@ -131,6 +131,8 @@ def test_dense_recovery_trains_every_decoder_weight():
     assert register_mask_hooks(model, pack_masks(masks)) == []  # nothing to mask: no per-step gradient copies
     pruned = magnitude_prune(build_tiny_llama())
     assert len(register_mask_hooks(pruned, pack_masks(masks_from_zeros(pruned)))) == 14
+    with pytest.raises(AsftError, match="takes no --mask-file"):
+        _cfg(dense=True, mask_file="m.safetensors")
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (13, 5), (64, 33)])
@@ -143,8 +145,6 @@ def test_packed_mask_round_trips_in_one_bit_per_entry(shape):
     assert packed.keeps_all is False or bool(mask.all())
     assert PackedMask.pack(torch.ones(shape, dtype=torch.bool)).keeps_all
     assert not PackedMask.pack(torch.ones(shape, dtype=torch.bool).index_fill(0, torch.tensor([0]), False)).keeps_all
-    with pytest.raises(AsftError, match="takes no --mask-file"):
-        _cfg(dense=True, mask_file="m.safetensors")
 
 
 def test_mask_file_is_checked(tmp_path):

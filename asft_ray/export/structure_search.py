@@ -42,9 +42,9 @@ def work_folder(out: Path) -> Path:
 def plan_options(options, plan):
     """The export options that write `plan` (a CostPlan) with explicit ratios: no cost budget, no search."""
     from asft_ray.export.formats.registry import ExportOptions
+    from asft_ray.export.formats.structured import COST_DETAILS
 
-    defaults = {name: ExportOptions.__dataclass_fields__[name].default
-                for name in ("cost_target", "cost_knobs", "cost_context", "cost_model", "cost_search", "search_cpus")}
+    defaults = {name: ExportOptions.__dataclass_fields__[name].default for name in ("cost_target", *COST_DETAILS)}
     return dataclasses.replace(options, **defaults, mlp_ratio=plan.mlp_ratio, head_ratio=plan.head_ratio,
                                drop_layers=plan.drop_layers, show_progress=False)
 

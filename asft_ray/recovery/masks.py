@@ -157,8 +157,9 @@ def register_mask_hooks(model: nn.Module, masks: dict[str, PackedMask]) -> list:
             for name, mask in masks.items() if not mask.keeps_all]
 
 
-def select_trainable(model: nn.Module, masks: dict[str, torch.Tensor], norms: bool, biases: bool) -> list[str]:
-    """Freeze everything except the masked weights (and, if asked, norm weights and linear biases).
+def select_trainable(model: nn.Module, masks: dict, norms: bool, biases: bool) -> list[str]:
+    """Freeze everything except the masked weights (the names `masks` is keyed by, bool or packed
+    masks alike; and, if asked, norm weights and linear biases).
     Embeddings and the output head stay frozen. Returns the names of the trainable parameters."""
     names = set(masks)
     for module_name, module in model.named_modules():

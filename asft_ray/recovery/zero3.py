@@ -30,8 +30,8 @@ import torch
 from asft_ray.errors import AsftError
 from asft_ray.models import model_config, resolve_model
 from asft_ray.recovery.masks import (
-    check_mask_entry,
     PackedMask,
+    check_mask_entry,
     check_mask_names,
     copies_mask_report,
     linear_weight_names,
