@@ -59,15 +59,16 @@ def test_the_coordinator_reserves_what_one_node_has_never_zero_cpus():
     assert coordinator_options(_cfg(workers=2, device="cpu"), [{"CPU": 2}], embedded=True)["num_cpus"] == 0
 
 
-def test_an_impossible_coordinator_fails_within_the_timeout_naming_the_resource(two_nodes):
+def test_an_impossible_coordinator_fails_at_once_naming_the_resource(two_nodes):
     import time
 
     from asft_ray.distributed.runner import place_coordinator
     from asft_ray.errors import AsftError
 
     start = time.monotonic()
-    with pytest.raises(AsftError, match=r"within 3s: no node has 2 CPU \(the largest node has 1\)"):
-        place_coordinator(_cfg(coordinator_cpus=2), timeout_s=3)  # the cluster has 2 CPUs, but no node has
-    assert time.monotonic() - start < 20
+    with pytest.raises(AsftError, match=r"can never be placed: no node has 2 CPU each \(the largest node has 1, "
+                                         r"the cluster 2\)"):
+        place_coordinator(_cfg(coordinator_cpus=2), timeout_s=600)  # the cluster has 2 CPUs, but no node has
+    assert time.monotonic() - start < 5  # at once, not after the timeout
     worker = place_coordinator(_cfg(), timeout_s=30)  # default: every CPU of the largest node (1) fits
     ray.kill(worker)

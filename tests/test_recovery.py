@@ -371,11 +371,13 @@ def test_resume_from_a_state_folder_others_can_write_is_one_line_before_ray(caps
 def test_inputs_read_on_ray_are_one_line_and_leave_out_alone(local_ray, capsys, tmp_path, tiny_model_dir, pruned_dir,
                                                              other_vocab_dir, data_dir):
     """The checks that read the model (no zeros, the teacher's vocabulary) run in the inputs task
-    (recovery/inputs.py). Both cases on one cluster that outlives each call, as with --address:
+    (recovery/inputs.py); workers no node set can hold fail before it. Every case on one cluster that outlives each call, as with --address:
     nothing but the one line may reach stderr (no "unhandled error" log of the task's other results)."""
     for case, args, message in (
         ("dense", ["--model", str(tiny_model_dir)], "no zero weights in its decoder linears"),
         ("teacher", ["--model", str(pruned_dir), "--teacher", str(other_vocab_dir)], "vocabulary size 600"),
+        ("placement", ["--model", str(pruned_dir), "--workers", "9", "--worker-cpus", "1"],
+         "9 recovery workers can never be placed: they ask 1 CPU each"),
     ):
         (tmp_path / case).mkdir()
         _assert_bad_input_is_one_line(capsys, tmp_path / case, args, message, data_dir)

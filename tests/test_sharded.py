@@ -58,8 +58,9 @@ def test_a_bf16_model_prunes_on_the_workers_as_in_process(scoring_pool, tiny_mod
 
 
 def test_more_workers_than_the_cluster_can_place_fails_with_the_missing_resource(local_ray):
-    with pytest.raises(AsftError, match=r"lacks resources, asked 6 CPU \(cluster has 2\)"):
-        start_workers(3, WorkerResources(cpus=2), timeout_s=3)
+    with pytest.raises(AsftError, match=r"3 scoring workers can never be placed: they ask 2 CPU each "
+                                         r"\(the largest node has 2, the cluster 2\)"):
+        start_workers(3, WorkerResources(cpus=2), timeout_s=600)  # fails at once, not after the timeout
 
 
 def test_a_worker_killed_mid_layer_is_restarted_and_the_result_is_unchanged(scoring_pool, tiny_model, calib8):

@@ -13,6 +13,7 @@ import threading
 import ray
 
 from asft_ray.config import PruneConfig
+from asft_ray.distributed.placement import alive_nodes, never_fits
 from asft_ray.errors import AsftError
 
 
@@ -205,10 +206,6 @@ def _device_reserved(cfg: PruneConfig) -> PruneConfig:
     return dataclasses.replace(cfg, device="cuda" if ray.get_gpu_ids() else "cpu")
 
 
-def _alive_nodes() -> list[dict]:
-    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-
-
 def coordinator_options(cfg: PruneConfig, nodes: list[dict], embedded: bool = False) -> dict:
     """What the pruning coordinator reserves on one node: explicit CPUs (never 0, so never a CPU-less
     head), a GPU when it computes on one, memory when asked; never more than one node has.
@@ -232,20 +229,26 @@ def coordinator_options(cfg: PruneConfig, nodes: list[dict], embedded: bool = Fa
 
 
 def place_coordinator(cfg: PruneConfig, timeout_s: float | None = None, embedded: bool = False):
-    """Start the pruning coordinator and wait until it is placed, or fail naming what no node has."""
+    """Start the pruning coordinator and wait until it is placed. A request no node can ever hold
+    (the coordinator's, or its scoring workers') fails at once, naming the resource; one the cluster
+    has but not free fails after the timeout ($ASFT_PLACEMENT_TIMEOUT_S, else 60 s)."""
     if timeout_s is None:
         timeout_s = float(os.environ.get("ASFT_PLACEMENT_TIMEOUT_S", 60))
-    nodes = _alive_nodes()
+    nodes = alive_nodes()
     options = coordinator_options(cfg, nodes, embedded)
+    asked = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], "memory": options.get("memory", 0)}
+    if short := never_fits(nodes, asked):
+        raise AsftError(f"the pruning coordinator can never be placed: no node has {short}")
+    if cfg.uses_scoring_workers:
+        worker_ask = {"CPU": cfg.worker_cpus, "GPU": cfg.worker_gpus, "memory": int((cfg.worker_memory_gb or 0) * 2**30)}
+        if short := never_fits(nodes, worker_ask, cfg.workers):
+            raise AsftError(f"{cfg.workers} scoring workers can never be placed: they ask {short}")
     worker = PruneWorker.options(**options).remote(max(1, int(options["num_cpus"])))
     ready, _ = ray.wait([worker.ready.remote()], timeout=timeout_s)
     if not ready:
         ray.kill(worker)
-        asked = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], "memory": options.get("memory", 0)}
-        short = [f"{v:g} {k} (the largest node has {max((n.get(k, 0) for n in nodes), default=0):g})"
-                 for k, v in asked.items() if v and not any(n.get(k, 0) >= v for n in nodes)]
         raise AsftError(f"the pruning coordinator could not be placed within {timeout_s:g}s: "
-                        + (f"no node has {', '.join(short)}" if short else "no node has those resources free now"))
+                        "the cluster has the resources, but not free now")
     return worker
 
 

@@ -38,6 +38,7 @@ import ray
 import torch
 
 from asft_ray.config import Pattern
+from asft_ray.distributed.placement import alive_nodes, never_fits
 from asft_ray.errors import AsftError
 from asft_ray.methods import resolve
 from asft_ray.pruning.engine import (
@@ -258,13 +259,16 @@ class ScoringWorker:
 
 
 def start_workers(n: int, resources: WorkerResources, timeout_s: float | None = None) -> list:
-    """Start n scoring actors and wait until all are placed, or fail naming what is missing.
-
-    The wait is `timeout_s`, else $ASFT_PLACEMENT_TIMEOUT_S, else 60 s."""
+    """Start n scoring actors and wait until all are placed. A request the cluster's nodes can
+    never hold fails at once, naming the resource; one they hold but not free now fails after
+    `timeout_s`, else $ASFT_PLACEMENT_TIMEOUT_S, else 60 s."""
     if timeout_s is None:
         timeout_s = float(os.environ.get("ASFT_PLACEMENT_TIMEOUT_S", 60))
     if n < 1:
         raise AsftError(f"workers must be at least 1, got {n}")
+    ask = {"CPU": resources.cpus, "GPU": resources.gpus, "memory": resources.memory_bytes or 0}
+    if short := never_fits(alive_nodes(), ask, n):
+        raise AsftError(f"{n} scoring workers can never be placed: they ask {short}")
     workers = [
         ScoringWorker.options(**resources.options()).remote(max(1, int(resources.cpus))) for _ in range(n)
     ]
@@ -273,17 +277,8 @@ def start_workers(n: int, resources: WorkerResources, timeout_s: float | None = 
     if not_ready:
         for w in workers:
             ray.kill(w)
-        total = ray.cluster_resources()
-        asked = {"CPU": resources.cpus, "GPU": resources.gpus}
-        missing = ", ".join(
-            f"{n * v:g} {key} (cluster has {total.get(key, 0):g})"
-            for key, v in asked.items()
-            if v and n * v > total.get(key, 0)
-        )
-        raise AsftError(
-            f"only {len(ready)} of {n} scoring workers could be placed within {timeout_s:g}s"
-            + (f": the cluster lacks resources, asked {missing}" if missing else ": the cluster lacks free resources")
-        )
+        raise AsftError(f"only {len(ready)} of {n} scoring workers could be placed within {timeout_s:g}s: "
+                        "the cluster has the resources, but not free now")
     return workers
 
 

@@ -39,6 +39,17 @@ def _use_gpu(cfg: RecoverConfig, ray) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= cfg.workers
 
 
+def check_placeable(cfg: RecoverConfig) -> None:
+    """Fail before any work if no set of the cluster's nodes can ever hold the training workers."""
+    import ray
+
+    from asft_ray.distributed.placement import alive_nodes, never_fits
+
+    ask = {"CPU": cfg.worker_cpus, "GPU": int(_use_gpu(cfg, ray))}
+    if short := never_fits(alive_nodes(), ask, cfg.workers):
+        raise AsftError(f"{cfg.workers} recovery workers can never be placed: they ask {short}")
+
+
 def worker_env(use_gpu: bool) -> dict[str, str]:
     """The Ray Train workers' environment, with glibc's mmap threshold fixed
     (distributed.runner.WORKER_MMAP_THRESHOLD: ZeRO-3 gathers every weight for each forward and
@@ -111,10 +122,6 @@ def fit(cfg: RecoverConfig, plan: TrainingPlan, stream, eval_ids, folder: Path, 
     from asft_ray.recovery.train_loop import train_loop
 
     use_gpu = _use_gpu(cfg, ray)
-    have = ray.cluster_resources().get("CPU", 0)
-    if have < cfg.workers * cfg.worker_cpus:
-        raise AsftError(f"{cfg.workers} workers x {cfg.worker_cpus} CPUs need {cfg.workers * cfg.worker_cpus:g} CPUs, "
-                        f"the Ray cluster has {have:g}")
     env = worker_env(use_gpu)
     trainer = trainer_class()(
         train_loop,
@@ -173,6 +180,7 @@ def run_recover(cfg: RecoverConfig, address: str | None = None) -> dict:
 
     owned = init_ray(address)
     try:
+        check_placeable(cfg)
         inputs = read_inputs_on_ray(cfg, data_dir)
         plan = build_plan(cfg, user_ds, cfg.workers, source=ds_source, largest_linear=inputs.largest_linear)
         resume_from = prepare_state(folder, identity, cfg.resume, verified)  # the checkpoint verified before Ray started
