@@ -17,6 +17,7 @@ the same folders (run it on an idle machine, dense in the same run), e.g.
 
     python benchmarks/structured.py --point 0.5:0 --point 0.4:0.34 --max-steps 40 --full
     python benchmarks/structured.py --point 0.5:0:6 --refit --int8 --dense-int8 --max-steps 0
+    python benchmarks/structured.py --from runs/cs75 --max-steps 110 --lr 2e-4 --full   # an existing export
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ DENSE = "smollm2-135m"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--point", action="append", required=True,
+    p.add_argument("--point", action="append", default=[],
                    help="MLP_RATIO:HEAD_RATIO or MLP_RATIO:HEAD_RATIO:LAYERS_DROPPED (repeatable)")
+    p.add_argument("--from", dest="source", type=Path,
+                   help="recover this structured export (e.g. one `asft export --cost-search` chose) instead of --point")
+    p.add_argument("--eval-every", type=int, default=10, help="recovery steps between valid ppl checks")
     p.add_argument("--refit", action="store_true", help="export with the least-squares refit of down_proj/o_proj")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--max-steps", type=int, default=40, help="recovery steps (0: exports only)")
@@ -48,6 +52,8 @@ def main() -> None:
     p.add_argument("--int8", action="store_true", help="also write and evaluate the int8 form of every folder")
     p.add_argument("--dense-int8", action="store_true", help="also the int8 export of the dense model")
     args = p.parse_args()
+    if bool(args.point) == bool(args.source):
+        p.error("give either --point (repeatable) or --from")
     runs = ROOT / "runs" / "bench" / "structured"
 
     def int8_of(source, name: str, stage: str, full: bool = False) -> None:
@@ -89,16 +95,17 @@ def main() -> None:
 
     if args.max_steps == 0:
         return
-    best = min(scored)[1]
-    out = best.with_name(best.name + "-recovered")
+    best = args.source.resolve() if args.source else min(scored)[1]
+    out = (runs / (best.name + "-recovered")) if args.source else best.with_name(best.name + "-recovered")
     record = json.loads(asft(
         "recover", "--model", str(best), "--dense", "--teacher", DENSE, "--out", str(out), "--workers", "2",
         "--zero-stage", "2", "--max-steps", str(args.max_steps), "--seqlen", str(args.seqlen),
-        "--grad-accum", str(args.grad_accum), "--lr", str(args.lr), "--seed", "0", "--checkpoint-every", "10",
-        "--eval-every", "10", "--eval-windows", "4", "--eval-seqlen", "2048", "--resume", "--json", "--no-progress"))
-    row = {"stage": "recovered", "source": str(best.relative_to(ROOT)), "folder": str(out.relative_to(ROOT)),
+        "--grad-accum", str(args.grad_accum), "--lr", str(args.lr), "--seed", "0", "--checkpoint-every", str(args.eval_every),
+        "--eval-every", str(args.eval_every), "--eval-windows", "4", "--eval-seqlen", "2048", "--resume", "--json", "--no-progress"))
+    row = {"stage": "recovered", "source": str(best), "folder": str(out.relative_to(ROOT)),
            "max_steps": args.max_steps, "lr": args.lr, "seqlen": args.seqlen, "grad_accum": args.grad_accum,
            "tokens_per_s": record["tokens_per_s"], "train_s": record["timings"]["train_s"],
+           "wall_s": record["timings"]["total_s"],
            "curve_valid_ppl": [[e["step"], e["ppl"]] for e in record["evals"]],
            "test_ppl_16w": wikitext_ppl(out, 16)["ppl"]}
     if args.full:
