@@ -169,6 +169,8 @@ class PruneConfig:
     prune_lm_head: bool = setting(False, "also prune lm_head (untied from the input embeddings, which stay dense)")
     true_sequential: bool = setting(False, "wanda/sparsegpt: prune a layer's linears group by group (q/k/v, o, gate/up, "
                                            "down), each scored on inputs through the groups already pruned")
+    channel_permutation: bool = setting(False, "N:M: reorder each MLP's intermediate channels (gate/up rows with "
+                                               "down columns: the same function) so down_proj's groups keep more")
     data_dir: str | None = None  # None: ASFT_DATA_DIR, then ../shared/data, then the hub (flag: cli._add_common)
     device: str = how_it_runs("auto")  # "auto", "cpu", "cuda", "cuda:1", ... (flag: cli._add_common)
     overwrite: bool = how_it_runs(False, "replace an --out that holds a different run")
@@ -208,6 +210,9 @@ class PruneConfig:
         if self.true_sequential and not recipe.layerwise:
             raise AsftError(f"true_sequential works with {' and '.join(LAYERWISE_METHODS)} (the layer-wise methods, "
                             f"also with refinements), not {self.method}")
+        if self.channel_permutation and (pattern.kind != "nm" or not recipe.layerwise):
+            raise AsftError(f"channel_permutation reorders channels for N:M groups: it needs an N:M pattern and a "
+                            f"layer-wise method ({', '.join(LAYERWISE_METHODS)}), not {self.method} {pattern}")
         if self.resume and not recipe.layerwise:
             raise AsftError(f"resume continues a layer-wise run ({', '.join(LAYERWISE_METHODS)}) after its last "
                             f"finished layer; {self.method} prunes in one step and has nothing to resume")
@@ -296,8 +301,9 @@ class PruneConfig:
         d["schedule"] = self.schedule_spec.to_dict()  # the content, not the file name
         if self.is_uniform:
             d.pop("schedule")  # one ratio for every layer, as before schedules existed
-        if not self.true_sequential:
-            d.pop("true_sequential")  # the default, as before the option existed
+        for flag in ("true_sequential", "channel_permutation"):
+            if not d[flag]:
+                d.pop(flag)  # the default, as before the option existed
         return d
 
 

@@ -299,9 +299,31 @@ class ResidentLayers:
         pass
 
 
-def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_sequential) -> None:
+def _permute_mlp_channels(runner, layer, pattern: Pattern) -> dict:
+    """Reorder the dense layer's MLP intermediate channels for down_proj's N:M groups
+    (pruning.permute): the same function, so every statistic after it is of the same layer."""
+    from asft_ray.pruning.permute import mlp_order, permute_mlp, retained, wanda_scores
+
+    mlp = getattr(layer, "mlp", None)
+    if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
+        raise AsftError(f"channel permutation needs a gated MLP (gate_proj, up_proj, down_proj); {type(layer).__name__} has none")
+    down = mlp.down_proj.weight.data
+    sq_norms = runner.collect(layer, hessian=False, only=["mlp.down_proj"]).sq_norm("mlp.down_proj")
+    order = mlp_order(down, sq_norms, pattern.n, pattern.m)
+    scores = wanda_scores(down, sq_norms)
+    before = retained(scores, torch.arange(order.numel()), pattern.n, pattern.m)
+    after = retained(scores, order, pattern.n, pattern.m)
+    permute_mlp(mlp, order)
+    return {"permutation_kept_score_gain": after / before - 1.0 if before else 0.0}
+
+
+def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_sequential,
+                     channel_permutation: bool = False) -> dict:
     """Prune one decoder layer's linears: all on the dense layer's inputs, or (true_sequential)
-    one input group at a time, each group's statistics taken after the groups before it were pruned."""
+    one input group at a time, each group's statistics taken after the groups before it were pruned.
+    With `channel_permutation` (N:M) the MLP's channels are reordered first. Returns what the
+    layer's report row adds."""
+    extra = _permute_mlp_channels(runner, layer, pattern) if channel_permutation else {}
     linears = prunable_linears(layer)
     hessian = resolve(method).hessian
     stats = runner.collect(layer, hessian)
@@ -314,12 +336,13 @@ def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_seque
         for name, weight in runner.prune(method, pattern, jobs, stats):
             linears[name].weight.data = weight
             return_free_memory()  # the dense weight just replaced: its heap pages back to the OS before the next linear
+    return extra
 
 
 @torch.no_grad()
 def _prune_layerwise(
     model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head=False, make_runner=LocalRunner,
-    checkpoint=None, layer_store=None, true_sequential=False,
+    checkpoint=None, layer_store=None, true_sequential=False, channel_permutation=False,
 ) -> list[dict]:
     layer_store = layer_store or ResidentLayers()
     runner = make_runner(*capture_layer0_inputs(model, calib_ids))
@@ -337,9 +360,10 @@ def _prune_layerwise(
             continue
         start = time.perf_counter()
         layer_store.load(index, layer)
-        _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_sequential)
+        extra = _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_sequential, channel_permutation)
         runner.advance(layer)
-        report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(prunable_linears(layer))})
+        report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(prunable_linears(layer)),
+                       **extra})
         if checkpoint:
             checkpoint.save_layer(index, layer, report[-1])
         layer_store.release(index, layer)
@@ -457,6 +481,7 @@ def prune_model(
     make_runner=None,
     *,
     true_sequential: bool = False,
+    channel_permutation: bool = False,
     hooks: EngineHooks | None = None,
     checkpoint=None,
     layer_store=None,
@@ -467,7 +492,9 @@ def prune_model(
     (asft_ray.methods: `wanda`, `ria+dsnot`, ...). `sparsity` is one float, or a per-layer plan
     {layer index: {linear name: sparsity}} (and "lm_head") from asft_ray.schedules.
     `true_sequential` (layer-wise methods) prunes each layer's linears group by group, as
-    described at the top of this module.
+    described at the top of this module. `channel_permutation` (N:M, layer-wise methods) reorders
+    each layer's MLP intermediate channels before pruning it (pruning.permute): the model computes
+    the same function in a layout whose down_proj keeps more under N:M.
 
     `hooks` (pruning.hooks.EngineHooks) says where the work is done: `make_runner(inputs, args,
     kwargs)` where calibration activations live and are pushed through layers (layer-wise
@@ -482,6 +509,9 @@ def prune_model(
     recipe = resolve(method)
     layer_store, make_runner = hooks.layer_store, hooks.make_runner or LocalRunner
     check_pattern_fits(model, pattern, prune_lm_head)
+    if channel_permutation and (pattern.kind != "nm" or not recipe.layerwise):
+        raise AsftError(f"channel permutation reorders channels for N:M groups with a layer-wise method, "
+                        f"not {method} {pattern}")
     if not recipe.calibrated:
         if layer_store is not None and not prune_lm_head:
             layer_store.after_capture(model)  # no inputs to capture: embeddings are not needed
@@ -491,7 +521,7 @@ def prune_model(
     if recipe.layerwise:
         return _prune_layerwise(
             model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head, make_runner, hooks.checkpoint,
-            layer_store, true_sequential,
+            layer_store, true_sequential, channel_permutation,
         )
     if layer_store is not None:  # one layer in memory: the gradients from a layer-streamed backward
         if prune_lm_head:

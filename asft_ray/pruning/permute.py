@@ -1,0 +1,112 @@
+"""Channel permutation for N:M (after RIA, Zhang et al., ICLR 2024), in the form a model can ship.
+
+N:M keeps n of each group of m consecutive inputs of a row. When the important input channels of
+a linear sit next to each other, their groups must drop some of them; reordering the inputs so
+that every group mixes strong and weak channels keeps more of what matters. RIA permutes every
+linear's inputs, which a runtime would have to undo with an index-select of the activations.
+This module permutes only what costs nothing: the intermediate channels of a gated MLP. Reordering
+gate_proj's and up_proj's rows together with down_proj's columns gives the same function (every
+channel keeps its own gate, up and down weights), and it moves no N:M group of gate/up (their
+groups run along the hidden inputs, which do not move). So down_proj, the MLP's widest input, gets
+a permutation chosen for its N:M groups, and the saved model is an ordinary dense-layout model.
+
+The permutation is chosen from Wanda's scores |W_ij| * ||X_j|| of down_proj: channels are dealt
+to groups in snake order of their summed score (the strongest m/n... spread one per group), then
+pairs of channels in different groups are swapped while that raises the score the N:M mask keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+REFINE_ROWS = 1024  # rows of the score matrix the swap search evaluates (evenly spaced); all when fewer
+SHIFTS = 4  # group offsets the swap search tries (m*m slot pairs each)
+
+
+def retained(scores: torch.Tensor, order: torch.Tensor, n: int, m: int) -> float:
+    """The summed score an n:m mask keeps of `scores` [rows, inputs] with its inputs in `order`."""
+    grouped = scores[:, order].view(scores.shape[0], -1, m)
+    return grouped.topk(n, dim=2).values.sum().item()
+
+
+def snake_order(column_importance: torch.Tensor, m: int) -> torch.Tensor:
+    """Inputs dealt to groups of m: ranked by importance, rank r goes to group r mod G on even
+    passes and G - 1 - (r mod G) on odd ones, so each group gets one channel of every tier."""
+    width = column_importance.numel()
+    groups = width // m
+    ranked = torch.sort(column_importance, descending=True, stable=True).indices
+    rank = torch.arange(width)
+    tier, k = rank // groups, rank % groups
+    group = torch.where(tier % 2 == 0, k, groups - 1 - k)
+    order = torch.empty(width, dtype=torch.long)
+    order[group * m + tier] = ranked
+    return order
+
+
+def _group_keep(grouped: torch.Tensor, n: int) -> torch.Tensor:
+    """Per group: the summed top-n score over rows. grouped: [rows, G, m] -> [G]."""
+    return grouped.topk(n, dim=2).values.sum(dim=(0, 2))
+
+
+@torch.no_grad()
+def refine_order(scores: torch.Tensor, order: torch.Tensor, n: int, m: int, shifts: int = SHIFTS,
+                 rounds: int = 1) -> torch.Tensor:
+    """Swap inputs between groups while the kept score rises. Each step tries, for one group
+    offset s (1..`shifts`) and one pair of slots (a, b), the swap of slot a of every group g with
+    slot b of group g + s, all groups at once; the gaining swaps are applied greedily, largest gain
+    first, with each group in at most one swap per step. `rounds` passes over every offset and slot pair."""
+    if scores.shape[0] > REFINE_ROWS:  # the search reads a fixed subset of rows; the result is exact for them
+        scores = scores[torch.linspace(0, scores.shape[0] - 1, REFINE_ROWS).long()]
+    scores = scores.double()
+    order = order.clone()
+    groups = order.numel() // m
+    for _ in range(rounds):
+        improved = False
+        for shift in range(1, min(groups, shifts + 1)):
+            for a in range(m):
+                for b in range(m):
+                    grouped = scores[:, order].view(scores.shape[0], groups, m)
+                    base = _group_keep(grouped, n)
+                    partner = torch.roll(torch.arange(groups), -shift)  # group g swaps with g + shift
+                    mine, theirs = grouped.clone(), grouped[:, partner].clone()
+                    mine[:, :, a] = grouped[:, partner, b]
+                    theirs[:, :, b] = grouped[:, :, a]
+                    gain = _group_keep(mine, n) + _group_keep(theirs, n) - base - base[partner]
+                    if not (gain > 1e-12).any():
+                        continue
+                    used = torch.zeros(groups, dtype=torch.bool)
+                    for g in torch.argsort(gain, descending=True).tolist():
+                        if gain[g] <= 1e-12:
+                            break
+                        p = int(partner[g])
+                        if used[g] or used[p]:
+                            continue
+                        used[g] = used[p] = True
+                        i, j = g * m + a, p * m + b
+                        order[i], order[j] = order[j].clone(), order[i].clone()
+                        improved = True
+        if not improved:
+            break
+    return order
+
+
+def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j|| in float64 (sq_norms[j] = sum of x_j^2 over the calibration tokens)."""
+    return weight.detach().abs().double() * sq_norms.double().sqrt().unsqueeze(0)
+
+
+def mlp_order(down_weight: torch.Tensor, sq_norms: torch.Tensor, n: int, m: int, shifts: int = SHIFTS) -> torch.Tensor:
+    """The order of a gated MLP's intermediate channels for down_proj's n:m groups."""
+    scores = wanda_scores(down_weight, sq_norms)
+    return refine_order(scores, snake_order(scores.sum(0), m), n, m, shifts)
+
+
+@torch.no_grad()
+def permute_mlp(mlp: nn.Module, order: torch.Tensor) -> None:
+    """Reorder a gated MLP's intermediate channels in place: the same function, new layout."""
+    for linear in (mlp.gate_proj, mlp.up_proj):
+        linear.weight.data = linear.weight.data[order].contiguous()
+        if linear.bias is not None:
+            linear.bias.data = linear.bias.data[order].contiguous()
+    mlp.down_proj.weight.data = mlp.down_proj.weight.data[:, order].contiguous()
