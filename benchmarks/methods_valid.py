@@ -6,6 +6,7 @@ computed here (they are reported once, after a choice is made on valid).
 
     flock /tmp/asft-heavy.lock python benchmarks/methods_valid.py --nsamples 8 --windows 8
     ... --true-sequential --methods sparsegpt   (each linear group pruned on the outputs of the pruned groups before it)
+    ... --patterns 2:4 --channel-permutation --methods sparsegpt   (MLP channels reordered for N:M first)
 
 Rows already in results/methods_valid.jsonl (same method, pattern, nsamples, windows) are skipped.
 """
@@ -33,29 +34,35 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--true-sequential", action="store_true",
                         help="prune each layer's linears group by group (asft_ray.pruning.engine)")
+    parser.add_argument("--channel-permutation", action="store_true",
+                        help="N:M: reorder each MLP's intermediate channels first (asft_ray.pruning.permute)")
     args = parser.parse_args()
-    done = {(r["method"], r["pattern"], r["nsamples"], r["windows"], r.get("true_sequential", False))
-            for r in read_rows("methods_valid")}
+    done = {(r["method"], r["pattern"], r["nsamples"], r["windows"], r.get("true_sequential", False),
+             r.get("channel_permutation", False)) for r in read_rows("methods_valid")}
     model, tokenizer = load_model("smollm2-135m", "cpu", show_progress=False)
     calib = sample_calibration(c4_documents(), tokenizer, args.nsamples, 2048, 0)
     valid = wikitext2_ids(tokenizer, "valid")
     base = {"nsamples": args.nsamples, "windows": args.windows, "sparsity": 0.5}
-    if ("dense", "-", args.nsamples, args.windows, False) not in done:
+    if ("dense", "-", args.nsamples, args.windows, False, False) not in done:
         append_row("methods_valid", {**base, "method": "dense", "pattern": "-",
                                      "ppl_valid": perplexity(model, valid, 2048, args.windows, False)["ppl"]})
     for pattern in args.patterns:
         for method in args.methods:
-            if (method, pattern, args.nsamples, args.windows, args.true_sequential) in done:
+            if (method, pattern, args.nsamples, args.windows, args.true_sequential, args.channel_permutation) in done:
                 continue
             pruned = copy.deepcopy(model)
             start = time.perf_counter()
-            prune_model(pruned, method, Pattern.parse(pattern), 0.5, calib, show_progress=False,
-                        true_sequential=args.true_sequential)
+            report = prune_model(pruned, method, Pattern.parse(pattern), 0.5, calib, show_progress=False,
+                                 true_sequential=args.true_sequential, channel_permutation=args.channel_permutation)
             prune_s = time.perf_counter() - start
             ppl = perplexity(pruned, valid, 2048, args.windows, False)["ppl"]
-            append_row("methods_valid", {**base, "method": method, "pattern": pattern, "ppl_valid": ppl,
-                                         "true_sequential": args.true_sequential,
-                                         "prune_s": round(prune_s, 1)})
+            row = {**base, "method": method, "pattern": pattern, "ppl_valid": ppl,
+                   "true_sequential": args.true_sequential, "prune_s": round(prune_s, 1)}
+            if args.channel_permutation:
+                gains = [r["permutation_kept_score_gain"] for r in report]
+                row.update(channel_permutation=True, kept_score_gain_mean=sum(gains) / len(gains),
+                           kept_score_gain_min=min(gains), kept_score_gain_max=max(gains))
+            append_row("methods_valid", row)
             del pruned
 
 
