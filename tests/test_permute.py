@@ -24,6 +24,18 @@ def test_snake_order_deals_one_strong_channel_to_each_group_by_hand():
     assert retained(scores, order, 2, 4) == 10 + 9 + 8 + 7
 
 
+def test_column_importance_in_row_blocks_and_sampled_rows():
+    from asft_ray.pruning.permute import REFINE_ROWS, column_importance, sampled_rows
+
+    w, sq = torch.randn(300, 16), torch.rand(16)
+    exact = (w.abs().double() * sq.double().sqrt()).sum(0)
+    torch.testing.assert_close(column_importance(w, sq, block=7), exact)
+    tall = torch.arange(3 * REFINE_ROWS).float().unsqueeze(1)
+    picked = sampled_rows(tall)
+    assert picked.shape[0] == REFINE_ROWS and picked[0, 0] == 0 and picked[-1, 0] == 3 * REFINE_ROWS - 1
+    assert sampled_rows(w) is w
+
+
 def test_the_swap_search_only_raises_the_kept_score_and_stays_a_permutation():
     torch.manual_seed(0)
     scores = torch.randn(64, 256).abs() * torch.rand(256).pow(4).unsqueeze(0)  # heavy-tailed columns
@@ -37,8 +49,11 @@ def test_a_permuted_mlp_computes_the_same_function(tiny_model):
     mlp = copy.deepcopy(decoder_layers(tiny_model)[0].mlp)
     x = torch.randn(3, 5, mlp.gate_proj.in_features)
     before = mlp(x)
-    order = mlp_order(mlp.down_proj.weight, torch.rand(mlp.down_proj.in_features), 2, 4)
-    assert not torch.equal(order, torch.arange(order.numel()))
+    sq_norms = torch.rand(mlp.down_proj.in_features)
+    order, gain = mlp_order(mlp.down_proj.weight, sq_norms, 2, 4)
+    assert not torch.equal(order, torch.arange(order.numel())) and gain > 0
+    scores = mlp.down_proj.weight.detach().abs().double() * sq_norms.double().sqrt()
+    assert gain == pytest.approx(retained(scores, order, 2, 4) / retained(scores, torch.arange(order.numel()), 2, 4) - 1)
     permute_mlp(mlp, order)
     torch.testing.assert_close(mlp(x), before, rtol=1e-5, atol=1e-6)
 

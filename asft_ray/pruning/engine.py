@@ -302,19 +302,15 @@ class ResidentLayers:
 def _permute_mlp_channels(runner, layer, pattern: Pattern) -> dict:
     """Reorder the dense layer's MLP intermediate channels for down_proj's N:M groups
     (pruning.permute): the same function, so every statistic after it is of the same layer."""
-    from asft_ray.pruning.permute import mlp_order, permute_mlp, retained, wanda_scores
+    from asft_ray.pruning.permute import mlp_order, permute_mlp
 
     mlp = getattr(layer, "mlp", None)
     if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
         raise AsftError(f"channel permutation needs a gated MLP (gate_proj, up_proj, down_proj); {type(layer).__name__} has none")
-    down = mlp.down_proj.weight.data
     sq_norms = runner.collect(layer, hessian=False, only=["mlp.down_proj"]).sq_norm("mlp.down_proj")
-    order = mlp_order(down, sq_norms, pattern.n, pattern.m)
-    scores = wanda_scores(down, sq_norms)
-    before = retained(scores, torch.arange(order.numel()), pattern.n, pattern.m)
-    after = retained(scores, order, pattern.n, pattern.m)
+    order, gain = mlp_order(mlp.down_proj.weight.data, sq_norms, pattern.n, pattern.m)
     permute_mlp(mlp, order)
-    return {"permutation_kept_score_gain": after / before - 1.0 if before else 0.0}
+    return {"permutation_kept_score_gain": gain}
 
 
 def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_sequential,
