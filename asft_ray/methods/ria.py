@@ -1,7 +1,7 @@
 """RIA (Zhang et al., ICLR 2024): relative importance times ||X||^0.5, compared per output row.
 
-N:M keeps the n best of each group of m inputs; the paper's channel permutation for N:M is not
-implemented."""
+N:M keeps the n best of each group of m inputs. The paper's channel permutation for N:M is the
+engine's `channel_permutation` (pruning/permute.py), in a deployable form: MLP channels only."""
 
 from asft_ray.methods.registry import Method, register
 
