@@ -9,6 +9,8 @@ variable set to stay in bounds:
   * `asft staged` with Wanda, 2 workers, stages 30 % -> 50 % and a gate of 4 windows (streamed);
   * `asft export --format compressed` of the pruned model (streamed: one decoder layer at a time);
   * `asft prune --method fisher --workers 2` (the layer-streamed backward; the workers are not used);
+  * `asft prune --method wanda --pattern 2:4 --channel-permutation --workers 2`, and the same without
+    the permutation (its extra statistics pass and order search per layer);
   * `asft prune --method sparsegpt --workers 2` on the bf16 copy (output size = input size).
 
 Each command runs under a sampler of /proc (benchmarks/memory_streaming.PeakRss) that records the
@@ -145,6 +147,12 @@ def main():
         "staged-wanda-w2": ["staged", str(_staged_config(work, fp32, opts)), "--overwrite"],
         "export-compressed": ["export", "--model", str(work / "sgpt-w2"), "--format", "compressed",
                               "--out", str(work / "sgpt-w2-compressed"), "--overwrite"],
+        # N:M with the MLP channel permutation (an extra statistics pass and the order search per layer)
+        # next to the same prune without it
+        "wanda-2of4-perm-w2": ["prune", "--model", str(fp32), "--method", "wanda", "--pattern", "2:4",
+                               "--channel-permutation", "--workers", "2", "--out", str(work / "wanda24-perm-w2"), *calib],
+        "wanda-2of4-w2": ["prune", "--model", str(fp32), "--method", "wanda", "--pattern", "2:4",
+                          "--workers", "2", "--out", str(work / "wanda24-w2"), *calib],
         "fisher-fp32-w2": ["prune", "--model", str(fp32), "--method", "fisher", "--sparsity", "0.5",
                            "--workers", "2", "--out", str(work / "fisher-w2"), *calib],
         "sparsegpt-bf16-w2": ["prune", "--model", str(bf16), "--method", "sparsegpt", "--sparsity", "0.5",
