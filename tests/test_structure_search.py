@@ -109,6 +109,8 @@ def test_a_search_folder_asft_did_not_write_is_refused(tiny_model_dir, tmp_path)
     (["--cost-target", "0.7", "--cost-search", "-1"], "number of validation windows"),
     (["--cost-target", "0.7", "--cost-search", "2", "--search-cpus", "0"], "must be above 0"),
     (["--cost-target", "0.7", "--cost-search", "100000"], "fewer than 100000 windows of 2048 tokens"),
+    (["--cost-target", "0.7", "--cost-search", "2", "--search-cpus", "64"],
+     "a cost-search trial can never be placed: it asks 64 CPU each (the largest node has"),
 ])
 def test_bad_search_flags_fail_with_one_line(tiny_model_dir, cost_model_file, tmp_path, capsys, flags, message):
     out = tmp_path / "bad"

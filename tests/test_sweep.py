@@ -75,6 +75,16 @@ def test_bad_sweep_configs_fail_at_once(change, message, tmp_path):
         SweepConfig.from_dict(values)
 
 
+def test_a_trial_no_node_can_hold_fails_before_any_work(local_ray, tmp_path):
+    from asft_ray.tune import run_sweep
+
+    cfg = SweepConfig.from_dict({"model": "smollm2-135m", "method": "wanda", "sparsity": 0.6,
+                                 "out": str(tmp_path / "s"), "cpus_per_trial": 64})
+    with pytest.raises(AsftError, match=r"a sweep trial can never be placed: it asks 64 CPU each"):
+        run_sweep(cfg, show_progress=False)
+    assert not (tmp_path / "s").exists()
+
+
 def test_the_repo_sweep_config_parses():
     from asft_ray.config import load_yaml
     from tests.conftest import REPO
