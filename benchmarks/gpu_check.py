@@ -9,7 +9,8 @@ directory so the streamed engine reads it layer by layer):
 2. streamed zero-shot (arc_easy and piqa, 100 items each) of the pruned model with its requests on
    2 GPU actors against 2 CPU actors (mean accuracy within 0.01);
 3. the recovery check (`benchmarks/gpu_check_recovery.py`: ZeRO-3, bf16, distillation);
-4. the 2:4 semi-structured export (CUDA sparse kernels) and its speed (`asft export`);
+4. the 2:4 semi-structured export (CUDA sparse kernels) and its speed (`asft export`), of a 2:4
+   prune with `--channel-permutation` (its statistics from GPU actors);
 5. SparseGPT 50 % on GPU against CPU actors (ppl within 1 %), last: its CPU run is the slowest.
 A check that fails is recorded with its error and the rest still run; none starts after `--budget-s`.
 
@@ -117,8 +118,8 @@ def main() -> int:
 
     def semistructured_export() -> dict:
         nm_dir = out / "wanda-2of4"
-        asft("prune", "--model", str(dense), "--method", "wanda", "--pattern", "2:4", "--nsamples", str(args.nsamples),
-             "--workers", "2", "--worker-gpus", "0.5", "--out", str(nm_dir), "--overwrite")
+        asft("prune", "--model", str(dense), "--method", "wanda", "--pattern", "2:4", "--channel-permutation",
+             "--nsamples", str(args.nsamples), "--workers", "2", "--worker-gpus", "0.5", "--out", str(nm_dir), "--overwrite")
         return asft("export", "--model", str(nm_dir), "--format", "semistructured", "--out",
                     str(out / "semistructured"), "--overwrite")
 
