@@ -11,7 +11,15 @@ from asft_ray.errors import AsftError
 from asft_ray.models import decoder_layers, prunable_linears
 from asft_ray.pruning.engine import prune_model
 from asft_ray.pruning.masks import is_valid_nm
-from asft_ray.pruning.permute import mlp_order, permute_mlp, refine_order, retained, snake_order
+from asft_ray.pruning.permute import (
+    attention_orders,
+    mlp_order,
+    permute_attention_values,
+    permute_mlp,
+    refine_order,
+    retained,
+    snake_order,
+)
 
 
 def test_snake_order_deals_one_strong_channel_to_each_group_by_hand():
@@ -58,6 +66,24 @@ def test_a_permuted_mlp_computes_the_same_function(tiny_model):
     torch.testing.assert_close(mlp(x), before, rtol=1e-5, atol=1e-6)
 
 
+def test_a_model_with_every_mlp_and_value_head_permuted_computes_the_same_logits(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
+    before = model(input_ids=ids).logits
+    torch.manual_seed(1)
+    for layer in decoder_layers(model):
+        attn = layer.self_attn  # 4 query heads on 2 KV heads of 16 dims
+        o_order, v_order, gain = attention_orders(attn.o_proj.weight, torch.rand(64) ** 4, 4, 2, 2, 4)
+        assert gain >= 0 and sorted(v_order.tolist()) == list(range(32)) and sorted(o_order.tolist()) == list(range(64))
+        assert all(set(v_order[k * 16:(k + 1) * 16].tolist()) == set(range(k * 16, (k + 1) * 16)) for k in range(2))
+        # query heads 0 and 1 read KV head 0: their o_proj columns move as its value dimensions do
+        assert torch.equal(o_order[:16], v_order[:16]) and torch.equal(o_order[16:32], v_order[:16] + 16)
+        assert torch.equal(o_order[32:48], v_order[16:] + 16) and not torch.equal(v_order, torch.arange(32))
+        permute_attention_values(attn, o_order, v_order)
+        permute_mlp(layer.mlp, mlp_order(layer.mlp.down_proj.weight, torch.rand(128) ** 4, 2, 4)[0])
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
 def _pruned(model, calib_ids, method, permute, make_runner=None):
     model = copy.deepcopy(model)
     report = prune_model(model, method, Pattern.parse("2:4"), 0.5, calib_ids, show_progress=False,
@@ -72,7 +98,8 @@ def test_the_engine_permutes_each_mlp_then_prunes_it_exactly(tiny_model, calib_i
     permuted, report = _pruned(tiny_model, calib_ids, "wanda", True)
     for key, weight in permuted.items():
         assert is_valid_nm(weight, 2, 4), key
-    assert all(row["permutation_kept_score_gain"] >= 0 for row in report) and len(report) == 2
+    assert len(report) == 2 and all(row["permutation_kept_score_gain"] >= 0 for row in report)
+    assert all(row["o_proj_permutation_kept_score_gain"] >= 0 for row in report)
     # Layer 0 sees the same inputs either way and Wanda's 2:4 masks are per row and per group of
     # hidden inputs, which do not move: gate/up come out as the plain run's rows, reordered,
     # and down's columns are the plain model's channels in the same new order.
@@ -84,6 +111,11 @@ def test_the_engine_permutes_each_mlp_then_prunes_it_exactly(tiny_model, calib_i
     dense_down = decoder_layers(tiny_model)[0].mlp.down_proj.weight[:, order]
     kept = permuted["0.mlp.down_proj"] != 0
     assert torch.equal(permuted["0.mlp.down_proj"][kept], dense_down[kept])  # Wanda keeps values as they are
+    # v_proj: the plain run's rows, each moved within its own KV head's block of 16
+    v_rows = {tuple(r.tolist()): i for i, r in enumerate(plain["0.self_attn.v_proj"])}
+    v_order = [v_rows[tuple(r.tolist())] for r in permuted["0.self_attn.v_proj"]]
+    assert sorted(v_order) == list(range(32)) and all(v // 16 == i // 16 for i, v in enumerate(v_order))
+    assert v_order != list(range(32))
 
 
 def test_one_and_two_workers_and_the_streamed_run_permute_alike(scoring_pool, tiny_model, tiny_model_dir, calib_ids,

@@ -299,18 +299,32 @@ class ResidentLayers:
         pass
 
 
-def _permute_mlp_channels(runner, layer, pattern: Pattern) -> dict:
-    """Reorder the dense layer's MLP intermediate channels for down_proj's N:M groups
-    (pruning.permute): the same function, so every statistic after it is of the same layer."""
-    from asft_ray.pruning.permute import mlp_order, permute_mlp
+def _permute_channels(runner, layer, pattern: Pattern) -> dict:
+    """Reorder the dense layer's MLP intermediate channels for down_proj's N:M groups, and each KV
+    head's value dimensions for o_proj's (pruning.permute): the same function, so every statistic
+    after it is of the same layer."""
+    from asft_ray.pruning.permute import attention_orders, mlp_order, permute_attention_values, permute_mlp
 
-    mlp = getattr(layer, "mlp", None)
+    mlp, attn = getattr(layer, "mlp", None), getattr(layer, "self_attn", None)
     if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
         raise AsftError(f"channel permutation needs a gated MLP (gate_proj, up_proj, down_proj); {type(layer).__name__} has none")
-    sq_norms = runner.collect(layer, hessian=False, only=["mlp.down_proj"]).sq_norm("mlp.down_proj")
-    order, gain = mlp_order(mlp.down_proj.weight.data, sq_norms, pattern.n, pattern.m)
+    targets = ["mlp.down_proj"]
+    head_dim = getattr(attn, "head_dim", None)
+    permute_values = head_dim is not None and all(hasattr(attn, n) for n in ("v_proj", "o_proj")) \
+        and head_dim % pattern.m == 0
+    if permute_values:
+        targets.append("self_attn.o_proj")
+    stats = runner.collect(layer, hessian=False, only=targets)
+    order, mlp_gain = mlp_order(mlp.down_proj.weight.data, stats.sq_norm("mlp.down_proj"), pattern.n, pattern.m)
     permute_mlp(mlp, order)
-    return {"permutation_kept_score_gain": gain}
+    extra = {"permutation_kept_score_gain": mlp_gain}
+    if permute_values:
+        n_heads, n_kv = attn.o_proj.in_features // head_dim, attn.v_proj.out_features // head_dim
+        o_order, v_order, gain = attention_orders(attn.o_proj.weight.data, stats.sq_norm("self_attn.o_proj"),
+                                                  n_heads, n_kv, pattern.n, pattern.m)
+        permute_attention_values(attn, o_order, v_order)
+        extra["o_proj_permutation_kept_score_gain"] = gain
+    return extra
 
 
 def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_sequential,
@@ -319,7 +333,7 @@ def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_seque
     one input group at a time, each group's statistics taken after the groups before it were pruned.
     With `channel_permutation` (N:M) the MLP's channels are reordered first. Returns what the
     layer's report row adds."""
-    extra = _permute_mlp_channels(runner, layer, pattern) if channel_permutation else {}
+    extra = _permute_channels(runner, layer, pattern) if channel_permutation else {}
     linears = prunable_linears(layer)
     hessian = resolve(method).hessian
     stats = runner.collect(layer, hessian)
@@ -489,8 +503,9 @@ def prune_model(
     {layer index: {linear name: sparsity}} (and "lm_head") from asft_ray.schedules.
     `true_sequential` (layer-wise methods) prunes each layer's linears group by group, as
     described at the top of this module. `channel_permutation` (N:M, layer-wise methods) reorders
-    each layer's MLP intermediate channels before pruning it (pruning.permute): the model computes
-    the same function in a layout whose down_proj keeps more under N:M.
+    each layer's MLP intermediate channels and each KV head's value dimensions before pruning it
+    (pruning.permute): the model computes the same function in a layout whose down_proj and
+    o_proj keep more under N:M.
 
     `hooks` (pruning.hooks.EngineHooks) says where the work is done: `make_runner(inputs, args,
     kwargs)` where calibration activations live and are pushed through layers (layer-wise

@@ -10,6 +10,11 @@ channel keeps its own gate, up and down weights), and it moves no N:M group of g
 groups run along the hidden inputs, which do not move). So down_proj, the MLP's widest input, gets
 a permutation chosen for its N:M groups, and the saved model is an ordinary dense-layout model.
 
+The same holds inside attention for o_proj: its inputs are the heads' outputs, each a weighting
+of its KV head's value vectors, so reordering the dimensions of one KV head (its v_proj rows)
+reorders the matching o_proj columns of every query head that shares it. One order per KV head,
+chosen over the o_proj columns of all its query heads at once (rotary embeddings touch q and k only).
+
 The permutation is chosen from Wanda's scores |W_ij| * ||X_j|| of down_proj: channels are dealt
 to groups in snake order of their summed score (the strongest m/n... spread one per group), then
 pairs of channels in different groups are swapped while that raises the score the N:M mask keeps.
@@ -120,6 +125,34 @@ def mlp_order(down_weight: torch.Tensor, sq_norms: torch.Tensor, n: int, m: int,
     order = refine_order(sample, snake_order(column_importance(down_weight, sq_norms), m), n, m, shifts)
     before = retained(sample, torch.arange(order.numel()), n, m)
     return order, (retained(sample, order, n, m) / before - 1.0) if before else 0.0
+
+
+def attention_orders(o_weight: torch.Tensor, sq_norms: torch.Tensor, n_heads: int, n_kv: int, n: int, m: int,
+                     shifts: int = SHIFTS) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(o_proj column order, v_proj row order, relative kept-score gain) for o_proj's n:m groups:
+    one order of head_dim per KV head, applied to its v rows and to the o_proj columns of each
+    query head h that reads it (h // (n_heads / n_kv), as in repeat_kv). The gain is measured as
+    in mlp_order."""
+    head_dim, rep = o_weight.shape[1] // n_heads, n_heads // n_kv
+    sample = wanda_scores(sampled_rows(o_weight), sq_norms)
+    kv_orders = []
+    for kv in range(n_kv):  # the query heads of this KV head stacked as rows: one order serves them all
+        block = torch.cat([sample[:, h * head_dim:(h + 1) * head_dim] for h in range(kv * rep, (kv + 1) * rep)])
+        kv_orders.append(refine_order(block, snake_order(block.sum(0), m), n, m, shifts))
+    o_order = torch.cat([h * head_dim + kv_orders[h // rep] for h in range(n_heads)])
+    v_order = torch.cat([kv * head_dim + order for kv, order in enumerate(kv_orders)])
+    before = retained(sample, torch.arange(o_order.numel()), n, m)
+    return o_order, v_order, (retained(sample, o_order, n, m) / before - 1.0) if before else 0.0
+
+
+@torch.no_grad()
+def permute_attention_values(attn: nn.Module, o_order: torch.Tensor, v_order: torch.Tensor) -> None:
+    """Reorder v_proj's rows and o_proj's columns in place: the same function, new layout."""
+    v, o = attn.v_proj, attn.o_proj
+    v.weight.data = v.weight.data[v_order.to(v.weight.device)].contiguous()
+    if v.bias is not None:
+        v.bias.data = v.bias.data[v_order.to(v.bias.device)].contiguous()
+    o.weight.data = o.weight.data[:, o_order.to(o.weight.device)].contiguous()
 
 
 @torch.no_grad()
