@@ -59,9 +59,12 @@ def main() -> None:
             row = {**base, "method": method, "pattern": pattern, "ppl_valid": ppl,
                    "true_sequential": args.true_sequential, "prune_s": round(prune_s, 1)}
             if args.channel_permutation:
-                gains = [r["permutation_kept_score_gain"] for r in report]
-                row.update(channel_permutation=True, kept_score_gain_mean=sum(gains) / len(gains),
-                           kept_score_gain_min=min(gains), kept_score_gain_max=max(gains))
+                row["channel_permutation"] = True
+                for key, name in (("permutation_kept_score_gain", "down"), ("o_proj_permutation_kept_score_gain", "o")):
+                    gains = [r[key] for r in report if key in r]
+                    if gains:
+                        row[f"{name}_kept_score_gain"] = {"mean": sum(gains) / len(gains), "min": min(gains),
+                                                          "max": max(gains)}
             append_row("methods_valid", row)
             del pruned
 
