@@ -57,6 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", default=None, help="sweep folder (overrides the config's out); an existing sweep there resumes")
     w.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded one)")
     w.add_argument("--no-progress", action="store_true", help="quiet")
+    w.add_argument("--json", action="store_true", help="print the sweep's summary (best trial, timings) as JSON")
     for verb in ("approve", "reject"):
         a = sub.add_parser(verb, help=f"{verb} the stage a staged run with `gate: manual` is waiting on")
         a.add_argument("run", help="the staged run's folder")
@@ -223,12 +224,21 @@ def _sweep(args) -> None:
     cfg.check_fits_model(model_config(cfg.prune.model))
     owned = init_ray(args.address)
     try:
-        summary = run_sweep(cfg, show_progress=not args.no_progress)
+        if args.json:  # Tune prints tables: stdout stays the summary's
+            import contextlib
+
+            with contextlib.redirect_stdout(sys.stderr):
+                summary = run_sweep(cfg, show_progress=not args.no_progress)
+        else:
+            summary = run_sweep(cfg, show_progress=not args.no_progress)
     finally:
         if owned:  # our embedded cluster: stop it (a cluster we joined is left running)
             import ray
 
             ray.shutdown()
+    if args.json:
+        print(json.dumps(summary, default=str))
+        return
     best = summary["best"]
     print(f"{summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA) in {summary['sweep_s']:.0f}s; "
           f"best validation ppl {best['val_ppl']:.3f} -> {cfg.prune.out}/best_schedule.yaml")

@@ -9,6 +9,8 @@ variable set to stay in bounds:
   * `asft staged` with Wanda, 2 workers, stages 30 % -> 50 % and a gate of 4 windows (streamed);
   * `asft export --format compressed` of the pruned model (streamed: one decoder layer at a time);
   * `asft prune --method fisher --workers 2` (the layer-streamed backward; the workers are not used);
+  * `asft sweep` of Wanda 50 % schedules, 2 trials at once (each streams the model: prune and
+    validation one layer at a time);
   * `asft prune --method wanda --pattern 2:4 --channel-permutation --workers 2`, and the same without
     the permutation (its extra statistics pass and order search per layer);
   * `asft prune --method sparsegpt --workers 2` on the bf16 copy (output size = input size).
@@ -62,7 +64,8 @@ def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
            "max_peak_bytes": max(peaks.values()), "max_private_bytes": max(private.values()),
            **{f"max_peak_fraction_of_{k}": max(peaks.values()) / v for k, v in weight_bytes.items()}}
     for key in ("timings", "sparsity", "ppl", "seconds", "windows", "tokens", "window_nll", "streamed",
-                "file_ratio", "weights_file_bytes", "dense", "results", "final", "cost_plan", "parameter_ratio"):
+                "file_ratio", "weights_file_bytes", "dense", "results", "final", "cost_plan", "parameter_ratio",
+                "trials", "completed", "best", "prepare_s", "sweep_s"):
         if key in record:
             row[key] = record[key] if key != "sparsity" or not isinstance(record[key], dict) else record[key]["total"]
     append_row("large_model", row)
@@ -108,6 +111,17 @@ def _staged_config(work: Path, model: Path, opts) -> Path:
     return config
 
 
+def _sweep_config(work: Path, model: Path, opts) -> Path:
+    """A 2-trial schedule sweep of the streamed model (each trial prunes and evaluates it a layer at a time)."""
+    import yaml
+
+    config = work / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(model), "method": "wanda", "sparsity": 0.5, "nsamples": opts.nsamples, "seqlen": opts.seqlen,
+        "out": str(work / "sweep"), "trials": 2, "concurrency": 2, "val_windows": 2, "groups": 2}))
+    return config
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
@@ -145,6 +159,7 @@ def main():
         "eval-w2": ["eval", "--model", str(work / opts.eval_model), "--workers", "2", *evaluation],
         "eval-w1": ["eval", "--model", str(work / opts.eval_model), "--workers", "1", *evaluation],
         "staged-wanda-w2": ["staged", str(_staged_config(work, fp32, opts)), "--overwrite"],
+        "sweep-wanda": ["sweep", str(_sweep_config(work, fp32, opts))],
         "export-compressed": ["export", "--model", str(work / "sgpt-w2"), "--format", "compressed",
                               "--out", str(work / "sgpt-w2-compressed"), "--overwrite"],
         # N:M with the MLP channel permutation (an extra statistics pass and the order search per layer)
@@ -169,6 +184,8 @@ def main():
         if opts.only is None or label in opts.only:
             if label == "staged-wanda-w2":  # a staged run resumes the stages it finds: measure a fresh one
                 shutil.rmtree(work / "staged-w2", ignore_errors=True)
+            if label == "sweep-wanda":  # likewise a sweep resumes its trials
+                shutil.rmtree(work / "sweep", ignore_errors=True)
             rows[label] = run_measured(label, args, sizes)
     summary = {}
     if opts.only is not None and "structured-cost-check" in opts.only:

@@ -13,10 +13,11 @@ from asft_ray.tune import SweepConfig, run_sweep
 
 def _values(tiny_model_dir, out, **extra):
     return {"model": str(tiny_model_dir), "method": "wanda", "sparsity": 0.6, "nsamples": 2, "seqlen": 64,
-            "out": str(out), "trials": 6, "concurrency": 2, "val_windows": 4, "device": "cpu", **extra}
+            "out": str(out), "trials": 6, "concurrency": 2, "val_windows": 4, "groups": 2, "device": "cpu", **extra}
 
 
-def test_sweep_runs_trials_stops_some_early_and_writes_a_reusable_schedule(local_ray, tiny_model_dir, tmp_path):
+def test_sweep_runs_trials_stops_some_early_and_writes_a_reusable_schedule(local_ray, tiny_model_dir, tmp_path,
+                                                                           capsys):
     cfg = SweepConfig.from_dict(_values(tiny_model_dir, tmp_path / "sweep"))
     summary = run_sweep(cfg, show_progress=False)
     out = tmp_path / "sweep"
@@ -58,8 +59,15 @@ def test_sweep_runs_trials_stops_some_early_and_writes_a_reusable_schedule(local
     pruned, tokenizer = load_model(str(tmp_path / "check"), "cpu", show_progress=False)
     ids = wikitext2_ids(tokenizer, "valid", None)[:, : 4 * 64]
     assert perplexity(pruned, ids, 64, 4, show_progress=False)["ppl"] == pytest.approx(best["val_ppl"], rel=1e-5)
-    # resuming a finished sweep restores it instead of starting over
-    again = run_sweep(cfg, show_progress=False)
+    # resuming a finished sweep restores it instead of starting over; `asft sweep --json` prints the summary
+    import yaml
+
+    from asft_ray.cli import main
+
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(_values(tiny_model_dir, out)))
+    capsys.readouterr()
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--json", "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out)
     assert again["trials"] == 6 and again["best"]["val_ppl"] == best["val_ppl"]
 
 
