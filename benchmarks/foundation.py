@@ -63,8 +63,11 @@ REFERENCE = {
 }
 
 
+MODES = {"true-sequential": "-ts", "channel-permutation": "-cp"}  # an `asft prune` flag a row adds: its key suffix
+
+
 def row_key(method: str, pattern: str, nsamples: int, mode: str = "") -> str:
-    return f"{method}-{pattern}" + (f"-n{nsamples}" if nsamples not in (0, 32) else "") + ("-ts" if mode else "")
+    return f"{method}-{pattern}" + (f"-n{nsamples}" if nsamples not in (0, 32) else "") + MODES.get(mode, "")
 
 
 def done_rows(results: str = "foundation") -> dict:
@@ -86,7 +89,7 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict, runs: Path, mo
             model, prune = best["model_dir"], None
             method = f"{best['method']} (best 50 %)"
     else:
-        out = runs / (f"{method}-{pattern.replace(':', 'of')}-n{nsamples}" + ("-ts" if mode else ""))
+        out = runs / (f"{method}-{pattern.replace(':', 'of')}-n{nsamples}" + MODES.get(mode, ""))
         args = ["prune", "--model", MODEL, "--method", method, "--pattern", pattern,
                 "--seqlen", "2048", "--out", str(out), "--no-progress"]
         if nsamples:  # magnitude reads no calibration (and --nsamples 0 is refused)
@@ -94,8 +97,8 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict, runs: Path, mo
         if pattern == "unstructured":
             args += ["--sparsity", "0.5"]
         if mode:
-            args += ["--true-sequential"]
-            method = f"{method} (true-sequential)"
+            args += [f"--{mode}"]
+            method = f"{method} ({mode})"
         asft(*args)
         model, prune = str(out), json.loads((out / "asft_run.json").read_text())
     result = wikitext_ppl(model, None if pattern == "full" else 16)

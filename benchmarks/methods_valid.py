@@ -8,7 +8,8 @@ computed here (they are reported once, after a choice is made on valid).
     ... --true-sequential --methods sparsegpt   (each linear group pruned on the outputs of the pruned groups before it)
     ... --patterns 2:4 --channel-permutation --methods sparsegpt   (MLP channels reordered for N:M first)
 
-Rows already in results/methods_valid.jsonl (same method, pattern, nsamples, windows) are skipped.
+Rows already in results/methods_valid.jsonl (same method, pattern, nsamples, windows) are skipped
+unless --again.
 """
 
 import argparse
@@ -36,8 +37,10 @@ def main() -> None:
                         help="prune each layer's linears group by group (asft_ray.pruning.engine)")
     parser.add_argument("--channel-permutation", action="store_true",
                         help="N:M: reorder each MLP's intermediate channels first (asft_ray.pruning.permute)")
+    parser.add_argument("--again", action="store_true",
+                        help="run rows already recorded too (a same-run time next to a new row)")
     args = parser.parse_args()
-    done = {(r["method"], r["pattern"], r["nsamples"], r["windows"], r.get("true_sequential", False),
+    done = set() if args.again else {(r["method"], r["pattern"], r["nsamples"], r["windows"], r.get("true_sequential", False),
              r.get("channel_permutation", False)) for r in read_rows("methods_valid")}
     model, tokenizer = load_model("smollm2-135m", "cpu", show_progress=False)
     calib = sample_calibration(c4_documents(), tokenizer, args.nsamples, 2048, 0)
