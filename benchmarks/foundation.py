@@ -48,6 +48,8 @@ ROWS = [
     # issue #15: the best 50 % method string on WikiText-2 valid (benchmarks/methods_valid.py, 8 calibration
     # windows): configs/smollm2-best-50.yaml
     ("wanda+dsnot+obs", "unstructured", 32),
+    # the 2:4 choice on valid since 2026-12-05: SparseGPT with the channel permutation (configs/smollm2-best-2of4.yaml)
+    ("sparsegpt", "2:4", 32, "channel-permutation"),
 ]
 
 

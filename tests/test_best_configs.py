@@ -18,4 +18,4 @@ def test_the_best_2of4_config_is_the_valid_choice_on_the_protocols_calibration()
     assert (cfg.model, cfg.pattern, cfg.sparsity) == ("smollm2-135m", "2:4", 0.5)
     assert (cfg.nsamples, cfg.seqlen, cfg.seed) == (32, 2048, 0)
     recipe = registry.resolve(cfg.method)
-    assert recipe.method.name == "sparsegpt" and not recipe.refinements
+    assert recipe.method.name == "sparsegpt" and not recipe.refinements and cfg.channel_permutation
