@@ -169,8 +169,8 @@ class PruneConfig:
     prune_lm_head: bool = setting(False, "also prune lm_head (untied from the input embeddings, which stay dense)")
     true_sequential: bool = setting(False, "wanda/sparsegpt: prune a layer's linears group by group (q/k/v, o, gate/up, "
                                            "down), each scored on inputs through the groups already pruned")
-    channel_permutation: bool = setting(False, "N:M: reorder each MLP's intermediate channels (gate/up rows with "
-                                               "down columns: the same function) so down_proj's groups keep more")
+    channel_permutation: bool = setting(False, "N:M: reorder each MLP's channels and each KV head's value dimensions "
+                                               "(the same function) so down_proj's and o_proj's groups keep more")
     data_dir: str | None = None  # None: ASFT_DATA_DIR, then ../shared/data, then the hub (flag: cli._add_common)
     device: str = how_it_runs("auto")  # "auto", "cpu", "cuda", "cuda:1", ... (flag: cli._add_common)
     overwrite: bool = how_it_runs(False, "replace an --out that holds a different run")

@@ -331,8 +331,8 @@ def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_seque
                      channel_permutation: bool = False) -> dict:
     """Prune one decoder layer's linears: all on the dense layer's inputs, or (true_sequential)
     one input group at a time, each group's statistics taken after the groups before it were pruned.
-    With `channel_permutation` (N:M) the MLP's channels are reordered first. Returns what the
-    layer's report row adds."""
+    With `channel_permutation` (N:M) the MLP's channels and the value dimensions are reordered first
+    (_permute_channels). Returns what the layer's report row adds."""
     extra = _permute_channels(runner, layer, pattern) if channel_permutation else {}
     linears = prunable_linears(layer)
     hessian = resolve(method).hessian
