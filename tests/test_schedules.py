@@ -9,7 +9,10 @@ from asft_ray.eval.sparsity import model_sparsity
 from asft_ray.pruning.engine import LocalRunner, capture_layer0_inputs, prune_model
 from asft_ray.schedules import ScheduleSpec, build_schedule, linear_sizes
 from asft_ray.schedules.budget import fit_to_budget
+from asft_ray.models import decoder_layers, prunable_linears
+from asft_ray.schedules import owl
 from asft_ray.schedules.owl import layer_outlier_ratios, outlier_ratio, owl_sparsities
+from asft_ray.scoring import wanda_scores
 from tests.conftest import build_tiny_llama
 
 BUDGETS = (0.3, 0.5, 0.6, 0.7, 0.8)
@@ -108,6 +111,25 @@ def test_owl_gives_layers_with_more_outliers_less_sparsity():
     assert sparsities[1] < sparsities[2] < sparsities[0]
     assert max(sparsities) - min(sparsities) == pytest.approx(0.2)
     assert sum(sparsities) / 3 == pytest.approx(0.6)
+
+
+def test_outlier_ratios_in_pieces_equal_the_whole_layers_and_hold_one_piece(monkeypatch):
+    """layer_ratios reads the layer's scores in float64 pieces of at most CHUNK entries (never the
+    whole layer's scores at once) and gives outlier_ratio of all of them together."""
+    model = build_tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    runner = LocalRunner(*capture_layer0_inputs(model, torch.randint(0, 512, (4, 32), generator=g)))
+    layer = decoder_layers(model)[0]
+    stats = runner.collect(layer, hessian=False)
+    whole = torch.cat([wanda_scores(lin.weight.data, stats.sq_norm(name)).flatten()
+                       for name, lin in prunable_linears(layer).items()])
+    monkeypatch.setattr(owl, "CHUNK", 1000)
+    pieces = list(owl.score_chunks(layer, stats))
+    assert max(p.numel() for p in pieces) == 1000 and sum(p.numel() for p in pieces) == whole.numel()
+    assert all(p.dtype == torch.float64 for p in pieces)
+    ratios = owl.layer_ratios(layer, stats, owl.M_GRID)
+    assert ratios == {m: outlier_ratio(whole, m) for m in owl.M_GRID}
+    assert 0 < ratios[2.0] < 0.5 and ratios[10.0] <= ratios[2.0]
 
 
 def test_bounds_are_respected_and_unreachable_budgets_fail():

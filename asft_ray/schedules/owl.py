@@ -9,6 +9,8 @@ inputs go through each layer unpruned.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from asft_ray.models import decoder_layers, prunable_linears
@@ -16,6 +18,7 @@ from asft_ray.progress import progress
 from asft_ray.scoring import wanda_scores
 
 M_GRID = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)  # outlier thresholds measured in one pass (a sweep may pick any)
+CHUNK = 1 << 20  # score entries held in float64 at a time (8 MiB)
 
 
 def outlier_ratio(scores: torch.Tensor, m: float) -> float:
@@ -24,10 +27,28 @@ def outlier_ratio(scores: torch.Tensor, m: float) -> float:
     return float((scores > m * scores.mean()).double().mean())
 
 
-def layer_scores(layer, stats) -> torch.Tensor:
-    """All Wanda scores of one decoder layer's linears, flattened into one vector."""
-    return torch.cat([wanda_scores(lin.weight.data, stats.sq_norm(name)).flatten()
-                      for name, lin in prunable_linears(layer).items()])
+def score_chunks(layer, stats):
+    """The Wanda scores |W|·‖X‖ of one decoder layer's linears, one linear at a time, in float64
+    pieces of at most CHUNK entries: the layer's scores are never whole in memory (as one float64
+    vector they would be twice the layer's fp32 bytes)."""
+    for name, lin in prunable_linears(layer).items():
+        for piece in wanda_scores(lin.weight.data, stats.sq_norm(name)).flatten().split(CHUNK):
+            yield piece.double()
+
+
+def layer_ratios(layer, stats, ms) -> dict[float, float]:
+    """{m: fraction of the layer's Wanda scores above m times their mean}: outlier_ratio of all the
+    layer's scores together, computed piece by piece (two passes: the mean, then the counts)."""
+    sums, count = [], 0
+    for piece in score_chunks(layer, stats):
+        sums.append(float(piece.sum()))
+        count += piece.numel()
+    mean = math.fsum(sums) / count
+    above = dict.fromkeys(ms, 0)
+    for piece in score_chunks(layer, stats):
+        for m in above:
+            above[m] += int((piece > m * mean).sum())
+    return {m: above[m] / count for m in ms}
 
 
 @torch.no_grad()
@@ -41,9 +62,8 @@ def layer_outlier_ratios(model, runner, ms=M_GRID, show_progress: bool = True,
     for index, layer in enumerate(progress(decoder_layers(model), "owl outliers", show_progress)):
         if layer_store is not None:
             layer_store.load(index, layer)
-        scores = layer_scores(layer, runner.collect(layer, hessian=False))
-        for m in ratios:
-            ratios[m].append(outlier_ratio(scores, m))
+        for m, ratio in layer_ratios(layer, runner.collect(layer, hessian=False), ratios).items():
+            ratios[m].append(ratio)
         runner.advance(layer)  # dense outputs feed the next layer
         if layer_store is not None:
             layer_store.free(index, layer)
