@@ -210,12 +210,10 @@ def run_sweep(cfg: SweepConfig, show_progress: bool = True) -> dict:
     from asft_ray.artifacts import write_json_atomic
     from asft_ray.data import c4_documents, resolve_data_dir, sample_calibration, wikitext2_ids
     from asft_ray.models import decoder_layers, load_model, load_tokenizer, model_config, model_skeleton, prunable_linears
-
-    from asft_ray.distributed.placement import alive_nodes, never_fits
+    from asft_ray.distributed.placement import require_placeable, resource_ask
 
     pc = cfg.prune
-    if short := never_fits(alive_nodes(), {"CPU": cfg.cpus_per_trial}):
-        raise AsftError(f"a sweep trial can never be placed: it asks {short}")
+    require_placeable("a sweep trial", resource_ask(cfg.cpus_per_trial))
     out = Path(pc.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

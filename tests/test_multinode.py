@@ -66,7 +66,7 @@ def test_an_impossible_coordinator_fails_at_once_naming_the_resource(two_nodes):
     from asft_ray.errors import AsftError
 
     start = time.monotonic()
-    with pytest.raises(AsftError, match=r"can never be placed: no node has 2 CPU each \(the largest node has 1, "
+    with pytest.raises(AsftError, match=r"can never be placed: it asks 2 CPU each \(the largest node has 1, "
                                          r"the cluster 2\)"):
         place_coordinator(_cfg(coordinator_cpus=2), timeout_s=600)  # the cluster has 2 CPUs, but no node has
     assert time.monotonic() - start < 5  # at once, not after the timeout

@@ -28,3 +28,17 @@ def test_only_the_short_resources_are_named_and_nothing_asked_always_fits():
     # each resource exists somewhere, never together on one node
     assert never_fits(nodes, {"CPU": 4, "GPU": 1}, 2) is not None
     assert never_fits([], {"CPU": 1}) == "1 CPU each (the largest node has 0, the cluster 0)"
+
+
+def test_require_placeable_names_what_and_the_short_resource():
+    import pytest
+
+    from asft_ray.distributed.placement import require_placeable, resource_ask
+    from asft_ray.errors import AsftError
+
+    assert resource_ask(2) == {"CPU": 2, "GPU": 0, "memory": 0}
+    require_placeable("a trial", resource_ask(1), 2, nodes=[{"CPU": 1}, {"CPU": 1}])  # fits: no error
+    with pytest.raises(AsftError, match=r"^3 workers can never be placed: they ask 1 CPU each \(the largest"):
+        require_placeable("3 workers", resource_ask(1), 3, nodes=[{"CPU": 1}, {"CPU": 1}])
+    with pytest.raises(AsftError, match=r"^the coordinator can never be placed: it asks 1 GPU each"):
+        require_placeable("the coordinator", resource_ask(1, 1), nodes=[{"CPU": 4}])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from asft_ray.errors import AsftError
+
 
 def alive_nodes() -> list[dict]:
     import ray
@@ -34,3 +36,15 @@ def never_fits(nodes: list[dict], ask: dict, n: int = 1) -> str | None:
         if value and sum(math.floor(node.get(key, 0) / value + 1e-9) for node in nodes) < n
     ]
     return ", ".join(short) or f"{ask} each"
+
+
+def resource_ask(cpus: float, gpus: float = 0, memory_bytes: int | None = None) -> dict:
+    """What one actor asks, in the keys of `ray.nodes()`' resource dicts."""
+    return {"CPU": cpus, "GPU": gpus, "memory": memory_bytes or 0}
+
+
+def require_placeable(what: str, ask: dict, n: int = 1, nodes: list[dict] | None = None) -> None:
+    """Raise one clear AsftError if `n` actors asking `ask` each can never be placed on the cluster's
+    nodes (`nodes`, default the alive ones): "`what` can never be placed: ..."."""
+    if short := never_fits(alive_nodes() if nodes is None else nodes, ask, n):
+        raise AsftError(f"{what} can never be placed: {'they ask' if n > 1 else 'it asks'} {short}")

@@ -13,7 +13,7 @@ import threading
 import ray
 
 from asft_ray.config import PruneConfig
-from asft_ray.distributed.placement import alive_nodes, never_fits
+from asft_ray.distributed.placement import alive_nodes, require_placeable, resource_ask
 from asft_ray.errors import AsftError
 
 
@@ -236,13 +236,10 @@ def place_coordinator(cfg: PruneConfig, timeout_s: float | None = None, embedded
         timeout_s = float(os.environ.get("ASFT_PLACEMENT_TIMEOUT_S", 60))
     nodes = alive_nodes()
     options = coordinator_options(cfg, nodes, embedded)
-    asked = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], "memory": options.get("memory", 0)}
-    if short := never_fits(nodes, asked):
-        raise AsftError(f"the pruning coordinator can never be placed: no node has {short}")
+    require_placeable("the pruning coordinator",
+                      resource_ask(options["num_cpus"], options["num_gpus"], options.get("memory")), nodes=nodes)
     if cfg.uses_scoring_workers:
-        worker_ask = {"CPU": cfg.worker_cpus, "GPU": cfg.worker_gpus, "memory": int((cfg.worker_memory_gb or 0) * 2**30)}
-        if short := never_fits(nodes, worker_ask, cfg.workers):
-            raise AsftError(f"{cfg.workers} scoring workers can never be placed: they ask {short}")
+        require_placeable(f"{cfg.workers} scoring workers", worker_resources(cfg).ask(), cfg.workers, nodes)
     worker = PruneWorker.options(**options).remote(max(1, int(options["num_cpus"])))
     ready, _ = ray.wait([worker.ready.remote()], timeout=timeout_s)
     if not ready:
@@ -252,19 +249,21 @@ def place_coordinator(cfg: PruneConfig, timeout_s: float | None = None, embedded
     return worker
 
 
+def worker_resources(cfg: PruneConfig):
+    """What each of the config's scoring actors asks Ray for."""
+    from asft_ray.distributed.sharded import WorkerResources
+
+    memory = int(cfg.worker_memory_gb * 2**30) if cfg.worker_memory_gb else None
+    return WorkerResources(cfg.worker_cpus, cfg.worker_gpus, memory)
+
+
 def _with_scoring_workers(cfg: PruneConfig, recipe):
     """recipe() in this process, or recipe(make_runner, sum_gradients) on cfg.workers scoring actors."""
-    from asft_ray.distributed.sharded import (
-        WorkerResources,
-        sharded_gradient_sums,
-        sharded_runner_factory,
-        start_workers,
-    )
+    from asft_ray.distributed.sharded import sharded_gradient_sums, sharded_runner_factory, start_workers
 
     if not cfg.uses_scoring_workers:
         return recipe()
-    memory = int(cfg.worker_memory_gb * 2**30) if cfg.worker_memory_gb else None
-    workers = start_workers(cfg.workers, WorkerResources(cfg.worker_cpus, cfg.worker_gpus, memory))
+    workers = start_workers(cfg.workers, worker_resources(cfg))
     try:
         return recipe(sharded_runner_factory(workers), sharded_gradient_sums(workers))
     finally:

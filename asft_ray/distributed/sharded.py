@@ -38,7 +38,7 @@ import ray
 import torch
 
 from asft_ray.config import Pattern
-from asft_ray.distributed.placement import alive_nodes, never_fits
+from asft_ray.distributed.placement import require_placeable, resource_ask
 from asft_ray.errors import AsftError
 from asft_ray.methods import resolve
 from asft_ray.pruning.engine import (
@@ -65,6 +65,9 @@ class WorkerResources:
     cpus: float = 1
     gpus: float = 0
     memory_bytes: int | None = None
+
+    def ask(self) -> dict:
+        return resource_ask(self.cpus, self.gpus, self.memory_bytes)
 
     def options(self) -> dict:
         opts = {"num_cpus": self.cpus, "num_gpus": self.gpus}
@@ -266,9 +269,7 @@ def start_workers(n: int, resources: WorkerResources, timeout_s: float | None = 
         timeout_s = float(os.environ.get("ASFT_PLACEMENT_TIMEOUT_S", 60))
     if n < 1:
         raise AsftError(f"workers must be at least 1, got {n}")
-    ask = {"CPU": resources.cpus, "GPU": resources.gpus, "memory": resources.memory_bytes or 0}
-    if short := never_fits(alive_nodes(), ask, n):
-        raise AsftError(f"{n} scoring workers can never be placed: they ask {short}")
+    require_placeable(f"{n} scoring workers", resources.ask(), n)
     workers = [
         ScoringWorker.options(**resources.options()).remote(max(1, int(resources.cpus))) for _ in range(n)
     ]

@@ -57,18 +57,17 @@ def search_plans(model_spec: str, options, plans: list, out: Path) -> tuple[int,
     from ray import tune
 
     from asft_ray.data import resolve_data_dir
-    from asft_ray.distributed.placement import alive_nodes, never_fits
+    from asft_ray.distributed.placement import require_placeable, resource_ask
     from asft_ray.distributed.runner import init_ray
 
     if Path(model_spec).exists():  # trials run in other processes and folders: absolute paths only
         model_spec = str(Path(model_spec).resolve())
     options = dataclasses.replace(options, data_dir=resolve_data_dir(options.data_dir))
     gpu = options.device.startswith("cuda")
-    ask = {"CPU": options.search_cpus, "GPU": 1 if gpu else 0}
+    ask = resource_ask(options.search_cpus, 1 if gpu else 0)
     owned = init_ray(None)
     try:
-        if short := never_fits(alive_nodes(), ask):
-            raise AsftError(f"a cost-search trial can never be placed: it asks {short}")
+        require_placeable("a cost-search trial", ask)
         val_ids = validation_ids(model_spec, options)
         work = _open_work(out, _search_key(model_spec, options, plans))
         trainable = tune.with_resources(

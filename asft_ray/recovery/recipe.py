@@ -43,11 +43,10 @@ def check_placeable(cfg: RecoverConfig) -> None:
     """Fail before any work if no set of the cluster's nodes can ever hold the training workers."""
     import ray
 
-    from asft_ray.distributed.placement import alive_nodes, never_fits
+    from asft_ray.distributed.placement import require_placeable, resource_ask
 
-    ask = {"CPU": cfg.worker_cpus, "GPU": int(_use_gpu(cfg, ray))}
-    if short := never_fits(alive_nodes(), ask, cfg.workers):
-        raise AsftError(f"{cfg.workers} recovery workers can never be placed: they ask {short}")
+    require_placeable(f"{cfg.workers} recovery workers", resource_ask(cfg.worker_cpus, int(_use_gpu(cfg, ray))),
+                      cfg.workers)
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
