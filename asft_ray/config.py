@@ -171,6 +171,10 @@ class PruneConfig:
                                            "down), each scored on inputs through the groups already pruned")
     channel_permutation: bool = setting(False, "N:M: reorder each MLP's channels and each KV head's value dimensions "
                                                "(the same function) so down_proj's and o_proj's groups keep more")
+    reconstruct_epochs: int = setting(0, "block reconstruction: after each layer is pruned, this many passes of Adam "
+                                         "over the calibration samples fit its kept weights to the dense model's "
+                                         "hidden states (0: off)")
+    reconstruct_lr: float = setting(1e-4, "block reconstruction's Adam learning rate")
     data_dir: str | None = None  # None: ASFT_DATA_DIR, then ../shared/data, then the hub (flag: cli._add_common)
     device: str = how_it_runs("auto")  # "auto", "cpu", "cuda", "cuda:1", ... (flag: cli._add_common)
     overwrite: bool = how_it_runs(False, "replace an --out that holds a different run")
@@ -213,6 +217,12 @@ class PruneConfig:
         if self.channel_permutation and (pattern.kind != "nm" or not recipe.layerwise):
             raise AsftError(f"channel_permutation reorders channels for N:M groups: it needs an N:M pattern and a "
                             f"layer-wise method ({', '.join(LAYERWISE_METHODS)}), not {self.method} {pattern}")
+        if self.reconstruct_epochs < 0 or not self.reconstruct_lr > 0:
+            raise AsftError(f"reconstruct_epochs must be >= 0 and reconstruct_lr > 0, got {self.reconstruct_epochs} "
+                            f"and {self.reconstruct_lr}")
+        if self.reconstruct_epochs and not recipe.layerwise:
+            raise AsftError(f"block reconstruction (reconstruct_epochs) follows a layer-wise method "
+                            f"({', '.join(LAYERWISE_METHODS)}), not {self.method}")
         if self.resume and not recipe.layerwise:
             raise AsftError(f"resume continues a layer-wise run ({', '.join(LAYERWISE_METHODS)}) after its last "
                             f"finished layer; {self.method} prunes in one step and has nothing to resume")
@@ -304,7 +314,18 @@ class PruneConfig:
         for flag in ("true_sequential", "channel_permutation"):
             if not d[flag]:
                 d.pop(flag)  # the default, as before the option existed
+        if not self.reconstruct_epochs:
+            d.pop("reconstruct_epochs"), d.pop("reconstruct_lr")
         return d
+
+    @property
+    def reconstruction(self):
+        """The engine's block-reconstruction step (pruning.reconstruct.Reconstruction), or None."""
+        if not self.reconstruct_epochs:
+            return None
+        from asft_ray.pruning.reconstruct import Reconstruction
+
+        return Reconstruction(self.reconstruct_epochs, self.reconstruct_lr)
 
 
 def check_keys(values, known, source: str, what: str = "key") -> None:

@@ -91,7 +91,8 @@ def run_prune(
                             sum_gradients=sum_gradients)
         layers = prune_model(model, cfg.method, cfg.parsed_pattern, sparsity, calib_ids, show_progress,
                              cfg.prune_lm_head, true_sequential=cfg.true_sequential,
-                             channel_permutation=cfg.channel_permutation, hooks=hooks)
+                             channel_permutation=cfg.channel_permutation, reconstruction=cfg.reconstruction,
+                             hooks=hooks)
         timings["prune_s"] = time.perf_counter() - t
         record = {
             "inputs": cfg.identity(),

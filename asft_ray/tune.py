@@ -122,7 +122,7 @@ def trial(params: dict, model, calib_ids, val_ids, outliers, cfg: SweepConfig) -
     plan = build_schedule(spec_from_trial(params, cfg), model, pc.sparsity, outliers)
     start = time.perf_counter()
     prune_model(model, pc.method, pc.parsed_pattern, plan, calib_ids, show_progress=False,
-                true_sequential=pc.true_sequential)
+                true_sequential=pc.true_sequential, reconstruction=pc.reconstruction)
     _report_windows(lambda w: window_nll(model, val_ids, pc.seqlen, w), cfg, time.perf_counter() - start)
 
 

@@ -50,6 +50,9 @@ ROWS = [
     ("wanda+dsnot+obs", "unstructured", 32),
     # the 2:4 choice on valid since 2026-12-05: SparseGPT with the channel permutation (configs/smollm2-best-2of4.yaml)
     ("sparsegpt", "2:4", 32, "channel-permutation"),
+    # issue #15, session 17: block reconstruction after the mask (pruning/reconstruct.py), chosen on valid
+    ("sparsegpt", "unstructured", 32, "reconstruct"),
+    ("sparsegpt", "2:4", 32, "channel-permutation+reconstruct"),
 ]
 
 
@@ -65,11 +68,19 @@ REFERENCE = {
 }
 
 
-MODES = {"true-sequential": "-ts", "channel-permutation": "-cp"}  # an `asft prune` flag a row adds: its key suffix
+# block reconstruction as chosen on valid (benchmarks/methods_valid.py): 32 Adam steps a layer (1 epoch of 32 samples)
+RECONSTRUCT = ["--reconstruct-epochs", "1", "--reconstruct-lr", "1e-4"]
+# what a row's mode adds to `asft prune`: (its key suffix, the flags)
+MODES = {
+    "true-sequential": ("-ts", ["--true-sequential"]),
+    "channel-permutation": ("-cp", ["--channel-permutation"]),
+    "reconstruct": ("-rc", RECONSTRUCT),
+    "channel-permutation+reconstruct": ("-cp-rc", ["--channel-permutation", *RECONSTRUCT]),
+}
 
 
 def row_key(method: str, pattern: str, nsamples: int, mode: str = "") -> str:
-    return f"{method}-{pattern}" + (f"-n{nsamples}" if nsamples not in (0, 32) else "") + MODES.get(mode, "")
+    return f"{method}-{pattern}" + (f"-n{nsamples}" if nsamples not in (0, 32) else "") + MODES.get(mode, ("",))[0]
 
 
 def done_rows(results: str = "foundation") -> dict:
@@ -91,7 +102,7 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict, runs: Path, mo
             model, prune = best["model_dir"], None
             method = f"{best['method']} (best 50 %)"
     else:
-        out = runs / (f"{method}-{pattern.replace(':', 'of')}-n{nsamples}" + MODES.get(mode, ""))
+        out = runs / (f"{method}-{pattern.replace(':', 'of')}-n{nsamples}" + MODES.get(mode, ("",))[0])
         args = ["prune", "--model", MODEL, "--method", method, "--pattern", pattern,
                 "--seqlen", "2048", "--out", str(out), "--no-progress"]
         if nsamples:  # magnitude reads no calibration (and --nsamples 0 is refused)
@@ -99,7 +110,7 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict, runs: Path, mo
         if pattern == "unstructured":
             args += ["--sparsity", "0.5"]
         if mode:
-            args += [f"--{mode}"]
+            args += MODES[mode][1]
             method = f"{method} ({mode})"
         asft(*args)
         model, prune = str(out), json.loads((out / "asft_run.json").read_text())

@@ -9,7 +9,7 @@ from asft_ray.eval.sparsity import model_sparsity
 from asft_ray.models import decoder_layers, prunable_linears
 from asft_ray.pruning.engine import (
     LocalRunner,
-    _run_layer,
+    run_layer,
     capture_layer0_inputs,
     gradient_sums,
     prune_model,
@@ -33,7 +33,7 @@ def test_running_captured_inputs_through_the_layers_reproduces_the_model(tiny_mo
     handle.remove()
     for x in inputs:
         for layer in decoder_layers(tiny_model):
-            x = _run_layer(layer, x, args, kwargs)
+            x = run_layer(layer, x, args, kwargs)
         hidden.append(x)
     for mine, theirs in zip(hidden, captured):
         assert torch.allclose(mine, theirs, atol=1e-5)
@@ -160,7 +160,7 @@ def test_other_architectures_with_a_layer_modulelist_work(kind, method, calib_id
     with torch.no_grad():
         x = inputs[0]
         for layer in decoder_layers(model):
-            x = _run_layer(layer, x, args, kwargs)
+            x = run_layer(layer, x, args, kwargs)
         final = model(input_ids=calib_ids[:1], output_hidden_states=True).hidden_states[-1]
     if kind == "qwen2":  # Qwen2's last hidden state is after the final norm
         x = model.model.norm(x)
@@ -221,7 +221,7 @@ def test_true_sequential_scores_each_group_on_inputs_through_the_pruned_groups(t
         handle = linears[name].register_forward_hook(
             lambda m, a, o: total.append(a[0].reshape(-1, a[0].shape[-1]).double().pow(2).sum(0)))
         for x in inputs:
-            _run_layer(layer, x, args, kwargs)
+            run_layer(layer, x, args, kwargs)
         handle.remove()
         return sum(total)
 

@@ -42,11 +42,15 @@ def saved_tensors(folder):
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "sparsegpt 2:4 permuted"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "sparsegpt 2:4 permuted", "wanda reconstructed"])
 def test_resumed_run_equals_an_uninterrupted_one(four_layer_model_dir, tmp_path, data_dir, method, stream):
     method, *variant = method.split(" ")
-    if variant:  # finished layers are saved permuted: the resumed run must not permute them again
+    kill_at = 2  # the runner's advance calls: killed while finishing layer 2
+    if variant == ["2:4", "permuted"]:  # finished layers are saved permuted: the resumed run must not permute them again
         variant = {"pattern": "2:4", "channel_permutation": True}
+    elif variant == ["reconstructed"]:  # the dense targets' runner is rebuilt through the dense layers
+        variant = {"reconstruct_epochs": 2, "reconstruct_lr": 1e-3}
+        kill_at = 5  # two runners advance each layer: the dense targets' and the pruned model's
 
     def cfg(out, **kw):
         return PruneConfig(model=str(four_layer_model_dir), method=method, sparsity=0.5, nsamples=4, seqlen=32,
@@ -56,7 +60,7 @@ def test_resumed_run_equals_an_uninterrupted_one(four_layer_model_dir, tmp_path,
 
     out = tmp_path / "resumed"
     with pytest.raises(Killed):
-        run_prune(cfg(out), show_progress=False, make_runner=runner_killed_at_layer(2))
+        run_prune(cfg(out), show_progress=False, make_runner=runner_killed_at_layer(kill_at))
     assert not out.exists()  # nothing half-written
     assert sorted(p.name for p in partial_dir(out).iterdir()) == [
         "layer-0000.safetensors", "layer-0001.safetensors", "state.json"]

@@ -240,6 +240,14 @@ class ScoringWorker:
         return_free_memory()
         return pruned if len(pruned) > 1 else pruned[0]  # num_returns=len(jobs)
 
+    def sample_gradients(self, layer, chunk, targets, i: int, context) -> tuple[dict, float]:
+        """Block reconstruction: sample i of the chunk's gradients against its target (pruning.reconstruct)."""
+        from asft_ray.pruning.reconstruct import sample_gradients
+
+        layer, chunk, args, kwargs = self._on_device(layer, chunk, context)
+        grads, loss = sample_gradients(layer, chunk[i], targets[i].to(self.device), args, kwargs)
+        return {name: g.cpu() for name, g in grads.items()}, loss
+
     def score_rows(self, final, chunk, score, targets) -> list:
         """engine.Runner.score_rows for one chunk: `score` of each sample's activations and target."""
         final = _materialize(final).to(device=self.device, dtype=torch.float32)
@@ -471,6 +479,13 @@ class ShardedRunner:
         self._submitted = [refs for refs in self._submitted + [self.chunks] if not _all_ready(refs)]
         self.peak_layers_ahead = max(self.peak_layers_ahead, len(self._submitted))
         ray.wait(inputs, num_returns=len(inputs), fetch_local=False)
+
+    def sample_gradients(self, layer, targets: "ShardedRunner", k: int) -> tuple[dict, float]:
+        """On the worker that holds sample k's chunk (and the target's: the same index, the same workers)."""
+        c, i = divmod(k, self.chunk_size)
+        layer_ref = ray.put(SharedLayer(layer))  # this step's weights
+        return ray.get(self._worker(c).sample_gradients.remote(layer_ref, self.chunks[c], targets.chunks[c], i,
+                                                               self.context))
 
     def outputs(self) -> list[torch.Tensor]:
         return [x for chunk in ray.get(self.chunks) for x in chunk]

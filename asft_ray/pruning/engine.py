@@ -149,7 +149,7 @@ def computing_copy(layer: nn.Module) -> nn.Module:
     return copy.deepcopy(layer).float()
 
 
-def _run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+def run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     out = layer(x, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -203,7 +203,7 @@ def _chunk_collector(layer, chunk, args, kwargs, hessian, only, keep_inputs=()) 
         for x in chunk:
             stats.begin_sample()
             try:
-                _run_layer(layer, x, args, kwargs)
+                run_layer(layer, x, args, kwargs)
             except StopLayer:
                 pass
     return stats
@@ -212,7 +212,7 @@ def _chunk_collector(layer, chunk, args, kwargs, hessian, only, keep_inputs=()) 
 @torch.no_grad()
 def chunk_forward(layer: nn.Module, chunk: list[torch.Tensor], args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The layer's outputs for one chunk: the next layer's inputs."""
-    return [_run_layer(layer, x, args, kwargs) for x in chunk]
+    return [run_layer(layer, x, args, kwargs) for x in chunk]
 
 
 def split_chunks(inputs: list, chunk_size: int = CHUNK_SIZE) -> list[list]:
@@ -240,6 +240,11 @@ class Runner(Protocol):
 
     def advance(self, layer: nn.Module) -> None:
         """Push the calibration activations through `layer`: they become the next layer's inputs."""
+
+    def sample_gradients(self, layer: nn.Module, targets: "Runner", k: int) -> tuple[dict, float]:
+        """Block reconstruction (pruning.reconstruct): the gradients of the layer's prunable weights
+        for calibration sample k, against the same sample's activations in `targets` (a runner of the
+        same kind over the same samples), and the loss."""
 
     def outputs(self) -> list[torch.Tensor]:
         """The activations as they are now, one tensor per calibration sample."""
@@ -271,6 +276,12 @@ class LocalRunner:
         layer = computing_copy(layer)
         for i, chunk in enumerate(self.chunks):  # in place: one chunk's outputs beside the activations, not a second set
             self.chunks[i] = chunk_forward(layer, chunk, self.args, self.kwargs)
+
+    def sample_gradients(self, layer: nn.Module, targets: "LocalRunner", k: int) -> tuple[dict, float]:
+        from asft_ray.pruning.reconstruct import sample_gradients
+
+        c, i = divmod(k, self.chunk_size)
+        return sample_gradients(computing_copy(layer), self.chunks[c][i], targets.chunks[c][i], self.args, self.kwargs)
 
     def outputs(self) -> list[torch.Tensor]:
         return [x for chunk in self.chunks for x in chunk]
@@ -352,16 +363,21 @@ def _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_seque
 @torch.no_grad()
 def _prune_layerwise(
     model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head=False, make_runner=LocalRunner,
-    checkpoint=None, layer_store=None, true_sequential=False, channel_permutation=False,
+    checkpoint=None, layer_store=None, true_sequential=False, channel_permutation=False, reconstruction=None,
 ) -> list[dict]:
     layer_store = layer_store or ResidentLayers()
-    runner = make_runner(*capture_layer0_inputs(model, calib_ids))
+    captured = capture_layer0_inputs(model, calib_ids)
+    runner = make_runner(*captured)
+    # block reconstruction's targets: the dense model's hidden states, pushed through each dense layer
+    dense = make_runner(*captured) if reconstruction else None
     if not prune_lm_head:
         layer_store.after_capture(model)
     layers = decoder_layers(model)
     report = checkpoint.completed() if checkpoint else []
     for index in range(len(report)):  # resume: restore finished layers and push the inputs through them
         layer_store.load(index, layers[index])
+        if dense is not None:
+            dense.advance(layers[index])  # still the dense layer: the checkpoint's is loaded next
         checkpoint.load_layer(index, layers[index])
         runner.advance(layers[index])
         layer_store.release(index, layers[index])
@@ -370,7 +386,11 @@ def _prune_layerwise(
             continue
         start = time.perf_counter()
         layer_store.load(index, layer)
+        if dense is not None:
+            dense.advance(layer)
         extra = _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_sequential, channel_permutation)
+        if dense is not None:
+            extra |= reconstruction.fit(layer, lambda lay, k: runner.sample_gradients(lay, dense, k), len(calib_ids), index)
         runner.advance(layer)
         report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(prunable_linears(layer)),
                        **extra})
@@ -492,6 +512,7 @@ def prune_model(
     *,
     true_sequential: bool = False,
     channel_permutation: bool = False,
+    reconstruction=None,
     hooks: EngineHooks | None = None,
     checkpoint=None,
     layer_store=None,
@@ -505,7 +526,8 @@ def prune_model(
     described at the top of this module. `channel_permutation` (N:M, layer-wise methods) reorders
     each layer's MLP intermediate channels and each KV head's value dimensions before pruning it
     (pruning.permute): the model computes the same function in a layout whose down_proj and
-    o_proj keep more under N:M.
+    o_proj keep more under N:M. `reconstruction` (a pruning.reconstruct.Reconstruction, layer-wise
+    methods) fits each pruned layer's kept weights to the dense model's hidden states.
 
     `hooks` (pruning.hooks.EngineHooks) says where the work is done: `make_runner(inputs, args,
     kwargs)` where calibration activations live and are pushed through layers (layer-wise
@@ -523,6 +545,8 @@ def prune_model(
     if channel_permutation and (pattern.kind != "nm" or not recipe.layerwise):
         raise AsftError(f"channel permutation reorders channels for N:M groups with a layer-wise method, "
                         f"not {method} {pattern}")
+    if reconstruction and not recipe.layerwise:
+        raise AsftError(f"block reconstruction follows a layer-wise method, not {method}")
     if not recipe.calibrated:
         if layer_store is not None and not prune_lm_head:
             layer_store.after_capture(model)  # no inputs to capture: embeddings are not needed
@@ -532,7 +556,7 @@ def prune_model(
     if recipe.layerwise:
         return _prune_layerwise(
             model, calib_ids, method, pattern, sparsity, show_progress, prune_lm_head, make_runner, hooks.checkpoint,
-            layer_store, true_sequential, channel_permutation,
+            layer_store, true_sequential, channel_permutation, reconstruction,
         )
     if layer_store is not None:  # one layer in memory: the gradients from a layer-streamed backward
         if prune_lm_head:

@@ -1,0 +1,91 @@
+"""Block reconstruction: after a decoder layer's linears are pruned, fit the weights they kept so
+that the sparse layer, fed the sparse model's own inputs, reproduces the dense model's hidden
+states at that depth. The masks stay exact: gradients are zero outside them, so Adam never moves
+a pruned weight.
+
+Per-linear methods (SparseGPT's update, +obs, +lsq) solve each linear on its own inputs; this fits
+the whole layer (attention and MLP together, through the nonlinearities) and, because the target
+is the *dense* model's hidden state while the input is the *sparse* model's, it also corrects the
+error the layers before it left (as in EBFT, Guo et al. 2024, and the block-wise reconstruction of
+BRECQ/OmniQuant-style calibration).
+
+One step = one calibration sample: d/dW of mean((layer(x_k) - dense_k)^2), samples in a seeded
+order per epoch; plain torch Adam on float32 copies of the kept weights. Where a sample's gradient
+is computed (here or on a Ray actor) does not change it, so the result is the same for any number
+of workers. Pure torch; the runners (engine.LocalRunner, distributed.sharded.ShardedRunner) say
+where each sample's gradient is computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asft_ray.models import prunable_linears
+
+
+def sample_gradients(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, args: tuple,
+                     kwargs: dict) -> tuple[dict[str, torch.Tensor], float]:
+    """({linear name: d loss / d weight}, loss) for one sample, loss = mean((layer(x) - target)^2);
+    `layer` in float32. Only the prunable linears' weights get gradients."""
+    from asft_ray.pruning.engine import run_layer
+
+    weights = {name: lin.weight for name, lin in prunable_linears(layer).items()}
+    with torch.enable_grad():
+        for w in weights.values():
+            w.requires_grad_(True)
+        try:
+            loss = F.mse_loss(run_layer(layer, x, args, kwargs), target)
+            grads = torch.autograd.grad(loss, list(weights.values()))
+        finally:
+            for w in weights.values():
+                w.requires_grad_(False)
+    return dict(zip(weights, grads, strict=True)), float(loss.detach())
+
+
+# gradients_of(layer, k) -> (sample k's gradients, its loss): where they are computed is the runner's
+SampleGradients = Callable[[nn.Module, int], tuple[dict[str, torch.Tensor], float]]
+
+
+@torch.no_grad()
+def fit_layer(layer: nn.Module, gradients_of: SampleGradients, n_samples: int, epochs: int, lr: float,
+              seed: int) -> dict:
+    """Adam on the kept weights of `layer`'s prunable linears, one sample per step, `epochs` passes in
+    an order drawn from `seed`. The weights are set in place, in their own dtype, zero where they
+    were zero. Returns the mean loss of the first and of the last epoch (the report's row)."""
+    linears = prunable_linears(layer)
+    keep = {name: lin.weight != 0 for name, lin in linears.items()}
+    masters = {name: lin.weight.detach().float().clone() for name, lin in linears.items()}  # what Adam moves
+    optimizer = torch.optim.Adam(list(masters.values()), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    epoch_losses = []
+    for _ in range(epochs):
+        losses = []
+        for k in torch.randperm(n_samples, generator=order).tolist():
+            grads, loss = gradients_of(layer, k)
+            losses.append(loss)
+            for name, master in masters.items():
+                master.grad = grads[name].to(master.device, torch.float32) * keep[name]
+            optimizer.step()
+            for name, lin in linears.items():  # the next sample's forward sees the new weights
+                lin.weight.data = masters[name].to(lin.weight.dtype) * keep[name]
+        epoch_losses.append(math.fsum(losses) / len(losses))
+    return {"reconstruction_loss_first_epoch": epoch_losses[0], "reconstruction_loss_last_epoch": epoch_losses[-1]}
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The engine's block-reconstruction step: `epochs` passes over the calibration samples at
+    Adam learning rate `lr`."""
+
+    epochs: int
+    lr: float
+
+    def fit(self, layer: nn.Module, gradients_of: SampleGradients, n_samples: int, index: int) -> dict:
+        """fit_layer for decoder layer `index` (its sample order is drawn from the index)."""
+        return fit_layer(layer, gradients_of, n_samples, self.epochs, self.lr, seed=index)
