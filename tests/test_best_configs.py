@@ -10,7 +10,8 @@ def test_the_best_50_percent_config_is_the_valid_choice_on_the_protocols_calibra
     assert (cfg.model, cfg.pattern, cfg.sparsity) == ("smollm2-135m", "unstructured", 0.5)
     assert (cfg.nsamples, cfg.seqlen, cfg.seed) == (32, 2048, 0)
     recipe = registry.resolve(cfg.method)
-    assert recipe.method.name == "wanda" and [r.name for r, _ in recipe.refinements] == ["dsnot", "obs"]
+    assert recipe.method.name == "sparsegpt" and not recipe.refinements
+    assert (cfg.reconstruct_epochs, cfg.reconstruct_lr) == (1, 1e-3)  # 32 steps a layer on 32 windows, as on valid
 
 
 def test_the_best_2of4_config_is_the_valid_choice_on_the_protocols_calibration():
@@ -19,3 +20,4 @@ def test_the_best_2of4_config_is_the_valid_choice_on_the_protocols_calibration()
     assert (cfg.nsamples, cfg.seqlen, cfg.seed) == (32, 2048, 0)
     recipe = registry.resolve(cfg.method)
     assert recipe.method.name == "sparsegpt" and not recipe.refinements and cfg.channel_permutation
+    assert (cfg.reconstruct_epochs, cfg.reconstruct_lr) == (1, 1e-3)
