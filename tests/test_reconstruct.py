@@ -135,3 +135,13 @@ def test_off_by_default_and_out_of_the_identity_when_off():
     on = PruneConfig(model="m", method="wanda", sparsity=0.5, out="o", reconstruct_epochs=3, reconstruct_lr=2e-4)
     assert on.reconstruction == Reconstruction(3, 2e-4)
     assert on.identity()["reconstruct_epochs"] == 3 and on.identity()["reconstruct_lr"] == 2e-4
+
+
+def test_a_bf16_layer_is_fitted_in_float32_and_stays_bf16_with_its_zeros(calib):
+    dense = build_tiny_llama().to(torch.bfloat16)
+    plain, _ = _pruned(dense, calib)
+    fitted, report = _pruned(dense, calib, Reconstruction(epochs=4, lr=1e-3))
+    for name, lin in prunable_linears(decoder_layers(fitted)[0]).items():
+        assert lin.weight.dtype == torch.bfloat16, name
+        assert torch.equal(lin.weight == 0, prunable_linears(decoder_layers(plain)[0])[name].weight == 0), name
+    assert report[0]["reconstruction_loss_last_epoch"] < report[0]["reconstruction_loss_first_epoch"]

@@ -41,6 +41,7 @@ from asft_ray.config import Pattern
 from asft_ray.distributed.placement import require_placeable, resource_ask
 from asft_ray.errors import AsftError
 from asft_ray.methods import resolve
+from asft_ray.models import prunable_linears
 from asft_ray.pruning.engine import (
     CHUNK_SIZE,
     LinearJob,
@@ -240,13 +241,20 @@ class ScoringWorker:
         return_free_memory()
         return pruned if len(pruned) > 1 else pruned[0]  # num_returns=len(jobs)
 
-    def sample_gradients(self, layer, chunk, targets, i: int, context) -> tuple[dict, float]:
-        """Block reconstruction: sample i of the chunk's gradients against its target (pruning.reconstruct)."""
-        from asft_ray.pruning.reconstruct import sample_gradients
+    def reconstruct(self, layer, chunks: list, targets: list, chunk_size: int, n_samples: int, context,
+                    reconstruction, index: int) -> tuple[dict, dict]:
+        """Block reconstruction of one layer, all of it here (pruning.reconstruct): each step fetches
+        its sample and target from the object store (`chunks`, `targets`: the runners' chunk refs).
+        Returns the fitted weights of the layer's linears (float32, on the CPU) and the report row."""
+        layer, _, args, kwargs = self._on_device(layer, [], context)
 
-        layer, chunk, args, kwargs = self._on_device(layer, chunk, context)
-        grads, loss = sample_gradients(layer, chunk[i], targets[i].to(self.device), args, kwargs)
-        return {name: g.cpu() for name, g in grads.items()}, loss
+        def fetch(refs: list):
+            return lambda k: ray.get(refs[k // chunk_size])[k % chunk_size].to(self.device)
+
+        row = reconstruction.fit(layer, fetch(chunks), fetch(targets), n_samples, args, kwargs, index)
+        weights = {name: lin.weight.detach().cpu() for name, lin in prunable_linears(layer).items()}
+        return_free_memory()
+        return weights, row
 
     def score_rows(self, final, chunk, score, targets) -> list:
         """engine.Runner.score_rows for one chunk: `score` of each sample's activations and target."""
@@ -318,8 +326,6 @@ def solve_cost(layer, stats: InputStats, source: str) -> float:
     own: the inverse-Hessian factor (two Cholesky factorisations and an inverse: about 4/3 cols^3)
     and the column-by-column update (about 2 rows cols^2). The factor dominates a wide input
     (down_proj), so leaving it out would give that input's owner more than its share."""
-    from asft_ray.models import prunable_linears
-
     linears = prunable_linears(_materialize(layer))
     return float(sum(4 / 3 * linears[n].in_features ** 3 + 2 * linears[n].out_features * linears[n].in_features ** 2
                      for n, s in stats.source.items() if s == source))
@@ -360,6 +366,7 @@ class ShardedRunner:
                  chunk_size: int = CHUNK_SIZE, max_pending: int | None = None, ship_inputs: bool | None = None):
         self.workers, self.chunk_size = workers, chunk_size
         chunks = split_chunks(inputs, chunk_size)
+        self.n_samples = len(inputs)
         tokens = [sum(x.numel() // x.shape[-1] for x in chunk) for chunk in chunks]
         self.chunk_tokens, self.total_tokens = max(tokens), sum(tokens)
         self.chunks = [ray.put([x.cpu() for x in chunk]) for chunk in chunks]
@@ -480,12 +487,15 @@ class ShardedRunner:
         self.peak_layers_ahead = max(self.peak_layers_ahead, len(self._submitted))
         ray.wait(inputs, num_returns=len(inputs), fetch_local=False)
 
-    def sample_gradients(self, layer, targets: "ShardedRunner", k: int) -> tuple[dict, float]:
-        """On the worker that holds sample k's chunk (and the target's: the same index, the same workers)."""
-        c, i = divmod(k, self.chunk_size)
-        layer_ref = ray.put(SharedLayer(layer))  # this step's weights
-        return ray.get(self._worker(c).sample_gradients.remote(layer_ref, self.chunks[c], targets.chunks[c], i,
-                                                               self.context))
+    def reconstruct(self, layer, targets: "ShardedRunner", reconstruction, index: int) -> dict:
+        """The whole fit of layer `index` on one worker (round robin over the layers), which holds
+        the layer's Adam state; this process only swaps the fitted weights in."""
+        weights, row = ray.get(self._worker(index).reconstruct.remote(
+            ray.put(SharedLayer(layer)), self.chunks, targets.chunks, self.chunk_size, self.n_samples, self.context,
+            reconstruction, index))
+        for name, lin in prunable_linears(layer).items():
+            lin.weight.data = weights.pop(name).to(lin.weight.dtype)
+        return row
 
     def outputs(self) -> list[torch.Tensor]:
         return [x for chunk in ray.get(self.chunks) for x in chunk]

@@ -241,10 +241,11 @@ class Runner(Protocol):
     def advance(self, layer: nn.Module) -> None:
         """Push the calibration activations through `layer`: they become the next layer's inputs."""
 
-    def sample_gradients(self, layer: nn.Module, targets: "Runner", k: int) -> tuple[dict, float]:
-        """Block reconstruction (pruning.reconstruct): the gradients of the layer's prunable weights
-        for calibration sample k, against the same sample's activations in `targets` (a runner of the
-        same kind over the same samples), and the loss."""
+    def reconstruct(self, layer: nn.Module, targets: "Runner", reconstruction, index: int) -> dict:
+        """Block reconstruction (pruning.reconstruct.Reconstruction) of pruned layer `index`, in place:
+        its kept weights fitted so that its outputs on these activations approach `targets`' (a runner
+        of the same kind over the same samples, holding the dense model's hidden states). Returns the
+        report row's part."""
 
     def outputs(self) -> list[torch.Tensor]:
         """The activations as they are now, one tensor per calibration sample."""
@@ -277,11 +278,15 @@ class LocalRunner:
         for i, chunk in enumerate(self.chunks):  # in place: one chunk's outputs beside the activations, not a second set
             self.chunks[i] = chunk_forward(layer, chunk, self.args, self.kwargs)
 
-    def sample_gradients(self, layer: nn.Module, targets: "LocalRunner", k: int) -> tuple[dict, float]:
-        from asft_ray.pruning.reconstruct import sample_gradients
-
-        c, i = divmod(k, self.chunk_size)
-        return sample_gradients(computing_copy(layer), self.chunks[c][i], targets.chunks[c][i], self.args, self.kwargs)
+    def reconstruct(self, layer: nn.Module, targets: "LocalRunner", reconstruction, index: int) -> dict:
+        work = computing_copy(layer)  # float32: the layer itself, or a copy of a 16-bit one
+        samples = self.outputs()
+        row = reconstruction.fit(work, samples.__getitem__, targets.outputs().__getitem__, len(samples), self.args,
+                                 self.kwargs, index)
+        if work is not layer:
+            for name, lin in prunable_linears(layer).items():
+                lin.weight.data = prunable_linears(work)[name].weight.data.to(lin.weight.dtype)
+        return row
 
     def outputs(self) -> list[torch.Tensor]:
         return [x for chunk in self.chunks for x in chunk]
@@ -390,7 +395,7 @@ def _prune_layerwise(
             dense.advance(layer)
         extra = _prune_one_layer(runner, layer, index, method, pattern, sparsity, true_sequential, channel_permutation)
         if dense is not None:
-            extra |= reconstruction.fit(layer, lambda lay, k: runner.sample_gradients(lay, dense, k), len(calib_ids), index)
+            extra |= runner.reconstruct(layer, dense, reconstruction, index)
         runner.advance(layer)
         report.append({"layer": index, "seconds": time.perf_counter() - start, **linear_sparsity(prunable_linears(layer)),
                        **extra})

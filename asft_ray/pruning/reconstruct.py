@@ -10,10 +10,12 @@ error the layers before it left (as in EBFT, Guo et al. 2024, and the block-wise
 BRECQ/OmniQuant-style calibration).
 
 One step = one calibration sample: d/dW of mean((layer(x_k) - dense_k)^2), samples in a seeded
-order per epoch; plain torch Adam on float32 copies of the kept weights. Where a sample's gradient
-is computed (here or on a Ray actor) does not change it, so the result is the same for any number
-of workers. Pure torch; the runners (engine.LocalRunner, distributed.sharded.ShardedRunner) say
-where each sample's gradient is computed.
+order per epoch; plain torch Adam on float32 copies of the kept weights. Where a layer is fitted
+does not change the result, so it is the same for any number of workers. Memory where it runs:
+the float32 layer, Adam's copy and two moments of its linears, one step's gradients and two
+samples' activations: about 5 x the layer's float32 bytes. Pure torch; the runners (engine.LocalRunner, distributed.sharded.ShardedRunner) say
+where a layer is fitted: in process, or on one scoring actor (which fetches one sample at a time
+from the object store), so the pruning coordinator never holds Adam's state.
 """
 
 from __future__ import annotations
@@ -81,11 +83,15 @@ def fit_layer(layer: nn.Module, gradients_of: SampleGradients, n_samples: int, e
 @dataclass(frozen=True)
 class Reconstruction:
     """The engine's block-reconstruction step: `epochs` passes over the calibration samples at
-    Adam learning rate `lr`."""
+    Adam learning rate `lr`. A runner calls `fit` where the samples are: in process, or on one
+    scoring actor per layer (then only that actor holds the layer's Adam state)."""
 
     epochs: int
     lr: float
 
-    def fit(self, layer: nn.Module, gradients_of: SampleGradients, n_samples: int, index: int) -> dict:
-        """fit_layer for decoder layer `index` (its sample order is drawn from the index)."""
-        return fit_layer(layer, gradients_of, n_samples, self.epochs, self.lr, seed=index)
+    def fit(self, layer: nn.Module, sample: Callable[[int], torch.Tensor], target: Callable[[int], torch.Tensor],
+            n_samples: int, args: tuple, kwargs: dict, index: int) -> dict:
+        """fit_layer for decoder layer `index` (float32; its sample order is drawn from the index), with
+        sample k's input `sample(k)` and the dense model's hidden state `target(k)`."""
+        return fit_layer(layer, lambda lay, k: sample_gradients(lay, sample(k), target(k), args, kwargs),
+                         n_samples, self.epochs, self.lr, seed=index)
