@@ -315,7 +315,8 @@ class PruneConfig:
             if not d[flag]:
                 d.pop(flag)  # the default, as before the option existed
         if not self.reconstruct_epochs:
-            d.pop("reconstruct_epochs"), d.pop("reconstruct_lr")
+            for key in ("reconstruct_epochs", "reconstruct_lr"):
+                d.pop(key)  # off, as before the option existed
         return d
 
     @property

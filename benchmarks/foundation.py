@@ -68,21 +68,24 @@ REFERENCE = {
 }
 
 
-# block reconstruction as chosen on valid (benchmarks/methods_valid.py, 8 calibration windows x 4 epochs):
-# the same 32 Adam steps a layer here = 1 epoch of the protocol's 32 windows
-RECONSTRUCT_50 = ["--reconstruct-epochs", "1", "--reconstruct-lr", "1e-3"]
-RECONSTRUCT_2OF4 = ["--reconstruct-epochs", "1", "--reconstruct-lr", "1e-3"]
+# block reconstruction as chosen on valid for 50 % and 2:4 alike (benchmarks/methods_valid.py, 8 calibration
+# windows x 4 epochs): the same 32 Adam steps a layer here = 1 epoch of the protocol's 32 windows
+RECONSTRUCT = ["--reconstruct-epochs", "1", "--reconstruct-lr", "1e-3"]
 # what a row's mode adds to `asft prune`: (its key suffix, the flags)
 MODES = {
     "true-sequential": ("-ts", ["--true-sequential"]),
     "channel-permutation": ("-cp", ["--channel-permutation"]),
-    "reconstruct": ("-rc", RECONSTRUCT_50),
-    "channel-permutation+reconstruct": ("-cp-rc", ["--channel-permutation", *RECONSTRUCT_2OF4]),
+    "reconstruct": ("-rc", RECONSTRUCT),
+    "channel-permutation+reconstruct": ("-cp-rc", ["--channel-permutation", *RECONSTRUCT]),
 }
 
 
+def mode_suffix(mode: str) -> str:
+    return MODES[mode][0] if mode else ""
+
+
 def row_key(method: str, pattern: str, nsamples: int, mode: str = "") -> str:
-    return f"{method}-{pattern}" + (f"-n{nsamples}" if nsamples not in (0, 32) else "") + MODES.get(mode, ("",))[0]
+    return f"{method}-{pattern}" + (f"-n{nsamples}" if nsamples not in (0, 32) else "") + mode_suffix(mode)
 
 
 def done_rows(results: str = "foundation") -> dict:
@@ -104,7 +107,7 @@ def run_row(method: str, pattern: str, nsamples: int, done: dict, runs: Path, mo
             model, prune = best["model_dir"], None
             method = f"{best['method']} (best 50 %)"
     else:
-        out = runs / (f"{method}-{pattern.replace(':', 'of')}-n{nsamples}" + MODES.get(mode, ("",))[0])
+        out = runs / (f"{method}-{pattern.replace(':', 'of')}-n{nsamples}" + mode_suffix(mode))
         args = ["prune", "--model", MODEL, "--method", method, "--pattern", pattern,
                 "--seqlen", "2048", "--out", str(out), "--no-progress"]
         if nsamples:  # magnitude reads no calibration (and --nsamples 0 is refused)

@@ -126,8 +126,8 @@ def main() -> int:
                     str(out / "semistructured"), "--overwrite")
 
     def reconstruction() -> dict:
-        """Block reconstruction's per-sample gradients on 2 GPU actors (bf16 model, float32 Adam state on
-        the coordinator): exact sparsity, and a ppl below the plain Wanda run's on the same windows."""
+        """Block reconstruction on 2 GPU actors (bf16 model; each layer fitted in float32 on one actor,
+        its Adam state there): exact sparsity, and a ppl below the plain Wanda run's on the same windows."""
         rc_dir = out / "wanda-reconstructed-gpu"
         run = asft("prune", "--method", "wanda", *common, "--out", str(rc_dir), "--worker-gpus", "0.5",
                    "--worker-cpus", "2", "--reconstruct-epochs", "1", "--reconstruct-lr", "1e-3")

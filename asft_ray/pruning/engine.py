@@ -130,15 +130,20 @@ def capture_layer0_inputs(model: nn.Module, calib_ids: torch.Tensor) -> tuple[li
     return inputs, to_float32(extra_args), to_float32(layer_kwargs)
 
 
+def floats_as(value, dtype: torch.dtype):
+    """`value` with every floating-point tensor inside it (tuples, lists, dicts) in `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(floats_as(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: floats_as(v, dtype) for k, v in value.items()}
+    return value
+
+
 def to_float32(value):
     """`value` with every 16-bit float tensor inside it (tuples, lists, dicts) in float32."""
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_float32(v) for v in value)
-    if isinstance(value, dict):
-        return {k: to_float32(v) for k, v in value.items()}
-    return value
+    return floats_as(value, torch.float32)
 
 
 def computing_copy(layer: nn.Module) -> nn.Module:
@@ -284,8 +289,9 @@ class LocalRunner:
         row = reconstruction.fit(work, samples.__getitem__, targets.outputs().__getitem__, len(samples), self.args,
                                  self.kwargs, index)
         if work is not layer:
+            fitted = prunable_linears(work)
             for name, lin in prunable_linears(layer).items():
-                lin.weight.data = prunable_linears(work)[name].weight.data.to(lin.weight.dtype)
+                lin.weight.data = fitted[name].weight.data.to(lin.weight.dtype)
         return row
 
     def outputs(self) -> list[torch.Tensor]:

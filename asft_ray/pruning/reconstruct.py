@@ -13,9 +13,10 @@ One step = one calibration sample: d/dW of mean((layer(x_k) - dense_k)^2), sampl
 order per epoch; plain torch Adam on float32 copies of the kept weights. Where a layer is fitted
 does not change the result, so it is the same for any number of workers. Memory where it runs:
 the float32 layer, Adam's copy and two moments of its linears, one step's gradients and two
-samples' activations: about 5 x the layer's float32 bytes. Pure torch; the runners (engine.LocalRunner, distributed.sharded.ShardedRunner) say
-where a layer is fitted: in process, or on one scoring actor (which fetches one sample at a time
-from the object store), so the pruning coordinator never holds Adam's state.
+samples' activations: about 5 x the layer's float32 bytes. Pure torch; the runners
+(engine.LocalRunner, distributed.sharded.ShardedRunner) say where a layer is fitted: in process,
+or on one scoring actor (which fetches one sample at a time from the object store), so the pruning
+coordinator never holds Adam's state.
 """
 
 from __future__ import annotations

@@ -21,10 +21,25 @@ M_GRID = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)  # outlier thresholds measure
 CHUNK = 1 << 20  # score entries held in float64 at a time (8 MiB)
 
 
+def ratios_of(pieces, ms) -> dict[float, float]:
+    """{m: fraction of all the entries above m times their mean}, over the float64 tensors that
+    `pieces()` yields (called twice: for the mean, then for the counts), so they need not be whole
+    in memory at once."""
+    sums, count = [], 0
+    for piece in pieces():
+        sums.append(float(piece.sum()))
+        count += piece.numel()
+    mean = math.fsum(sums) / count
+    above = dict.fromkeys(ms, 0)
+    for piece in pieces():
+        for m in above:
+            above[m] += int((piece > m * mean).sum())
+    return {m: above[m] / count for m in ms}
+
+
 def outlier_ratio(scores: torch.Tensor, m: float) -> float:
     """Fraction of entries of `scores` above m times their mean."""
-    scores = scores.double()
-    return float((scores > m * scores.mean()).double().mean())
+    return ratios_of(lambda: [scores.double()], [m])[m]
 
 
 def score_chunks(layer, stats):
@@ -37,18 +52,8 @@ def score_chunks(layer, stats):
 
 
 def layer_ratios(layer, stats, ms) -> dict[float, float]:
-    """{m: fraction of the layer's Wanda scores above m times their mean}: outlier_ratio of all the
-    layer's scores together, computed piece by piece (two passes: the mean, then the counts)."""
-    sums, count = [], 0
-    for piece in score_chunks(layer, stats):
-        sums.append(float(piece.sum()))
-        count += piece.numel()
-    mean = math.fsum(sums) / count
-    above = dict.fromkeys(ms, 0)
-    for piece in score_chunks(layer, stats):
-        for m in above:
-            above[m] += int((piece > m * mean).sum())
-    return {m: above[m] / count for m in ms}
+    """{m: outlier_ratio of all the layer's Wanda scores together}, read piece by piece."""
+    return ratios_of(lambda: score_chunks(layer, stats), ms)
 
 
 @torch.no_grad()
