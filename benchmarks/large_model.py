@@ -13,7 +13,9 @@ variable set to stay in bounds:
     validation one layer at a time);
   * `asft prune --method wanda --pattern 2:4 --channel-permutation --workers 2`, and the same without
     the permutation (its extra statistics pass and order search per layer);
-  * `asft prune --method sparsegpt --workers 2` on the bf16 copy (output size = input size).
+  * `asft prune --method sparsegpt --workers 2` on the bf16 copy (output size = input size);
+  * `asft prune --method wanda --reconstruct-epochs 1 --workers 2` (block reconstruction: each layer's
+    Adam fit on one scoring actor), and the same Wanda prune without it.
 
 Each command runs under a sampler of /proc (benchmarks/memory_streaming.PeakRss) that records the
 peak RSS of the CLI process and every process below it (Ray's GCS, raylet, the pruning coordinator,
@@ -168,6 +170,13 @@ def main():
                                "--channel-permutation", "--workers", "2", "--out", str(work / "wanda24-perm-w2"), *calib],
         "wanda-2of4-w2": ["prune", "--model", str(fp32), "--method", "wanda", "--pattern", "2:4",
                           "--workers", "2", "--out", str(work / "wanda24-w2"), *calib],
+        # block reconstruction (each layer's Adam fit on one scoring actor, its targets from a second,
+        # dense stream) next to the same Wanda prune without it
+        "wanda-fp32-w2": ["prune", "--model", str(fp32), "--method", "wanda", "--sparsity", "0.5",
+                          "--workers", "2", "--out", str(work / "wanda-w2"), *calib],
+        "wanda-reconstruct-fp32-w2": ["prune", "--model", str(fp32), "--method", "wanda", "--sparsity", "0.5",
+                                      "--reconstruct-epochs", "1", "--workers", "2",
+                                      "--out", str(work / "wanda-rc-w2"), *calib],
         "fisher-fp32-w2": ["prune", "--model", str(fp32), "--method", "fisher", "--sparsity", "0.5",
                            "--workers", "2", "--out", str(work / "fisher-w2"), *calib],
         "sparsegpt-bf16-w2": ["prune", "--model", str(bf16), "--method", "sparsegpt", "--sparsity", "0.5",

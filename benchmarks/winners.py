@@ -4,6 +4,7 @@
     python benchmarks/winners.py --what full                       # the whole WikiText-2 test, seed-0 models
     python benchmarks/winners.py --what zeroshot                   # first 500 items of the 8 sets (LAMBADA ppl too)
     python benchmarks/winners.py --table
+    python benchmarks/winners.py --what quick --methods best-50 --seeds 1 2 3   # a committed config (PRUNE_ARGS)
 
 Every step is the real CLI (`asft prune`, `asft eval`) on SmolLM2-135M at 50 % unstructured, for each
 method in --methods (default: the chosen `wanda+dsnot+obs` and `sparsegpt`), one after the other so that
@@ -26,6 +27,8 @@ from results_io import ROOT, append_row, asft, read_rows, wikitext_ppl, window_p
 RESULTS = "winners"
 RUNS = ROOT / "runs" / "bench" / "winners"
 METHODS = ("wanda+dsnot+obs", "sparsegpt")
+# a "method" here may be a committed config (flags after it override it: sparsity, seed, out)
+PRUNE_ARGS = {"best-50": ["--config", "configs/smollm2-best-50.yaml"]}  # sparsegpt + block reconstruction
 
 
 def model_dir(method: str, seed: int) -> Path:
@@ -33,13 +36,17 @@ def model_dir(method: str, seed: int) -> Path:
 
 
 def quick(method: str, seed: int) -> dict:
+    """Prune with seed S (a finished prune already in the folder is reused, and the row says so), then
+    the first 16 test windows."""
     out = model_dir(method, seed)
     start = time.perf_counter()
-    asft("prune", "--model", "smollm2-135m", "--method", method, "--sparsity", "0.5", "--nsamples", "32",
-         "--seqlen", "2048", "--seed", str(seed), "--out", str(out), "--no-progress")
+    reused = (out / "asft_run.json").is_file()
+    if not reused:
+        asft("prune", *PRUNE_ARGS.get(method, ["--method", method]), "--model", "smollm2-135m", "--sparsity", "0.5",
+             "--nsamples", "32", "--seqlen", "2048", "--seed", str(seed), "--out", str(out), "--no-progress")
     prune = json.loads((out / "asft_run.json").read_text())
     result = wikitext_ppl(out, 16)
-    return {"prune_s": prune["timings"]["prune_s"], "wall_s": time.perf_counter() - start,
+    return {"prune_s": prune["timings"]["prune_s"], "wall_s": time.perf_counter() - start, "reused_prune": reused,
             "sparsity": result["sparsity"], "ppl_8w": window_ppl(result["window_nll"][:8]), "ppl_16w": result["ppl"]}
 
 
