@@ -22,6 +22,9 @@ from asft_ray.errors import AsftError
 METHODS = _methods.method_names()
 CALIBRATED_METHODS = tuple(n for n in METHODS if _methods.resolve(n).calibrated)
 LAYERWISE_METHODS = tuple(n for n in METHODS if _methods.resolve(n).layerwise)  # true-sequential, per-layer resume
+# block reconstruction's Adam learning rate, chosen on WikiText-2 valid (BENCHMARKS.md, issue #15):
+# the default of `asft prune` and of the structured export
+RECONSTRUCT_LR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,7 @@ class PruneConfig:
     reconstruct_epochs: int = setting(0, "block reconstruction: after each layer is pruned, this many passes of Adam "
                                          "over the calibration samples fit its kept weights to the dense model's "
                                          "hidden states (0: off)")
-    reconstruct_lr: float = setting(1e-4, "block reconstruction's Adam learning rate")
+    reconstruct_lr: float = setting(RECONSTRUCT_LR, "block reconstruction's Adam learning rate")
     data_dir: str | None = None  # None: ASFT_DATA_DIR, then ../shared/data, then the hub (flag: cli._add_common)
     device: str = how_it_runs("auto")  # "auto", "cpu", "cuda", "cuda:1", ... (flag: cli._add_common)
     overwrite: bool = how_it_runs(False, "replace an --out that holds a different run")

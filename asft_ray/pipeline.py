@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from asft_ray.artifacts import check_out_location, write_json_atomic
-from asft_ray.config import check_field_types, check_keys
+from asft_ray.config import RECONSTRUCT_LR, check_field_types, check_keys
 from asft_ray.errors import AsftError
 from asft_ray.export.formats import run_format_names
 from asft_ray.report.recommend import Tolerance
@@ -78,6 +78,8 @@ class StructureSpec:
     cost_model: str | None = None  # fitted cost model JSON (calibrated there if missing); None: in the run folder
     cost_search: int = 0  # validation windows each feasible plan is measured on (0: the least aggressive plan)
     refit: bool = True  # least-squares refit of down_proj / o_proj on the kept channels and heads
+    reconstruct_epochs: int = 0  # block reconstruction of each shrunk layer to the dense hidden states (0: off)
+    reconstruct_lr: float = RECONSTRUCT_LR
     nsamples: int = 16  # C4 calibration windows
     seqlen: int = 2048
     seed: int = 0
@@ -108,12 +110,17 @@ class StructureSpec:
             raise AsftError(f"{source}: cost_search is a number of validation windows (0: off), got {self.cost_search}")
         if self.nsamples < 1 or self.seqlen < 1:
             raise AsftError(f"{source}: nsamples and seqlen must be positive")
+        if self.reconstruct_epochs < 0 or not self.reconstruct_lr > 0:
+            raise AsftError(f"{source}: reconstruct_epochs must be >= 0 and reconstruct_lr > 0, got "
+                            f"{self.reconstruct_epochs} and {self.reconstruct_lr}")
 
     def describe(self) -> str:
         parts = [f"MLP channels -{100 * self.mlp_ratio:.3g} %" if self.mlp_ratio else "",
                  f"KV groups -{100 * self.head_ratio:.3g} %" if self.head_ratio else "",
                  f"{self.drop_layers} decoder layers removed" if self.drop_layers else ""]
-        return ", ".join(p for p in parts if p) + (", least-squares refit" if self.refit else "")
+        return (", ".join(p for p in parts if p) + (", least-squares refit" if self.refit else "")
+                + (f", block reconstruction ({self.reconstruct_epochs} epoch{'s' * (self.reconstruct_epochs > 1)})"
+                   if self.reconstruct_epochs else ""))
 
 
 # What `int8:` may name: the run's models, or `final` (recovered if `recover:` is set, else pruned).
@@ -468,7 +475,7 @@ def _structured_pruning(cfg: RunConfig, data_dir: str) -> dict:
                         cost_search=s.cost_search)
         task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(export_model))
         ray.get(task.remote(_node_threads(), cfg.model, "structured", out, **what, refit=s.refit, nsamples=s.nsamples,
-                            seqlen=s.seqlen, seed=s.seed, data_dir=data_dir, device=cfg.device, show_progress=False))
+                            reconstruct_epochs=s.reconstruct_epochs, reconstruct_lr=s.reconstruct_lr, seqlen=s.seqlen, seed=s.seed, data_dir=data_dir, device=cfg.device, show_progress=False))
     return structure_summary(s, read_json(out / REPORT))
 
 

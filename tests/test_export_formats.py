@@ -69,7 +69,7 @@ def test_a_format_without_a_run_summary_is_not_offered_to_runs(tmp_path):
 
 def test_structured_only_options_name_the_formats_that_take_them(tmp_path, capsys):
     code = main(["export", "--model", "m", "--format", "compressed", "--drop-layers", "1", "--out", str(tmp_path / "o")])
-    assert code == 2 and "--drop-layers and --refit belong to --format structured" in capsys.readouterr().err
+    assert code == 2 and "--drop-layers, --refit and --reconstruct-epochs belong to --format structured" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -130,6 +130,7 @@ def test_int8_copies_are_candidates_with_their_own_quality_and_cost_and_are_not_
     ({"prune": None}, "exactly one of prune"),
     ({"prune": None, "structure": {"mlp_ratio": 1.0}}, "mlp_ratio must be in"),
     ({"prune": None, "structure": {"mlp_ratio": 0}}, "nothing to remove"),
+    ({"prune": None, "structure": {"mlp_ratio": 0.5, "reconstruct_epochs": 1, "reconstruct_lr": 0}}, "reconstruct_lr > 0"),
     ({"prune": None, "structure": {"mlp_ratio": 0.3, "refit": "yes"}}, "refit"),
     ({"prune": None, "structure": {"mlp_ratio": 0.3}, "recover": {"dense": False}}, "set by the pipeline"),
     ({"prune": None, "structure": {"cost_target": 0.7, "mlp_ratio": 0.3}}, "give either cost_target .* or those"),
@@ -203,7 +204,7 @@ def test_a_structured_run_ends_in_a_smaller_model_and_a_recommendation(tiny_mode
     values.pop("prune")
     # the cost of weights read alone: 57344 + 384 k weights for k MLP channels (test_structured_cost.py), so
     # 64 of 128 channels cost (57344 + 24576) / 106496 = 0.769 of dense and 65 cost 0.773: target 0.77 -> half
-    values["structure"] = {"cost_target": 0.77, "nsamples": 2, "seqlen": 64}
+    values["structure"] = {"cost_target": 0.77, "nsamples": 2, "seqlen": 64, "reconstruct_epochs": 1}
     values["eval"] = {**values["eval"], "zeroshot": [], "speed_repeats": 3}
     cost_model = out / "structure" / "cost_model.json"
     cost_model.parent.mkdir(parents=True)
@@ -216,10 +217,12 @@ def test_a_structured_run_ends_in_a_smaller_model_and_a_recommendation(tiny_mode
     small = AutoModelForCausalLM.from_pretrained(out / facts["recommendation"]["candidates"][1]["path"])
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert small.config.intermediate_size == dense.config.intermediate_size // 2
-    assert facts["method"] == "structured pruning (MLP channels -50 %, least-squares refit)"
+    assert facts["method"] == "structured pruning (MLP channels -50 %, least-squares refit, block reconstruction (1 epoch))"
     assert (f"predicted to cost at most 0.77 x the dense model per generated token at 18 tokens of context, "
             f"predicted at 0.769 x by the decode-cost model {cost_model}.") in facts["steps"][0]
-    assert json.loads((out / "structure" / "model" / "structured.json").read_text())["streamed"]  # a safetensors folder
+    written_report = json.loads((out / "structure" / "model" / "structured.json").read_text())
+    assert written_report["streamed"]  # a safetensors folder
+    assert [row["layer"] for row in written_report["reconstruction_layers"]] == [0, 1]
     assert [c["name"] for c in facts["recommendation"]["candidates"]] == ["dense", "pruned"]
     pruned = facts["recommendation"]["candidates"][1]
     assert pruned["meets_tolerance"] == (pruned["ppl"] <= 100.0 * facts["models"]["dense"]["ppl"])

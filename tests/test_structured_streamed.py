@@ -17,6 +17,8 @@ CASES = {
     "per-layer": dict(mlp_ratio="0.25,0.5,0.75", head_ratio="0.5,0,0", nsamples=4),
     "refit": dict(mlp_ratio="0.5", head_ratio="0.5", refit=True, nsamples=4),
     "drop-layers": dict(mlp_ratio="0.25", head_ratio="0.5", refit=True, drop_layers=1, nsamples=4),
+    "reconstruct": dict(mlp_ratio="0.5", head_ratio="0.5", refit=True, nsamples=4, reconstruct_epochs=2),
+    "reconstruct-drop": dict(mlp_ratio="0.25,0.5,0.75", drop_layers=1, nsamples=4, reconstruct_epochs=1),
 }
 
 
@@ -47,14 +49,14 @@ def test_streamed_equals_in_memory(sharded_model_dir, tmp_path, data_dir, case):
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
-    if case == "drop-layers":
+    if case in ("drop-layers", "reconstruct-drop"):
         assert b.config.num_hidden_layers == 2 and len(streamed["layers_dropped"]) == 1
         assert [layer.self_attn.layer_idx for layer in b.model.layers] == [0, 1]
     if case != "magnitude":
         assert b.config.intermediate_size < 128
 
 
-@pytest.mark.parametrize("case", ["refit", "drop-layers"])
+@pytest.mark.parametrize("case", ["refit", "drop-layers", "reconstruct"])
 def test_the_streamed_export_holds_one_decoder_layer_at_a_time(sharded_model_dir, tmp_path, data_dir,
                                                               streamed_live_bytes, case):
     """Bytes of the skeleton's non-meta parameters whenever a layer is loaded or written: at most
@@ -65,7 +67,7 @@ def test_the_streamed_export_holds_one_decoder_layer_at_a_time(sharded_model_dir
     write_streamed(str(sharded_model_dir), tmp_path / "o", _options(data_dir, **CASES[case]))
     dense = AutoModelForCausalLM.from_pretrained(sharded_model_dir)
     # 3 layers read and 3 written; with a layer dropped, the influence pass reads the 3 once more and 2 are written
-    assert len(streamed_live_bytes) == {"refit": 6, "drop-layers": 8}[case]
+    assert len(streamed_live_bytes) == {"refit": 6, "drop-layers": 8, "reconstruct": 6}[case]
     assert max(b for _, b in streamed_live_bytes) <= one_layer_bytes(dense), streamed_live_bytes
 
 
@@ -117,3 +119,54 @@ def test_a_bf16_folder_stays_bf16_with_the_in_memory_values(tmp_path, data_dir):
     for key in a:
         assert a[key].dtype == torch.float32 and b[key].dtype == torch.bfloat16, key
         assert torch.equal(a[key].to(torch.bfloat16), b[key]), key
+
+
+def _last_hidden_error(folder, dense, ids) -> float:
+    """Mean squared distance of the structured model's last hidden state to the dense model's."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        mine = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        theirs = dense(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    return float(((mine - theirs) ** 2).mean())
+
+
+def test_block_reconstruction_brings_the_structured_model_closer_to_dense(sharded_model_dir, tmp_path, data_dir):
+    """The same shrink and refit, with and without reconstruction: on the calibration windows the
+    structured model's last hidden state (before the final norm) moves closer to the dense one's,
+    every layer's fit lowers its loss, and the units a layer keeps zeroed (per-layer ratios below
+    the largest kept count) stay exactly zero."""
+    from asft_ray.data import c4_documents, sample_calibration
+    from asft_ray.models import load_tokenizer
+
+    case = dict(mlp_ratio="0.75,0.5,0.5", head_ratio="0.5", refit=True, nsamples=4)
+    plain = write_streamed(str(sharded_model_dir), tmp_path / "plain", _options(data_dir, **case))
+    fitted = write_streamed(str(sharded_model_dir), tmp_path / "fitted",
+                            _options(data_dir, **case, reconstruct_epochs=4, reconstruct_lr=3e-4))
+    assert "reconstruction_layers" not in plain
+    rows = fitted["reconstruction_layers"]
+    assert [r["layer"] for r in rows] == [0, 1, 2]
+    assert all(r["reconstruction_loss_last_epoch"] < r["reconstruction_loss_first_epoch"] for r in rows), rows
+    assert fitted["after"] == plain["after"]  # the same shapes
+    ids = sample_calibration(c4_documents(data_dir), load_tokenizer(str(sharded_model_dir)), 4, 32, 0)
+    dense = AutoModelForCausalLM.from_pretrained(sharded_model_dir).eval()
+    assert _last_hidden_error(tmp_path / "fitted", dense, ids) < _last_hidden_error(tmp_path / "plain", dense, ids)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").model.layers[0].mlp
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "fitted").model.layers[0].mlp
+    zero_channels = (a.down_proj.weight == 0).all(dim=0)  # layer 0 keeps 32 of 128, the export shape keeps 64
+    assert int(zero_channels.sum()) == 32
+    assert (b.down_proj.weight[:, zero_channels] == 0).all() and (b.up_proj.weight[zero_channels] == 0).all()
+    assert not torch.equal(a.down_proj.weight, b.down_proj.weight)
+
+
+def test_reconstruction_options_are_checked_before_any_work(tiny_model_dir, tmp_path, capsys):
+    from asft_ray.cli import main
+
+    base = ["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o")]
+    assert main([*base, "--format", "structured", "--mlp-ratio", "0.5", "--reconstruct-epochs", "1"]) == 2
+    assert "pass --nsamples" in capsys.readouterr().err
+    assert main([*base, "--format", "structured", "--mlp-ratio", "0.5", "--nsamples", "2",
+                 "--reconstruct-epochs", "1", "--reconstruct-lr", "0"]) == 2
+    assert "--reconstruct-lr > 0" in capsys.readouterr().err
+    assert main([*base, "--format", "compressed", "--reconstruct-epochs", "1"]) == 2
+    assert "belong to --format structured" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

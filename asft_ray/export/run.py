@@ -38,9 +38,10 @@ def export_model(model_spec: str, fmt: str, out: Path, overwrite: bool = False, 
     plus timings. `options`: ExportOptions' fields (`device` is where the model is loaded)."""
     spec = get_format(fmt)
     options = ExportOptions(**options)
-    if (options.drop_layers or options.refit) and not {"drop_layers", "refit"} <= spec.options:
-        owners = [f.name for f in formats().values() if {"drop_layers", "refit"} <= f.options]
-        raise AsftError(f"--drop-layers and --refit belong to --format {' or '.join(owners)}")
+    calibrated = {"drop_layers", "refit", "reconstruct_epochs"}  # what only a calibrated structured export does
+    if any(getattr(options, name) for name in calibrated) and not calibrated <= spec.options:
+        owners = [f.name for f in formats().values() if calibrated <= f.options]
+        raise AsftError(f"--drop-layers, --refit and --reconstruct-epochs belong to --format {' or '.join(owners)}")
     if spec.check is not None:
         spec.check(model_spec, options)
     check_out(out, overwrite)

@@ -210,19 +210,28 @@ def shrink(model: nn.Module, plan: list[dict]) -> dict:
 @dataclass(frozen=True)
 class StructureSettings:
     """What the structured export removes: MLP channels and KV groups (one ratio, or one per layer),
-    whole layers (`drop_layers`, by block influence), and whether down_proj / o_proj are refit.
-    Refit and drop_layers need calibration data."""
+    whole layers (`drop_layers`, by block influence), whether down_proj / o_proj are refit, and
+    whether each shrunk layer is then fitted to the dense hidden states (block reconstruction).
+    Refit, drop_layers and reconstruction need calibration data."""
 
     mlp_ratio: float | list[float] = 0.0
     head_ratio: float | list[float] = 0.0
     refit: bool = False
     drop_layers: int = 0
+    reconstruction: object | None = None  # a pruning.reconstruct.Reconstruction: fit each shrunk layer after its refit
 
 
 def structure_in_memory(model: nn.Module, calib_ids: torch.Tensor | None, settings: StructureSettings) -> dict:
     """The structured model, in place, from a model that is whole in memory. Statistics, block
-    influences and refits are all the dense model's. Returns the size report (dropped layers too)."""
+    influences and refits are all the dense model's. Returns the size report (dropped layers too).
+    Block reconstruction fits each layer on the structured model's own activations, so it goes
+    layer by layer, through the loop the streamed export runs (structured_streamed.structure_layers)."""
     from asft_ray.pruning.structured import block_influences, collect_input_norms, layers_to_drop, plan_structured
+
+    if settings.reconstruction is not None:
+        from asft_ray.export.structured_streamed import structure_resident
+
+        return structure_resident(model, calib_ids, settings)
 
     stats = collect_input_norms(model, calib_ids, hessian=settings.refit) if calib_ids is not None else None
     influences = block_influences(model, calib_ids) if settings.drop_layers else None  # as ShortGPT measures them

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from asft_ray.catalog import Catalog
-from asft_ray.config import setting
+from asft_ray.config import RECONSTRUCT_LR, setting
 from asft_ray.errors import AsftError
 
 
@@ -33,6 +33,11 @@ class ExportOptions:
                                   "influence (needs --nsamples)")
     refit: bool = setting(False, "structured: refit down_proj / o_proj by least squares on the kept channels and "
                                  "heads (needs --nsamples)")
+    reconstruct_epochs: int = setting(0, "structured: block reconstruction: after each layer is shrunk (and refit), "
+                                         "this many passes of Adam over the calibration samples fit its weights so "
+                                         "that, fed the structured model's own inputs, it gives the dense model's "
+                                         "hidden states (needs --nsamples; 0: off)")
+    reconstruct_lr: float = setting(RECONSTRUCT_LR, "structured: block reconstruction's Adam learning rate")
     cost_target: float | None = setting(None, "structured: instead of --mlp-ratio, --head-ratio and --drop-layers, "
                                               "the least aggressive plan predicted to cost at most this share of the "
                                               "dense model per generated token (e.g. 0.7)", default_text="off")

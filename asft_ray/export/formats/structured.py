@@ -17,8 +17,12 @@ COST_DETAILS = ("cost_knobs", "cost_context", "cost_model", "cost_search", "sear
 
 
 def check(model_spec: str, options: ExportOptions) -> None:
-    if (options.drop_layers or options.refit) and options.nsamples < 1:
-        raise AsftError("--drop-layers and --refit measure on calibration data: pass --nsamples (e.g. 32)")
+    if (options.drop_layers or options.refit or options.reconstruct_epochs) and options.nsamples < 1:
+        raise AsftError("--drop-layers, --refit and --reconstruct-epochs measure on calibration data: pass --nsamples "
+                        "(e.g. 32)")
+    if options.reconstruct_epochs < 0 or not options.reconstruct_lr > 0:
+        raise AsftError(f"--reconstruct-epochs must be >= 0 and --reconstruct-lr > 0, got {options.reconstruct_epochs} "
+                        f"and {options.reconstruct_lr}")
     if options.cost_target is not None:
         _check_cost_options(options)
         if options.cost_search:  # enough validation text, before the cost model or any trial
@@ -92,9 +96,16 @@ def _settings(model_spec: str, options: ExportOptions, out: Path):
     if options.cost_target is not None:
         cost_plan = _cost_plan(model_spec, options, out)
         mlp, heads, drop = cost_plan["mlp_ratio"], cost_plan["head_ratio"], cost_plan["drop_layers"]
-    settings = StructureSettings(mlp, heads, options.refit, drop)
+    reconstruction = None
+    if options.reconstruct_epochs:
+        from asft_ray.pruning.reconstruct import Reconstruction
+
+        reconstruction = Reconstruction(options.reconstruct_epochs, options.reconstruct_lr)
+    settings = StructureSettings(mlp, heads, options.refit, drop, reconstruction)
     report = {"mlp_ratio": mlp, "head_ratio": heads, "nsamples": options.nsamples, "refit": options.refit,
               "scores": "wanda-style |W|*||X||" if options.nsamples > 0 else "magnitude |W|"}
+    if reconstruction:
+        report["reconstruction"] = {"epochs": reconstruction.epochs, "lr": reconstruction.lr}
     return settings, report if cost_plan is None else {**report, "cost_plan": cost_plan}
 
 
@@ -171,5 +182,6 @@ def describe(model_spec: str, out: Path, report: dict) -> str:
 
 
 register(ExportFormat("structured", summary="remove MLP channels and KV groups", write=write, describe=describe,
-                      check=check, options={"mlp_ratio", "head_ratio", "drop_layers", "refit", "cost_target",
+                      check=check, options={"mlp_ratio", "head_ratio", "drop_layers", "refit", "reconstruct_epochs",
+                                            "reconstruct_lr", "cost_target",
                                             "cost_knobs", "cost_context", "cost_model"}))
