@@ -10,10 +10,10 @@ error the layers before it left (as in EBFT, Guo et al. 2024, and the block-wise
 BRECQ/OmniQuant-style calibration).
 
 One step = one calibration sample: d/dW of mean((layer(x_k) - dense_k)^2), samples in a seeded
-order per epoch; plain torch Adam on float32 copies of the kept weights. Where a layer is fitted
-does not change the result, so it is the same for any number of workers. Memory where it runs:
-the float32 layer, Adam's copy and two moments of its linears, one step's gradients and two
-samples' activations: about 5 x the layer's float32 bytes. Pure torch; the runners
+order per epoch; plain torch Adam on the float32 kept weights. Where a layer is fitted does not
+change the result, so it is the same for any number of workers. Memory where it runs: the float32
+layer (Adam moves its weights in place), Adam's two moments of its linears, one step's gradients,
+the masks (1 byte a weight) and two samples' activations: about 4.25 x the layer's float32 bytes. Pure torch; the runners
 (engine.LocalRunner, distributed.sharded.ShardedRunner) say where a layer is fitted: in process,
 or on one scoring actor (which fetches one sample at a time from the object store), so the pruning
 coordinator never holds Adam's state.
@@ -63,8 +63,13 @@ def fit_layer(layer: nn.Module, gradients_of: SampleGradients, n_samples: int, e
     were zero. Returns the mean loss of the first and of the last epoch (the report's row)."""
     linears = prunable_linears(layer)
     keep = {name: lin.weight != 0 for name, lin in linears.items()}
-    masters = {name: lin.weight.detach().float().clone() for name, lin in linears.items()}  # what Adam moves
-    optimizer = torch.optim.Adam(list(masters.values()), lr=lr)
+    # What Adam moves: a float32 weight itself (the runners fit a float32 layer: no second copy of
+    # it), else a float32 copy written back after each step.
+    masters = {name: lin.weight.data if lin.weight.dtype == torch.float32 else lin.weight.detach().float().clone()
+               for name, lin in linears.items()}
+    # foreach=False: the per-tensor update, as on the CPU by default; the multi-tensor one (CUDA's
+    # default) makes temporaries the size of all the layer's weights
+    optimizer = torch.optim.Adam(list(masters.values()), lr=lr, foreach=False)
     order = torch.Generator().manual_seed(seed)
     epoch_losses = []
     for _ in range(epochs):
@@ -72,11 +77,15 @@ def fit_layer(layer: nn.Module, gradients_of: SampleGradients, n_samples: int, e
         for k in torch.randperm(n_samples, generator=order).tolist():
             grads, loss = gradients_of(layer, k)
             losses.append(loss)
-            for name, master in masters.items():
-                master.grad = grads[name].to(master.device, torch.float32) * keep[name]
+            for name, master in masters.items():  # in place: one set of gradients, not two
+                master.grad = grads[name].to(master.device, torch.float32).mul_(keep[name])
+            del grads
             optimizer.step()
             for name, lin in linears.items():  # the next sample's forward sees the new weights
-                lin.weight.data = masters[name].to(lin.weight.dtype) * keep[name]
+                if lin.weight.data is masters[name]:
+                    masters[name].mul_(keep[name])  # already zero there (zero gradients, no decay): kept exact
+                else:
+                    lin.weight.data = masters[name].to(lin.weight.dtype) * keep[name]
         epoch_losses.append(math.fsum(losses) / len(losses))
     return {"reconstruction_loss_first_epoch": epoch_losses[0], "reconstruction_loss_last_epoch": epoch_losses[-1]}
 
