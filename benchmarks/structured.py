@@ -18,6 +18,7 @@ the same folders (run it on an idle machine, dense in the same run), e.g.
     python benchmarks/structured.py --point 0.5:0 --point 0.4:0.34 --max-steps 40 --full
     python benchmarks/structured.py --point 0.5:0:6 --refit --int8 --dense-int8 --max-steps 0
     python benchmarks/structured.py --from runs/cs75 --max-steps 110 --lr 2e-4 --full   # an existing export
+    python benchmarks/structured.py --point 0.5:0 --refit --nsamples 8 --reconstruct-epochs 4 --max-steps 0
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=10, help="recovery steps between valid ppl checks")
     p.add_argument("--refit", action="store_true", help="export with the least-squares refit of down_proj/o_proj")
     p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--reconstruct-epochs", type=int, default=0, help="export with block reconstruction (0: off)")
+    p.add_argument("--reconstruct-lr", type=float, default=1e-3)
     p.add_argument("--max-steps", type=int, default=40, help="recovery steps (0: exports only)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seqlen", type=int, default=512)
@@ -76,10 +79,13 @@ def main() -> None:
     scored = []
     for point in args.point:
         mlp, heads, drop = (point.split(":") + ["0"])[:3]
-        out = runs / (f"mlp{mlp}-heads{heads}" + (f"-drop{drop}" if drop != "0" else "") + ("-refit" if args.refit else ""))
+        rc = ["--reconstruct-epochs", str(args.reconstruct_epochs), "--reconstruct-lr", str(args.reconstruct_lr)]
+        out = runs / (f"mlp{mlp}-heads{heads}" + (f"-drop{drop}" if drop != "0" else "") + ("-refit" if args.refit else "")
+                      + (f"-n{args.nsamples}-rc{args.reconstruct_epochs}-lr{args.reconstruct_lr:g}"
+                         if args.reconstruct_epochs else ""))
         if not (out / "config.json").is_file():
             asft("export", "--model", DENSE, "--format", "structured", "--mlp-ratio", mlp, "--head-ratio", heads,
-                 "--drop-layers", drop, *(["--refit"] if args.refit else []),
+                 "--drop-layers", drop, *(["--refit"] if args.refit else []), *(rc if args.reconstruct_epochs else []),
                  "--nsamples", str(args.nsamples), "--seqlen", "2048", "--out", str(out), "--no-progress")
         valid = wikitext_ppl(out, 8, "valid")
         test = wikitext_ppl(out, 16)
@@ -87,6 +93,7 @@ def main() -> None:
         report = json.loads((out / "structured.json").read_text())
         append_row("structured", {"stage": "export", "mlp_ratio": float(mlp), "head_ratio": float(heads),
                                   "layers_dropped": report.get("layers_dropped", []), "refit": args.refit,
+                                  "reconstruction": report.get("reconstruction"),
                                   "parameter_ratio": report["parameter_ratio"],
                                   "nsamples": args.nsamples, "folder": str(out.relative_to(ROOT)),
                                   "valid_ppl_8w": valid["ppl"], "test_ppl_16w": test["ppl"]})
