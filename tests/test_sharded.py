@@ -374,3 +374,31 @@ def test_block_reconstruction_gives_the_same_bits_on_one_and_two_workers(scoring
     local = pruned_weights(tiny_model, "sparsegpt", calib8[:4, :24], reconstruction=fit)
     for key in sharded:  # in process: thread counts may move the last bits
         torch.testing.assert_close(local[key], sharded[key], rtol=1e-3, atol=1e-5)
+
+
+def test_block_reconstruction_on_an_actor_never_writes_into_the_object_store(scoring_pool, tiny_model, calib8):
+    """The fit moves a float32 layer's weights in place (pruning/reconstruct.py); on an actor the
+    layer arrives as views of the store's shared buffers, so the actor fits a private copy: the
+    layer in the store reads back unchanged after the fit, and the fit did change the weights."""
+    import ray
+
+    from asft_ray.distributed.sharded import SharedLayer
+    from asft_ray.models import decoder_layers, prunable_linears
+    from asft_ray.pruning.engine import capture_layer0_inputs
+    from asft_ray.pruning.reconstruct import Reconstruction
+
+    layer = decoder_layers(tiny_model)[0].float()
+    for lin in prunable_linears(layer).values():
+        lin.weight.data[:, ::2] = 0
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    inputs, args, kwargs = capture_layer0_inputs(tiny_model, calib8[:2, :16])
+    targets = [torch.randn_like(x) for x in inputs]
+    layer_ref = ray.put(SharedLayer(layer))
+    worker = scoring_pool.take(1)[0]
+    weights, row = ray.get(worker.reconstruct.remote(layer_ref, [ray.put(inputs)], [ray.put(targets)], 2, 2,
+                                                     (args, kwargs), Reconstruction(epochs=2, lr=1e-2), 0))
+    stored = ray.get(layer_ref).materialize().state_dict()
+    for key, value in before.items():
+        assert torch.equal(stored[key], value), key
+    assert any(not torch.equal(weights[name], before[f"{name}.weight"]) for name in weights)
+    assert all(torch.equal(weights[name] == 0, before[f"{name}.weight"] == 0) for name in weights)

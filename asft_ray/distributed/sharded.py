@@ -246,7 +246,12 @@ class ScoringWorker:
         """Block reconstruction of one layer, all of it here (pruning.reconstruct): each step fetches
         its sample and target from the object store (`chunks`, `targets`: the runners' chunk refs).
         Returns the fitted weights of the layer's linears (float32, on the CPU) and the report row."""
-        layer, _, args, kwargs = self._on_device(layer, [], context)
+        source = _materialize(layer)
+        in_store = {t.data_ptr() for t in source.parameters()}
+        layer, _, args, kwargs = self._on_device(source, [], context)
+        for lin in prunable_linears(layer).values():  # the fit moves these in place: never the store's buffers
+            if lin.weight.data_ptr() in in_store:  # a float32 layer on the CPU: still the object store's memory
+                lin.weight.data = lin.weight.data.clone()
 
         def fetch(refs: list):
             return lambda k: ray.get(refs[k // chunk_size])[k % chunk_size].to(self.device)
