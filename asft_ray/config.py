@@ -27,6 +27,14 @@ LAYERWISE_METHODS = tuple(n for n in METHODS if _methods.resolve(n).layerwise)  
 RECONSTRUCT_LR = 1e-3
 
 
+def check_reconstruction(epochs: int, lr: float, where: str = "", flags: bool = False) -> None:
+    """Block reconstruction's two settings, as `asft prune`, the structured export and a run's
+    `structure:` take them: `where` prefixes the message, `flags` names them as command-line flags."""
+    names = ("--reconstruct-epochs", "--reconstruct-lr") if flags else ("reconstruct_epochs", "reconstruct_lr")
+    if epochs < 0 or not lr > 0:
+        raise AsftError(f"{where}{names[0]} must be >= 0 and {names[1]} > 0, got {epochs} and {lr}")
+
+
 @dataclass(frozen=True)
 class Pattern:
     """Where zeros may go: anywhere (`unstructured`) or N non-zeros in every M inputs (`N:M`)."""
@@ -220,9 +228,7 @@ class PruneConfig:
         if self.channel_permutation and (pattern.kind != "nm" or not recipe.layerwise):
             raise AsftError(f"channel_permutation reorders channels for N:M groups: it needs an N:M pattern and a "
                             f"layer-wise method ({', '.join(LAYERWISE_METHODS)}), not {self.method} {pattern}")
-        if self.reconstruct_epochs < 0 or not self.reconstruct_lr > 0:
-            raise AsftError(f"reconstruct_epochs must be >= 0 and reconstruct_lr > 0, got {self.reconstruct_epochs} "
-                            f"and {self.reconstruct_lr}")
+        check_reconstruction(self.reconstruct_epochs, self.reconstruct_lr)
         if self.reconstruct_epochs and not recipe.layerwise:
             raise AsftError(f"block reconstruction (reconstruct_epochs) follows a layer-wise method "
                             f"({', '.join(LAYERWISE_METHODS)}), not {self.method}")

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from asft_ray.artifacts import check_out_location, write_json_atomic
-from asft_ray.config import RECONSTRUCT_LR, check_field_types, check_keys
+from asft_ray.config import RECONSTRUCT_LR, check_field_types, check_keys, check_reconstruction
 from asft_ray.errors import AsftError
 from asft_ray.export.formats import run_format_names
 from asft_ray.report.recommend import Tolerance
@@ -110,9 +110,7 @@ class StructureSpec:
             raise AsftError(f"{source}: cost_search is a number of validation windows (0: off), got {self.cost_search}")
         if self.nsamples < 1 or self.seqlen < 1:
             raise AsftError(f"{source}: nsamples and seqlen must be positive")
-        if self.reconstruct_epochs < 0 or not self.reconstruct_lr > 0:
-            raise AsftError(f"{source}: reconstruct_epochs must be >= 0 and reconstruct_lr > 0, got "
-                            f"{self.reconstruct_epochs} and {self.reconstruct_lr}")
+        check_reconstruction(self.reconstruct_epochs, self.reconstruct_lr, f"{source}: ")
 
     def describe(self) -> str:
         parts = [f"MLP channels -{100 * self.mlp_ratio:.3g} %" if self.mlp_ratio else "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from asft_ray.config import check_reconstruction
 from asft_ray.errors import AsftError
 from asft_ray.export.formats.registry import ExportFormat, ExportOptions, register
 
@@ -20,9 +21,7 @@ def check(model_spec: str, options: ExportOptions) -> None:
     if (options.drop_layers or options.refit or options.reconstruct_epochs) and options.nsamples < 1:
         raise AsftError("--drop-layers, --refit and --reconstruct-epochs measure on calibration data: pass --nsamples "
                         "(e.g. 32)")
-    if options.reconstruct_epochs < 0 or not options.reconstruct_lr > 0:
-        raise AsftError(f"--reconstruct-epochs must be >= 0 and --reconstruct-lr > 0, got {options.reconstruct_epochs} "
-                        f"and {options.reconstruct_lr}")
+    check_reconstruction(options.reconstruct_epochs, options.reconstruct_lr, flags=True)
     if options.cost_target is not None:
         _check_cost_options(options)
         if options.cost_search:  # enough validation text, before the cost model or any trial
