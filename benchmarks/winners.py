@@ -5,6 +5,7 @@
     python benchmarks/winners.py --what zeroshot                   # first 500 items of the 8 sets (LAMBADA ppl too)
     python benchmarks/winners.py --table
     python benchmarks/winners.py --what quick --methods best-50 --seeds 1 2 3   # a committed config (PRUNE_ARGS)
+    python benchmarks/winners.py --what timing --methods sparsegpt best-50       # prunes only, fresh, in one run
 
 Every step is the real CLI (`asft prune`, `asft eval`) on SmolLM2-135M at 50 % unstructured, for each
 method in --methods (default: the chosen `wanda+dsnot+obs` and `sparsegpt`), one after the other so that
@@ -35,18 +36,22 @@ def model_dir(method: str, seed: int) -> Path:
     return RUNS / f"{method}-50-s{seed}"
 
 
+def prune(method: str, seed: int, out: Path) -> dict:
+    """`asft prune` of SmolLM2 at 50 % with the protocol's 32 x 2048 C4 windows; its asft_run.json."""
+    asft("prune", *PRUNE_ARGS.get(method, ["--method", method]), "--model", "smollm2-135m", "--sparsity", "0.5",
+         "--nsamples", "32", "--seqlen", "2048", "--seed", str(seed), "--out", str(out), "--no-progress")
+    return json.loads((out / "asft_run.json").read_text())
+
+
 def quick(method: str, seed: int) -> dict:
     """Prune with seed S (a finished prune already in the folder is reused, and the row says so), then
     the first 16 test windows."""
     out = model_dir(method, seed)
     start = time.perf_counter()
     reused = (out / "asft_run.json").is_file()
-    if not reused:
-        asft("prune", *PRUNE_ARGS.get(method, ["--method", method]), "--model", "smollm2-135m", "--sparsity", "0.5",
-             "--nsamples", "32", "--seqlen", "2048", "--seed", str(seed), "--out", str(out), "--no-progress")
-    prune = json.loads((out / "asft_run.json").read_text())
+    prune_run = json.loads((out / "asft_run.json").read_text()) if reused else prune(method, seed, out)
     result = wikitext_ppl(out, 16)
-    return {"prune_s": prune["timings"]["prune_s"], "wall_s": time.perf_counter() - start, "reused_prune": reused,
+    return {"prune_s": prune_run["timings"]["prune_s"], "wall_s": time.perf_counter() - start, "reused_prune": reused,
             "sparsity": result["sparsity"], "ppl_8w": window_ppl(result["window_nll"][:8]), "ppl_16w": result["ppl"]}
 
 
@@ -61,7 +66,17 @@ def zeroshot(method: str, seed: int) -> dict:
     return {"zeroshot": json.loads(out.strip().splitlines()[-1])}
 
 
-STEPS = {"quick": quick, "full": full, "zeroshot": zeroshot}
+def timing(method: str, seed: int) -> dict:
+    """A fresh prune (never a reused or resumed one) into its own new folder, to put each method's
+    prune time beside the others' of the same invocation (acceptance 4)."""
+    out = RUNS / "timing" / f"{method}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    start = time.perf_counter()
+    prune_run = prune(method, seed, out)
+    return {"prune_s": prune_run["timings"]["prune_s"], "wall_s": time.perf_counter() - start,
+            "sparsity": prune_run["sparsity"]["total"], "out": str(out)}
+
+
+STEPS = {"quick": quick, "full": full, "zeroshot": zeroshot, "timing": timing}
 
 
 def table(rows: list[dict]) -> str:
