@@ -10,7 +10,7 @@ from asft_ray.config import Pattern, PruneConfig
 from asft_ray.errors import AsftError
 from asft_ray.models import decoder_layers, prunable_linears
 from asft_ray.pruning.engine import LocalRunner, capture_layer0_inputs, floats_as, prune_model, run_layer
-from asft_ray.pruning.reconstruct import Reconstruction, fit_layer, sample_gradients
+from asft_ray.pruning.reconstruct import Reconstruction, fit_layer, sample_backward
 from tests.conftest import build_tiny_llama
 
 
@@ -19,13 +19,14 @@ def calib():
     return torch.randint(0, 512, (4, 24), generator=torch.Generator().manual_seed(3))
 
 
-def test_sample_gradients_equal_finite_differences(calib):
+def test_sample_backward_hands_over_gradients_equal_to_finite_differences(calib):
     model = build_tiny_llama()
     inputs, args, kwargs = capture_layer0_inputs(model, calib[:1])
     layer = copy.deepcopy(decoder_layers(model)[0]).double()
     x, args, kwargs = inputs[0].double(), floats_as(args, torch.float64), floats_as(kwargs, torch.float64)
     target = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    grads, loss = sample_gradients(layer, x, target, args, kwargs)
+    grads = {}
+    loss = sample_backward(layer, x, target, args, kwargs, grads.__setitem__)
     assert set(grads) == set(prunable_linears(layer))
     with torch.no_grad():
         assert loss == pytest.approx(float(((run_layer(layer, x, args, kwargs) - target) ** 2).mean()))
@@ -52,11 +53,13 @@ def test_one_adam_step_moves_each_kept_weight_by_lr_against_its_gradient_and_no_
     grads = {n: torch.randn(w.shape, generator=torch.Generator().manual_seed(i)) for i, (n, w) in enumerate(before.items())}
     seen = []
 
-    def gradients_of(lay, k):
+    def backward_of(lay, k, on_gradient):
         seen.append(k)
-        return grads, 1.5
+        for name, grad in grads.items():
+            on_gradient(name, grad.clone())
+        return 1.5
 
-    row = fit_layer(layer, gradients_of, n_samples=1, epochs=1, lr=1e-3, seed=0)
+    row = fit_layer(layer, backward_of, n_samples=1, epochs=1, lr=1e-3, seed=0)
     assert seen == [0] and row == {"reconstruction_loss_first_epoch": 1.5, "reconstruction_loss_last_epoch": 1.5}
     for name, lin in prunable_linears(layer).items():
         keep = before[name] != 0
@@ -67,14 +70,53 @@ def test_one_adam_step_moves_each_kept_weight_by_lr_against_its_gradient_and_no_
 
 def test_every_sample_is_visited_once_per_epoch_in_a_seeded_order():
     layer = build_tiny_llama().model.layers[0]
-    zeros = {n: torch.zeros_like(lin.weight) for n, lin in prunable_linears(layer).items()}
     orders = []
     for _ in range(2):
         seen = []
-        fit_layer(copy.deepcopy(layer), lambda lay, k: (seen.append(k), (zeros, 0.0))[1], 5, 3, 1e-3, seed=7)
+        fit_layer(copy.deepcopy(layer), lambda lay, k, on_gradient: (seen.append(k), 0.0)[1], 5, 3, 1e-3, seed=7)
         orders.append(seen)
     assert orders[0] == orders[1]
     assert [sorted(orders[0][i * 5:(i + 1) * 5]) for i in range(3)] == [list(range(5))] * 3
+
+
+def test_stepping_each_linear_inside_the_backward_equals_one_step_after_it_bit_for_bit(calib):
+    """fit_layer steps each linear as its gradient is finished, one gradient alive at a time; the
+    reference: all gradients first (torch.autograd.grad), then one Adam step over the whole layer."""
+    model = build_tiny_llama()
+    inputs, args, kwargs = capture_layer0_inputs(model, calib)
+    layer = copy.deepcopy(decoder_layers(model)[0])
+    for lin in prunable_linears(layer).values():
+        lin.weight.data[:, 1::2] = 0
+    targets = [x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i, x in enumerate(inputs)]
+    reference = copy.deepcopy(layer)
+    linears = prunable_linears(reference)
+    keep = {n: lin.weight != 0 for n, lin in linears.items()}
+    adam = torch.optim.Adam([lin.weight for lin in linears.values()], lr=1e-3, foreach=False)
+    order = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        for k in torch.randperm(len(inputs), generator=order).tolist():
+            with torch.enable_grad():
+                loss = torch.nn.functional.mse_loss(run_layer(reference, inputs[k], args, kwargs), targets[k])
+                grads = torch.autograd.grad(loss, [lin.weight for lin in linears.values()])
+            with torch.no_grad():
+                for (name, lin), grad in zip(linears.items(), grads):
+                    lin.weight.grad = grad * keep[name]
+                adam.step()
+                adam.zero_grad(set_to_none=True)
+
+    alive = []
+
+    def backward_of(lay, k, on_gradient):
+        def counted(name, grad):  # the gradients that exist when this one is handed over
+            alive.append(sum(lin.weight.grad is not None for lin in prunable_linears(lay).values()) + 1)
+            on_gradient(name, grad)
+        return sample_backward(lay, inputs[k], targets[k], args, kwargs, counted)
+
+    fit_layer(layer, backward_of, len(inputs), epochs=2, lr=1e-3, seed=5)
+    assert alive and max(alive) == 1
+    for (name, lin), ref in zip(prunable_linears(layer).items(), linears.values()):
+        assert torch.equal(lin.weight, ref.weight), name
+        assert bool((lin.weight[:, 1::2] == 0).all()), name
 
 
 def _pruned(model, calib, reconstruction=None, method="sparsegpt", **kwargs):
