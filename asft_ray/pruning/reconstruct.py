@@ -82,7 +82,8 @@ def fit_layer(layer: nn.Module, backward_of: SampleBackward, n_samples: int, epo
     keep = {name: lin.weight != 0 for name, lin in linears.items()}
     # What Adam moves: a float32 weight itself (the runners fit a float32 layer: no second copy of
     # it), else a float32 copy written back after each step.
-    masters = {name: lin.weight.data if lin.weight.dtype == torch.float32 else lin.weight.detach().float().clone()
+    in_place = {name: lin.weight.dtype == torch.float32 for name, lin in linears.items()}
+    masters = {name: lin.weight.data if in_place[name] else lin.weight.detach().float().clone()
                for name, lin in linears.items()}
     # foreach=False: the per-tensor update, as on the CPU by default; the multi-tensor one (CUDA's
     # default) makes temporaries the size of all the layer's weights
@@ -94,7 +95,7 @@ def fit_layer(layer: nn.Module, backward_of: SampleBackward, n_samples: int, epo
         del gradient
         optimizers[name].step()
         master.grad = None
-        if lin.weight.data is master:
+        if in_place[name]:  # (not `lin.weight.data is master`: .data is a new tensor object at every access)
             master.mul_(keep[name])  # already zero there (zero gradients, no decay): kept exact
         else:  # the next sample's forward sees the new weights
             lin.weight.data = master.to(lin.weight.dtype) * keep[name]
