@@ -7,8 +7,8 @@
     python benchmarks/winners.py --what quick --methods best-50 --seeds 1 2 3   # a committed config (PRUNE_ARGS)
     python benchmarks/winners.py --what timing --methods sparsegpt best-50       # prunes only, fresh, in one run
 
-Every step is the real CLI (`asft prune`, `asft eval`) on SmolLM2-135M at 50 % unstructured, for each
-method in --methods (default: the chosen `wanda+dsnot+obs` and `sparsegpt`), one after the other so that
+Every step is the real CLI (`asft prune`, `asft eval`) on SmolLM2-135M at 50 % (unstructured, or 2:4
+where the method says so), for each method in --methods (default: the chosen `wanda+dsnot+obs` and `sparsegpt`), one after the other so that
 their prune times are side by side. One JSON line per finished step goes to
 benchmarks/results/winners.jsonl; steps already there are skipped (the script resumes).
 """
@@ -29,7 +29,9 @@ RESULTS = "winners"
 RUNS = ROOT / "runs" / "bench" / "winners"
 METHODS = ("wanda+dsnot+obs", "sparsegpt")
 # a "method" here may be a committed config (flags after it override it: sparsity, seed, out)
-PRUNE_ARGS = {"best-50": ["--config", "configs/smollm2-best-50.yaml"]}  # sparsegpt + block reconstruction
+PRUNE_ARGS = {"best-50": ["--config", "configs/smollm2-best-50.yaml"],  # sparsegpt + block reconstruction
+              "best-2of4": ["--config", "configs/smollm2-best-2of4.yaml"],  # + channel permutation, at 2:4
+              "sparsegpt-2:4": ["--method", "sparsegpt", "--pattern", "2:4"]}
 
 
 def model_dir(method: str, seed: int) -> Path:
