@@ -1,6 +1,8 @@
 """What block reconstruction's fit of one decoder layer adds to a process's peak RSS, in float32 layers.
 
-    python benchmarks/fit_memory.py --config /work/runs-large/model-fp32/config.json   # the 1.57 B model's layer
+    MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/fit_memory.py --config /work/runs-large/model-fp32/config.json
+
+(the 1.57 B benchmark model's layer; the malloc setting the pruning workers get, distributed/runner.py)
 
 One random-init decoder layer of the given Llama config (float32, every linear 50 % pruned by
 magnitude), `--samples` random rows of `--seqlen` tokens as its inputs, the inputs plus noise as the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -71,7 +74,8 @@ def main() -> None:
     result = {"config": opts.config, "hidden": config.hidden_size, "intermediate": config.intermediate_size,
               "samples": opts.samples, "seqlen": opts.seqlen, "epochs": opts.epochs, "layer_bytes": layer_bytes,
               "fit_peak_added_bytes": added, "fit_peak_added_layers": round(added / layer_bytes, 3),
-              "fit_s": round(seconds, 2), **row}
+              "fit_s": round(seconds, 2), "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "default"),
+              **row}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     append_row("fit_memory", {**result, "commit": commit})
 

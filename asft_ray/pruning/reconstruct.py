@@ -11,12 +11,14 @@ BRECQ/OmniQuant-style calibration).
 
 One step = one calibration sample: d/dW of mean((layer(x_k) - dense_k)^2), samples in a seeded
 order per epoch; plain torch Adam on the float32 kept weights. Where a layer is fitted does not
-change the result, so it is the same for any number of workers. Memory where it runs: the float32
-layer (Adam moves its weights in place), Adam's two moments of its linears, one linear's gradient
-(each linear steps inside the backward), the masks (1 byte a weight) and two samples' activations:
-about 3.5 x the layer's float32 bytes. Pure torch; the runners
+change the result, so it is the same for any number of workers. Memory where it runs, beside the
+float32 layer (Adam moves its weights in place): Adam's two moments of its linears, the masks (1 byte
+a weight), one linear's gradient and Adam's temporaries for that linear (each linear steps inside
+the backward), one sample's activations: 3.2 x the layer's float32 bytes at the peak, measured on
+a layer of the 1.57 B benchmark model (benchmarks/fit_memory.py). Pure torch; the runners
 (engine.LocalRunner, distributed.sharded.ShardedRunner) say where a layer is fitted: in process,
-or on one scoring actor (which fetches one sample at a time from the object store), so the pruning
+or on one scoring actor (which fetches one sample at a time from the object store and fits a
+private copy of the layer: the store's is read-only), so the pruning
 coordinator never holds Adam's state.
 """
 
