@@ -245,7 +245,9 @@ class ScoringWorker:
                     reconstruction, index: int) -> tuple[dict, dict]:
         """Block reconstruction of one layer, all of it here (pruning.reconstruct): each step fetches
         its sample and target from the object store (`chunks`, `targets`: the runners' chunk refs).
-        Returns the fitted weights of the layer's linears (float32, on the CPU) and the report row."""
+        Returns the fitted weights of the layer's linears (float32, on the CPU, as numpy arrays: Ray
+        writes those into the store and the coordinator maps them without a private copy) and the
+        report row."""
         source = _materialize(layer)
         in_store = {t.data_ptr() for t in source.parameters()}
         layer, _, args, kwargs = self._on_device(source, [], context)
@@ -257,7 +259,7 @@ class ScoringWorker:
             return lambda k: ray.get(refs[k // chunk_size])[k % chunk_size].to(self.device)
 
         row = reconstruction.fit(layer, fetch(chunks), fetch(targets), n_samples, args, kwargs, index)
-        weights = {name: lin.weight.detach().cpu() for name, lin in prunable_linears(layer).items()}
+        weights = {name: _as_array(lin.weight.detach()) for name, lin in prunable_linears(layer).items()}
         return_free_memory()
         return weights, row
 
@@ -494,12 +496,14 @@ class ShardedRunner:
 
     def reconstruct(self, layer, targets: "ShardedRunner", reconstruction, index: int) -> dict:
         """The whole fit of layer `index` on one worker (round robin over the layers), which holds
-        the layer's Adam state; this process only swaps the fitted weights in."""
+        the layer's Adam state; this process only swaps the fitted weights in, one linear at a
+        time from the returned object in the store, so its private memory never holds the layer
+        twice (a returned torch tensor would be deserialised whole into private copies first)."""
         weights, row = ray.get(self._worker(index).reconstruct.remote(
             ray.put(SharedLayer(layer)), self.chunks, targets.chunks, self.chunk_size, self.n_samples, self.context,
             reconstruction, index))
         for name, lin in prunable_linears(layer).items():
-            lin.weight.data = weights.pop(name).to(lin.weight.dtype)
+            lin.weight.data = _tensor(weights.pop(name)).to(lin.weight.dtype, copy=True)  # a private copy: writable
         return row
 
     def outputs(self) -> list[torch.Tensor]:
