@@ -25,14 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import append_row  # noqa: E402
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+from results_io import append_row, peak_above_start  # noqa: E402
 
 
 def main() -> None:
@@ -64,13 +57,10 @@ def main() -> None:
     targets = [x + 0.01 * torch.randn_like(x) for x in inputs]
     layer_bytes = sum(lin.weight.numel() * 4 for lin in prunable_linears(layer).values())
 
-    before = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     start = time.perf_counter()
-    row = Reconstruction(opts.epochs, opts.lr).fit(layer, inputs.__getitem__, targets.__getitem__, opts.samples,
-                                                   args, kwargs, 0)
+    row, added = peak_above_start(lambda: Reconstruction(opts.epochs, opts.lr).fit(
+        layer, inputs.__getitem__, targets.__getitem__, opts.samples, args, kwargs, 0))
     seconds = time.perf_counter() - start
-    added = _status("VmHWM") - before
     result = {"config": opts.config, "hidden": config.hidden_size, "intermediate": config.intermediate_size,
               "samples": opts.samples, "seqlen": opts.seqlen, "epochs": opts.epochs, "layer_bytes": layer_bytes,
               "fit_peak_added_bytes": added, "fit_peak_added_layers": round(added / layer_bytes, 3),

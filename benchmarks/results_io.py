@@ -50,3 +50,19 @@ def append_row(name: str, row: dict) -> dict:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row, indent=2), flush=True)
     return row
+
+
+def peak_above_start(run) -> tuple:
+    """(run(), by how many bytes this process's peak RSS rose above its RSS at the start of the call):
+    the kernel's high-water mark (VmHWM), reset just before with /proc/self/clear_refs."""
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _proc_status_bytes("VmRSS")
+    result = run()
+    return result, _proc_status_bytes("VmHWM") - before
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)

@@ -26,13 +26,9 @@ import sys
 TOKENS, SAMPLES = 256, 4
 
 
-def status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-
-
 def step(name: str, HIDDEN: int, MLP: int) -> dict:
     import numpy as np
+    from results_io import peak_above_start
     import torch
 
     torch.set_num_threads(1)  # as a single-thread scoring actor
@@ -66,11 +62,8 @@ def step(name: str, HIDDEN: int, MLP: int) -> dict:
     import ctypes
 
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status_mib("VmRSS")
-    result = run()
-    peak = status_mib("VmHWM") - before
+    result, peak = peak_above_start(run)
+    peak /= 2**20
     del result
     return {"step": name, "peak_above_start_mib": round(peak, 1)}
 

@@ -8,8 +8,8 @@
     python benchmarks/winners.py --what timing --methods sparsegpt best-50       # prunes only, fresh, in one run
 
 Every step is the real CLI (`asft prune`, `asft eval`) on SmolLM2-135M at 50 % (unstructured, or 2:4
-where the method says so), for each method in --methods (default: the chosen `wanda+dsnot+obs` and `sparsegpt`), one after the other so that
-their prune times are side by side. One JSON line per finished step goes to
+where the method says so), for each method in --methods (default: the chosen `wanda+dsnot+obs` and
+`sparsegpt`), one after the other so that their prune times are side by side. One JSON line per finished step goes to
 benchmarks/results/winners.jsonl; steps already there are skipped (the script resumes).
 """
 

@@ -246,8 +246,8 @@ class ScoringWorker:
         """Block reconstruction of one layer, all of it here (pruning.reconstruct): each step fetches
         its sample and target from the object store (`chunks`, `targets`: the runners' chunk refs).
         Returns the fitted weights of the layer's linears (float32, on the CPU, as numpy arrays: Ray
-        writes those into the store and the coordinator maps them without a private copy) and the
-        report row."""
+        writes those into the store and the coordinator reads them from there, copying one linear at
+        a time, instead of deserialising them all into private copies) and the report row."""
         source = _materialize(layer)
         in_store = {t.data_ptr() for t in source.parameters()}
         layer, _, args, kwargs = self._on_device(source, [], context)
