@@ -10,16 +10,16 @@ error the layers before it left (as in EBFT, Guo et al. 2024, and the block-wise
 BRECQ/OmniQuant-style calibration).
 
 One step = one calibration sample: d/dW of mean((layer(x_k) - dense_k)^2), samples in a seeded
-order per epoch; plain torch Adam on the float32 kept weights. Where a layer is fitted does not
+order per epoch; torch's Adam update on the float32 kept weights. Where a layer is fitted does not
 change the result, so it is the same for any number of workers. Memory where it runs, beside the
-float32 layer (Adam moves its weights in place): Adam's two moments of its linears, the masks (1 byte
-a weight), one linear's gradient and Adam's temporaries for that linear (each linear steps inside
-the backward), one sample's activations: 3.2 x the layer's float32 bytes at the peak, measured on
-a layer of the 1.57 B benchmark model (benchmarks/fit_memory.py). Pure torch; the runners
-(engine.LocalRunner, distributed.sharded.ShardedRunner) say where a layer is fitted: in process,
-or on one scoring actor (which fetches one sample at a time from the object store and fits a
-private copy of the layer: the store's is read-only), so the pruning
-coordinator never holds Adam's state.
+float32 layer (moved in place): Adam's two moments of the kept weights only (1 layer at 50 %), the
+masks (1 bit a weight), one linear's gradient (each linear steps inside the backward) and one
+block of rows' temporaries, one sample's activations: 1.6 x the layer's float32 bytes at the
+peak, measured on a layer of the 1.57 B benchmark model at 50 % (benchmarks/fit_memory.py). Pure
+torch; the runners (engine.LocalRunner, distributed.sharded.ShardedRunner) say where a layer is
+fitted: in process, or on one scoring actor (which fetches one sample at a time from the object
+store and fits a private copy of the layer: the store's is read-only), so the pruning coordinator
+never holds Adam's state.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.adam import adam
 
 from asft_ray.models import prunable_linears
+from asft_ray.recovery.masks import PackedMask
 
 
 def sample_backward(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, args: tuple, kwargs: dict,
@@ -71,36 +73,63 @@ def sample_backward(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, arg
 SampleBackward = Callable[[nn.Module, int, Callable[[str, torch.Tensor], None]], float]
 
 
+BLOCK_ELEMENTS = 1 << 20  # weights per block of rows: what one Adam update gathers, and its temporaries
+
+
+@dataclass
+class _Block:
+    """Rows `rows` of one linear: which weights are kept (1 bit each) and Adam's state for those only."""
+
+    rows: slice
+    mask: PackedMask
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: torch.Tensor
+
+
+def _blocks(weight: torch.Tensor, block_elements: int) -> list[_Block]:
+    per_block = max(1, block_elements // weight.shape[1])
+    blocks = []
+    for start in range(0, weight.shape[0], per_block):
+        rows = slice(start, start + per_block)
+        keep = weight[rows] != 0
+        kept = int(keep.sum())
+        blocks.append(_Block(rows, PackedMask.pack(keep), weight.new_zeros(kept), weight.new_zeros(kept),
+                             torch.tensor(0.0)))  # as torch.optim.Adam makes them (the step on the CPU)
+    return blocks
+
+
 @torch.no_grad()
 def fit_layer(layer: nn.Module, backward_of: SampleBackward, n_samples: int, epochs: int, lr: float,
-              seed: int) -> dict:
-    """Adam on the kept weights of `layer`'s prunable linears, one sample per step, `epochs` passes in
-    an order drawn from `seed`. Each linear steps as soon as the backward has its gradient (Adam's
-    update of one tensor depends on that tensor's gradient and state only, so this equals one step
-    of all of them after the backward, bit for bit), and its gradient is freed before the next one
-    exists. The weights are set in place, in their own dtype, zero where they were zero. Returns the
-    mean loss of the first and of the last epoch (the report's row)."""
+              seed: int, block_elements: int = BLOCK_ELEMENTS) -> dict:
+    """Adam on the kept weights of `layer`'s prunable linears (float32), one sample per step, `epochs`
+    passes in an order drawn from `seed`; the weights are moved in place, zero where they were zero.
+    Returns the mean loss of the first and of the last epoch (the report's row).
+
+    Each linear steps as soon as the backward has its gradient, and that gradient is freed before
+    the next one exists. A step goes through the linear a block of rows at a time: the block's kept
+    weights and their gradients are gathered into short vectors, torch's Adam update
+    (`torch.optim.adam.adam`, per tensor) moves them, and they are scattered back. Adam's moments
+    are kept for the kept weights only. All of this gives the bits of one `torch.optim.Adam` over
+    the whole weights with the pruned gradients zeroed, stepped after each backward (tested): the
+    update is elementwise, a pruned weight's zero gradient keeps its moments and its step at zero,
+    and a tensor's update depends only on its own gradient and state. What it saves: the moments of
+    the pruned weights (half of Adam's state at 50 %), a byte-per-weight mask (bits instead), and
+    Adam's temporaries the size of a whole linear (one block's now)."""
     linears = prunable_linears(layer)
-    keep = {name: lin.weight != 0 for name, lin in linears.items()}
-    # What Adam moves: a float32 weight itself (the runners fit a float32 layer: no second copy of
-    # it), else a float32 copy written back after each step.
-    in_place = {name: lin.weight.dtype == torch.float32 for name, lin in linears.items()}
-    masters = {name: lin.weight.data if in_place[name] else lin.weight.detach().float().clone()
-               for name, lin in linears.items()}
-    # foreach=False: the per-tensor update, as on the CPU by default; the multi-tensor one (CUDA's
-    # default) makes temporaries the size of all the layer's weights
-    optimizers = {name: torch.optim.Adam([master], lr=lr, foreach=False) for name, master in masters.items()}
+    if any(lin.weight.dtype != torch.float32 for lin in linears.values()):
+        raise ValueError("fit_layer moves float32 weights: fit a float32 copy of the layer")
+    blocks = {name: _blocks(lin.weight, block_elements) for name, lin in linears.items()}
 
     def step(name: str, gradient: torch.Tensor) -> None:
-        master, lin = masters[name], linears[name]
-        master.grad = gradient.to(master.device, torch.float32).mul_(keep[name])  # in place: no second copy
-        del gradient
-        optimizers[name].step()
-        master.grad = None
-        if in_place[name]:  # (not `lin.weight.data is master`: .data is a new tensor object at every access)
-            master.mul_(keep[name])  # already zero there (zero gradients, no decay): kept exact
-        else:  # the next sample's forward sees the new weights
-            lin.weight.data = master.to(lin.weight.dtype) * keep[name]
+        weight = linears[name].weight.data  # in place, outside autograd's version counting (as an optimizer)
+        for block in blocks[name]:
+            keep = block.mask.unpack(weight[block.rows].shape)
+            kept = weight[block.rows].masked_select(keep)
+            adam([kept], [gradient[block.rows].masked_select(keep)], [block.exp_avg], [block.exp_avg_sq], [],
+                 [block.step], foreach=False, amsgrad=False, beta1=0.9, beta2=0.999, lr=lr, weight_decay=0.0,
+                 eps=1e-8, maximize=False)
+            weight[block.rows].masked_scatter_(keep, kept)
 
     order = torch.Generator().manual_seed(seed)
     epoch_losses = []
