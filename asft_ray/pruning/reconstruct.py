@@ -14,7 +14,7 @@ order per epoch; torch's Adam update on the float32 kept weights. Where a layer 
 change the result, so it is the same for any number of workers. Memory where it runs, beside the
 float32 layer (moved in place): Adam's two moments of the kept weights only (1 layer at 50 %), the
 masks (1 bit a weight), one linear's gradient (each linear steps inside the backward) and one
-block of rows' temporaries, one sample's activations: 1.6 x the layer's float32 bytes at the
+block of rows' temporaries, one sample's activations: about 1.8 x the layer's float32 bytes at the
 peak, measured on a layer of the 1.57 B benchmark model at 50 % (benchmarks/fit_memory.py). Pure
 torch; the runners (engine.LocalRunner, distributed.sharded.ShardedRunner) say where a layer is
 fitted: in process, or on one scoring actor (which fetches one sample at a time from the object
