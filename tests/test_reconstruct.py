@@ -186,3 +186,20 @@ def test_a_bf16_layer_is_fitted_in_float32_and_stays_bf16_with_its_zeros(calib):
         assert lin.weight.dtype == torch.bfloat16, name
         assert torch.equal(lin.weight == 0, prunable_linears(decoder_layers(plain)[0])[name].weight == 0), name
     assert report[0]["reconstruction_loss_last_epoch"] < report[0]["reconstruction_loss_first_epoch"]
+
+
+def test_adam_state_is_kept_for_the_kept_weights_only_and_16_bit_layers_are_refused():
+    """The fit's Adam moments exist for the kept weights only (none for a pruned one), in blocks of
+    whole rows, masks as bits; a 16-bit layer is refused (the runners fit a float32 copy)."""
+    from asft_ray.pruning.reconstruct import _blocks
+
+    weight = torch.randn(37, 29, generator=torch.Generator().manual_seed(0))
+    weight *= torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) > 0.7
+    blocks = _blocks(weight, block_elements=100)  # 3 rows of 29 a block
+    assert [(b.rows.start, b.rows.stop) for b in blocks][:2] == [(0, 3), (3, 6)] and len(blocks) == 13
+    assert sum(b.exp_avg.numel() + b.exp_avg_sq.numel() for b in blocks) == 2 * int((weight != 0).sum())
+    assert sum(b.mask.nbytes for b in blocks) <= weight.numel() // 8 + len(blocks)
+    assert all(torch.equal(b.mask.unpack(weight[b.rows].shape), weight[b.rows] != 0) for b in blocks)
+    layer = build_tiny_llama().model.layers[0].to(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        fit_layer(layer, lambda lay, k, on_gradient: 0.0, 1, 1, 1e-3, seed=0)
