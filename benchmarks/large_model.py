@@ -62,7 +62,11 @@ def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
     parts = {f"{rss.names.get(pid, '?')} [{pid}]": {part: rss.parts.get((pid, part), 0)
                                                     for part in ("RssAnon", "RssShmem", "RssFile")}
              for pid, _ in sorted(rss.peaks.items(), key=lambda kv: -kv[1])[:4] if pid != me}
+    # where the CPU time went (the coordinator's share is what limits scaling on a 2-core machine)
+    cpu_s = {f"{rss.names.get(pid, '?')} [{pid}]": round(seconds, 1) for pid, seconds in
+             sorted(rss.cpu_s.items(), key=lambda kv: -kv[1]) if pid != me and seconds >= 1.0}
     row = {"label": label, "command": " ".join(args), "wall_s": wall, "peak_rss_bytes": top, "peak_parts_bytes": parts,
+           "cpu_s": cpu_s,
            "max_peak_bytes": max(peaks.values()), "max_private_bytes": max(private.values()),
            **{f"max_peak_fraction_of_{k}": max(peaks.values()) / v for k, v in weight_bytes.items()}}
     for key in ("timings", "sparsity", "ppl", "seconds", "windows", "tokens", "window_nll", "streamed",
@@ -71,7 +75,8 @@ def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
         if key in record:
             row[key] = record[key] if key != "sparsity" or not isinstance(record[key], dict) else record[key]["total"]
     append_row("large_model", row)
-    print(json.dumps({k: v for k, v in row.items() if k not in ("window_nll", "peak_rss_bytes", "peak_parts_bytes")}), flush=True)
+    print(json.dumps({k: v for k, v in row.items() if k not in ("window_nll", "peak_rss_bytes", "peak_parts_bytes",
+                                                                 "cpu_s")}), flush=True)
     return row
 
 

@@ -38,10 +38,11 @@ def _status_kb(pid: int) -> dict:
 
 
 class PeakRss:
-    """Polls this process and all its descendants; keeps each one's peak RSS and name."""
+    """Polls this process and all its descendants; keeps each one's peak RSS, name and CPU seconds
+    (user + system, as last seen: up to one interval short for a process that ends)."""
 
     def __init__(self, interval_s: float = 0.2):
-        self.interval_s, self.peaks, self.names, self.parts = interval_s, {}, {}, {}
+        self.interval_s, self.peaks, self.names, self.parts, self.cpu_s = interval_s, {}, {}, {}, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -60,6 +61,8 @@ class PeakRss:
                     if name.startswith("ray::"):
                         self.names[proc.pid] = name
                     self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), rss)
+                    cpu = proc.cpu_times()
+                    self.cpu_s[proc.pid] = cpu.user + cpu.system
                 except psutil.Error:
                     pass
             time.sleep(self.interval_s)
