@@ -19,7 +19,8 @@ variable set to stay in bounds:
 
 Each command runs under a sampler of /proc (benchmarks/memory_streaming.PeakRss) that records the
 peak RSS of the CLI process and every process below it (Ray's GCS, raylet, the pruning coordinator,
-the scoring actors). One JSON line per command in benchmarks/results/large_model.jsonl.
+the scoring actors), and each one's CPU seconds (`cpu_s`). One JSON line per command in
+benchmarks/results/large_model.jsonl.
 
     python benchmarks/large_model.py                        # needs ~20 GB of disk under runs/
     python benchmarks/large_model.py --hidden 256 --intermediate 512 --layers 4 --workdir runs/lm-smoke  # smoke
