@@ -80,3 +80,15 @@ def test_a_pid_it_recorded_that_now_belongs_to_another_process_is_not_signalled(
     me = psutil.Process()
     assert reaper._alive(me.pid, me.create_time()) is not None
     assert reaper._alive(me.pid, me.create_time() - 10) is None  # same pid, other start time: not ours
+
+
+def test_descendants_come_from_one_parent_map_walked_from_the_live_roots():
+    from asft_ray.distributed import reaper
+
+    children = {1: [2, 3], 2: [4], 4: [7], 5: [6]}  # 5 -> 6: someone else's tree
+    assert reaper._descendants({1}, children) == {2, 3, 4, 7}
+    assert reaper._descendants({2, 5}, children) == {4, 7, 6}
+    assert reaper._descendants(set(), children) == set()
+    me = os.getpid()  # the real map of this machine: this process is a child of its parent
+    assert me in reaper._children_of_every_process()[os.getppid()]
+    assert me in reaper._descendants({os.getppid()}, reaper._children_of_every_process())

@@ -12,8 +12,10 @@ So `start_reaper` launches this module as a small watcher process in its own ses
 in the terminal does not reach it), reading a pipe whose only writer is the driver. It records
 the cluster processes Ray reports for this driver (`all_processes`: GCS, raylet, dashboard,
 monitors) and, every half second, their descendants (agents and workers), each by pid and start
-time. When the pipe reaches end-of-file - the driver exited or was killed, however - it sends
-SIGTERM to every recorded process still running, then SIGKILL after 2 s. It never signals a
+time (one pass over /proc per look: a parent map of every process, walked from the live recorded
+ones; asking each process for its children would read all of /proc once per process, 4 % of a
+core against 1 %). When the pipe reaches end-of-file - the driver exited or was killed, however -
+it sends SIGTERM to every recorded process still running, then SIGKILL after 2 s. It never signals a
 process it did not record (a pid reused by another process has another start time), and it
 exits by itself once every recorded process is gone (after a normal `ray.shutdown()`).
 """
@@ -85,22 +87,41 @@ def _alive(pid: int, created: float) -> psutil.Process | None:
     return None
 
 
-def watch(roots: list[int], pipe_fd: int = 0) -> None:
-    known: dict[int, float] = {}
-    for pid in roots:
+def _children_of_every_process() -> dict[int, list[int]]:
+    """{parent pid: its children's pids} of every process now: one pass over /proc."""
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter():
+        try:
+            children.setdefault(proc.ppid(), []).append(proc.pid)
+        except psutil.Error:  # gone since the listing
+            pass
+    return children
+
+
+def _descendants(pids, children: dict[int, list[int]]) -> set[int]:
+    found, todo = set(), list(pids)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _record(known: dict[int, float], pids) -> None:
+    for pid in pids:
         try:
             known.update([_key(psutil.Process(pid))])
         except psutil.Error:
             pass
+
+
+def watch(roots: list[int], pipe_fd: int = 0) -> None:
+    known: dict[int, float] = {}
+    _record(known, roots)
     while known:
-        for pid, created in list(known.items()):
-            proc = _alive(pid, created)
-            if proc is None:
-                continue
-            try:
-                known.update(_key(child) for child in proc.children(recursive=True))
-            except psutil.Error:
-                pass
+        live = {pid for pid, created in known.items() if _alive(pid, created) is not None}
+        _record(known, _descendants(live, _children_of_every_process()) - live)  # new ones (or a pid reused)
         ready, _, _ = select.select([pipe_fd], [], [], POLL_S)
         if ready and not os.read(pipe_fd, 1 << 12):  # end of file: the driver is gone
             break
