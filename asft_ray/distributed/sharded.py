@@ -510,6 +510,9 @@ class ShardedRunner:
         return [x for chunk in ray.get(self.chunks) for x in chunk]
 
     def score_rows(self, final, score, targets: list) -> list:
+        # The last layer's forwards first: that layer then leaves the store before the final head
+        # (as large as several layers) goes in, instead of both at once spilling to disk.
+        ray.wait(self.chunks, num_returns=len(self.chunks), fetch_local=False)
         final_ref = ray.put(SharedLayer(final))
         per_chunk = split_chunks(targets, self.chunk_size)
         parts = [self._worker(k).score_rows.remote(final_ref, c, score, t)
