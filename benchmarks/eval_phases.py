@@ -3,7 +3,8 @@
 Runs `eval.streamed.evaluate_streamed` (what `asft eval --workers N` runs) on a safetensors model and
 times the driver's phases: `load` (a decoder layer read from the shards), `put` (it and the final
 head copied into Ray's object store), `wait` (for the workers' forwards of the layer before), and
-`score_rows` (the final head on the workers, including its put). Then the machine's own limit: two
+`score_rows` (the final head on the workers, including its own wait for the last layer and its put,
+which also count in `wait` and `put`). Then the machine's own limit: two
 single-thread processes doing the same float32 matmuls at once against one alone (a layer's
 forward is such matmuls; two scoring actors are two such processes).
 

@@ -63,7 +63,7 @@ def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
     parts = {f"{rss.names.get(pid, '?')} [{pid}]": {part: rss.parts.get((pid, part), 0)
                                                     for part in ("RssAnon", "RssShmem", "RssFile")}
              for pid, _ in sorted(rss.peaks.items(), key=lambda kv: -kv[1])[:4] if pid != me}
-    # where the CPU time went (the coordinator's share is what limits scaling on a 2-core machine)
+    # where the CPU time went: with as many workers as cores, every CPU second outside them slows them
     cpu_s = {f"{rss.names.get(pid, '?')} [{pid}]": round(seconds, 1) for pid, seconds in
              sorted(rss.cpu_s.items(), key=lambda kv: -kv[1]) if pid != me and seconds >= 1.0}
     row = {"label": label, "command": " ".join(args), "wall_s": wall, "peak_rss_bytes": top, "peak_parts_bytes": parts,

@@ -13,7 +13,7 @@ One JSON line per watcher in benchmarks/results/reaper_cpu.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import subprocess
 import sys
@@ -28,10 +28,12 @@ TREE = ("import subprocess, sys, time\n"
 
 
 def watcher_cpu(path: str, root_pid: int, seconds: float) -> float:
-    read_end, write_end = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-I", path, json.dumps([root_pid])], stdin=read_end,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    os.close(read_end)
+    """The watcher of the reaper.py at `path`, started by that file's own `launch` (so an older
+    version runs as it did), watching `root_pid`'s tree: its CPU seconds per second."""
+    spec = importlib.util.spec_from_file_location(f"reaper_{abs(hash(path))}", path)
+    reaper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reaper)
+    proc, write_end = reaper.launch([root_pid])
     try:
         time.sleep(3)  # started, first look done
         watcher = psutil.Process(proc.pid)
