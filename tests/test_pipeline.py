@@ -63,9 +63,11 @@ def _values(model_dir, out, **extra):
 def pruned_run(tiny_model_dir, tmp_path_factory):
     """A sparse run without recovery, with int8 copies of dense and of the final model, then the
     same command again with a price: what the first run finished must be kept. (One run shared by
-    the two tests below: a pipeline run costs ~30 s on 2 cores.)"""
+    the two tests below: a pipeline run costs ~30 s on 2 cores.) Its prune runs on 2 scoring actors,
+    all the CPUs of a 2-core machine: the coordinator on the pipeline's embedded cluster reserves none."""
     out = tmp_path_factory.mktemp("pruned") / "run"
     values = _values(tiny_model_dir, out, int8=["dense", "final"])
+    values["prune"] = {**values["prune"], "workers": 2}
     result = run_pipeline(RunConfig.from_dict(values), show_progress=False)
     first_html = (out / "report.html").read_text()
     finished = [out / "eval" / "dense.json", out / "int8" / "dense" / "int8.json", out / "int8" / "pruned" / "int8.json",

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from asft_ray.cli import main
-from asft_ray.distributed.runner import init_ray
+from asft_ray.distributed.runner import init_ray, on_embedded_cluster
 from asft_ray.errors import AsftError
 
 
@@ -176,11 +176,20 @@ def test_the_embedded_cluster_does_not_join_a_recorded_one(foreign_head, monkeyp
         mine = ray.get_runtime_context().gcs_address
         nodes = ray.nodes()
         worker_env = ray.get(ray.remote(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_")).remote())
+        # whoever started it (`asft run` starts it before its stages), the coordinator knows it is ours
+        embedded = on_embedded_cluster()
     finally:
         ray.shutdown()
     assert mine and not mine.endswith(f":{foreign_head['port']}")  # a GCS of its own
     assert len(nodes) == 1
     assert worker_env == os.environ.get("MALLOC_MMAP_THRESHOLD_", str(2**20))  # the embedded workers' malloc
+    assert embedded and not on_embedded_cluster()
+    assert init_ray(foreign_head["gcs"]) is True  # a cluster joined by its address is not the embedded one
+    try:
+        joined = on_embedded_cluster()
+    finally:
+        ray.shutdown()
+    assert not joined
 
 
 def test_asft_prune_without_address_leaves_a_recorded_cluster_alone(foreign_head, tiny_model_dir, tmp_path):

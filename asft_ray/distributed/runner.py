@@ -76,7 +76,18 @@ def init_ray(address: str | None = None, object_store_bytes: int | None = None) 
         from asft_ray.distributed.reaper import start_reaper
 
         start_reaper()
+        global _embedded_gcs
+        _embedded_gcs = ray.get_runtime_context().gcs_address
     return True
+
+
+_embedded_gcs: str | None = None  # the GCS of the cluster init_ray last started here
+
+
+def on_embedded_cluster() -> bool:
+    """Whether this process is connected to the embedded cluster init_ray started (one local node
+    that is all ours), whichever caller started it: `asft run` starts it before its stages."""
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address == _embedded_gcs
 
 
 def check_ray_settings(address: str | None) -> str | None:
@@ -294,9 +305,8 @@ def _on_ray(cfg: PruneConfig, method: str, payload: dict, address, num_cpus, sho
     owned = init_ray(address, streaming_object_store_bytes(cfg.model) if cfg.streams() else None)
     if num_cpus:
         cfg = dataclasses.replace(cfg, coordinator_cpus=cfg.coordinator_cpus or num_cpus)
-    embedded = owned and not (address or os.environ.get("RAY_ADDRESS"))
     try:
-        worker = place_coordinator(cfg, embedded=embedded)
+        worker = place_coordinator(cfg, embedded=on_embedded_cluster())
     except AsftError:
         if owned:
             ray.shutdown()
