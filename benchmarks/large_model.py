@@ -11,6 +11,9 @@ variable set to stay in bounds:
   * `asft prune --method fisher --workers 2` (the layer-streamed backward; the workers are not used);
   * `asft sweep` of Wanda 50 % schedules, 2 trials at once (each streams the model: prune and
     validation one layer at a time);
+  * `asft run` of a pipeline config: a one-stage Wanda prune on 2 workers with its gate, the compressed
+    export, the evaluation of dense and pruned (streamed, zero-shot included) and the report (no
+    recovery: see `_pipeline_config`);
   * `asft prune --method wanda --pattern 2:4 --channel-permutation --workers 2`, and the same without
     the permutation (its extra statistics pass and order search per layer);
   * `asft prune --method sparsegpt --workers 2` on the bf16 copy (output size = input size);
@@ -43,9 +46,11 @@ from results_io import append_row
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
-    """One CLI command under the /proc sampler; its record, wall time and the peak of every process."""
-    cmd = [sys.executable, "-m", "asft_ray.cli", *args, "--json", "--no-progress"]
+def run_measured(label: str, args: list[str], weight_bytes: dict, record_file: Path | None = None) -> dict:
+    """One CLI command under the /proc sampler; its record, wall time and the peak of every process.
+    The record is what the command prints with --json, or with `record_file`, what it writes there
+    (`asft run`: its report.json)."""
+    cmd = [sys.executable, "-m", "asft_ray.cli", *args, *(["--json"] if record_file is None else []), "--no-progress"]
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     with PeakRss() as rss:
@@ -53,7 +58,7 @@ def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
     wall = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{label} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    record = json.loads(done.stdout[done.stdout.index("{"):])
+    record = json.loads(done.stdout[done.stdout.index("{"):] if record_file is None else record_file.read_text())
     me = psutil.Process().pid
     peaks = {f"{rss.names.get(pid, '?')} [{pid}]": peak for pid, peak in rss.peaks.items() if pid != me}
     private = {f"{rss.names.get(pid, '?')} [{pid}]": rss.parts.get((pid, "RssAnon"), 0) for pid in rss.peaks if pid != me}
@@ -72,7 +77,7 @@ def run_measured(label: str, args: list[str], weight_bytes: dict) -> dict:
            **{f"max_peak_fraction_of_{k}": max(peaks.values()) / v for k, v in weight_bytes.items()}}
     for key in ("timings", "sparsity", "ppl", "seconds", "windows", "tokens", "window_nll", "streamed",
                 "file_ratio", "weights_file_bytes", "dense", "results", "final", "cost_plan", "parameter_ratio",
-                "trials", "completed", "best", "prepare_s", "sweep_s"):
+                "trials", "completed", "best", "prepare_s", "sweep_s", "models", "pipeline_seconds", "recommended"):
         if key in record:
             row[key] = record[key] if key != "sparsity" or not isinstance(record[key], dict) else record[key]["total"]
     append_row("large_model", row)
@@ -130,6 +135,25 @@ def _sweep_config(work: Path, model: Path, opts) -> Path:
     return config
 
 
+def _pipeline_config(work: Path, model: Path, opts) -> Path:
+    """`asft run` without recovery (its Adam state alone, 16 bytes a parameter, is 25 GB: more than
+    this machine; recovery_large.py measures it on a smaller model): a one-stage Wanda prune on 2
+    workers with its gate, the compressed export, and the evaluation of dense and pruned (both larger
+    than `whole_model_max_gb`: streamed, speed predicted by the decode-cost model calibrated here),
+    then the report. Memory and time of the whole path, not quality: the model is random."""
+    import yaml
+
+    config = work / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(model), "out": str(work / "pipeline"),
+        "prune": {"method": "wanda", "nsamples": opts.nsamples, "seqlen": opts.seqlen, "workers": 2, "stages": [0.5],
+                  "gate": {"max_ppl_ratio": 100.0, "windows": 2}},
+        "export": ["compressed"],
+        "eval": {"ppl_windows": 4, "ppl_seqlen": opts.seqlen, "zeroshot": ["arc_easy", "piqa"], "zeroshot_limit": 20},
+        "price_per_hour": 0.10}))
+    return config
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
@@ -168,6 +192,7 @@ def main():
         "eval-w1": ["eval", "--model", str(work / opts.eval_model), "--workers", "1", *evaluation],
         "staged-wanda-w2": ["staged", str(_staged_config(work, fp32, opts)), "--overwrite"],
         "sweep-wanda": ["sweep", str(_sweep_config(work, fp32, opts))],
+        "pipeline-wanda-w2": ["run", str(_pipeline_config(work, fp32, opts))],
         "export-compressed": ["export", "--model", str(work / "sgpt-w2"), "--format", "compressed",
                               "--out", str(work / "sgpt-w2-compressed"), "--overwrite"],
         # N:M with the MLP channel permutation (an extra statistics pass and the order search per layer)
@@ -201,7 +226,10 @@ def main():
                 shutil.rmtree(work / "staged-w2", ignore_errors=True)
             if label == "sweep-wanda":  # likewise a sweep resumes its trials
                 shutil.rmtree(work / "sweep", ignore_errors=True)
-            rows[label] = run_measured(label, args, sizes)
+            if label == "pipeline-wanda-w2":  # and a pipeline its stages
+                shutil.rmtree(work / "pipeline", ignore_errors=True)
+            record = work / "pipeline" / "report.json" if label == "pipeline-wanda-w2" else None
+            rows[label] = run_measured(label, args, sizes, record)
     summary = {}
     if opts.only is not None and "structured-cost-check" in opts.only:
         summary["structured_cost_check"] = check_cost_prediction(fp32, work / "structured-cost")
