@@ -13,7 +13,7 @@ variable set to stay in bounds:
     validation one layer at a time);
   * `asft run` of a pipeline config: a one-stage Wanda prune on 2 workers with its gate, the compressed
     export, the evaluation of dense and pruned (streamed, zero-shot included) and the report (no
-    recovery: see `_pipeline_config`);
+    recovery: see `_pipeline_config`); `pipeline-recover-w2` adds 3 ZeRO-3 recovery steps (for a smaller shape);
   * `asft prune --method wanda --pattern 2:4 --channel-permutation --workers 2`, and the same without
     the permutation (its extra statistics pass and order search per layer);
   * `asft prune --method sparsegpt --workers 2` on the bf16 copy (output size = input size);
@@ -135,22 +135,32 @@ def _sweep_config(work: Path, model: Path, opts) -> Path:
     return config
 
 
-def _pipeline_config(work: Path, model: Path, opts) -> Path:
-    """`asft run` without recovery (its Adam state alone, 16 bytes a parameter, is 25 GB: more than
-    this machine; recovery_large.py measures it on a smaller model): a one-stage Wanda prune on 2
-    workers with its gate, the compressed export, and the evaluation of dense and pruned (both larger
-    than `whole_model_max_gb`: streamed, speed predicted by the decode-cost model calibrated here),
-    then the report. Memory and time of the whole path, not quality: the model is random."""
+def _pipeline_config(work: Path, model: Path, opts, recover: bool = False) -> Path:
+    """`asft run`: a one-stage Wanda prune on 2 workers with its gate, the compressed export, the
+    evaluation of dense and pruned (streamed when larger than `whole_model_max_gb`: speed predicted by
+    the decode-cost model calibrated here), then the report. Memory and time of the whole path, not
+    quality: the model is random.
+
+    Without recovery by default: on the 1.57 B model its Adam state alone (16 bytes a parameter, 25 GB)
+    is more than this machine. With `recover` (label pipeline-recover-w2, meant for the 0.5 B shape of
+    recovery_large.py: --hidden 1536 --intermediate 4096 --layers 15): 3 ZeRO-3 steps on 2 Ray Train
+    workers distilling from the dense model, and every model evaluated streamed (whole_model_max_gb 1)."""
     import yaml
 
-    config = work / "pipeline.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": str(model), "out": str(work / "pipeline"),
+    name = "pipeline-recover" if recover else "pipeline"
+    values = {
+        "model": str(model), "out": str(work / name),
         "prune": {"method": "wanda", "nsamples": opts.nsamples, "seqlen": opts.seqlen, "workers": 2, "stages": [0.5],
                   "gate": {"max_ppl_ratio": 100.0, "windows": 2}},
         "export": ["compressed"],
         "eval": {"ppl_windows": 4, "ppl_seqlen": opts.seqlen, "zeroshot": ["arc_easy", "piqa"], "zeroshot_limit": 20},
-        "price_per_hour": 0.10}))
+        "price_per_hour": 0.10}
+    if recover:
+        values["recover"] = {"workers": 2, "zero_stage": 3, "max_steps": 3, "seqlen": 128, "distill": True,
+                             "eval_every": 0}
+        values["eval"]["whole_model_max_gb"] = 1.0
+    config = work / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(values))
     return config
 
 
@@ -193,6 +203,7 @@ def main():
         "staged-wanda-w2": ["staged", str(_staged_config(work, fp32, opts)), "--overwrite"],
         "sweep-wanda": ["sweep", str(_sweep_config(work, fp32, opts))],
         "pipeline-wanda-w2": ["run", str(_pipeline_config(work, fp32, opts))],
+        "pipeline-recover-w2": ["run", str(_pipeline_config(work, fp32, opts, recover=True))],
         "export-compressed": ["export", "--model", str(work / "sgpt-w2"), "--format", "compressed",
                               "--out", str(work / "sgpt-w2-compressed"), "--overwrite"],
         # N:M with the MLP channel permutation (an extra statistics pass and the order search per layer)
@@ -226,9 +237,10 @@ def main():
                 shutil.rmtree(work / "staged-w2", ignore_errors=True)
             if label == "sweep-wanda":  # likewise a sweep resumes its trials
                 shutil.rmtree(work / "sweep", ignore_errors=True)
-            if label == "pipeline-wanda-w2":  # and a pipeline its stages
-                shutil.rmtree(work / "pipeline", ignore_errors=True)
-            record = work / "pipeline" / "report.json" if label == "pipeline-wanda-w2" else None
+            pipeline = {"pipeline-wanda-w2": "pipeline", "pipeline-recover-w2": "pipeline-recover"}.get(label)
+            if pipeline:  # and a pipeline its stages
+                shutil.rmtree(work / pipeline, ignore_errors=True)
+            record = work / pipeline / "report.json" if pipeline else None
             rows[label] = run_measured(label, args, sizes, record)
     summary = {}
     if opts.only is not None and "structured-cost-check" in opts.only:
