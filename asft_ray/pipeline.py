@@ -333,7 +333,7 @@ def _measure_streamed(spec: str, ev: EvalSpec, data_dir: str | None, cost_model:
 def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool = True) -> dict:
     """Run (or continue) every stage; returns {"status": ..., "report": path}."""
     from asft_ray.data import resolve_data_dir
-    from asft_ray.distributed.runner import init_ray, streaming_object_store_bytes
+    from asft_ray.distributed.runner import init_ray, prune_object_store_bytes
     from asft_ray.models import check_seqlen, model_config, resolve_model
 
     run = Path(cfg.out).resolve()
@@ -348,8 +348,7 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, show_progress: bool
 
         staged = cfg.staged_config()
         check_against_model_config(staged.prune, staged.stages, seqlen_used=True)
-        if staged.prune.streams():  # as `asft prune` and `asft staged` size an embedded cluster's store
-            store_bytes = streaming_object_store_bytes(cfg.model)
+        store_bytes = prune_object_store_bytes(staged.prune)
     else:
         check_seqlen(cfg.structure.seqlen, model_config(cfg.model), "structure seqlen")
     check_seqlen(cfg.eval.ppl_seqlen, model_config(cfg.model), "eval ppl_seqlen")

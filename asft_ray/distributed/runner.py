@@ -125,6 +125,11 @@ def streaming_object_store_bytes(model_spec: str) -> int | None:
     return max(int(0.3 * 2**30), SafetensorsReader(source.location).weight_bytes() // 10)
 
 
+def prune_object_store_bytes(cfg: PruneConfig) -> int | None:
+    """The embedded store a prune of `cfg` starts with (asft prune, asft staged, asft run)."""
+    return streaming_object_store_bytes(cfg.model) if cfg.streams() else None
+
+
 def positive_env_number(name: str, text: str, unit: str) -> float:
     """The value of environment variable `name`, which must be a positive number (of `unit`)."""
     try:
@@ -302,7 +307,7 @@ def staged_on_ray(values: dict, address: str | None = None, show_progress: bool 
 
 
 def _on_ray(cfg: PruneConfig, method: str, payload: dict, address, num_cpus, show_progress: bool) -> dict:
-    owned = init_ray(address, streaming_object_store_bytes(cfg.model) if cfg.streams() else None)
+    owned = init_ray(address, prune_object_store_bytes(cfg))
     if num_cpus:
         cfg = dataclasses.replace(cfg, coordinator_cpus=cfg.coordinator_cpus or num_cpus)
     try:
