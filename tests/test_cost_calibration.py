@@ -113,3 +113,33 @@ def test_a_run_folders_cost_model_is_calibrated_once_and_reused(monkeypatch, tmp
     path.write_text("{not json")
     with pytest.raises(AsftError, match="not a readable JSON file"):
         load_or_calibrate(path, SMOL)
+
+
+HEAD_HEAVY = """
+import resource, sys
+import torch
+from asft_ray.eval.cost_calibration import random_llama
+from asft_ray.eval.cost_model import DecoderShape
+from transformers import LlamaForCausalLM  # the imports and torch's first allocations before the baseline
+torch.ones(1)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = random_llama(DecoderShape(hidden=256, intermediate=64, heads=4, kv_heads=4, layers=1, vocab=200_000))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.shape == (200_000, 256)
+print(peak - base, model.lm_head.weight.numel() * 4)
+"""
+
+
+def test_a_calibration_model_holds_one_vocabulary_matrix_at_its_peak():
+    """The measured models are the calibration process's largest allocation: their tied head must not
+    cost a second vocab x hidden matrix on the way (transformers allocates and initialises an untied
+    lm_head before tying it: +262 MB on a 1.57 B Llama's base). A fresh process: its own peak RSS."""
+    import subprocess
+    import sys
+
+    env = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "PATH": "/usr/bin:/bin"}  # large blocks go back to the OS when freed
+    done = subprocess.run([sys.executable, "-c", HEAD_HEAVY], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown, matrix = map(int, done.stdout.split())
+    assert matrix <= grown < 1.5 * matrix, (grown, matrix)  # 2x with the untied head built first

@@ -89,16 +89,22 @@ def calibration_plan(shape: DecoderShape) -> list[tuple[DecoderShape, tuple[int,
 
 
 def random_llama(shape: DecoderShape, max_positions: int = 4096):
-    """A float32 random-init Llama of `shape` (seeded; tied head as in SmolLM2), in eval mode."""
+    """A float32 random-init Llama of `shape` (seeded; tied head as in SmolLM2), in eval mode.
+
+    Built with a vocabulary of 8 and then resized: built at full size, transformers allocates and
+    initialises an lm_head of its own before tying it to the embedding, a vocab x hidden matrix held
+    for nothing at the process's peak (262 MB, +21 % of the measured base of a 1.57 B Llama)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                          num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                         num_hidden_layers=shape.layers, vocab_size=shape.vocab, head_dim=shape.dim,
+                         num_hidden_layers=shape.layers, vocab_size=8, head_dim=shape.dim,
                          max_position_embeddings=max_positions, tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config)
+    model.resize_token_embeddings(shape.vocab, mean_resizing=False)  # one embedding, the head tied to it
+    return model.eval()
 
 
 def decode_cost(model, prompt_len: int, new_tokens: int, repeats: int, warmup: int) -> dict:
