@@ -196,7 +196,8 @@ def test_a_structured_run_ends_in_a_smaller_model_and_a_recommendation(tiny_mode
     """`structure:` instead of `prune:`: a smaller dense model in RUN/structure/model, evaluated
     beside dense, every candidate in report.json's recommendation, the chart in the report. The
     amount is given as a cost budget, with the run folder's cost model already there (as a resumed
-    run finds it): it is used, not measured again."""
+    run finds it): it is used, not measured again, by the plan and by the evaluation, which goes
+    layer by layer here (a threshold of 0 GiB), as for a model too large to load whole."""
     from transformers import AutoModelForCausalLM
 
     from asft_ray.eval.cost_model import FEATURES
@@ -207,7 +208,7 @@ def test_a_structured_run_ends_in_a_smaller_model_and_a_recommendation(tiny_mode
     # the cost of weights read alone: 57344 + 384 k weights for k MLP channels (test_structured_cost.py), so
     # 64 of 128 channels cost (57344 + 24576) / 106496 = 0.769 of dense and 65 cost 0.773: target 0.77 -> half
     values["structure"] = {"cost_target": 0.77, "nsamples": 2, "seqlen": 64, "reconstruct_epochs": 1}
-    values["eval"] = {**values["eval"], "zeroshot": [], "speed_repeats": 3}
+    values["eval"] = {**values["eval"], "zeroshot": [], "speed_repeats": 3, "whole_model_max_gb": 0.0}
     cost_model = out / "structure" / "cost_model.json"
     cost_model.parent.mkdir(parents=True)
     cost_model.write_text(json.dumps({"coefficients": {name: 0.0 for name in FEATURES} | {"float_bytes": 1e-9}}))
@@ -226,6 +227,7 @@ def test_a_structured_run_ends_in_a_smaller_model_and_a_recommendation(tiny_mode
     assert written_report["streamed"]  # a safetensors folder
     assert [row["layer"] for row in written_report["reconstruction_layers"]] == [0, 1]
     assert [c["name"] for c in facts["recommendation"]["candidates"]] == ["dense", "pruned"]
+    assert all(m["streamed"] and m["speed"]["cost_model"] == str(cost_model) for m in facts["models"].values())
     pruned = facts["recommendation"]["candidates"][1]
     assert pruned["meets_tolerance"] == (pruned["ppl"] <= 100.0 * facts["models"]["dense"]["ppl"])
     chosen = facts["recommended"]
