@@ -531,7 +531,9 @@ def _calibrate_cost_model(cfg: RunConfig, specs) -> None:
     """The run's decode-cost model, calibrated for the first model evaluated layer by layer (none: no
     calibration) in a fresh Ray worker of its own, before the evaluations read it: the models it
     measures then never share a process with a streamed evaluation's memory (the two together put
-    a 1.57 B Llama's evaluation at 25.3 % of its weight bytes, each alone at 15-20 %)."""
+    a 1.57 B Llama's evaluation at 25.3 % of its weight bytes; the evaluation alone at 15.2 %). None
+    of them is measured whole when the model is above `whole_model_max_gb`, the size the run no
+    longer loads whole (cost_calibration.measured_bytes_bound)."""
     import ray
 
     from asft_ray.eval.cost_calibration import load_or_calibrate
@@ -544,7 +546,7 @@ def _calibrate_cost_model(cfg: RunConfig, specs) -> None:
         return
     shape = DecoderShape.from_config(model_config(streamed))
     task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(load_or_calibrate))
-    ray.get(task.remote(_node_threads(), path, shape))
+    ray.get(task.remote(_node_threads(), path, shape, int(cfg.eval.whole_model_max_gb * 2**30)))
 
 
 def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: bool) -> dict:

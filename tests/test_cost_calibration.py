@@ -122,7 +122,7 @@ from asft_ray.eval.cost_calibration import random_llama
 from asft_ray.eval.cost_model import DecoderShape
 from transformers import LlamaForCausalLM  # the imports and torch's first allocations before the baseline
 torch.ones(1)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024  # now, not the imports' peak
 model = random_llama(DecoderShape(hidden=256, intermediate=64, heads=4, kv_heads=4, layers=1, vocab=200_000))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.shape == (200_000, 256)
@@ -143,3 +143,15 @@ def test_a_calibration_model_holds_one_vocabulary_matrix_at_its_peak():
     assert done.returncode == 0, done.stderr[-2000:]
     grown, matrix = map(int, done.stdout.split())
     assert matrix <= grown < 1.5 * matrix, (grown, matrix)  # 2x with the untied head built first
+
+
+def test_a_model_the_run_does_not_load_whole_is_not_measured_whole_either():
+    """`asft run` calibrates for a model above its eval.whole_model_max_gb: the bound that keeps the
+    calibration within a quarter of the model's bytes applies below SMALL_MODEL_BYTES too."""
+    half_b = DecoderShape(hidden=1536, intermediate=4096, heads=12, kv_heads=12, layers=15, vocab=32000)  # 2.09 GB
+    assert calibration_plan(half_b)[0][0].layers == 15  # measured whole by default: under 2 GiB
+    plan = calibration_plan(half_b, whole_bytes=2**30)  # a run that streams models above 1 GiB
+    assert max(float32_bytes(s) for s, _ in plan) <= max(float32_bytes(half_b) // 4 - RUNTIME_BYTES,
+                                                         float32_bytes(plan[0][0]))
+    assert (plan[0][0].layers, plan[0][0].vocab) == (2, 1024)  # the floor: two layers, the vocabulary cut
+    assert calibration_plan(LARGE_1B6, whole_bytes=4 * 2**30) == calibration_plan(LARGE_1B6)  # already bounded

@@ -45,20 +45,21 @@ def float32_bytes(shape: DecoderShape) -> int:
     return 4 * shape.linear_rows_and_elements()[1]
 
 
-def measured_bytes_bound(shape: DecoderShape) -> int:
+def measured_bytes_bound(shape: DecoderShape, whole_bytes: int = SMALL_MODEL_BYTES) -> int:
     """Float32 weight bytes the largest measured model of `shape` may have: all of them for a small
-    model; else what keeps the measuring process (weights + RUNTIME_BYTES) within a quarter of the
-    model's bytes, and at most 2 GiB. (1.57 B Llama, 6.3 GB: 1.0 GB, 3 of its 28 layers; measured
-    with a quarter of its bytes for the weights alone, the process peaked at 33.7 %.)"""
+    model (up to `whole_bytes`, at most SMALL_MODEL_BYTES: `asft run` passes its eval.whole_model_max_gb,
+    the size it no longer loads whole); else what keeps the measuring process (weights + RUNTIME_BYTES)
+    within a quarter of the model's bytes, and at most 2 GiB. (1.57 B Llama, 6.3 GB: 1.0 GB, 3 of its
+    28 layers; measured with a quarter of its bytes for the weights alone, the process peaked at 33.7 %.)"""
     full = float32_bytes(shape)
-    return full if full <= SMALL_MODEL_BYTES else min(SMALL_MODEL_BYTES, full // 4 - RUNTIME_BYTES)
+    return full if full <= min(whole_bytes, SMALL_MODEL_BYTES) else min(SMALL_MODEL_BYTES, full // 4 - RUNTIME_BYTES)
 
 
-def measured_base(shape: DecoderShape) -> DecoderShape:
+def measured_base(shape: DecoderShape, whole_bytes: int = SMALL_MODEL_BYTES) -> DecoderShape:
     """The largest model a calibration measures: `shape` itself when it is small; else the same
     widths with as many layers as fit in `measured_bytes_bound` (at least MIN_MEASURED_LAYERS) and,
     if that is still over, a vocabulary cut to what fits (at least MIN_MEASURED_VOCAB)."""
-    max_bytes = measured_bytes_bound(shape)
+    max_bytes = measured_bytes_bound(shape, whole_bytes)
     if float32_bytes(shape) <= max_bytes:
         return shape
     head = 4 * shape.vocab * shape.hidden
@@ -68,10 +69,10 @@ def measured_base(shape: DecoderShape) -> DecoderShape:
     return replace(shape, layers=layers, vocab=vocab)
 
 
-def calibration_plan(shape: DecoderShape) -> list[tuple[DecoderShape, tuple[int, ...]]]:
+def calibration_plan(shape: DecoderShape, whole_bytes: int = SMALL_MODEL_BYTES) -> list[tuple[DecoderShape, tuple[int, ...]]]:
     """The measured models: (shape, prompt lengths), 8 measurements, fixed by `shape`: the measured
     base (`measured_base`) and shrunk variants of it along each knob of a structured plan."""
-    shape = measured_base(shape)
+    shape = measured_base(shape, whole_bytes)
     half_layers, quarter_layers = max(1, shape.layers // 2), max(1, shape.layers // 4)
     half_mlp, quarter_mlp = max(1, shape.intermediate // 2), max(1, shape.intermediate // 4)
     rep = shape.heads // shape.kv_heads
@@ -144,9 +145,10 @@ def as_measurement(row: dict) -> Measurement:
     return Measurement(DecoderShape(**row["shape"]), row["context"], row["seconds_per_token"])
 
 
-def calibrate(shape: DecoderShape, new_tokens: int = 16, repeats: int = 3, warmup: int = 1) -> CostModel:
-    """The cost model fitted to `calibration_plan(shape)`'s measurements on this machine."""
-    plan = calibration_plan(shape)
+def calibrate(shape: DecoderShape, new_tokens: int = 16, repeats: int = 3, warmup: int = 1,
+              whole_bytes: int = SMALL_MODEL_BYTES) -> CostModel:
+    """The cost model fitted to `calibration_plan(shape, whole_bytes)`'s measurements on this machine."""
+    plan = calibration_plan(shape, whole_bytes)
     rows = [row for s, prompts in plan for row in measure(s, prompts, new_tokens, repeats, warmup)]
     model = fit([as_measurement(row) for row in rows])
     smallest = min((s for s, _ in plan), key=float32_bytes)
@@ -158,7 +160,7 @@ def calibrate(shape: DecoderShape, new_tokens: int = 16, repeats: int = 3, warmu
     return model
 
 
-def load_or_calibrate(path: Path | None, shape: DecoderShape) -> CostModel:
+def load_or_calibrate(path: Path | None, shape: DecoderShape, whole_bytes: int = SMALL_MODEL_BYTES) -> CostModel:
     """The cost model saved in `path`, or one calibrated now for `shape` (and saved in `path` when
     given): a run folder's cost model is measured once and reused on resume."""
     if path is not None and Path(path).exists():
@@ -168,9 +170,9 @@ def load_or_calibrate(path: Path | None, shape: DecoderShape) -> CostModel:
         return CostModel.from_dict(saved)
     import torch
 
-    model = calibrate(shape)
+    model = calibrate(shape, whole_bytes=whole_bytes)
     if path is not None:
         write_json_atomic(Path(path), {**model.to_dict(), "calibrated_for": asdict(shape),
-                                       "measured_base": asdict(measured_base(shape)),
+                                       "measured_base": asdict(measured_base(shape, whole_bytes)),
                                        "threads": torch.get_num_threads(), "torch": torch.__version__})
     return model
