@@ -459,8 +459,6 @@ def _structured_pruning(cfg: RunConfig, data_dir: str) -> dict:
     """Stage 1 with `structure:`: the structured export of the dense model into RUN/structure/model,
     in a fresh Ray worker process (the driver stays small); skipped when it is already there. With
     `cost_target`, the cost model is calibrated in that process too, once per run folder."""
-    import ray
-
     from asft_ray.artifacts import read_json
     from asft_ray.export.run import export_model
     from asft_ray.export.structured import REPORT
@@ -474,9 +472,9 @@ def _structured_pruning(cfg: RunConfig, data_dir: str) -> dict:
             what = dict(cost_target=s.cost_target, cost_knobs=",".join(s.cost_knobs),
                         cost_context=s.cost_context or cfg.eval.speed_context, cost_model=str(run_cost_model(cfg)),
                         cost_search=s.cost_search)
-        task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(export_model))
-        ray.get(task.remote(_node_threads(), cfg.model, "structured", out, **what, refit=s.refit, nsamples=s.nsamples,
-                            reconstruct_epochs=s.reconstruct_epochs, reconstruct_lr=s.reconstruct_lr, seqlen=s.seqlen, seed=s.seed, data_dir=data_dir, device=cfg.device, show_progress=False))
+        _in_fresh_worker(export_model, cfg.model, "structured", out, **what, refit=s.refit, nsamples=s.nsamples,
+                         reconstruct_epochs=s.reconstruct_epochs, reconstruct_lr=s.reconstruct_lr, seqlen=s.seqlen,
+                         seed=s.seed, data_dir=data_dir, device=cfg.device, show_progress=False)
     return structure_summary(s, read_json(out / REPORT))
 
 
@@ -514,9 +512,12 @@ def _node_threads() -> int:
     return max(1, min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1))
 
 
-def _with_threads(fn):
-    """`fn` as a Ray task body that first sets torch's thread count (its new first argument): the one
-    place where a stage's fresh process gets its threads."""
+def _in_fresh_worker(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a fresh Ray worker process (one CPU reserved, the process exits after
+    it) with torch on `_node_threads()` threads: the one way a stage runs outside the driver, which
+    stays small, each stage's peak memory its own."""
+    import ray
+
     def run(threads: int, *args, **kwargs):
         import torch
 
@@ -524,7 +525,7 @@ def _with_threads(fn):
         return fn(*args, **kwargs)
 
     run.__name__ = fn.__name__
-    return run
+    return ray.get(ray.remote(num_cpus=1, max_calls=1)(run).remote(_node_threads(), *args, **kwargs))
 
 
 def _calibrate_cost_model(cfg: RunConfig, specs) -> None:
@@ -534,8 +535,6 @@ def _calibrate_cost_model(cfg: RunConfig, specs) -> None:
     a 1.57 B Llama's evaluation at 25.3 % of its weight bytes; the evaluation alone at 15.2 %). None
     of them is measured whole when the model is above `whole_model_max_gb`, the size the run no
     longer loads whole (cost_calibration.measured_bytes_bound)."""
-    import ray
-
     from asft_ray.eval.cost_calibration import load_or_calibrate
     from asft_ray.eval.cost_model import DecoderShape
     from asft_ray.models import model_config
@@ -545,15 +544,12 @@ def _calibrate_cost_model(cfg: RunConfig, specs) -> None:
     if streamed is None or path.exists():
         return
     shape = DecoderShape.from_config(model_config(streamed))
-    task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(load_or_calibrate))
-    ray.get(task.remote(_node_threads(), path, shape, int(cfg.eval.whole_model_max_gb * 2**30)))
+    _in_fresh_worker(load_or_calibrate, path, shape, int(cfg.eval.whole_model_max_gb * 2**30))
 
 
 def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: bool) -> dict:
     """One model's evaluation, cached in `path`; measured in a fresh Ray worker process so that
     each model's speed and peak memory are not disturbed by the models evaluated before it."""
-    import ray
-
     from asft_ray.artifacts import same_run
     from asft_ray.config import model_identity
 
@@ -565,10 +561,9 @@ def _evaluation(path: Path, spec: str, cfg: RunConfig, data_dir: str, on_disk: b
     if cached is not None and same_run(cached.get("key"), key):
         return cached
     path.parent.mkdir(exist_ok=True)
-    task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(evaluate_model))
     start = time.perf_counter()
-    result = ray.get(task.remote(_node_threads(), spec, cfg.eval, data_dir, cfg.device, Path(spec) if on_disk else None,
-                                 run_cost_model(cfg)))
+    result = _in_fresh_worker(evaluate_model, spec, cfg.eval, data_dir, cfg.device, Path(spec) if on_disk else None,
+                              run_cost_model(cfg))
     cached = {"key": key, **result, "seconds": time.perf_counter() - start}
     write_json_atomic(path, cached)
     return cached
@@ -579,16 +574,13 @@ def _export(fmt: str, model: Path | str, out: Path, device: str) -> dict:
     in a fresh Ray worker (the driver stays small: a streamed export holds a layer and its shards'
     buffers, 20 % of a 1.57 B model's weight bytes); a folder that holds the format's report is
     finished and kept."""
-    import ray
-
     from asft_ray.export.formats import get_format
     from asft_ray.export.run import export_model
 
     spec = get_format(fmt)
     report = spec.read_report(out)
     if report is None:
-        task = ray.remote(num_cpus=1, max_calls=1)(_with_threads(export_model))
-        ray.get(task.remote(_node_threads(), str(model), fmt, out, device=device, overwrite=True, show_progress=False))
+        _in_fresh_worker(export_model, str(model), fmt, out, device=device, overwrite=True, show_progress=False)
         report = spec.read_report(out)
         if report is None:
             raise AsftError(f"{out} is not a {fmt} export: it holds no readable report")
