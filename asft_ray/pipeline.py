@@ -544,6 +544,7 @@ def _calibrate_cost_model(cfg: RunConfig, specs) -> None:
     if streamed is None or path.exists():
         return
     shape = DecoderShape.from_config(model_config(streamed))
+    path.parent.mkdir(parents=True, exist_ok=True)  # RUN/eval: before the first evaluation makes it
     _in_fresh_worker(load_or_calibrate, path, shape, int(cfg.eval.whole_model_max_gb * 2**30))
 
 
