@@ -236,3 +236,31 @@ def test_a_structured_run_ends_in_a_smaller_model_and_a_recommendation(tiny_mode
     assert "Recommendation" in html and facts["recommendation"]["verdict"] in html.replace("&#x27;", "'")
     assert '<img alt="cost against quality" src="data:image/png;base64,' in html
     assert not (out / "prune").exists() and facts["decisions"] == []
+
+
+def test_the_cost_model_is_calibrated_once_into_the_run_folder_before_any_evaluation(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """A model the run streams (over whole_model_max_gb) gets its speed from RUN/eval/cost_model.json,
+    calibrated before the first evaluation (the folder does not exist yet), with the run's threshold
+    capping what is measured whole; not again when it is there, and not at all when nothing streams.
+    (In this process: the stage's fresh worker and the timing are replaced.)"""
+    from asft_ray import pipeline
+    from asft_ray.eval import cost_calibration
+    from asft_ray.eval.cost_model import FEATURES, CostModel
+
+    calls = []
+
+    def calibrate(shape, whole_bytes):
+        calls.append(whole_bytes)
+        return CostModel({name: 0.0 for name in FEATURES} | {"token": 1e-3})
+
+    monkeypatch.setattr(pipeline, "_in_fresh_worker", lambda fn, *args, **kwargs: fn(*args, **kwargs))
+    monkeypatch.setattr(cost_calibration, "calibrate", calibrate)
+    values = _values(tiny_model_dir, tmp_path / "run")
+    kept_whole = RunConfig.from_dict(values)
+    pipeline._calibrate_cost_model(kept_whole, [str(tiny_model_dir)])
+    assert calls == [] and not (tmp_path / "run").exists()  # evaluated whole: its speed is measured
+    streams = RunConfig.from_dict({**values, "eval": {**values["eval"], "whole_model_max_gb": 0.0}})
+    pipeline._calibrate_cost_model(streams, [str(tiny_model_dir)])
+    pipeline._calibrate_cost_model(streams, [str(tiny_model_dir)])
+    assert calls == [0] and (tmp_path / "run" / "eval" / "cost_model.json").is_file()
