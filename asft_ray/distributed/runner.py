@@ -66,7 +66,7 @@ def init_ray(address: str | None = None, object_store_bytes: int | None = None) 
     in_main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="ERROR", **options)
+        context = ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="ERROR", **options)
     except ConnectionError as err:
         raise AsftError(f"could not reach the Ray cluster at {address}: {err}") from err
     finally:
@@ -77,7 +77,7 @@ def init_ray(address: str | None = None, object_store_bytes: int | None = None) 
 
         start_reaper()
         global _embedded_gcs
-        _embedded_gcs = ray.get_runtime_context().gcs_address
+        _embedded_gcs = getattr(context, "address_info", {}).get("gcs_address")
     return True
 
 
