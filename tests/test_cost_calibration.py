@@ -116,15 +116,17 @@ def test_a_run_folders_cost_model_is_calibrated_once_and_reused(monkeypatch, tmp
 
 
 HEAD_HEAVY = """
-import resource, sys
-import torch
+from dataclasses import replace
 from asft_ray.eval.cost_calibration import random_llama
 from asft_ray.eval.cost_model import DecoderShape
-from transformers import LlamaForCausalLM  # the imports and torch's first allocations before the baseline
-torch.ones(1)
-base = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024  # now, not the imports' peak
-model = random_llama(DecoderShape(hidden=256, intermediate=64, heads=4, kv_heads=4, layers=1, vocab=200_000))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+shape = DecoderShape(hidden=256, intermediate=64, heads=4, kv_heads=4, layers=1, vocab=200_000)
+random_llama(replace(shape, vocab=16))  # every import (compiled on a fresh install) before the baseline
+def status(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here: not the imports'
+base = status("VmRSS")
+model = random_llama(shape)
+peak = status("VmHWM")
 assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.shape == (200_000, 256)
 print(peak - base, model.lm_head.weight.numel() * 4)
 """
