@@ -514,8 +514,8 @@ def _node_threads() -> int:
 
 def _in_fresh_worker(fn, *args, **kwargs):
     """fn(*args, **kwargs) in a fresh Ray worker process (one CPU reserved, the process exits after
-    it) with torch on `_node_threads()` threads: the one way a stage runs outside the driver, which
-    stays small, each stage's peak memory its own."""
+    it) with torch on `_node_threads()` threads: the one way a stage (structure, calibration, each
+    evaluation) runs outside the driver, each stage's peak memory its own."""
     import ray
 
     def run(threads: int, *args, **kwargs):

@@ -138,10 +138,11 @@ def test_a_calibration_model_holds_one_vocabulary_matrix_at_its_peak():
     lm_head before tying it: +262 MB on a 1.57 B Llama's base). A fresh process: its own peak RSS."""
     import subprocess
     import sys
+    from pathlib import Path
 
     env = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "PATH": "/usr/bin:/bin"}  # large blocks go back to the OS when freed
     done = subprocess.run([sys.executable, "-c", HEAD_HEAVY], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+                          cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     grown, matrix = map(int, done.stdout.split())
     assert matrix <= grown < 1.5 * matrix, (grown, matrix)  # 2x with the untied head built first

@@ -243,7 +243,7 @@ def test_the_cost_model_is_calibrated_once_into_the_run_folder_before_any_evalua
     """A model the run streams (over whole_model_max_gb) gets its speed from RUN/eval/cost_model.json,
     calibrated before the first evaluation (the folder does not exist yet), with the run's threshold
     capping what is measured whole; not again when it is there, and not at all when nothing streams.
-    (In this process: the stage's fresh worker and the timing are replaced.)"""
+    (In this process: the stage's fresh worker and the calibration's measurements are replaced.)"""
     from asft_ray import pipeline
     from asft_ray.eval import cost_calibration
     from asft_ray.eval.cost_model import FEATURES, CostModel
