@@ -278,13 +278,13 @@ def _eval(args) -> None:
     check_seqlen(args.seqlen, model_config(args.model), "--seqlen")  # before any weight is read
     resolve_data_dir(args.data_dir)
     if source is not None:
-        from asft_ray.eval.sparsity import sparsity_from_safetensors
         from asft_ray.eval.streamed import evaluate_streamed
 
         ids = wikitext2_ids(_tokenizer(source), args.split, args.data_dir)
         result = evaluate_streamed(source, ids, args.seqlen, args.max_windows, args.workers,
-                                   (args.worker_cpus, args.worker_gpus), args.address, not args.no_progress)
-        sparsity = sparsity_from_safetensors(source)
+                                   (args.worker_cpus, args.worker_gpus), args.address, not args.no_progress,
+                                   sparsity=True)
+        sparsity = result.pop("sparsity")
     else:
         model, tokenizer = load_model(args.model, args.device, show_progress=not args.no_progress)
         ids = wikitext2_ids(tokenizer, args.split, args.data_dir)

@@ -306,18 +306,18 @@ def _measure_whole(spec: str, ev: EvalSpec, data_dir: str | None, device: str) -
 
 def _measure_streamed(spec: str, ev: EvalSpec, data_dir: str | None, cost_model: Path | None) -> dict:
     """A safetensors folder one decoder layer at a time (eval/streamed.py, eval/streamed_zeroshot.py),
-    sparsity read from the shards; decode speed needs the whole model, so it is predicted."""
+    sparsity counted in the perplexity's pass; decode speed needs the whole model, so it is predicted."""
     from asft_ray.data import wikitext2_ids
     from asft_ray.eval.cost_calibration import load_or_calibrate
     from asft_ray.eval.cost_model import DecoderShape, predicted_speed
-    from asft_ray.eval.sparsity import sparsity_from_safetensors
     from asft_ray.eval.streamed import streamed_perplexity
     from asft_ray.models import load_tokenizer, model_config, resolve_model
 
     folder, tokenizer = Path(resolve_model(spec).location), load_tokenizer(spec)
-    measured = {"ppl": streamed_perplexity(folder, wikitext2_ids(tokenizer, "test", data_dir), ev.ppl_seqlen,
-                                           ev.ppl_windows, show_progress=False),
-                "sparsity": sparsity_from_safetensors(folder)}
+    ppl = streamed_perplexity(folder, wikitext2_ids(tokenizer, "test", data_dir), ev.ppl_seqlen, ev.ppl_windows,
+                              show_progress=False, sparsity=True)
+    sparsity = ppl.pop("sparsity")
+    measured = {"ppl": ppl, "sparsity": sparsity}
     if ev.zeroshot:
         from asft_ray.eval.streamed_zeroshot import streamed_evaluate_tasks
 

@@ -276,7 +276,7 @@ class StagedRun:
     def _measure(self, spec: str, sparsity: bool = False) -> tuple[float, float | None]:
         """(gate ppl of the model `spec`, its measured sparsity if asked), streamed or in memory."""
         from asft_ray.eval.perplexity import perplexity
-        from asft_ray.eval.sparsity import model_sparsity, sparsity_from_safetensors
+        from asft_ray.eval.sparsity import model_sparsity
         from asft_ray.models import load_model, resolve_model
 
         gate, pc = self.cfg.gate, self.cfg.prune
@@ -284,9 +284,9 @@ class StagedRun:
             from asft_ray.eval.streamed import streamed_perplexity
 
             location = Path(resolve_model(spec).location)
-            ppl = streamed_perplexity(location, self.val_ids, pc.seqlen, gate.windows, self.make_runner,
-                                      show_progress=False)["ppl"]
-            return ppl, sparsity_from_safetensors(location)["total"] if sparsity else None
+            measured = streamed_perplexity(location, self.val_ids, pc.seqlen, gate.windows, self.make_runner,
+                                           show_progress=False, sparsity=sparsity)
+            return measured["ppl"], measured["sparsity"]["total"] if sparsity else None
         model, _ = load_model(spec, pc.device, show_progress=False)
         ppl = perplexity(model, self.val_ids, pc.seqlen, gate.windows, show_progress=False)["ppl"]
         return ppl, model_sparsity(model)["total"] if sparsity else None

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from asft_ray.eval.perplexity import perplexity
@@ -44,3 +45,16 @@ def test_model_sparsity_counts_exact_zeros(tiny_model):
     assert result["layers"][0] == 0.0
     assert result["layers"][1] == 1024 / result["prunable_weights"] * 2
     assert math.isclose(result["total"], 1024 / result["prunable_weights"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.bool])
+def test_count_zeros_is_what_equality_with_zero_counts(dtype):
+    from asft_ray.eval.sparsity import count_zeros
+
+    t = torch.randn(37, 53, generator=torch.Generator().manual_seed(0))
+    t[::3, ::2] = 0.0
+    t[1, :5] = -0.0  # a zero too
+    if dtype.is_floating_point:
+        t[2, 1] = float("nan")  # not a zero
+    t = t.to(dtype)
+    assert count_zeros(t) == int((t == 0).sum()) > 0

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from asft_ray.eval.perplexity import perplexity
-from asft_ray.eval.sparsity import model_sparsity, sparsity_from_safetensors
+from asft_ray.eval.sparsity import model_sparsity
 from asft_ray.eval.streamed import evaluate_streamed, streamed_perplexity
 
 
@@ -33,9 +33,28 @@ def test_streamed_in_process_equals_in_memory(model_dir, ids):
     assert got["windows"] == expected["windows"] == 5
     assert got["window_nll"] == pytest.approx(expected["window_nll"], rel=1e-5)
     assert got["ppl"] == pytest.approx(expected["ppl"], rel=1e-5)
-    streamed, resident = sparsity_from_safetensors(model_dir), model_sparsity(model)
-    assert streamed["total"] == pytest.approx(resident["total"]) and streamed["total"] > 0
-    assert streamed["layers"] == pytest.approx(resident["layers"])
+    assert "sparsity" not in got  # counted only when asked
+
+
+def test_the_sparsity_is_counted_in_the_evaluations_own_pass_reading_each_tensor_once(monkeypatch, model_dir, ids):
+    from collections import Counter
+
+    from asft_ray.pruning.streaming import SafetensorsReader
+
+    reads, real = Counter(), SafetensorsReader.get_many
+
+    def counting(self, keys):
+        reads.update(keys)
+        return real(self, keys)
+
+    monkeypatch.setattr(SafetensorsReader, "get_many", counting)
+    got = streamed_perplexity(model_dir, ids, 64, show_progress=False, sparsity=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert reads.keys() == set(model.state_dict()) and set(reads.values()) == {1}  # every tensor, once
+    streamed, resident = got["sparsity"], model_sparsity(model)
+    assert streamed["total"] == resident["total"] > 0  # the same integer counts
+    assert streamed["layers"] == resident["layers"] and streamed["lm_head"] == resident["lm_head"]
+    assert got["window_nll"] == streamed_perplexity(model_dir, ids, 64, show_progress=False)["window_nll"]
 
 
 def test_streamed_on_two_ray_workers_equals_one_and_in_memory(local_ray, model_dir, ids):

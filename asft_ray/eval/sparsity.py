@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from asft_ray.models import decoder_layers, prunable_linears
 
 
+def count_zeros(t: torch.Tensor) -> int:
+    """Exact zeros of `t`, with no temporary: `(t == 0).sum()` sums a bool tensor as int64, 8 bytes
+    per element (2x a float32 weight; 0.5 GiB for a 32000 x 2048 lm_head)."""
+    return t.numel() - int(torch.count_nonzero(t))
+
+
 def linear_sparsity(linears: dict[str, nn.Linear]) -> dict:
-    zeros = {name: int((lin.weight == 0).sum()) for name, lin in linears.items()}
+    zeros = {name: count_zeros(lin.weight) for name, lin in linears.items()}
     sizes = {name: lin.weight.numel() for name, lin in linears.items()}
     return {
         "sparsity": sum(zeros.values()) / sum(sizes.values()),
@@ -36,7 +43,7 @@ def model_sparsity(model: nn.Module) -> dict:
         "total": zeros / weights,
         "prunable_weights": weights,
         "layers": [r["sparsity"] for r in per_layer],
-        "lm_head": float((head.weight == 0).float().mean()) if head is not None else None,
+        "lm_head": zero_fraction(head.weight) if head is not None else None,
     }
 
 
@@ -61,9 +68,32 @@ def linear_zero_fractions(model: nn.Module) -> dict[tuple[int, str], float]:
             for name, fraction in linear_sparsity(prunable_linears(layer))["linears"].items()}
 
 
-def _linear_zero_counts(folder):
-    """(meta-device model, reader, [(layer, linear name, zeros, size)]) of a safetensors model
-    directory, read one linear at a time (never the whole model)."""
+class ZeroCounts:
+    """model_sparsity of a safetensors model, counted while a streamed pass (eval/streamed.py) has
+    each decoder layer in memory anyway: an evaluation reads the shards once, not twice. The
+    output projection counts only when it is a matrix of its own (a tied one is the embedding)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def add_layer(self, index: int, layer: nn.Module) -> None:
+        counted = linear_sparsity(prunable_linears(layer))
+        self.rows.append({"layer": index, **{k: counted[k] for k in ("sparsity", "zeros", "weights")}})
+
+    def add_head(self, head: nn.Module, tied: bool) -> None:
+        if not tied:
+            self.rows.append({"layer": "lm_head", "sparsity": zero_fraction(head.weight)})
+
+    def result(self) -> dict:
+        return sparsity_from_report(self.rows)
+
+
+def zero_fraction(weight: torch.Tensor) -> float:
+    return count_zeros(weight) / weight.numel()
+
+
+def linear_zero_fractions_in(folder) -> dict[tuple[int, str], float]:
+    """linear_zero_fractions of a safetensors model directory, one linear in memory at a time."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -72,28 +102,5 @@ def _linear_zero_counts(folder):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
     reader, prefix = SafetensorsReader(folder), layers_prefix(model)
-    counts = []
-    for index, layer in enumerate(decoder_layers(model)):
-        for name in prunable_linears(layer):
-            weight = reader.get(f"{prefix}.{index}.{name}.weight")
-            counts.append((index, name, int((weight == 0).sum()), weight.numel()))
-    return model, reader, counts
-
-
-def linear_zero_fractions_in(folder) -> dict[tuple[int, str], float]:
-    """linear_zero_fractions of a safetensors model directory, one linear in memory at a time."""
-    return {(i, name): zeros / size for i, name, zeros, size in _linear_zero_counts(folder)[2]}
-
-
-def sparsity_from_safetensors(folder) -> dict:
-    """model_sparsity of a safetensors model directory, read one linear at a time (never the whole model)."""
-    model, reader, counts = _linear_zero_counts(folder)
-    rows = []
-    for index in range(len(decoder_layers(model))):
-        mine = [(zeros, size) for i, _, zeros, size in counts if i == index]
-        zeros, sizes = sum(z for z, _ in mine), sum(n for _, n in mine)
-        rows.append({"layer": index, "sparsity": zeros / sizes, "zeros": zeros, "weights": sizes})
-    head_key = next((k for k, p in model.named_parameters() if p is getattr(model.get_output_embeddings(), "weight", None)), None)
-    if head_key in reader and not getattr(model.config, "tie_word_embeddings", False):
-        rows.append({"layer": "lm_head", "sparsity": float((reader.get(head_key) == 0).float().mean())})
-    return sparsity_from_report(rows)
+    return {(index, name): zero_fraction(reader.get(f"{prefix}.{index}.{name}.weight"))
+            for index, layer in enumerate(decoder_layers(model)) for name in prunable_linears(layer)}

@@ -55,11 +55,12 @@ def _output_head(model: nn.Module, reader) -> nn.Module:
 
 @torch.no_grad()
 def stream_through_layers(folder: Path, groups: list[torch.Tensor], make_runner=None, what: str = "layers",
-                          show_progress: bool = True) -> tuple[list, nn.Module]:
+                          show_progress: bool = True, zero_counts=None) -> tuple[list, nn.Module]:
     """Token rows [n, T] of each group (one T per group) pushed through every decoder layer of the
     safetensors model in `folder`, one layer in memory at a time, each layer read once for all
     groups. Returns one runner per group (engine.Runner, made by `make_runner`, default LocalRunner)
-    holding the last layer's outputs, and the final step to logits (norm + lm_head) to score them with."""
+    holding the last layer's outputs, and the final step to logits (norm + lm_head) to score them with.
+    `zero_counts` (eval.sparsity.ZeroCounts), if given, counts the zeros of each layer while it is here."""
     from asft_ray.pruning.engine import LocalRunner, capture_layer0_inputs
     from asft_ray.pruning.streaming import StreamedLayers, build_skeleton
 
@@ -71,8 +72,13 @@ def stream_through_layers(folder: Path, groups: list[torch.Tensor], make_runner=
         layers.load(index, layer)
         for runner in runners:
             runner.advance(layer)
+        if zero_counts is not None:  # while the workers run the layer
+            zero_counts.add_layer(index, layer)
         layers.free(index, layer)
-    return runners, FinalHead(model.base_model.norm, _output_head(model, reader))
+    final = FinalHead(model.base_model.norm, _output_head(model, reader))
+    if zero_counts is not None:
+        zero_counts.add_head(final.head, tied=bool(getattr(model.config, "tie_word_embeddings", False)))
+    return runners, final
 
 
 ACTIVATION_BUDGET_BYTES = 512 * 2**20  # float32 activations one streamed evaluation pass holds at once
@@ -104,12 +110,13 @@ def passes(groups: list[torch.Tensor], hidden: int, budget: int) -> list[list[tu
 
 
 def streamed_scores(folder: Path, groups: list[torch.Tensor], targets: list[list], score, make_runner=None,
-                    what: str = "layers", show_progress: bool = True, budget: int | None = None) -> list[list]:
+                    what: str = "layers", show_progress: bool = True, budget: int | None = None,
+                    zero_counts=None) -> list[list]:
     """`score(final, activations, target)` of every row of every group (engine.RowScore), in as few
     passes over the model's layers (`stream_through_layers`) as keep the activations held at once
     within `budget` (default ACTIVATION_BUDGET_BYTES; `passes`). Returns one list of results per
     group, in row order. A full WikiText-2 test of a 70B Llama (148 windows of 2048 x 8192 floats,
-    9.9 GB of activations) takes 20 passes; SmolLM2's (0.7 GB), 2."""
+    9.9 GB of activations) takes 20 passes; SmolLM2's (0.7 GB), 2. `zero_counts`: counted in the first pass."""
     from asft_ray.models import model_config
 
     hidden = model_config(str(folder)).hidden_size
@@ -118,7 +125,7 @@ def streamed_scores(folder: Path, groups: list[torch.Tensor], targets: list[list
     for number, pieces in enumerate(plan, 1):
         label = what if len(plan) == 1 else f"{what} (pass {number}/{len(plan)})"
         runners, final = stream_through_layers(folder, [groups[g][a:b] for g, a, b in pieces], make_runner, label,
-                                               show_progress)
+                                               show_progress, zero_counts if number == 1 else None)
         for (g, a, b), runner in zip(pieces, runners, strict=True):
             results[g] += runner.score_rows(final, score, targets[g][a:b])
     return results
@@ -126,14 +133,21 @@ def streamed_scores(folder: Path, groups: list[torch.Tensor], targets: list[list
 
 @torch.no_grad()
 def streamed_perplexity(folder: Path, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
-                        make_runner=None, show_progress: bool = True) -> dict:
-    """`eval.perplexity.perplexity` of the model in `folder` (safetensors), one decoder layer in memory at a time."""
+                        make_runner=None, show_progress: bool = True, sparsity: bool = False) -> dict:
+    """`eval.perplexity.perplexity` of the model in `folder` (safetensors), one decoder layer in memory
+    at a time; with `sparsity`, also "sparsity": its eval.sparsity.model_sparsity, counted in the same
+    pass (the shards are read once)."""
+    from asft_ray.eval.sparsity import ZeroCounts
+
     ids = ids.reshape(-1)
     windows = count_windows(ids, seqlen, max_windows)
     start = time.perf_counter()
     rows = ids[: windows * seqlen].reshape(windows, seqlen)
-    (nlls,) = streamed_scores(folder, [rows], [list(rows)], last_layer_nll, make_runner, "ppl layers", show_progress)
-    return {**ppl_result(nlls, seqlen, time.perf_counter() - start), "streamed": True}
+    counts = ZeroCounts() if sparsity else None
+    (nlls,) = streamed_scores(folder, [rows], [list(rows)], last_layer_nll, make_runner, "ppl layers", show_progress,
+                              zero_counts=counts)
+    result = {**ppl_result(nlls, seqlen, time.perf_counter() - start), "streamed": True}
+    return result | ({"sparsity": counts.result()} if counts is not None else {})
 
 
 @contextmanager
@@ -164,8 +178,8 @@ def runner_factory(folder, workers: int = 0, worker_resources: tuple[float, floa
 
 def evaluate_streamed(folder, ids: torch.Tensor, seqlen: int, max_windows: int | None, workers: int = 0,
                       worker_resources: tuple[float, float] = (1, 0), address: str | None = None,
-                      show_progress: bool = True) -> dict:
+                      show_progress: bool = True, sparsity: bool = False) -> dict:
     """streamed_perplexity in this process (workers=0) or with the windows sharded over Ray actors."""
     with runner_factory(folder, workers, worker_resources, address) as make_runner:
-        result = streamed_perplexity(folder, ids, seqlen, max_windows, make_runner, show_progress)
+        result = streamed_perplexity(folder, ids, seqlen, max_windows, make_runner, show_progress, sparsity)
     return {**result, "workers": workers} if workers else result

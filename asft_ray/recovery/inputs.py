@@ -112,12 +112,12 @@ def check_student(cfg: RecoverConfig, config=None):
         counts = []
         for name in masks.names():
             check_mask_entry(cfg.mask_file, name, masks.dtype(name), masks.shape(name), params[name].shape)
-            counts.append((params[name].numel(), int(masks.read(name).sum())))
+            counts.append((params[name].numel(), int(torch.count_nonzero(masks.read(name)))))
         return tokenizer, _mask_summary(counts)
     weights = Checkpoint.from_folder(source.location)
     counts = []
     for name in linear_weight_names(skeleton):
-        counts.append((params[name].numel(), int((weights.read(name) != 0).sum())))
+        counts.append((params[name].numel(), int(torch.count_nonzero(weights.read(name)))))
         weights.close()  # unmapped after each tensor, so this process never holds the model's pages
     require_zeros(any(kept < total for total, kept in counts))
     return tokenizer, _mask_summary(counts)

@@ -178,7 +178,7 @@ def select_trainable(model: nn.Module, masks: dict, norms: bool, biases: bool) -
 
 def count_masked_nonzeros(value: torch.Tensor, mask: torch.Tensor) -> int:
     """How many entries that the mask removes are not exactly zero (0 means the mask held)."""
-    return int((value.detach().reshape(mask.shape)[~mask.to(value.device)] != 0).sum())
+    return int(torch.count_nonzero(value.detach().reshape(mask.shape)[~mask.to(value.device)]))
 
 
 def copies_mask_report(weight, param, mask, trainable: bool, get_master, get_state, optimizer_state: bool) -> dict:
