@@ -14,6 +14,10 @@ def count_zeros(t: torch.Tensor) -> int:
     return t.numel() - int(torch.count_nonzero(t))
 
 
+def zero_fraction(weight: torch.Tensor) -> float:
+    return count_zeros(weight) / weight.numel()
+
+
 def linear_sparsity(linears: dict[str, nn.Linear]) -> dict:
     zeros = {name: count_zeros(lin.weight) for name, lin in linears.items()}
     sizes = {name: lin.weight.numel() for name, lin in linears.items()}
@@ -88,13 +92,8 @@ class ZeroCounts:
         return sparsity_from_report(self.rows)
 
 
-def zero_fraction(weight: torch.Tensor) -> float:
-    return count_zeros(weight) / weight.numel()
-
-
 def linear_zero_fractions_in(folder) -> dict[tuple[int, str], float]:
     """linear_zero_fractions of a safetensors model directory, one linear in memory at a time."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from asft_ray.pruning.streaming import SafetensorsReader, layers_prefix
