@@ -37,6 +37,10 @@ def test_pack_unpack_keeps_every_bit_including_negative_zero():
     assert torch.equal(bits(unpack(packed, values, tuple(w.shape))), bits(w))
     with pytest.raises(AsftError, match="corrupt"):
         unpack(packed, values[:-1], tuple(w.shape))
+    from asft_ray.export.compressed import nonzero_bits, nonzero_bits_count
+
+    for t in (w, w.to(torch.bfloat16), w.to(torch.float16)):  # the count the sizes use: the mask's ones
+        assert nonzero_bits_count(t) == int(nonzero_bits(t).sum()) == 6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

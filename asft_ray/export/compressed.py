@@ -42,6 +42,11 @@ def nonzero_bits(weight: torch.Tensor) -> torch.Tensor:
     return weight.contiguous().view(_INT_VIEW[weight.element_size()]) != 0
 
 
+def nonzero_bits_count(weight: torch.Tensor) -> int:
+    """How many of nonzero_bits are True, with no int64 temporary (8 bytes an element) of summing them."""
+    return int(torch.count_nonzero(weight.contiguous().view(_INT_VIEW[weight.element_size()])))
+
+
 def pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 bitmask of the flattened weight, its non-zero values in row-major order)."""
     keep = nonzero_bits(weight).reshape(-1)
@@ -53,15 +58,15 @@ def unpack(packed: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -
     """Inverse of `pack`: a dense tensor with the same bits as the one packed."""
     numel = int(np.prod(shape))
     keep = torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool))
-    if int(keep.sum()) != values.numel():
-        raise AsftError(f"corrupt compressed weight: mask has {int(keep.sum())} ones but {values.numel()} values")
+    if (ones := int(torch.count_nonzero(keep))) != values.numel():
+        raise AsftError(f"corrupt compressed weight: mask has {ones} ones but {values.numel()} values")
     dense = torch.zeros(numel, dtype=values.dtype)
     dense[keep] = values
     return dense.reshape(shape)
 
 
 def worth_compressing(weight: torch.Tensor) -> bool:
-    nnz = int(nonzero_bits(weight).sum())
+    nnz = nonzero_bits_count(weight)
     return (weight.numel() + 7) // 8 + nnz * weight.element_size() < weight.numel() * weight.element_size()
 
 
@@ -94,7 +99,7 @@ def size_report(model) -> dict:
         nbytes = w.numel() * w.element_size()
         dense += nbytes
         if worth_compressing(w):
-            compressed += (w.numel() + 7) // 8 + int(nonzero_bits(w).sum()) * w.element_size()
+            compressed += (w.numel() + 7) // 8 + nonzero_bits_count(w) * w.element_size()
         else:
             compressed += nbytes
     return {"pruned_dense_bytes": dense, "pruned_stored_bytes": compressed,

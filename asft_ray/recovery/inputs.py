@@ -100,7 +100,7 @@ def check_student(cfg: RecoverConfig, config=None):
     if source.gguf_file or source.is_hub:
         model, tokenizer = load_model(cfg.model, "cpu", show_progress=False)
         masks = student_masks(model, cfg.mask_file, cfg.dense)
-        return tokenizer, _mask_summary([(m.numel(), int(m.sum())) for m in masks.values()])
+        return tokenizer, _mask_summary([(m.numel(), int(torch.count_nonzero(m))) for m in masks.values()])
     tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
     skeleton = model_skeleton(config if config is not None else model_config(cfg.model))
     params = dict(skeleton.named_parameters())
