@@ -37,14 +37,19 @@ MASK, VALUES = ".__mask", ".__values"
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _bit_pattern(weight: torch.Tensor) -> torch.Tensor:
+    """The weight's bits as integers of its width (so -0.0 and NaN are non-zero, 0.0 alone is zero)."""
+    return weight.contiguous().view(_INT_VIEW[weight.element_size()])
+
+
 def nonzero_bits(weight: torch.Tensor) -> torch.Tensor:
     """True where the weight's bit pattern is not all zeros (so -0.0 and NaN count as non-zero)."""
-    return weight.contiguous().view(_INT_VIEW[weight.element_size()]) != 0
+    return _bit_pattern(weight) != 0
 
 
 def nonzero_bits_count(weight: torch.Tensor) -> int:
     """How many of nonzero_bits are True, with no int64 temporary (8 bytes an element) of summing them."""
-    return int(torch.count_nonzero(weight.contiguous().view(_INT_VIEW[weight.element_size()])))
+    return int(torch.count_nonzero(_bit_pattern(weight)))
 
 
 def pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
