@@ -34,10 +34,10 @@ def tree_snapshot(folder):
 
 
 def test_prune_then_eval_then_refuse_then_overwrite(tiny_model_dir, tmp_path, capsys):
-    """One prune and one eval through the installed entry point (a subprocess, its own embedded Ray
-    cluster); the repeat, the refusal and the overwrite in this process: the refusals are decided
-    before any work, and the overwrite (a --true-sequential run) shows that the flag reaches the
-    engine and the run identity."""
+    """One prune through the installed entry point (a subprocess, its own embedded Ray cluster); the
+    eval, the repeat, the refusal and the overwrite in this process (a second subprocess would only
+    pay the imports again, ~10 s): the refusals are decided before any work, and the overwrite (a
+    --true-sequential run) shows that the flag reaches the engine and the run identity."""
     out = tmp_path / "pruned"
     base = ["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--nsamples", "2",
             "--seqlen", "64", "--out", str(out), "--no-progress"]
@@ -52,9 +52,10 @@ def test_prune_then_eval_then_refuse_then_overwrite(tiny_model_dir, tmp_path, ca
     model, _ = load_model(str(out), device="cpu")
     assert model_sparsity(model)["total"] == pytest.approx(0.5, abs=1e-4)
 
-    proc = asft("eval", "--model", str(out), "--seqlen", "64", "--max-windows", "3", "--json", "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    code, stdout, stderr = run_cli(capsys, "eval", "--model", str(out), "--seqlen", "64", "--max-windows", "3", "--json",
+                                   "--no-progress")
+    assert code == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
     assert result["windows"] == 3 and result["tokens"] == 192
     assert result["sparsity"] == pytest.approx(0.5, abs=1e-4) and result["ppl"] > 1
 

@@ -87,6 +87,7 @@ def test_submit_to_an_unreachable_address_is_one_line(tmp_path):
     assert_one_line_error(proc, "could not reach the Ray job server")
 
 
+@pytest.mark.slow  # 20 s: `make test-slow`. The default suite submits the same job through `asft submit` (above)
 def test_plain_ray_job_submit_with_the_module_entrypoint(ray_head, tiny_model_dir, tmp_path, data_dir):
     out = tmp_path / "plain-job"
     config = tmp_path / "job.yaml"

@@ -19,7 +19,8 @@ def two_nodes():
     cluster.shutdown()
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+# wanda (15 s) in `make test-slow`: sparsegpt covers the same placement and adds the Hessian reduction across nodes
+@pytest.mark.parametrize("method", [pytest.param("wanda", marks=pytest.mark.slow), "sparsegpt"])
 def test_two_nodes_match_one_worker(two_nodes, tiny_model, method):
     calib8 = torch.randint(0, 512, (8, 48), generator=torch.Generator().manual_seed(1))
     one = start_workers(1, WorkerResources(cpus=1))

@@ -192,6 +192,7 @@ def test_the_embedded_cluster_does_not_join_a_recorded_one(foreign_head, monkeyp
     assert not joined
 
 
+@pytest.mark.slow  # 22 s: `make test-slow`. The default suite checks the same isolation in process (above)
 def test_asft_prune_without_address_leaves_a_recorded_cluster_alone(foreign_head, tiny_model_dir, tmp_path):
     """The subprocess smoke test: a whole `asft prune`, then the foreign head's job table shows no driver of ours."""
     import ray

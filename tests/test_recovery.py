@@ -445,11 +445,14 @@ def _assert_model_state_memory(record, pruned_dir, zero_stage, teacher_bytes_per
             assert zero_stage == 2 and abs(worker["teacher_mib"] / whole_teacher - 1) < 0.05, (worker, n)
 
 
-def test_zero3_stop_and_resume_equals_an_uninterrupted_run(local_ray, pruned_dir, tmp_path, data_dir):
-    # 3 eval windows over 2 workers: one pads with a discarded forward (ZeRO-3 gathers collectively)
-    full = _recover(pruned_dir, tmp_path / "full", data_dir, zero_stage=3, eval_every=2, eval_windows=3)
+# 3 eval windows over 2 workers: one pads with a discarded forward (ZeRO-3 gathers collectively)
+ZERO3_RUN = dict(zero_stage=3, eval_every=2, eval_windows=3)
+
+
+def _check_zero3_run(full, out, pruned_dir):
+    """Masks held in the module, the master and both moments; each worker's state, peaks and reads."""
     assert len(full["losses"]) == 4 and full["world_size"] == 2 and len(full["memory"]) == 2
-    _assert_masks_held(full, tmp_path / "full", pruned_dir)
+    _assert_masks_held(full, out, pruned_dir)
     _assert_model_state_memory(full, pruned_dir, zero_stage=3)
     from transformers import AutoModelForCausalLM
 
@@ -466,9 +469,20 @@ def test_zero3_stop_and_resume_equals_an_uninterrupted_run(local_ray, pruned_dir
         assert 0.45 * whole_bytes <= worker["load_read_bytes"] <= 0.55 * whole_bytes, (worker, whole_bytes)
         assert 0.45 * masked_elements / 8 <= worker["mask_bytes"] <= 0.55 * masked_elements / 8, worker  # 1 bit each
 
+
+def test_a_zero3_run_keeps_its_masks_and_each_worker_holds_its_partition(local_ray, pruned_dir, tmp_path, data_dir):
+    _check_zero3_run(_recover(pruned_dir, tmp_path / "full", data_dir, **ZERO3_RUN), tmp_path / "full", pruned_dir)
+
+
+@pytest.mark.slow  # 115 s (3 Ray Train runs): `make test-slow`, and kill -9 then --resume in the fault suite. The
+# default suite has one ZeRO-3 run (above) and the resume of prune and staged runs (test_resume.py, test_staged.py)
+def test_zero3_stop_and_resume_equals_an_uninterrupted_run(local_ray, pruned_dir, tmp_path, data_dir):
+    full = _recover(pruned_dir, tmp_path / "full", data_dir, **ZERO3_RUN)
+    _check_zero3_run(full, tmp_path / "full", pruned_dir)
+
     # The interrupted run also recomputes activations in the backward instead of keeping them:
     # stopping, resuming and recomputing each leave the run bit for bit the same (one run shows all three).
-    cut = dict(zero_stage=3, eval_every=2, eval_windows=3, activation_checkpointing=True)
+    cut = dict(ZERO3_RUN, activation_checkpointing=True)
     stopped = _recover(pruned_dir, tmp_path / "cut", data_dir, stop_after_steps=2, **cut)
     assert stopped["stopped"] and stopped["steps_done"] == 2 and not (tmp_path / "cut").exists()
     resumed = _recover(pruned_dir, tmp_path / "cut", data_dir, resume=True, **cut)
@@ -480,14 +494,16 @@ def test_zero3_stop_and_resume_equals_an_uninterrupted_run(local_ray, pruned_dir
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / ".cut.recover").exists()  # the state folder goes once the output is complete
 
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "cut")
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
     record = json.loads((tmp_path / "cut" / "asft_run.json").read_text())
     assert record["losses"] == resumed["losses"] and record["tokens_per_s"] > 0
 
 
-@pytest.mark.slow  # 45-50 s: `make test-slow`. The default suite has ZeRO-3's bitwise resume, ZeRO-2 with a teacher
-# (test_zero3_bf16_offload_with_sharded_teacher_matches_zero2) and every checkpoint refusal (test_recover_trust.py)
+@pytest.mark.slow  # 45-50 s: `make test-slow`. The default suite has a ZeRO-3 run, ZeRO-2 with a teacher
+# through the CLI (test_the_driver_never_imports_the_model_or_text_libraries) and every checkpoint refusal (test_recover_trust.py)
 def test_zero2_with_distillation_keeps_masks_through_resume(local_ray, pruned_dir, tiny_model_dir, tmp_path, data_dir):
     kw = dict(zero_stage=2, teacher=str(tiny_model_dir), kd_weight=1.0, hidden_weight=0.1, eval_every=2, eval_windows=2,
               max_steps=3)
@@ -509,6 +525,8 @@ def test_zero2_with_distillation_keeps_masks_through_resume(local_ray, pruned_di
     _assert_model_state_memory(record, pruned_dir, zero_stage=2, teacher_bytes_per_param=4)
 
 
+@pytest.mark.slow  # 70 s (2 Ray Train runs): `make test-slow`. The default suite has ZeRO-3 (stop/resume, masks, memory),
+# the partitioned teacher's loss and vocabulary parts (test_recovery_zero3.py) and ZeRO-2 with a teacher through the CLI
 def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(local_ray, untied_dirs, tmp_path, data_dir):
     """bf16 weights with an fp32 master, optimizer and parameters offloaded, the teacher partitioned,
     the untied embedding and head of both in vocabulary parts: masks hold in module, master and

@@ -76,6 +76,7 @@ def test_every_feasible_plan_is_measured_on_validation_and_the_best_is_exported(
     assert final.keys() == direct.keys() and all(torch.equal(final[k], direct[k]) for k in final)
 
 
+@pytest.mark.slow  # 17 s (two searches on Ray Tune): `make test-slow`; the default suite runs one search (above)
 def test_a_rerun_reuses_finished_trials_and_other_inputs_start_over(local_ray, tiny_model_dir, tmp_path):
     plans = _plans(tiny_model_dir)
     out = tmp_path / "resumed"
