@@ -161,12 +161,24 @@ def foreign_head():
         subprocess.run(["rm", "-rf", private])
 
 
-def test_the_embedded_cluster_does_not_join_a_recorded_one(foreign_head, monkeypatch):
+@pytest.fixture
+def without_tokens(monkeypatch):
+    """RAY_AUTH_MODE=disabled for one test, as the foreign head runs. Ray caches the mode in this
+    process's config when a cluster starts; once the environment is restored the cache is read
+    again, or the next module's cluster (token mode) would get requests without a token."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    yield
+    monkeypatch.undo()
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def test_the_embedded_cluster_does_not_join_a_recorded_one(foreign_head, monkeypatch, without_tokens):
     import ray
     from ray._private.services import canonicalize_bootstrap_address
 
     monkeypatch.setenv("RAY_TMPDIR", foreign_head["tmpdir"])
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     # the trap is set: Ray's own default (address=None) would pick up the foreign head
     found = canonicalize_bootstrap_address(None)
     assert found is not None and found.endswith(f":{foreign_head['port']}"), found
