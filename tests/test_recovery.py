@@ -449,22 +449,22 @@ def _assert_model_state_memory(record, pruned_dir, zero_stage, teacher_bytes_per
 ZERO3_RUN = dict(zero_stage=3, eval_every=2, eval_windows=3)
 
 
-def _check_zero3_run(full, out, pruned_dir):
+def _check_zero3_run(record, out, pruned_dir):
     """Masks held in the module, the master and both moments; each worker's state, peaks and reads."""
-    assert len(full["losses"]) == 4 and full["world_size"] == 2 and len(full["memory"]) == 2
-    _assert_masks_held(full, out, pruned_dir)
-    _assert_model_state_memory(full, pruned_dir, zero_stage=3)
+    assert len(record["losses"]) == 4 and record["world_size"] == 2 and len(record["memory"]) == 2
+    _assert_masks_held(record, out, pruned_dir)
+    _assert_model_state_memory(record, pruned_dir, zero_stage=3)
     from transformers import AutoModelForCausalLM
 
     pruned = AutoModelForCausalLM.from_pretrained(pruned_dir)
     masked_elements = sum(dict(pruned.named_parameters())[n].numel() for n in linear_weight_names(pruned))
     whole_bytes = sum(p.numel() * 4 for p in pruned.parameters())
-    for worker in full["memory"]:  # where the peak was: the 10 ms samples see what the step ends and ru_maxrss saw
+    for worker in record["memory"]:  # where the peak was: the 10 ms samples see what the step ends and ru_maxrss saw
         phases = worker["rss_peak_by_phase_mib"]
         assert {"load", "eval", "train", "export"} <= phases.keys(), phases
         assert worker["train_rss_max_mib"] <= phases["train"] + 16, worker
         assert worker["peak_rss_mib"] <= max(phases.values()) + 32, worker  # the lifetime peak falls in a phase
-    for worker in full["memory"]:  # partitioned loading: no whole parameter, half the reads, half the masks
+    for worker in record["memory"]:  # partitioned loading: no whole parameter, half the reads, half the masks
         assert worker["load_full_param_bytes"] == 0, worker
         assert 0.45 * whole_bytes <= worker["load_read_bytes"] <= 0.55 * whole_bytes, (worker, whole_bytes)
         assert 0.45 * masked_elements / 8 <= worker["mask_bytes"] <= 0.55 * masked_elements / 8, worker  # 1 bit each
@@ -525,8 +525,8 @@ def test_zero2_with_distillation_keeps_masks_through_resume(local_ray, pruned_di
     _assert_model_state_memory(record, pruned_dir, zero_stage=2, teacher_bytes_per_param=4)
 
 
-@pytest.mark.slow  # 70 s (2 Ray Train runs): `make test-slow`. The default suite has ZeRO-3 (stop/resume, masks, memory),
-# the partitioned teacher's loss and vocabulary parts (test_recovery_zero3.py) and ZeRO-2 with a teacher through the CLI
+@pytest.mark.slow  # 70 s (2 Ray Train runs): `make test-slow`. The default suite has a ZeRO-3 run (masks, memory)
+# and the partitioned teacher's loss and vocabulary parts (test_recovery_zero3.py), and ZeRO-2 with a teacher through the CLI
 def test_zero3_bf16_offload_with_sharded_teacher_matches_zero2(local_ray, untied_dirs, tmp_path, data_dir):
     """bf16 weights with an fp32 master, optimizer and parameters offloaded, the teacher partitioned,
     the untied embedding and head of both in vocabulary parts: masks hold in module, master and
