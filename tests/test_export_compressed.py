@@ -128,3 +128,18 @@ def test_streamed_export_reloads_to_the_same_bits_and_sizes_as_in_memory(tiny_mo
     assert a.state_dict().keys() == b.state_dict().keys()
     for key, value in a.state_dict().items():
         assert value.dtype == dtype and torch.equal(bits(value), bits(b.state_dict()[key])), key
+
+
+def test_streamed_export_refuses_a_folder_missing_a_layer_before_writing(tiny_model, tmp_path):
+    """A config that names more layers than the files hold is refused with one line, and no output
+    folder is created (it used to end in a NameError halfway through the export)."""
+    from asft_ray.errors import AsftError
+    from asft_ray.export.compressed import save_compressed_streamed
+
+    tiny_model.save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AsftError, match=f"decoder layer {config['num_hidden_layers'] - 1} of"):
+        save_compressed_streamed(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -162,6 +162,9 @@ def save_compressed_streamed(source: Path, out: Path, tokenizer=None) -> dict:
     reader, prefix = SafetensorsReader(source), layers_prefix(skeleton)
     linears = [f"{name}.weight" for name in prunable_linears(decoder_layers(skeleton)[0])]
     groups = [reader.keys_under(f"{prefix}.{i}.") for i in range(len(decoder_layers(skeleton)))]
+    empty = [i for i, group in enumerate(groups) if not group]
+    if empty:  # before anything is written: the model's own config names layers its files do not hold
+        raise AsftError(f"{source}: decoder layer {empty[0]} of {len(groups)} has no tensors in the safetensors files")
     inside = {key for group in groups for key in group}
     groups += [[key] for key in reader.weight_map if key not in inside]
     totals = {"pruned_dense_bytes": 0, "pruned_stored_bytes": 0, "pruned_weights": 0, "compressed_weights": 0,
