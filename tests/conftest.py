@@ -90,8 +90,8 @@ def streamed_live_bytes(monkeypatch) -> list[tuple[int, int]]:
     original_init, original_load, original_release = (streaming.StreamedLayers.__init__, streaming.StreamedLayers.load,
                                                        streaming.StreamedLayers.release)
 
-    def init(self, model, reader, out_dir):
-        original_init(self, model, reader, out_dir)
+    def init(self, model, reader, out_dir, *args, **kwargs):
+        original_init(self, model, reader, out_dir, *args, **kwargs)
         self.model = model
 
     def checking(original):

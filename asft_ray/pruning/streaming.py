@@ -193,8 +193,10 @@ def return_free_memory() -> None:
 class StreamedLayers:
     """engine layer_store: load layer i from the source shards, write it to its own output shard, free it."""
 
-    def __init__(self, model: nn.Module, reader: SafetensorsReader, out_dir: Path | None):
+    def __init__(self, model: nn.Module, reader: SafetensorsReader, out_dir: Path | None,
+                 dtype: torch.dtype | None = None):
         self.reader = reader
+        self.dtype = dtype  # floating tensors are written in it (None: as they are)
         self.prefix = layers_prefix(model)
         self.out_dir = Path(out_dir) if out_dir is not None else None  # None: read only (evaluation)
         self.weight_map: dict[str, str] = {}
@@ -208,6 +210,8 @@ class StreamedLayers:
         layer.load_state_dict(state, strict=True, assign=True)  # take the tensors as stored (dtype too), no copy
 
     def _write(self, tensors: dict[str, torch.Tensor], filename: str) -> None:
+        if self.dtype is not None:
+            tensors = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
         tmp = self.out_dir / f".{filename}.tmp"
         save_file(tensors, tmp, metadata={"format": "pt"})
