@@ -8,8 +8,9 @@ directory so the streamed engine reads it layer by layer):
    a GPU) against the same on CPU actors;
 2. block reconstruction (`--reconstruct-epochs 1`) after Wanda with GPU actors: exact sparsity and a
    ppl below the plain Wanda run's;
-3. the 2:4 semi-structured export (CUDA sparse kernels) and its speed (`asft export`), of a 2:4
-   prune with `--channel-permutation` (its statistics from GPU actors);
+3. the 2:4 semi-structured export (CUDA sparse kernels; `asft export`, streamed from the pruned
+   folder) of a 2:4 prune with `--channel-permutation` (its statistics from GPU actors), and its
+   speed: `benchmarks/inference.py --semistructured` on the export, fp16 dense against 2:4 kernels;
 4. SparseGPT 50 % on GPU against CPU actors (ppl within 1 %): its CPU run is the slowest part;
 5. streamed zero-shot (arc_easy and piqa, 100 items each) of the pruned model with its requests on
    2 GPU actors against 2 CPU actors (mean accuracy within 0.01);
@@ -133,8 +134,18 @@ def main() -> int:
         nm_dir = out / "wanda-2of4"
         asft("prune", "--model", str(dense), "--method", "wanda", "--pattern", "2:4", "--channel-permutation",
              "--nsamples", str(args.nsamples), "--workers", "2", "--worker-gpus", "0.5", "--out", str(nm_dir), "--overwrite")
-        return asft("export", "--model", str(nm_dir), "--format", "semistructured", "--out",
-                    str(out / "semistructured"), "--overwrite")
+        export = asft("export", "--model", str(nm_dir), "--format", "semistructured", "--out",
+                      str(out / "semistructured"), "--overwrite")
+        # its speed: the exported fp16 checkpoint dense, then on the 2:4 kernels, in one process
+        speed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference.py"), "--model",
+                                str(out / "semistructured"), "--semistructured", "--device", "cuda", "--dtype",
+                                "float16", "--prompt-len", "512", "--new-tokens", "32", "--repeats", "3", "--no-append",
+                                "--json"], cwd=REPO, capture_output=True, text=True)
+        if speed.returncode != 0:
+            raise SystemExit(f"inference.py failed ({speed.returncode}):\n{speed.stderr[-3000:]}")
+        rows = json.loads(speed.stdout.strip().splitlines()[-1])["rows"]
+        keep = ("variant", "prefill_ms", "decode_tok_s", "prefill_speedup", "decode_speedup", "peak_mem_mb")
+        return {**export, "speed": [{k: row[k] for k in keep} for row in rows]}
 
     def reconstruction() -> dict:
         """Block reconstruction on 2 GPU actors (bf16 model; each layer fitted in float32 on one actor,

@@ -22,6 +22,7 @@ CPU timings use `torch.set_num_threads(--threads)` (default: all cores); run on 
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -85,6 +86,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--no-append", action="store_true", help="print only; do not append to results/inference.jsonl")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON line instead of the table")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -107,6 +109,9 @@ def main() -> None:
         rows.append(append_row("inference", row) if not args.no_append else row)
         del model
 
+    if args.json:
+        print(json.dumps({"rows": rows}))
+        return
     print("\n| variant | params | weights on disk | load s | prefill ms | decode tok/s | weights in memory MB | peak mem MB "
           "| prefill × | decode × |")
     print("|---|---|---|---|---|---|---|---|---|---|")
