@@ -216,6 +216,16 @@ def check_run_folder(cfg: StagedConfig) -> str:
     return "replace"
 
 
+def finished_result(cfg: StagedConfig) -> dict | None:
+    """This very run's result when its folder says it finished, read without Ray or the model
+    (asking again for a finished run, as `asft run` does when it continues, costs nothing);
+    None when there is work left."""
+    if check_run_folder(cfg) != "continue":
+        return None
+    state = RunState.read(Path(cfg.prune.out))
+    return {"status": "finished", **dataclasses.asdict(state)} if state is not None and state.finished else None
+
+
 @dataclass
 class RunState:
     """What `state.json` holds: everything a staged run has decided so far."""

@@ -57,7 +57,8 @@ def test_cuda_conversion_keeps_outputs(tiny_model):
     assert torch.allclose(got, expected, atol=5e-2, rtol=1e-2)
 
 
-def test_a_safetensors_folder_is_exported_one_layer_at_a_time(tmp_path, monkeypatch, capsys, streamed_live_bytes):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_safetensors_folder_is_exported_one_layer_at_a_time(tmp_path, monkeypatch, capsys, streamed_live_bytes, tied):
     """The streamed 2:4 export, with the GPU conversion replaced by a stand-in that refuses the wide
     weights: the folder holds the model's tensors cast to fp16 (bit for bit), loads with
     transformers, lists each refused linear, and no layer is in memory beside another."""
@@ -70,7 +71,7 @@ def test_a_safetensors_folder_is_exported_one_layer_at_a_time(tmp_path, monkeypa
     from tests.conftest import build_tiny_llama, build_tokenizer, one_layer_bytes
 
     tokenizer = build_tokenizer()
-    model = build_tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=3, tie_word_embeddings=False)
+    model = build_tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=3, tie_word_embeddings=tied)
     prune_2to4(model)
     model.save_pretrained(tmp_path / "src", max_shard_size="200KB")
     tokenizer.save_pretrained(tmp_path / "src")
@@ -93,6 +94,8 @@ def test_a_safetensors_folder_is_exported_one_layer_at_a_time(tmp_path, monkeypa
     wide = ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")  # 64 inputs > 32 rows, 128 > 64
     assert sorted(report["dense"]) == sorted(f"layers.{i}.{name}" for i in range(3) for name in wide)
     assert len(list(out.glob("model-layer-*.safetensors"))) == 3
+    stored = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(stored) == len(model.state_dict()) - tied  # a tied head is the embedding, stored once
     loaded = AutoModelForCausalLM.from_pretrained(out)
     expected = model.to(torch.float16).state_dict()
     assert loaded.state_dict().keys() == expected.keys()

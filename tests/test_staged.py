@@ -189,7 +189,7 @@ def test_the_repo_staged_config_parses():
     assert cfg.stages == (0.3, 0.45, 0.6, 0.7) and cfg.gate.retry_smaller_step
 
 
-def test_cli_staged_runs_on_ray_and_approve_continues_it(model_dir, tmp_path, capsys):
+def test_cli_staged_runs_on_ray_and_approve_continues_it(model_dir, tmp_path, capsys, monkeypatch):
     from asft_ray.cli import main
 
     config = tmp_path / "staged.yaml"
@@ -202,6 +202,15 @@ def test_cli_staged_runs_on_ray_and_approve_continues_it(model_dir, tmp_path, ca
     assert main(["staged", str(config), "--no-progress"]) == 0
     assert "final model = stage-01" in capsys.readouterr().out
     assert main(["reject", str(tmp_path / "run")]) == 2  # nothing is waiting any more
+    capsys.readouterr()
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a finished run asked for again started its coordinator")
+
+    monkeypatch.setattr("asft_ray.distributed.runner._on_ray", no_ray)
+    assert main(["staged", str(config), "--no-progress", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["status"] == "finished" and again["final"] == "stage-01" and again["results"]["stage-01"]["target"] == 0.3
 
 
 @pytest.mark.parametrize("gate", [Gate(max_ppl_ratio=1.5), Gate(max_stage_increase=2.0), Gate(max_ppl=23.0),

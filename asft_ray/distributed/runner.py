@@ -301,9 +301,11 @@ def prune_on_ray(
 
 def staged_on_ray(values: dict, address: str | None = None, show_progress: bool = True) -> dict:
     """A staged run (asft_ray.staged) inside the pruning actor; `values` as in the YAML config."""
-    from asft_ray.staged import StagedConfig
+    from asft_ray.staged import StagedConfig, finished_result
 
-    return _on_ray(StagedConfig.from_dict(values).prune, "staged", values, address, None, show_progress)
+    cfg = StagedConfig.from_dict(values)
+    done = finished_result(cfg)  # no coordinator to start (a fresh process: seconds) for a finished run
+    return done if done is not None else _on_ray(cfg.prune, "staged", values, address, None, show_progress)
 
 
 def _on_ray(cfg: PruneConfig, method: str, payload: dict, address, num_cpus, show_progress: bool) -> dict:
