@@ -157,6 +157,45 @@ def test_the_least_squares_refit_is_the_lstsq_solution_and_beats_plain_removal()
     assert refit_error < 0.5 * plain_error
 
 
+def test_the_blocked_refit_and_scores_equal_the_whole_products(monkeypatch):
+    """refit_system builds W H[:, keep] and the scores sum |W| in blocks (no whole float64 copy of a
+    weight): with blocks of 3 (partial blocks on every edge) they equal the unblocked formulas."""
+    from asft_ray.pruning import structured
+
+    monkeypatch.setattr(structured, "REFIT_BLOCK", 3)
+    monkeypatch.setattr(structured, "SCORE_BLOCK", 3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 13, generator=g)
+    h = (x.T @ x).double()
+    w = torch.randn(8, 13, generator=g)
+    keep = torch.tensor([0, 2, 3, 5, 7, 8, 11, 12])
+    h_kept, rhs = structured.refit_system(w, h, keep, damp=0.01)
+    expected = h[keep][:, keep] + 0.01 * h[keep][:, keep].diagonal().mean() * torch.eye(len(keep), dtype=torch.float64)
+    assert torch.equal(h_kept, expected)
+    assert torch.allclose(rhs, w.double() @ h[:, keep], rtol=1e-12, atol=0)
+    sq = torch.rand(13, dtype=torch.float64, generator=g)
+    assert torch.equal(structured.row_influence(w, sq), (w.abs().double() * sq.sqrt()).sum(1))
+    assert torch.equal(structured.row_influence(w), w.abs().double().sum(1))
+    assert torch.equal(structured.column_influence(w, sq), w.abs().double().sum(0) * sq.sqrt())
+
+
+def test_a_layer_refit_consumes_its_hessians(tiny_model, calib_ids):
+    """refit_layer leaves no Hessian behind in the statistics it was given (each one goes at its last
+    use, the unused ones first), and the refit equals refit_columns on the same statistics."""
+    from asft_ray.export.structured import head_geometry, own_units, refit_layer
+    from asft_ray.pruning.structured import refit_columns
+
+    stats = collect_input_norms(tiny_model, calib_ids, hessian=True)
+    plan = plan_structured(tiny_model, mlp_ratio=0.5, head_ratio=0.0, stats=stats)
+    layer, layer_stats = tiny_model.model.layers[0], stats[0]
+    keep = own_units(plan[0], "mlp")
+    expected = refit_columns(layer.mlp.down_proj.weight, layer_stats.hessian("mlp.down_proj"), keep)
+    assert len(layer_stats.hessians) == 4  # q/k/v, o_proj, gate/up and down_proj inputs
+    refit_layer(layer, plan[0], layer_stats, *head_geometry(tiny_model.config))
+    assert layer_stats.hessians == {}
+    assert torch.equal(layer.mlp.down_proj.weight[:, keep], expected)
+
+
 def test_a_refit_structured_layer_is_closer_to_the_dense_layer_than_plain_removal(tiny_model, calib_ids):
     from asft_ray.export.structured import refit_consumers
 
