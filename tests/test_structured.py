@@ -173,6 +173,12 @@ def test_the_blocked_refit_and_scores_equal_the_whole_products(monkeypatch):
     expected = h[keep][:, keep] + 0.01 * h[keep][:, keep].diagonal().mean() * torch.eye(len(keep), dtype=torch.float64)
     assert torch.equal(h_kept, expected)
     assert torch.allclose(rhs, w.double() @ h[:, keep], rtol=1e-12, atol=0)
+    # consumed: H[keep, keep] written into H's own memory, the solve in place: the same bits as the plain calls
+    consumed = h.clone()
+    in_place = structured.refit_system(w, consumed, keep, damp=0.01, consume=True)
+    assert torch.equal(in_place[0], h_kept) and in_place[0].data_ptr() == consumed.data_ptr()
+    refit = structured.solve_refit(*in_place, torch.float32)
+    assert torch.equal(refit, torch.linalg.solve(h_kept, rhs.T).T.float())
     sq = torch.rand(13, dtype=torch.float64, generator=g)
     assert torch.equal(structured.row_influence(w, sq), (w.abs().double() * sq.sqrt()).sum(1))
     assert torch.equal(structured.row_influence(w), w.abs().double().sum(1))

@@ -130,7 +130,7 @@ def refit_layer(layer: nn.Module, p: dict, stats, hd: int, rep: int) -> None:
     for unused in [key for key in stats.hessians if key not in used]:
         del stats.hessians[unused]
     for lin, name, keep in refits:
-        system = refit_system(lin.weight, stats.hessian(name), keep)
+        system = refit_system(lin.weight, stats.hessian(name), keep, consume=True)
         del stats.hessians[stats.source[name]]
         refit = solve_refit(*system, lin.weight.dtype)
         del system

@@ -161,29 +161,56 @@ def plan_structured(model: nn.Module, mlp_ratio: float | list[float] = 0.0, head
 REFIT_BLOCK = 512  # kept columns (and weight rows) of refit_system's right-hand side computed at a time
 
 
-def refit_system(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor,
-                 damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """refit_columns' linear system in float64: (H[keep, keep] dampened, W H[:, keep]).
+def refit_system(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, damp: float = 0.01,
+                 consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """refit_columns' linear system in float64: (H[keep, keep] dampened, W H[:, keep]); `keep` ascending.
 
     Built without a float64 copy of W or of H[:, keep] (for a 1.57 B model's down_proj: 92 and
     127 MB beside its 254 MB Hessian): the right-hand side a block of REFIT_BLOCK x REFIT_BLOCK
-    at a time, each entry the same whole-length product as in one matrix product (the same bits
-    on this CPU's BLAS: tested against the unblocked product)."""
+    at a time, each entry the same whole-length product as in one matrix product. `consume`: the
+    caller no longer needs a float64 `hessian`, so H[keep, keep] is written into its own memory
+    instead of a new matrix (the same values)."""
     h = hessian.double()
     keep = keep.to(h.device)
-    h_kept = h[keep.unsqueeze(1), keep]
-    h_kept.diagonal().add_(damp * h_kept.diagonal().mean().clamp_min(1e-12))
     w = weight.detach()
     rhs = torch.empty(w.shape[0], len(keep), dtype=torch.float64, device=h.device)
     for start in range(0, len(keep), REFIT_BLOCK):
         columns = h[:, keep[start : start + REFIT_BLOCK]]
         for row in range(0, w.shape[0], REFIT_BLOCK):
             rhs[row : row + REFIT_BLOCK, start : start + REFIT_BLOCK] = w[row : row + REFIT_BLOCK].double() @ columns
+    h_kept = _kept_in_place(h, keep) if consume and h is hessian and h.is_contiguous() else h[keep.unsqueeze(1), keep]
+    h_kept.diagonal().add_(damp * h_kept.diagonal().mean().clamp_min(1e-12))
     return h_kept, rhs
 
 
+def _kept_in_place(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """h[keep][:, keep] (keep ascending) in the first len(keep)^2 elements of h's own memory.
+    Blocks of rows in increasing order: block [i, i + b) is read whole before it writes elements
+    [i k, (i + b) k), and every row a later block reads starts at keep[i + b] n >= (i + b) k."""
+    k, flat = len(keep), h.view(-1)
+    for i in range(0, k, REFIT_BLOCK):
+        block = h[keep[i : i + REFIT_BLOCK]].index_select(1, keep)  # a copy: read before anything is written
+        flat[i * k : i * k + block.numel()] = block.reshape(-1)
+    return flat[: k * k].view(k, k)
+
+
 def solve_refit(h_kept: torch.Tensor, rhs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The refit weight (out x kept) from refit_system's (h_kept, rhs)."""
+    """The refit weight (out x kept) from refit_system's (h_kept, rhs), which it overwrites.
+
+    torch.linalg.solve(h_kept, rhs.T).T, computed in place: LAPACK reads column-major matrices,
+    and a symmetric h_kept read column-major (its .mT, a view) is the same matrix, as rhs read
+    column-major is rhs.T; so the same LU factorisation and solve run on the same values without
+    the two copies torch would make (the same bits: tests/test_structured.py). Not symmetric, or
+    not on the CPU: the plain call."""
+    if h_kept.device.type == "cpu" and torch.equal(h_kept, h_kept.mT):
+        lu, b = h_kept.mT, rhs.mT
+        pivots = torch.empty(lu.shape[0], dtype=torch.int32)
+        info = torch.empty((), dtype=torch.int32)
+        torch.linalg.lu_factor_ex(lu, out=(lu, pivots, info))
+        if info.item():
+            raise torch.linalg.LinAlgError(f"the refit's dampened Hessian is singular (pivot {info.item()})")
+        torch.linalg.lu_solve(lu, pivots, b, out=b)
+        return rhs.to(dtype)
     return torch.linalg.solve(h_kept, rhs.T).T.to(dtype)
 
 
