@@ -177,6 +177,9 @@ def test_the_blocked_refit_and_scores_equal_the_whole_products(monkeypatch):
     consumed = h.clone()
     in_place = structured.refit_system(w, consumed, keep, damp=0.01, consume=True)
     assert torch.equal(in_place[0], h_kept) and in_place[0].data_ptr() == consumed.data_ptr()
+    backwards = keep.flip(0)  # not ascending: compacting in place would overwrite rows not yet read, so it copies
+    shuffled = structured.refit_system(w, h.clone(), backwards, damp=0.01, consume=True)[0]
+    assert torch.equal(shuffled, structured.refit_system(w, h, backwards, damp=0.01)[0])
     refit = structured.solve_refit(*in_place, torch.float32)
     assert torch.equal(refit, torch.linalg.solve(h_kept, rhs.T).T.float())
     sq = torch.rand(13, dtype=torch.float64, generator=g)

@@ -178,7 +178,8 @@ def refit_system(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor
         columns = h[:, keep[start : start + REFIT_BLOCK]]
         for row in range(0, w.shape[0], REFIT_BLOCK):
             rhs[row : row + REFIT_BLOCK, start : start + REFIT_BLOCK] = w[row : row + REFIT_BLOCK].double() @ columns
-    h_kept = _kept_in_place(h, keep) if consume and h is hessian and h.is_contiguous() else h[keep.unsqueeze(1), keep]
+    in_place = consume and h is hessian and h.is_contiguous() and bool((keep[1:] > keep[:-1]).all())
+    h_kept = _kept_in_place(h, keep) if in_place else h[keep.unsqueeze(1), keep]
     h_kept.diagonal().add_(damp * h_kept.diagonal().mean().clamp_min(1e-12))
     return h_kept, rhs
 
