@@ -223,7 +223,7 @@ def finished_result(cfg: StagedConfig) -> dict | None:
     if check_run_folder(cfg) != "continue":
         return None
     state = RunState.read(Path(cfg.prune.out))
-    return {"status": "finished", **dataclasses.asdict(state)} if state is not None and state.finished else None
+    return state.finished_result() if state is not None and state.finished else None
 
 
 @dataclass
@@ -250,6 +250,10 @@ class RunState:
 
     def write(self, run: Path) -> None:
         write_json_atomic(run / RUN_STATE, dataclasses.asdict(self))
+
+    def finished_result(self) -> dict:
+        """What a finished run returns, in the actor or read back from state.json by the driver."""
+        return {"status": "finished", **dataclasses.asdict(self)}
 
 
 class StagedRun:
@@ -408,7 +412,7 @@ class StagedRun:
     # -- the run -------------------------------------------------------------------------------
     def execute(self) -> dict:
         if self.state.finished:
-            return {"status": "finished", **dataclasses.asdict(self.state)}
+            return self.state.finished_result()
         if self.state.dense is None:
             self.measure_dense()
         for k, target in enumerate(self.cfg.stages, start=1):
@@ -441,7 +445,7 @@ class StagedRun:
                      target=result["target"], achieved=result["achieved"], value=result["value"])
         self.state.finished, self.state.final = True, passed or "dense"
         self.state.write(self.run)
-        return {"status": "finished", **dataclasses.asdict(self.state)}
+        return self.state.finished_result()
 
 
 def _copy_model(spec: str, folder: Path, device: str) -> None:

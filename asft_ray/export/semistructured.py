@@ -132,10 +132,11 @@ def save_semistructured_streamed(source: Path, out: Path, dtype: str = "float16"
         for index, layer in enumerate(layers):
             store.load(index, layer)
             layer.to(DTYPES[dtype])
-            invalid = [f"layers.{index}.{name}" for name, lin in prunable_linears(layer).items() if not is_2to4(lin.weight)]
+            linears = prunable_linears(layer)
+            invalid = [f"layers.{index}.{name}" for name, lin in linears.items() if not is_2to4(lin.weight)]
             if invalid:
-                raise _not_2to4(invalid, f"layer {index}'s {len(prunable_linears(layer))} linears")
-            for name, lin in prunable_linears(layer).items():
+                raise _not_2to4(invalid, f"layer {index}'s {len(linears)} linears")
+            for name, lin in linears.items():
                 reason = kernel_refusal(lin.weight)
                 if reason is None:
                     converted += 1
