@@ -101,7 +101,7 @@ def test_streamed_export_writes_what_the_in_memory_one_writes(tmp_path, tied, mo
     model = build_tiny_llama(tie_word_embeddings=tied)
     model.save_pretrained(tmp_path / "src", max_shard_size="100KB")
     reads, get_many = [], SafetensorsReader.get_many
-    monkeypatch.setattr(SafetensorsReader, "get_many", lambda self, keys: reads.append(list(keys)) or get_many(self, keys))
+    monkeypatch.setattr(SafetensorsReader, "get_many", lambda self, keys, mapped=False: reads.append(list(keys)) or get_many(self, keys, mapped))
     whole, streamed = save_int8(model, tmp_path / "whole"), save_int8(tmp_path / "src", tmp_path / "streamed")
     def one_layer_or_one_tensor(keys: list[str]) -> bool:
         inside = all(k.startswith("model.layers.") for k in keys)

@@ -51,9 +51,15 @@ def test_the_shard_reader_returns_exactly_what_safetensors_wrote(tmp_path):
     tensors = {"w": torch.randn(3, 5), "h": torch.randn(7).to(torch.bfloat16), "i": torch.arange(4),
                "empty": torch.empty(0), "scalar": torch.tensor(3.0), "mask": torch.tensor([True, False])}
     save_file(tensors, tmp_path / "model.safetensors")
-    read = SafetensorsReader(tmp_path).get_many(list(tensors))
-    for key, value in tensors.items():
-        assert read[key].dtype == value.dtype and torch.equal(read[key], value), key
+    file_bytes = (tmp_path / "model.safetensors").read_bytes()
+    for mapped in (False, True):
+        read = SafetensorsReader(tmp_path).get_many(list(tensors), mapped=mapped)
+        for key, value in tensors.items():
+            assert read[key].dtype == value.dtype and torch.equal(read[key], value), (key, mapped)
+        read["w"].mul_(0)  # a mapped tensor is copy-on-write: the file never changes
+        read["h"][0] = 5
+    assert (tmp_path / "model.safetensors").read_bytes() == file_bytes
+    assert torch.equal(SafetensorsReader(tmp_path).get_many(["w"], mapped=True)["w"], tensors["w"])
 
 
 def _linear_masks(folder):

@@ -3,11 +3,11 @@
 The model is built on the `meta` device (no storage). Only the parts outside the decoder
 layers that the first step needs are materialised (embeddings, final norm, rotary tables;
 lm_head only when it is pruned), and the embeddings go back to `meta` once the inputs of
-layer 0 are captured. Each decoder layer is read from the safetensors shards (plain reads,
-no memory map) just before it is pruned, written to its own output shard right after, and
-returned to `meta`; finish() copies the untouched tensors from the source. Peak memory: one
-layer, the pruning temporaries, and the calibration activations (which a ShardedRunner keeps
-in Ray's object store instead of this process).
+layer 0 are captured. Each decoder layer is read from the safetensors shards (plain reads; a
+layer that is only read, as in an evaluation, is memory-mapped) just before it is pruned,
+written to its own output shard right after, and returned to `meta`; finish() copies the
+untouched tensors from the source. Peak memory: one layer, the pruning temporaries, and the
+calibration activations (which a ShardedRunner keeps in Ray's object store instead of this process).
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ class SafetensorsReader:
 
     Reads with plain file I/O straight into each new tensor's memory: no memory map, so the
     shard pages read so far never count in this process's resident memory (the OS keeps
-    them in its page cache)."""
+    them in its page cache). `get_many(..., mapped=True)` maps each tensor's bytes instead
+    (copy-on-write): no copy and no freshly zeroed pages, for a layer that is only read; its pages
+    count in this process's memory while the tensor lives, as a read copy's would, and are unmapped
+    with it."""
 
     def __init__(self, folder: Path):
         folder = Path(folder)
@@ -76,13 +79,16 @@ class SafetensorsReader:
     def get(self, key: str) -> torch.Tensor:
         return self.get_many([key])[key]
 
-    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+    def get_many(self, keys: list[str], mapped: bool = False) -> dict[str, torch.Tensor]:
         by_file: dict[str, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.weight_map[key], []).append(key)
         tensors = {}
         for filename, names in by_file.items():
             header, data_start = self.header(filename), self._headers[filename][1]
+            if mapped:
+                tensors.update((key, _mapped(self.folder / filename, data_start, header[key])) for key in names)
+                continue
             with open(self.folder / filename, "rb", buffering=0) as f:
                 for key in names:
                     info = header[key]
@@ -108,6 +114,23 @@ class SafetensorsReader:
         """Bytes of every tensor in the shards, as their headers describe them (no tensor is read)."""
         return sum(end - begin for filename in dict.fromkeys(self.weight_map.values())
                    for begin, end in (info["data_offsets"] for info in self.header(filename).values()))
+
+
+def _mapped(path: Path, data_start: int, info: dict) -> torch.Tensor:
+    """One tensor of a shard as a copy-on-write memory map of its bytes (the header was checked
+    against the file's size when read): writes to it stay private, the file never changes."""
+    import warnings
+
+    import numpy as np
+
+    begin, end = info["data_offsets"]
+    dtype = _DTYPES[info["dtype"]]
+    if end == begin:
+        return torch.empty(info["shape"], dtype=dtype)
+    raw = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start + begin, shape=(end - begin,))
+    with warnings.catch_warnings():  # numpy marks a copy-on-write map writable; torch's warning is for read-only ones
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(raw).view(dtype).reshape(info["shape"])
 
 
 def layers_prefix(model: nn.Module) -> str:
@@ -206,7 +229,9 @@ class StreamedLayers:
         if any(True for _ in layer.buffers()):
             layer.to_empty(device="cpu")  # buffers need storage; parameters are replaced below
         prefix = f"{self.prefix}.{index}."
-        state = {k[len(prefix) :]: v for k, v in self.reader.get_many(self.reader.keys_under(prefix)).items()}
+        # a layer that is only read (out_dir None) is mapped: no copy of what the page cache holds
+        tensors = self.reader.get_many(self.reader.keys_under(prefix), mapped=self.out_dir is None)
+        state = {k[len(prefix) :]: v for k, v in tensors.items()}
         layer.load_state_dict(state, strict=True, assign=True)  # take the tensors as stored (dtype too), no copy
 
     def _write(self, tensors: dict[str, torch.Tensor], filename: str) -> None:
