@@ -50,6 +50,12 @@ def build_tiny_llama(vocab_size: int = 512, seed: int = 0, **overrides):
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_dir(tmp_path_factory):
+    """asft-ray's cache (machine cost models) in a folder of the test session's, never the user's."""
+    os.environ["ASFT_CACHE_DIR"] = str(tmp_path_factory.mktemp("asft-cache"))
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> str:
     if not SHARED_DATA.is_dir():

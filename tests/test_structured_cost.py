@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict, replace
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -50,6 +51,33 @@ def test_the_export_takes_the_ratio_the_planner_predicts(tiny_model_dir, cost_mo
     on_disk = json.loads((out / REPORT).read_text())
     assert on_disk["cost_plan"] == plan and on_disk["mlp_ratio"] == 84 / 128
     assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 44
+
+
+def test_without_a_cost_model_file_one_machine_calibrates_a_shape_once_and_plans_alike(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """The calibration is a measurement: two of them differ, and a plan near the target flips with it.
+    Without --cost-model, the first export calibrates into this machine's cache (one file per shape)
+    and every later one reads it: one command, one plan. (The measuring is replaced here.)"""
+    from asft_ray.eval import cost_calibration
+
+    calls = []
+
+    def calibrate(shape, whole_bytes=cost_calibration.SMALL_MODEL_BYTES):
+        calls.append(shape)  # a different fit each time, as noisy timings would give
+        return CostModel({**BYTES_ONLY, "token": 1e-6 * len(calls)})
+
+    monkeypatch.setenv("ASFT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cost_calibration, "calibrate", calibrate)
+    reports = []
+    for name in ("a", "b"):
+        assert _export(tiny_model_dir, tmp_path / name, "--cost-target", "0.7", "--cost-context", "64", "--json") == 0
+        reports.append(json.loads(capsys.readouterr().out)["cost_plan"])
+    assert len(calls) == 1 and reports[0] == reports[1]
+    saved = list((tmp_path / "cache" / "cost-models").iterdir())
+    assert [str(p) for p in saved] == [reports[0]["cost_model"]["path"]]  # one file, no temp files beside it
+    assert json.loads(saved[0].read_text())["calibrated_for"] == asdict(calls[0])
+    other = cost_calibration.machine_cost_model_path(replace(calls[0], layers=calls[0].layers + 1))
+    assert other != saved[0]  # another shape: a calibration of its own
 
 
 @pytest.mark.parametrize("flags, message", [

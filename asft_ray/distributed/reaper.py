@@ -15,8 +15,9 @@ monitors) and their descendants (agents and workers), each by pid and start time
 second, and twice as long after each look that found no new process, up to every 4 s (one pass
 over /proc per look: a parent map of every process, walked from the live recorded ones; asking
 each process for its children would read all of /proc once per process, 4 % of a core against 1 %
-at one look per half second; the back-off brought a 150 s evaluation's watcher from 2.1 s of CPU
-to ...). When the pipe reaches end-of-file - the driver exited or was killed, however -
+at one look per half second; with the back-off, under 1 s of CPU in a 140 s evaluation of a
+1.57 B model, 2.1 s before). Worker processes started after the last look need no record: they
+exit when the raylet does. When the pipe reaches end-of-file - the driver exited or was killed, however -
 it sends SIGTERM to every recorded process still running, then SIGKILL after 2 s. It never signals a
 process it did not record (a pid reused by another process has another start time), and it
 exits by itself once every recorded process is gone (after a normal `ray.shutdown()`).

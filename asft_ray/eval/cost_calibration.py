@@ -160,6 +160,43 @@ def calibrate(shape: DecoderShape, new_tokens: int = 16, repeats: int = 3, warmu
     return model
 
 
+def cache_dir() -> Path:
+    """asft-ray's cache: $ASFT_CACHE_DIR, else $XDG_CACHE_HOME/asft-ray, else ~/.cache/asft-ray."""
+    import os
+
+    if os.environ.get("ASFT_CACHE_DIR"):
+        return Path(os.environ["ASFT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "asft-ray"
+
+
+def machine_cost_model_path(shape: DecoderShape, whole_bytes: int = SMALL_MODEL_BYTES) -> Path:
+    """Where this machine keeps its calibration for `shape` when no file is named (`asft export
+    --cost-target` without --cost-model): one file per shape, measured base, CPU, thread count
+    and torch version, so that one command gives one plan on one machine. The calibration is
+    measured (noisy on shared cores) and a plan near the target flips with it: three calibrations
+    of one 1.57 B shape gave three different plans (BENCHMARKS.md, session 25)."""
+    import hashlib
+    import json
+    import os
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    key = {"shape": asdict(shape), "measured_base": asdict(measured_base(shape, whole_bytes)), "cpu": cpu,
+           "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "cost-models" / f"{digest}.json"
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
 def load_or_calibrate(path: Path | None, shape: DecoderShape, whole_bytes: int = SMALL_MODEL_BYTES) -> CostModel:
     """The cost model saved in `path`, or one calibrated now for `shape` (and saved in `path` when
     given): a run folder's cost model is measured once and reused on resume."""
@@ -172,6 +209,7 @@ def load_or_calibrate(path: Path | None, shape: DecoderShape, whole_bytes: int =
 
     model = calibrate(shape, whole_bytes=whole_bytes)
     if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(path), {**model.to_dict(), "calibrated_for": asdict(shape),
                                        "measured_base": asdict(measured_base(shape, whole_bytes)),
                                        "threads": torch.get_num_threads(), "torch": torch.__version__})

@@ -46,7 +46,8 @@ class ExportOptions:
     cost_context: int = setting(512, "structured, with --cost-target: tokens in the KV cache the cost is predicted at")
     cost_model: str | None = setting(None, "structured, with --cost-target: a fitted decode-cost model (JSON); "
                                            "calibrated on this machine and saved there when the file does not exist",
-                                     default_text="calibrate now, kept in structured.json only")
+                                     default_text="this machine's, for the model's shape: calibrated once into "
+                                                  "~/.cache/asft-ray/cost-models/ ($ASFT_CACHE_DIR) and reused")
     cost_search: int = setting(0, "structured, with --cost-target: export every plan that meets the target (one per "
                                   "choice of KV groups and layers dropped) in Ray Tune trials, measure each on this "
                                   "many WikiText-2 valid windows of --seqlen tokens, keep the best; 0: the least "

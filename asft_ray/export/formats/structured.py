@@ -7,6 +7,7 @@ A safetensors model folder is exported one decoder layer at a time
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from asft_ray.config import check_reconstruction
@@ -124,16 +125,20 @@ def _check_cost_options(options: ExportOptions) -> None:
 
 def _cost_plan(model_spec: str, options: ExportOptions, out: Path) -> dict:
     """The cost-budget plan (pruning/cost_budget.py) for the model's shape, with the cost model of
-    `cost_model` (calibrated on this machine first when that file does not exist, or when none is given):
+    `cost_model` (calibrated on this machine first when that file does not exist; without one, this
+    machine's calibration for the shape, kept in asft-ray's cache):
     the least aggressive one, or with `cost_search` the one measured best on validation (every feasible
     plan's measurement under `search`)."""
-    from asft_ray.eval.cost_calibration import load_or_calibrate
+    from asft_ray.eval.cost_calibration import load_or_calibrate, machine_cost_model_path
     from asft_ray.eval.cost_model import DecoderShape
     from asft_ray.models import model_config
     from asft_ray.pruning.cost_budget import feasible_plans, parse_knobs, plan_for_cost
 
     dense = DecoderShape.from_config(model_config(model_spec))
-    path = Path(options.cost_model).resolve() if options.cost_model else None
+    path = Path(options.cost_model).resolve() if options.cost_model else machine_cost_model_path(dense)
+    if options.show_progress:
+        print(f"asft: cost model: {'reading' if path.exists() else 'calibrating on this machine into'} {path}",
+              file=sys.stderr, flush=True)
     cost_model = load_or_calibrate(path, dense)
     knobs = parse_knobs(options.cost_knobs)
     search = None
@@ -151,7 +156,7 @@ def _cost_plan(model_spec: str, options: ExportOptions, out: Path) -> dict:
             "mlp_ratio": plan.mlp_ratio, "head_ratio": plan.head_ratio, "drop_layers": plan.drop_layers,
             "predicted_relative_cost": plan.relative_cost, "predicted_seconds_per_token": plan.seconds_per_token,
             "dense_predicted_seconds_per_token": plan.dense_seconds_per_token,
-            "cost_model": {"path": str(path) if path else None, **cost_model.to_dict()},
+            "cost_model": {"path": str(path), **cost_model.to_dict()},
             **({"search": search} if search else {})}
 
 
