@@ -51,9 +51,16 @@ def build_tiny_llama(vocab_size: int = 512, seed: int = 0, **overrides):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def own_cache_dir(tmp_path_factory):
-    """asft-ray's cache (machine cost models) in a folder of the test session's, never the user's."""
+def session_cache_dir(tmp_path_factory):
+    """asft-ray's cache (machine cost models) in a folder of the test session's, never the user's:
+    what processes started by module or session fixtures (Ray clusters) inherit."""
     os.environ["ASFT_CACHE_DIR"] = str(tmp_path_factory.mktemp("asft-cache"))
+
+
+@pytest.fixture(autouse=True)
+def own_cache_dir(session_cache_dir, tmp_path_factory, monkeypatch):
+    """And one per test, so that no test reads a cost model another test calibrated (or faked)."""
+    monkeypatch.setenv("ASFT_CACHE_DIR", str(tmp_path_factory.mktemp("asft-cache")))
 
 
 @pytest.fixture(scope="session")

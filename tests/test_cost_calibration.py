@@ -10,6 +10,7 @@ coefficients are fitted back exactly), and that a run folder's cost model is mea
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import asdict
 
@@ -103,13 +104,18 @@ def test_a_run_folders_cost_model_is_calibrated_once_and_reused(monkeypatch, tmp
     monkeypatch.setattr(cost_calibration, "measure", _synthetic)
     path = tmp_path / "cost_model.json"
     first = load_or_calibrate(path, SMOL)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cost_model.json"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cost_model.json"]  # no temp files left (the cache is elsewhere)
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again")
 
     monkeypatch.setattr(cost_calibration, "measure", no_measuring)
     assert load_or_calibrate(path, SMOL) == first
+    # another run folder on this machine: the same fit, from the machine's cache, copied into the folder
+    other = tmp_path / "other" / "cost_model.json"
+    assert load_or_calibrate(other, SMOL) == first and json.loads(other.read_text()) == json.loads(path.read_text())
+    cached = cost_calibration.machine_cost_model_path(SMOL)
+    assert cached.is_file() and sorted(p.name for p in cached.parent.iterdir()) == [cached.name]
     path.write_text("{not json")
     with pytest.raises(AsftError, match="not a readable JSON file"):
         load_or_calibrate(path, SMOL)

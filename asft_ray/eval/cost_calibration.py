@@ -198,19 +198,29 @@ def _read_lines(path: str) -> list[str]:
 
 
 def load_or_calibrate(path: Path | None, shape: DecoderShape, whole_bytes: int = SMALL_MODEL_BYTES) -> CostModel:
-    """The cost model saved in `path`, or one calibrated now for `shape` (and saved in `path` when
-    given): a run folder's cost model is measured once and reused on resume."""
-    if path is not None and Path(path).exists():
-        saved = read_json(path)
-        if saved is None:
-            raise AsftError(f"cost model {path} is not a readable JSON file (delete it to calibrate again)")
-        return CostModel.from_dict(saved)
+    """The cost model saved in `path`; else this machine's calibration for `shape` (its cache file,
+    `machine_cost_model_path`), copied into `path`; else one calibrated now and saved in both. So a
+    run folder's cost model is measured once and reused on resume, and a machine measures a shape
+    once: every run folder and every export of that shape plans with the same fit."""
+    cached = machine_cost_model_path(shape, whole_bytes)
+    for source in dict.fromkeys(Path(p) for p in (path, cached) if p is not None):
+        if source.exists():
+            saved = read_json(source)
+            if saved is None:
+                raise AsftError(f"cost model {source} is not a readable JSON file (delete it to calibrate again)")
+            if path is not None and not Path(path).exists():
+                _save(Path(path), saved)
+            return CostModel.from_dict(saved)
     import torch
 
     model = calibrate(shape, whole_bytes=whole_bytes)
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(path), {**model.to_dict(), "calibrated_for": asdict(shape),
-                                       "measured_base": asdict(measured_base(shape, whole_bytes)),
-                                       "threads": torch.get_num_threads(), "torch": torch.__version__})
+    record = {**model.to_dict(), "calibrated_for": asdict(shape), "measured_base": asdict(measured_base(shape, whole_bytes)),
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    for target in dict.fromkeys(Path(p) for p in (cached, path) if p is not None):
+        _save(target, record)
     return model
+
+
+def _save(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
