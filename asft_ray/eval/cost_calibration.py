@@ -170,9 +170,9 @@ def cache_dir() -> Path:
 
 
 def machine_cost_model_path(shape: DecoderShape, whole_bytes: int = SMALL_MODEL_BYTES) -> Path:
-    """Where this machine keeps its calibration for `shape` when no file is named (`asft export
-    --cost-target` without --cost-model): one file per shape, measured base, CPU, thread count
-    and torch version, so that one command gives one plan on one machine. The calibration is
+    """Where this machine keeps its calibration for `shape` (`load_or_calibrate`): one file per
+    shape, measured base, CPU, thread count and torch version, so that one command gives one plan
+    on one machine. The calibration is
     measured (noisy on shared cores) and a plan near the target flips with it: three calibrations
     of one 1.57 B shape gave three different plans (BENCHMARKS.md, session 25)."""
     import hashlib
@@ -214,7 +214,8 @@ def load_or_calibrate(path: Path | None, shape: DecoderShape, whole_bytes: int =
     import torch
 
     model = calibrate(shape, whole_bytes=whole_bytes)
-    record = {**model.to_dict(), "calibrated_for": asdict(shape), "measured_base": asdict(measured_base(shape, whole_bytes)),
+    record = {**model.to_dict(), "calibrated_for": asdict(shape),
+              "measured_base": asdict(measured_base(shape, whole_bytes)),
               "threads": torch.get_num_threads(), "torch": torch.__version__}
     for target in dict.fromkeys(Path(p) for p in (cached, path) if p is not None):
         _save(target, record)

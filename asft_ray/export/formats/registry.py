@@ -45,7 +45,8 @@ class ExportOptions:
                                      "mlp, heads, layers (layers needs --nsamples)")
     cost_context: int = setting(512, "structured, with --cost-target: tokens in the KV cache the cost is predicted at")
     cost_model: str | None = setting(None, "structured, with --cost-target: a fitted decode-cost model (JSON); "
-                                           "calibrated on this machine and saved there when the file does not exist",
+                                           "when the file does not exist, this machine's calibration (cached, or measured "
+                                           "now) is saved there",
                                      default_text="this machine's, for the model's shape: calibrated once into "
                                                   "~/.cache/asft-ray/cost-models/ ($ASFT_CACHE_DIR) and reused")
     cost_search: int = setting(0, "structured, with --cost-target: export every plan that meets the target (one per "
