@@ -121,6 +121,16 @@ def test_a_run_folders_cost_model_is_calibrated_once_and_reused(monkeypatch, tmp
         load_or_calibrate(path, SMOL)
 
 
+def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failure(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cost_calibration, "measure", _synthetic)
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("ASFT_CACHE_DIR", str(tmp_path / "not-a-folder"))
+    path = tmp_path / "run" / "cost_model.json"
+    model = load_or_calibrate(path, SMOL)
+    assert CostModel.from_dict(json.loads(path.read_text())) == model  # the named file is still written
+    assert "could not keep the cost model" in capsys.readouterr().err
+
+
 HEAD_HEAVY = """
 from dataclasses import replace
 from asft_ray.eval.cost_calibration import random_llama

@@ -217,8 +217,15 @@ def load_or_calibrate(path: Path | None, shape: DecoderShape, whole_bytes: int =
     record = {**model.to_dict(), "calibrated_for": asdict(shape),
               "measured_base": asdict(measured_base(shape, whole_bytes)),
               "threads": torch.get_num_threads(), "torch": torch.__version__}
-    for target in dict.fromkeys(Path(p) for p in (cached, path) if p is not None):
-        _save(target, record)
+    try:
+        _save(cached, record)
+    except OSError as err:  # a read-only home, as in some containers: plan on, without the cache
+        import sys
+
+        print(f"asft: warning: could not keep the cost model in {cached} ({err}); "
+              "set ASFT_CACHE_DIR to a writable folder", file=sys.stderr)
+    if path is not None:
+        _save(Path(path), record)
     return model
 
 
