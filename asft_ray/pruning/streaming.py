@@ -118,9 +118,8 @@ class SafetensorsReader:
 
 def _mapped(path: Path, data_start: int, info: dict) -> torch.Tensor:
     """One tensor of a shard as a copy-on-write memory map of its bytes (the header was checked
-    against the file's size when read): writes to it stay private, the file never changes."""
-    import warnings
-
+    against the file's size when read): writes to it stay private, the file never changes. (numpy
+    marks a copy-on-write map writable, so torch.from_numpy shares it without a warning.)"""
     import numpy as np
 
     begin, end = info["data_offsets"]
@@ -128,9 +127,7 @@ def _mapped(path: Path, data_start: int, info: dict) -> torch.Tensor:
     if end == begin:
         return torch.empty(info["shape"], dtype=dtype)
     raw = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start + begin, shape=(end - begin,))
-    with warnings.catch_warnings():  # numpy marks a copy-on-write map writable; torch's warning is for read-only ones
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(raw).view(dtype).reshape(info["shape"])
+    return torch.from_numpy(raw).view(dtype).reshape(info["shape"])
 
 
 def layers_prefix(model: nn.Module) -> str:
