@@ -100,10 +100,12 @@ def test_a_calibration_that_sees_no_size_effect_is_refused(monkeypatch):
         calibrate(SMOL)
 
 
-def test_a_run_folders_cost_model_is_calibrated_once_and_reused(monkeypatch, tmp_path):
+def test_a_run_folders_cost_model_is_calibrated_once_and_reused(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cost_calibration, "measure", _synthetic)
     path = tmp_path / "cost_model.json"
-    first = load_or_calibrate(path, SMOL)
+    cached = cost_calibration.machine_cost_model_path(SMOL)
+    first = load_or_calibrate(path, SMOL, show_progress=True)
+    assert capsys.readouterr().err == f"asft: cost model: calibrating on this machine into {cached} and {path}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cost_model.json"]  # no temp files left (the cache is elsewhere)
 
     def no_measuring(*args, **kwargs):
@@ -113,8 +115,9 @@ def test_a_run_folders_cost_model_is_calibrated_once_and_reused(monkeypatch, tmp
     assert load_or_calibrate(path, SMOL) == first
     # another run folder on this machine: the same fit, from the machine's cache, copied into the folder
     other = tmp_path / "other" / "cost_model.json"
-    assert load_or_calibrate(other, SMOL) == first and json.loads(other.read_text()) == json.loads(path.read_text())
-    cached = cost_calibration.machine_cost_model_path(SMOL)
+    assert load_or_calibrate(other, SMOL, show_progress=True) == first
+    assert json.loads(other.read_text()) == json.loads(path.read_text())
+    assert capsys.readouterr().err == f"asft: cost model: reading {cached}\n"  # the file it read, not the one it fills
     assert cached.is_file() and sorted(p.name for p in cached.parent.iterdir()) == [cached.name]
     path.write_text("{not json")
     with pytest.raises(AsftError, match="not a readable JSON file"):

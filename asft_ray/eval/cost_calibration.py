@@ -26,6 +26,7 @@ shallower models predicts the full depth. Floor: two decoder layers (6.8 GB for 
 from __future__ import annotations
 
 import statistics
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -197,14 +198,18 @@ def _read_lines(path: str) -> list[str]:
         return []
 
 
-def load_or_calibrate(path: Path | None, shape: DecoderShape, whole_bytes: int = SMALL_MODEL_BYTES) -> CostModel:
+def load_or_calibrate(path: Path | None, shape: DecoderShape, whole_bytes: int = SMALL_MODEL_BYTES,
+                      show_progress: bool = False) -> CostModel:
     """The cost model saved in `path`; else this machine's calibration for `shape` (its cache file,
     `machine_cost_model_path`), copied into `path`; else one calibrated now and saved in both. So a
     run folder's cost model is measured once and reused on resume, and a machine measures a shape
-    once: every run folder and every export of that shape plans with the same fit."""
+    once: every run folder and every export of that shape plans with the same fit. `show_progress`:
+    one line on stderr naming the file read, or the calibration."""
     cached = machine_cost_model_path(shape, whole_bytes)
     for source in dict.fromkeys(Path(p) for p in (path, cached) if p is not None):
         if source.exists():
+            if show_progress:
+                print(f"asft: cost model: reading {source}", file=sys.stderr, flush=True)
             saved = read_json(source)
             if saved is None:
                 raise AsftError(f"cost model {source} is not a readable JSON file (delete it to calibrate again)")
@@ -213,6 +218,9 @@ def load_or_calibrate(path: Path | None, shape: DecoderShape, whole_bytes: int =
             return CostModel.from_dict(saved)
     import torch
 
+    if show_progress:
+        into = " and ".join(str(p) for p in dict.fromkeys(Path(p) for p in (cached, path) if p is not None))
+        print(f"asft: cost model: calibrating on this machine into {into}", file=sys.stderr, flush=True)
     model = calibrate(shape, whole_bytes=whole_bytes)
     record = {**model.to_dict(), "calibrated_for": asdict(shape),
               "measured_base": asdict(measured_base(shape, whole_bytes)),
@@ -220,8 +228,6 @@ def load_or_calibrate(path: Path | None, shape: DecoderShape, whole_bytes: int =
     try:
         _save(cached, record)
     except OSError as err:  # a read-only home, as in some containers: plan on, without the cache
-        import sys
-
         print(f"asft: warning: could not keep the cost model in {cached} ({err}); "
               "set ASFT_CACHE_DIR to a writable folder", file=sys.stderr)
     if path is not None:

@@ -7,7 +7,6 @@ A safetensors model folder is exported one decoder layer at a time
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from asft_ray.config import check_reconstruction
@@ -136,10 +135,7 @@ def _cost_plan(model_spec: str, options: ExportOptions, out: Path) -> dict:
 
     dense = DecoderShape.from_config(model_config(model_spec))
     path = Path(options.cost_model).resolve() if options.cost_model else machine_cost_model_path(dense)
-    if options.show_progress:
-        print(f"asft: cost model: {'reading' if path.exists() else 'calibrating on this machine into'} {path}",
-              file=sys.stderr, flush=True)
-    cost_model = load_or_calibrate(path, dense)
+    cost_model = load_or_calibrate(path, dense, show_progress=options.show_progress)
     knobs = parse_knobs(options.cost_knobs)
     search = None
     if options.cost_search:
