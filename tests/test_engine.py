@@ -11,6 +11,9 @@ from asft_ray.pruning.engine import (
     LocalRunner,
     run_layer,
     capture_layer0_inputs,
+    chunk_stats,
+    computing_copy,
+    computing_view,
     gradient_sums,
     prune_model,
     prune_weight,
@@ -37,6 +40,31 @@ def test_running_captured_inputs_through_the_layers_reproduces_the_model(tiny_mo
         hidden.append(x)
     for mine, theirs in zip(hidden, captured):
         assert torch.allclose(mine, theirs, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_16_bit_layer_computes_in_float32_a_linear_at_a_time_with_the_bits_of_a_float32_copy(tiny_model, calib_ids):
+    """computing_view shares the layer's bf16 linear weights (no float32 copy of them) and upcasts
+    each one only while it runs: outputs and statistics equal a whole float32 copy's bit for bit,
+    and the layer itself is left as it was."""
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    inputs, args, kwargs = capture_layer0_inputs(model, calib_ids[:2])
+    layer = decoder_layers(model)[0]
+    whole, view = computing_copy(layer), computing_view(layer)
+    for name, linear in prunable_linears(view).items():
+        assert linear.weight is prunable_linears(layer)[name].weight and linear.weight.dtype == torch.bfloat16, name
+    upcast = sum(p.numel() for p in view.parameters() if p.dtype == torch.float32)
+    assert upcast == sum(p.numel() for n, p in layer.named_parameters() if "norm" in n) > 0  # only the norms
+    for x in inputs:
+        assert torch.equal(run_layer(view, x, args, kwargs), run_layer(whole, x, args, kwargs))
+    a = chunk_stats(whole, inputs, args, kwargs, hessian=True)
+    b = chunk_stats(view, inputs, args, kwargs, hessian=True)
+    assert a.sq_norms.keys() == b.sq_norms.keys() and all(torch.equal(a.sq_norms[k], b.sq_norms[k]) for k in a.sq_norms)
+    assert all(torch.equal(a.hessians[k], b.hessians[k]) for k in a.hessians) and a.hessians
+    assert all(p.dtype == torch.bfloat16 for p in layer.parameters())
+    assert not any("forward" in vars(m) for m in layer.modules())  # the layer's own linears are untouched
+    fp32 = decoder_layers(tiny_model)[0]
+    assert computing_view(fp32) is fp32
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -49,6 +49,7 @@ from asft_ray.pruning.engine import (
     chunk_forward,
     chunk_stats,
     chunk_stats_and_inputs,
+    computing_view,
     gradient_sums,
     prune_jobs,
     prune_weight,
@@ -169,10 +170,13 @@ class ScoringWorker:
     def device_name(self) -> str:
         return str(self.device)
 
-    def _on_device(self, layer, chunk, context):
+    def _on_device(self, layer, chunk, context, trainable: bool = False):
+        """The layer, the chunk and the captured args on this worker's device. The layer computes in
+        float32, as in-process: 16-bit layers travel as 16-bit and are upcast a linear at a time
+        (engine.computing_view), or, `trainable`, whole into float32 weights of their own."""
         args, kwargs = to_device(context, self.device)
-        # computed in float32 (as engine.computing_copy does in-process); 16-bit layers travel as 16-bit
-        layer = _materialize(layer).to(device=self.device, dtype=torch.float32)
+        layer = _materialize(layer)
+        layer = layer.to(device=self.device, dtype=torch.float32) if trainable else computing_view(layer.to(self.device))
         return layer, [x.to(self.device) for x in chunk], args, kwargs
 
     def stats(self, layer, chunk, context, hessian: bool, only: list[str] | None = None) -> InputStats:
@@ -250,7 +254,7 @@ class ScoringWorker:
         a time, instead of deserialising them all into private copies) and the report row."""
         source = _materialize(layer)
         in_store = {t.data_ptr() for t in source.parameters()}
-        layer, _, args, kwargs = self._on_device(source, [], context)
+        layer, _, args, kwargs = self._on_device(source, [], context, trainable=True)
         for lin in prunable_linears(layer).values():  # the fit moves these in place: never the store's buffers
             if lin.weight.data_ptr() in in_store:  # a float32 layer on the CPU: still the object store's memory
                 lin.weight.data = lin.weight.data.clone()
@@ -265,7 +269,7 @@ class ScoringWorker:
 
     def score_rows(self, final, chunk, score, targets) -> list:
         """engine.Runner.score_rows for one chunk: `score` of each sample's activations and target."""
-        final = _materialize(final).to(device=self.device, dtype=torch.float32)
+        final = computing_view(_materialize(final).to(self.device))
         return [to_device(score(final, x.to(self.device), to_device(target, self.device)), "cpu")
                 for x, target in zip(chunk, targets, strict=True)]
 
