@@ -160,3 +160,60 @@ def test_narrowing_the_factor_in_its_own_memory_gives_the_float32_copys_bits(wid
     narrowed = sparsegpt._narrow_in_place(factor, rows)
     assert narrowed.data_ptr() == factor.data_ptr() and narrowed.is_contiguous()
     assert torch.equal(narrowed, expected) and not torch.signbit(narrowed).tril(-1).any()
+
+
+@pytest.mark.parametrize("rows, cols, start", [(16, 48, 0), (300, 257, 128), (576, 1536, 1024), (64, 700, 699)])
+def test_the_lazy_update_in_place_gives_the_bits_of_subtracting_the_product(rows, cols, start):
+    """sparsegpt.prune updates the columns after each block with addmm_(alpha=-1) into W's own
+    columns: the same bits as W -= Err1 @ Hinv, without a temporary product as large as W."""
+    g = torch.Generator().manual_seed(rows + cols)
+    W, err, hinv = torch.randn(rows, cols, generator=g), torch.randn(rows, 128, generator=g), torch.randn(128, cols, generator=g)
+    expected = W.clone()
+    expected[:, start:] -= err @ hinv[:, start:]
+    W[:, start:].addmm_(err, hinv[:, start:], alpha=-1)
+    assert torch.equal(W, expected)
+
+
+SOLVE_PEAK = """
+import sys, torch
+from asft_ray.config import Pattern
+from asft_ray.scoring import sparsegpt
+def status_mib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+rows, cols = int(sys.argv[1]), int(sys.argv[2])
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2 * cols, cols, generator=g)
+w = torch.randn(rows, cols, generator=g)
+sparsegpt.prune(w, (x.T @ x).double(), 0.5, Pattern.parse("unstructured"), consume_hessian=True)  # warm-up
+H = (x.T @ x).double()
+del x
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status_mib("VmRSS")
+pruned = sparsegpt.prune(w, H, 0.5, Pattern.parse("unstructured"), consume_hessian=True)
+print(status_mib("VmHWM") - before, float((pruned == 0).float().mean()))
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_a_solve_holds_one_float32_copy_of_the_weight_beside_its_consumed_hessian():
+    """prune(consume_hessian=True) of a float32 weight: the Hessian is factored and narrowed in its
+    own memory, so what the solve adds is the weight's working copy and small per-block buffers;
+    the update no longer makes a product as large as the weight (which doubled it). Measured in a
+    process whose allocator hands large blocks back when they are freed (as the Ray workers' does:
+    distributed/runner.py), so its resident memory follows what is alive."""
+    import os
+    import subprocess
+    import sys
+
+    from asft_ray.distributed.runner import WORKER_MMAP_THRESHOLD
+
+    rows, cols = 1024, 4096
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": WORKER_MMAP_THRESHOLD}
+    out = subprocess.run([sys.executable, "-c", SOLVE_PEAK, str(rows), str(cols)], env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split()
+    grown, sparsity = float(out[0]), float(out[1])
+    weight_mib = rows * cols * 4 / 2**20  # 16 MiB
+    assert sparsity == 0.5
+    assert grown < 1.5 * weight_mib, f"{grown:.1f} MiB for a {weight_mib:.0f} MiB weight"

@@ -116,5 +116,5 @@ def prune(
             W1[:, i] = q
             Err1[:, i] = err
         W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # -= Err1 @ Hinv[...] without a product as large as W: same bits
     return W.to(weight.dtype)
