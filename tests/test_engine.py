@@ -65,6 +65,13 @@ def test_a_16_bit_layer_computes_in_float32_a_linear_at_a_time_with_the_bits_of_
     assert not any("forward" in vars(m) for m in layer.modules())  # the layer's own linears are untouched
     fp32 = decoder_layers(tiny_model)[0]
     assert computing_view(fp32) is fp32
+    # a final head whose norm has no weight (a non-parametric norm): its only parameter is the
+    # 16-bit head, and the scores still run it in float32 (eval.streamed.last_layer_nll)
+    from asft_ray.eval.streamed import FinalHead, last_layer_nll
+
+    final = FinalHead(torch.nn.Identity(), model.lm_head)
+    hidden, ids = torch.randn(1, 5, model.config.hidden_size), torch.tensor([1, 2, 3, 4, 5])
+    assert last_layer_nll(computing_view(final), hidden, ids) == last_layer_nll(computing_copy(final), hidden, ids)
 
 
 @pytest.mark.parametrize("method", METHODS)

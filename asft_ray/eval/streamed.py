@@ -39,8 +39,8 @@ class FinalHead(nn.Module):
 @torch.no_grad()
 def last_layer_nll(final: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> float:
     """Mean next-token NLL of one window, from its last-layer activations [1, T, h] and its ids [T]
-    (an engine.RowScore)."""
-    logits = final(hidden.to(next(final.parameters()).dtype))
+    (an engine.RowScore: `final` computes in float32, engine.computing_view)."""
+    logits = final(hidden.float())
     ids = ids.to(logits.device)
     return float(F.cross_entropy(logits[0, :-1].float(), ids[1:], reduction="mean"))
 

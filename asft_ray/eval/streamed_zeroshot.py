@@ -35,7 +35,7 @@ def continuation_logprobs(final: nn.Module, hidden: torch.Tensor, target: tuple[
     position predict one continuation token. Returns each continuation's token log-probs [k, n]
     and whether each token is the argmax [k, n]."""
     positions, continuations = target
-    logits = final(hidden[0, positions].to(next(final.parameters()).dtype))
+    logits = final(hidden[0, positions].float())  # `final` computes in float32 (engine.computing_view)
     logprobs = F.log_softmax(logits.float(), dim=-1)  # [n, vocab]
     steps = torch.arange(len(positions), device=logprobs.device)
     return logprobs[steps, continuations], continuations == logprobs.argmax(-1)
