@@ -200,7 +200,7 @@ print(status_mib("VmHWM") - before, float((pruned == 0).float().mean()))
 def test_a_solve_holds_one_float32_copy_of_the_weight_beside_its_consumed_hessian():
     """prune(consume_hessian=True) of a float32 weight: the Hessian is factored and narrowed in its
     own memory, so what the solve adds is the weight's working copy and small per-block buffers;
-    the update no longer makes a product as large as the weight (which doubled it). Measured in a
+    the update no longer makes a product as large as the weight (up to one more weight). Measured in a
     process whose allocator hands large blocks back when they are freed (as the Ray workers' does:
     distributed/runner.py), so its resident memory follows what is alive."""
     import os
@@ -216,4 +216,5 @@ def test_a_solve_holds_one_float32_copy_of_the_weight_beside_its_consumed_hessia
     grown, sparsity = float(out[0]), float(out[1])
     weight_mib = rows * cols * 4 / 2**20  # 16 MiB
     assert sparsity == 0.5
-    assert grown < 1.5 * weight_mib, f"{grown:.1f} MiB for a {weight_mib:.0f} MiB weight"
+    # measured: 23.6 MiB; 31.2 MiB with the update's product (W -= Err1 @ Hinv[...])
+    assert grown < 1.7 * weight_mib, f"{grown:.1f} MiB for a {weight_mib:.0f} MiB weight"
