@@ -163,7 +163,7 @@ def computing_view(layer: nn.Module) -> nn.Module:
     """The layer as statistics and activations are computed, in float32: itself if it already is
     float32, else a copy that shares its 16-bit linear weights and upcasts each one only while that
     linear runs, so one linear's float32 weight exists at a time instead of the whole layer's (a
-    1.57 B model's layer: 44 MB instead of 206 MB; a 70 B Llama's: 0.94 GB instead of 3.4 GB). The
+    1.57 B model's layer: 46 MB instead of 206 MB; a 70 B Llama's: 0.94 GB instead of 3.4 GB). The
     rest (norms, buffers) is copied to float32 as computing_copy does. The same numbers as
     computing_copy's layer: the same F.linear on the same float32 weight. Forward only: its linears'
     weights are still the 16-bit ones, so nothing may train or write them."""
