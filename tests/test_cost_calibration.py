@@ -132,6 +132,19 @@ def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failure(monkeypatch, 
     model = load_or_calibrate(path, SMOL)
     assert CostModel.from_dict(json.loads(path.read_text())) == model  # the named file is still written
     assert "could not keep the cost model" in capsys.readouterr().err
+    # `asft export --cost-target` without --cost-model names the cache file itself: one warning, a model
+    cached = cost_calibration.machine_cost_model_path(SMOL)
+    assert load_or_calibrate(cached, SMOL) == model
+    assert capsys.readouterr().err.count("could not keep the cost model") == 1
+
+
+def test_a_calibration_into_the_cache_file_itself_writes_it_once(monkeypatch):
+    monkeypatch.setattr(cost_calibration, "measure", _synthetic)
+    written = []
+    monkeypatch.setattr(cost_calibration, "_save", lambda path, record: written.append(path))
+    cached = cost_calibration.machine_cost_model_path(SMOL)
+    load_or_calibrate(cached, SMOL)
+    assert written == [cached]
 
 
 HEAD_HEAVY = """

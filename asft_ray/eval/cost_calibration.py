@@ -218,20 +218,23 @@ def load_or_calibrate(path: Path | None, shape: DecoderShape, whole_bytes: int =
             return CostModel.from_dict(saved)
     import torch
 
+    targets = list(dict.fromkeys(Path(p) for p in (cached, path) if p is not None))  # `path` may be the cache file
     if show_progress:
-        into = " and ".join(str(p) for p in dict.fromkeys(Path(p) for p in (cached, path) if p is not None))
+        into = " and ".join(str(p) for p in targets)
         print(f"asft: cost model: calibrating on this machine into {into}", file=sys.stderr, flush=True)
     model = calibrate(shape, whole_bytes=whole_bytes)
     record = {**model.to_dict(), "calibrated_for": asdict(shape),
               "measured_base": asdict(measured_base(shape, whole_bytes)),
               "threads": torch.get_num_threads(), "torch": torch.__version__}
-    try:
-        _save(cached, record)
-    except OSError as err:  # a read-only home, as in some containers: plan on, without the cache
-        print(f"asft: warning: could not keep the cost model in {cached} ({err}); "
-              "set ASFT_CACHE_DIR to a writable folder", file=sys.stderr)
-    if path is not None:
-        _save(Path(path), record)
+    for target in targets:
+        try:
+            _save(target, record)
+        except OSError as err:
+            if target != cached:
+                raise
+            # a read-only home, as in some containers: plan on, without the cache
+            print(f"asft: warning: could not keep the cost model in {cached} ({err}); "
+                  "set ASFT_CACHE_DIR to a writable folder", file=sys.stderr)
     return model
 
 
