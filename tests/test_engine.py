@@ -12,6 +12,7 @@ from asft_ray.pruning.engine import (
     run_layer,
     capture_layer0_inputs,
     chunk_stats,
+    chunk_stats_and_inputs,
     computing_copy,
     computing_view,
     gradient_sums,
@@ -19,7 +20,7 @@ from asft_ray.pruning.engine import (
     prune_weight,
 )
 from asft_ray.pruning.masks import is_valid_nm
-from asft_ray.pruning.stats import input_groups
+from asft_ray.pruning.stats import hessian_of, input_groups
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "taylor", "fisher"]
 
@@ -60,7 +61,13 @@ def test_a_16_bit_layer_computes_in_float32_a_linear_at_a_time_with_the_bits_of_
     a = chunk_stats(whole, inputs, args, kwargs, hessian=True)
     b = chunk_stats(view, inputs, args, kwargs, hessian=True)
     assert a.sq_norms.keys() == b.sq_norms.keys() and all(torch.equal(a.sq_norms[k], b.sq_norms[k]) for k in a.sq_norms)
-    assert all(torch.equal(a.hessians[k], b.hessians[k]) for k in a.hessians) and a.hessians
+    # the Hessians: summed in float64 for the float32 copy's linears, in float32 for the 16-bit ones
+    # (stats.hessian_dtype), over the very same inputs, which the copy hands over
+    _, seen = chunk_stats_and_inputs(whole, inputs, args, kwargs, None, keep_inputs=list(a.hessians))
+    for k in a.hessians:
+        assert a.hessians[k].dtype == torch.float64 and b.hessians[k].dtype == torch.float32, k
+        assert torch.equal(a.hessians[k], hessian_of(seen[k], torch.float64)), k
+        assert torch.equal(b.hessians[k], hessian_of(seen[k], torch.float32)), k
     assert all(p.dtype == torch.bfloat16 for p in layer.parameters())
     assert not any("forward" in vars(m) for m in layer.modules())  # the layer's own linears are untouched
     fp32 = decoder_layers(tiny_model)[0]

@@ -218,3 +218,52 @@ def test_a_solve_holds_one_float32_copy_of_the_weight_beside_its_consumed_hessia
     assert sparsity == 0.5
     # measured: 23.6 MiB; 31.2 MiB with the update's product (W -= Err1 @ Hinv[...])
     assert grown < 1.7 * weight_mib, f"{grown:.1f} MiB for a {weight_mib:.0f} MiB weight"
+
+
+@pytest.mark.parametrize("tokens,width", [(64, 16), (300, 257), (1000, 700)])
+def test_a_float32_hessian_is_factored_in_float32_in_place_with_the_out_of_place_bits(tokens, width):
+    """A 16-bit linear's Hessian is summed in float32 (stats.hessian_dtype) and factored in float32:
+    consumed, in its own memory, with the bits of the three out-of-place steps, column-major as
+    they leave it, so SparseGPT's solve reads the same factor either way."""
+    x = correlated_inputs(tokens, width)
+    H = x.T @ x + x[: tokens // 2].T @ x[: tokens // 2]  # float32, a sum of grams
+    w = torch.randn(4, width)
+    damped = H.clone()
+    damped.diagonal().add_(0.01 * torch.mean(torch.diag(damped)))  # as inverse_hessian_cholesky dampens
+    expected = _out_of_place_factor(damped)
+    copied = sparsegpt.inverse_hessian_cholesky(H, w.clone(), 0.01)
+    consumed = H.clone()
+    in_place = sparsegpt.inverse_hessian_cholesky(consumed, w.clone(), 0.01, consume=True)
+    assert expected.dtype == copied.dtype == in_place.dtype == torch.float32
+    assert in_place.data_ptr() == consumed.data_ptr() and in_place.stride() == expected.stride() == (1, width)
+    assert torch.equal(copied, expected) and torch.equal(in_place, expected)
+    pruned = sparsegpt.prune(w, H, 0.5, Pattern.parse("unstructured"))
+    assert torch.equal(sparsegpt.prune(w, H.clone(), 0.5, Pattern.parse("unstructured"), consume_hessian=True), pruned)
+    assert int((pruned == 0).sum()) == w.numel() // 2
+
+
+def test_the_hessian_dtype_follows_the_weights_and_a_bf16_solve_stays_close_to_the_float64_one():
+    """float32 weights: float64 Hessians (the results of every float32 model unchanged); 16-bit
+    weights: float32 Hessians, half the memory. The bf16 weight SparseGPT returns from a float32
+    Hessian is, but for near-ties, the float64 solve's result rounded to bf16."""
+    from asft_ray.pruning.stats import LayerInputStats, hessian_dtype
+
+    assert hessian_dtype(torch.float32) == torch.float64 and hessian_dtype(torch.float64) == torch.float64
+    assert hessian_dtype(torch.bfloat16) == torch.float32 and hessian_dtype(torch.float16) == torch.float32
+    x = correlated_inputs(512, 256)
+    for dtype, expected in ((torch.float32, torch.float64), (torch.bfloat16, torch.float32)):
+        linear = torch.nn.Linear(256, 64, bias=False).to(dtype)
+        with LayerInputStats({"lin": linear}, hessian=True) as stats:
+            stats.begin_sample()
+            linear(x.to(dtype).float().to(dtype))
+        assert stats.result().hessians["lin"].dtype == expected
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    h64 = (x.T @ x).double()
+    from_64 = sparsegpt.prune(w.float(), h64, 0.5, Pattern.parse("unstructured")).to(torch.bfloat16)
+    from_32 = sparsegpt.prune(w, h64.float(), 0.5, Pattern.parse("unstructured"))
+    assert from_32.dtype == torch.bfloat16 and int((from_32 == 0).sum()) == w.numel() // 2
+    same_mask = (from_32 == 0) == (from_64 == 0)
+    assert same_mask.float().mean() > 0.99
+    both_kept = (from_32 != 0) & (from_64 != 0)
+    rel = ((from_32.float() - from_64.float()).abs() / from_64.float().abs())[both_kept]
+    assert float(rel.max()) <= 2**-8  # at most one bf16 step apart

@@ -70,7 +70,8 @@ def _linear_masks(folder):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_bf16_in_bf16_out_with_the_masks_of_the_float32_run(sharded_model_dir, tmp_path, data_dir, method):
     """A bf16 checkpoint is streamed, computed in float32 layer by layer and written back in bf16,
-    the same size as it came; its masks equal those of the same weights pruned as float32."""
+    the same size as it came; its masks equal those of the same weights pruned as float32. (SparseGPT
+    sums and factors a bf16 linear's Hessian in float32, a float32 one's in float64: stats.hessian_dtype.)"""
     bf16_dir, fp32_dir = tmp_path / "bf16", tmp_path / "fp32"
     source = AutoModelForCausalLM.from_pretrained(sharded_model_dir)
     source.to(torch.bfloat16).save_pretrained(bf16_dir, max_shard_size="100KB")
@@ -98,9 +99,12 @@ def test_bf16_in_bf16_out_with_the_masks_of_the_float32_run(sharded_model_dir, t
         else:  # the next layers see inputs through bf16-rounded updated weights: near-ties may flip
             agree = (masks16[key] == masks32[key]).float().mean()
             assert agree > 0.99, (key, float(agree))
-        if method == "sparsegpt" and ".layers.0." in key:  # updated weights: the float32 result rounded to bf16
-            w16, w32 = pruned16.state_dict()[key], pruned32.state_dict()[key]
-            assert torch.equal(w16, w32.to(torch.bfloat16)), key
+        if method == "sparsegpt" and ".layers.0." in key:  # updated weights: the float32 run's, rounded to bf16,
+            w16, w32 = pruned16.state_dict()[key].float(), pruned32.state_dict()[key].to(torch.bfloat16).float()
+            kept = (w16 != 0) & (w32 != 0)  # float32 against float64 factors: a few rounded apart
+            moved = (w16 - w32).abs()[kept]  # measured: at most 0.1 % differ, by at most 0.3 % of the largest weight
+            assert float((moved > 0).float().mean()) < 0.01, key
+            assert float(moved.max()) <= 2**-7 * float(w32.abs().max()), key
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "fisher"])

@@ -102,8 +102,9 @@ def test_a_model_without_safetensors_is_exported_in_memory(tiny_model_dir, tmp_p
 def test_a_bf16_folder_stays_bf16_with_the_in_memory_values(tmp_path, data_dir):
     """The in-memory path computes in float32 and writes float32; streamed, every layer stays in the
     checkpoint's dtype (statistics in float32, as the engine computes them): the same model rounded
-    to bf16. (Refit weights are rounded once, double -> bf16, against double -> float32 -> bf16 in
-    memory; those can differ only at an exact bf16 tie of the float32 value.)"""
+    to bf16, but for the refit weights: streamed, a bf16 linear's Hessian is summed and its refit
+    solved in float32 (stats.hessian_dtype), in memory the float32 linear's in float64, so a few of
+    those land one bf16 rounding apart."""
     from tests.conftest import build_tiny_llama, build_tokenizer
 
     tokenizer = build_tokenizer()
@@ -118,7 +119,14 @@ def test_a_bf16_folder_stays_bf16_with_the_in_memory_values(tmp_path, data_dir):
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == torch.float32 and b[key].dtype == torch.bfloat16, key
-        assert torch.equal(a[key].to(torch.bfloat16), b[key]), key
+        expected, got = a[key].to(torch.bfloat16).float(), b[key].float()
+        if not key.endswith(("o_proj.weight", "down_proj.weight")):  # not refit: the same bits
+            assert torch.equal(expected, got), key
+            continue
+        moved = (expected - got).abs()  # measured: 0.2-2.4 % of them, by at most 0.15 % of the largest
+        assert torch.equal(expected == 0, got == 0), key
+        assert float((moved > 0).float().mean()) < 0.05, key
+        assert float(moved.max()) <= 2**-7 * float(expected.abs().max()), key
 
 
 def _last_hidden_error(folder, dense, ids) -> float:

@@ -4,7 +4,8 @@ The calibration samples are cut into fixed chunks (CHUNK_SIZE samples each, inde
 the number of workers). Chunk k goes to worker k mod N. For each decoder layer:
 
   1. the coordinator puts the layer in the object store once;
-  2. each worker computes the input statistics of its chunks (one partial per chunk, float64);
+  2. each worker computes the input statistics of its chunks (one partial per chunk, float64;
+     Hessians in stats.hessian_dtype: float32 for a 16-bit layer);
   3. the partials are added in chunk order (so the sums, and hence the masks, do not depend
      on N). Wanda's squared norms are small and are added by the coordinator. SparseGPT's
      Hessians (one per distinct linear input, up to 8·i² bytes each) never reach the
@@ -56,7 +57,14 @@ from asft_ray.pruning.engine import (
     split_chunks,
     untie_lm_head,
 )
-from asft_ray.pruning.stats import InputStats, add_hessian_of, hessian_of, inputs_are_smaller, sum_in_order
+from asft_ray.pruning.stats import (
+    InputStats,
+    add_hessian_of,
+    hessian_dtype,
+    hessian_of,
+    inputs_are_smaller,
+    sum_in_order,
+)
 from asft_ray.pruning.streaming import return_free_memory
 
 
@@ -185,7 +193,7 @@ class ScoringWorker:
     def stats_split(self, layer, chunk, context, sources: list[str], only: list[str] | None = None,
                     inputs_of: list[str] = ()):
         """Statistics with Hessians, as 1 + len(sources) separate results: the squared norms and
-        source map (small), then each input's Hessian (float64 numpy, so Ray stores it without a copy),
+        source map (small), then each input's Hessian (numpy, so Ray stores it without a copy),
         or, for the sources in `inputs_of`, the inputs themselves (float32 numpy, one per sample) for
         the owner to sum (`add_inputs`): fewer bytes when the input is wide and the chunk short."""
         stats, inputs = chunk_stats_and_inputs(*self._on_device(layer, chunk, context), only, inputs_of)
@@ -202,26 +210,26 @@ class ScoringWorker:
         return_free_memory()
         return total
 
-    def _summed(self, total, chunks) -> torch.Tensor:
+    def _summed(self, total, chunks, dtype: torch.dtype) -> torch.Tensor:
         """The total so far (read-only in the object store: one private copy) plus each chunk's
-        partial, computed here from the chunk's inputs (stats.hessian_of: the very sum the worker
-        that ran the chunk would have returned) and added a block of rows at a time
+        partial, computed here from the chunk's inputs (stats.hessian_of in `dtype`: the very sum
+        the worker that ran the chunk would have returned) and added a block of rows at a time
         (stats.add_hessian_of, the same bits), so only the total exists whole."""
         if total is not None:
             total = _tensor(total).to(self.device, copy=True)  # one private copy, on this worker's device
         for samples in chunks:
             xs = [_tensor(x).to(self.device) for x in samples]
-            total = hessian_of(xs) if total is None else add_hessian_of(total, xs)
+            total = hessian_of(xs, dtype) if total is None else add_hessian_of(total, xs)
             del xs
         return total
 
-    def add_inputs(self, total, *chunks):
-        """Steps of an in-order sum whose partials are computed here from the chunks' inputs."""
-        total = self._summed(total, chunks).cpu().numpy()
+    def add_inputs(self, dtype: torch.dtype, total, *chunks):
+        """Steps of an in-order sum (in `dtype`) whose partials are computed here from the chunks' inputs."""
+        total = self._summed(total, chunks, dtype).cpu().numpy()
         return_free_memory()
         return total
 
-    def solve(self, method: str, pattern: Pattern, jobs: list, layer, hessian, *chunks):
+    def solve(self, method: str, pattern: Pattern, jobs: list, layer, dtype: torch.dtype, hessian, *chunks):
         """The linears that read one input, pruned on this worker's device (SparseGPT: with the
         weight update), one result per job. `jobs`: (weight, sparsity, others) per linear, `others`
         the statistics besides the Hessian that the method needs; a weight given by its linear's
@@ -229,10 +237,10 @@ class ScoringWorker:
 
         `hessian` is the input's summed Hessian (read-only in the object store); or, with `chunks`,
         the sum so far that those chunks' inputs complete: then this call does the sum's last step
-        (as `add_inputs`), so the finished Hessian never enters the object store, and the last
-        solve factors it in place instead of copying it (prune_weight's `consume_hessian`)."""
+        (as `add_inputs`, in `dtype`), so the finished Hessian never enters the object store, and the
+        last solve factors it in place instead of copying it (prune_weight's `consume_hessian`)."""
         owned = bool(chunks)
-        hessian = self._summed(hessian, chunks) if owned else _tensor(hessian).to(self.device)
+        hessian = self._summed(hessian, chunks, dtype) if owned else _tensor(hessian).to(self.device)
         pruned = []
         for k, (weight, sparsity, others) in enumerate(jobs):
             if isinstance(weight, str):
@@ -314,10 +322,11 @@ def start_workers(n: int, resources: WorkerResources, timeout_s: float | None = 
 class RemoteHessian:
     """An input's Hessian on the actor that reduces it (and solves with it): `ref`, the sum so far
     in the object store (None: nothing summed yet), and `chunks`, the chunks' inputs that the
-    solve call adds to it first (empty: `ref` is the whole sum)."""
+    solve call adds to it first (empty: `ref` is the whole sum), in `dtype`."""
 
     ref: ray.ObjectRef | None
     owner: object
+    dtype: torch.dtype
     chunks: tuple = ()
 
 
@@ -342,6 +351,12 @@ def solve_cost(layer, stats: InputStats, source: str) -> float:
                      for n, s in stats.source.items() if s == source))
 
 
+def source_hessian_dtypes(layer, stats: InputStats) -> dict[str, torch.dtype]:
+    """Per input (source): the dtype its Hessian is summed in, from the weights of the linear it is named after."""
+    linears = prunable_linears(_materialize(layer))
+    return {s: hessian_dtype(linears[s].weight.dtype) for s in stats.sq_norms}
+
+
 def plan_reduction(layer, probe: InputStats, chunk_tokens: int, total_tokens: int, max_pending: int,
                    ship_inputs: bool | None = None) -> tuple[dict[str, float], list[str], int]:
     """How a layer's Hessians are reduced: each input's work on its owner (flops), the inputs whose
@@ -354,14 +369,16 @@ def plan_reduction(layer, probe: InputStats, chunk_tokens: int, total_tokens: in
     `ship_inputs` True/False forces it. An owner sums as many chunks per call as fit in the bytes
     of one Hessian (so the store holds no more than the partials would), at most max_pending."""
     widths = {s: probe.sq_norms[s].numel() for s in probe.sq_norms}
+    dtypes = source_hessian_dtypes(layer, probe)
     work, ship = {}, []
     for s, w in widths.items():
         solve, grams = solve_cost(layer, probe, s), 2.0 * total_tokens * w * w
-        pays = inputs_are_smaller(chunk_tokens, w) and grams <= solve
+        pays = inputs_are_smaller(chunk_tokens, w, dtypes[s]) and grams <= solve
         if pays if ship_inputs is None else ship_inputs:
             ship.append(s)
         work[s] = solve + grams * (s in ship)
-    per_call = min([max_pending] + [max(1, 2 * widths[s] // chunk_tokens) for s in ship])
+    # float32 inputs of chunk_tokens x width against a width x width Hessian of dtypes[s]
+    per_call = min([max_pending] + [max(1, dtypes[s].itemsize * widths[s] // (4 * chunk_tokens)) for s in ship])
     return work, ship, per_call
 
 
@@ -421,6 +438,7 @@ class ShardedRunner:
                                               self.max_pending, self.ship_inputs)
         self.shipped.update(ship)
         owners = assign_owners(work, len(self.workers))
+        dtypes = source_hessian_dtypes(layer, probe)
         totals = {s: None for s in sources}
         waiting = {s: [] for s in ship}  # shipped inputs of chunks not yet handed to their owner
         small_parts = []
@@ -444,7 +462,7 @@ class ShardedRunner:
             # input's finished Hessian never enters the object store.
             if not ship or len(unsubmitted) == per_call and k < len(self.chunks) - 1:
                 for s in ship:
-                    totals[s] = self.workers[owners[s]].add_inputs.remote(totals[s], *waiting[s])
+                    totals[s] = self.workers[owners[s]].add_inputs.remote(dtypes[s], totals[s], *waiting[s])
                     waiting[s] = []
                 for e in unsubmitted:
                     e.extend(totals[s] for s in ship)
@@ -454,7 +472,8 @@ class ShardedRunner:
             self.peak_pending = max(self.peak_pending, unreduced)
             del refs, part
         small = sum_in_order(ray.get(part) for part in small_parts)
-        hessians = {s: RemoteHessian(totals[s], self.workers[owners[s]], tuple(waiting.get(s, ()))) for s in sources}
+        hessians = {s: RemoteHessian(totals[s], self.workers[owners[s]], dtypes[s], tuple(waiting.get(s, ())))
+                    for s in sources}
         return InputStats(small.source, small.sq_norms, hessians)
 
     def prune(self, method: str, pattern: Pattern, jobs: Iterable[LinearJob], stats: InputStats) -> Iterator[tuple[str, torch.Tensor]]:
@@ -534,8 +553,8 @@ def _submit_solves(method: str, pattern: Pattern, group: list[LinearJob], in_lay
     jobs = [(job.name if same else _as_array(job.weight), job.sparsity,
              {s: stats.get(s, job.name) for s in needs} or None) for job, same in zip(group, in_layer, strict=True)]
     layer = layer_ref if any(in_layer) else None
-    return hessian.owner.solve.options(num_returns=len(group)).remote(method, pattern, jobs, layer, hessian.ref,
-                                                                      *hessian.chunks)
+    return hessian.owner.solve.options(num_returns=len(group)).remote(method, pattern, jobs, layer, hessian.dtype,
+                                                                      hessian.ref, *hessian.chunks)
 
 
 def _all_ready(refs: list) -> bool:

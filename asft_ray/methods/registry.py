@@ -23,7 +23,8 @@ from asft_ray.catalog import Catalog
 from asft_ray.errors import AsftError
 
 INPUT_STATS = frozenset({"sq_norms", "hessian", "sums", "tokens"})
-"""Per linear input, summed over calibration tokens (float64): sum x^2, sum x x^T, sum x, token count."""
+"""Per linear input, summed over calibration tokens (float64): sum x^2, sum x x^T, sum x, token count.
+(sum x x^T of a 16-bit linear: float32, pruning.stats.hessian_dtype.)"""
 GRADIENT_STATS = frozenset({"grad_sum", "grad_sq_sum"})
 """Per weight, summed over calibration samples (float64): dL/dW and (dL/dW)^2."""
 COMPARISONS = ("row", "matrix", "block")  # unstructured: per output row, whole matrix, or the method's own blocks

@@ -1,4 +1,5 @@
-"""Input statistics of a decoder layer's linears, summed over calibration tokens in float64.
+"""Input statistics of a decoder layer's linears, summed over calibration tokens in float64
+(Hessians: in the dtype `hessian_dtype` gives for the linear's weights).
 
 Linears fed the very same tensor (q/k/v, gate/up) share one accumulator, so each
 statistic is computed once per distinct input.
@@ -61,6 +62,18 @@ def sum_in_order(parts) -> InputStats:
 GRAM_ROWS = 256  # rows of a Hessian computed at a time: 256 x 5632 float64 is 11 MB
 
 
+def hessian_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a linear's Hessian is summed and factored in (SparseGPT, OBS), from its weights'.
+
+    float32 weights: float64, as they always were. 16-bit weights: float32, as the reference
+    SparseGPT does for every model. Their pruned values are rounded to 8 (bf16) or 11 (fp16)
+    mantissa bits, far coarser than float32's rounding of the sums and the factorisation, and the
+    Hessian is the largest thing a solve holds (8 x 28672^2 = 6.6 GB for a 70 B Llama's down_proj
+    input in float64, half that in float32; GPUs without fast float64 factor it many times slower).
+    The one rule: every path that sums or factors a Hessian reads its dtype from here."""
+    return torch.float64 if weight_dtype.itemsize >= 4 else torch.float32
+
+
 def gram_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Rows start:stop of x^T x, in float32, for a contiguous x (tokens x width).
 
@@ -69,8 +82,10 @@ def gram_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return x[:, start:stop].T @ x
 
 
-def add_gram(total: torch.Tensor | None, x: torch.Tensor, rows: int = GRAM_ROWS) -> torch.Tensor:
-    """total + x^T x: the gram in float32, summed in float64; the first one is just widened.
+def add_gram(total: torch.Tensor | None, x: torch.Tensor, rows: int = GRAM_ROWS,
+             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """total + x^T x: the gram in float32, summed in the total's dtype (`dtype` for the first one,
+    which is just widened; float64, or float32 for a 16-bit linear: `hessian_dtype`).
 
     The one rule for a Hessian's sum: LayerInputStats adds each sample's gram with it and
     `hessian_of` repeats it on inputs shipped to another actor, so both give the same bits.
@@ -81,7 +96,7 @@ def add_gram(total: torch.Tensor | None, x: torch.Tensor, rows: int = GRAM_ROWS)
     width = x.shape[1]
     first = total is None
     if first:
-        total = torch.empty(width, width, dtype=torch.float64, device=x.device)
+        total = torch.empty(width, width, dtype=dtype, device=x.device)
     for start in range(0, width, rows):
         block = gram_rows(x, start, start + rows)
         if first:
@@ -91,12 +106,12 @@ def add_gram(total: torch.Tensor | None, x: torch.Tensor, rows: int = GRAM_ROWS)
     return total
 
 
-def hessian_of(samples) -> torch.Tensor:
-    """sum_s x_s^T x_s over one chunk's samples (each tokens x width, float32), exactly as
-    LayerInputStats sums them while the layer runs."""
+def hessian_of(samples, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """sum_s x_s^T x_s over one chunk's samples (each tokens x width, float32), summed in `dtype`,
+    exactly as LayerInputStats sums them while the layer runs."""
     total = None
     for x in samples:
-        total = add_gram(total, x)
+        total = add_gram(total, x, dtype=dtype)
     return total
 
 
@@ -108,16 +123,16 @@ def add_hessian_of(total: torch.Tensor, samples, rows: int = GRAM_ROWS) -> torch
         part = None
         for x in xs:
             block = gram_rows(x, start, start + rows)
-            part = block.double() if part is None else part.add_(block)
+            part = block.to(total.dtype) if part is None else part.add_(block)  # float32: the fresh block itself
         total[start : start + rows].add_(part)
     return total
 
 
-def inputs_are_smaller(tokens: int, width: int) -> bool:
-    """Whether a chunk's float32 inputs (tokens x width) take fewer bytes than their float64 Hessian
-    (width x width): true for wide inputs and short chunks, e.g. a 5632-wide MLP input over 1024 tokens
-    (23 MB against 254 MB), and ever more so at 70 B widths."""
-    return tokens * 4 < width * 8
+def inputs_are_smaller(tokens: int, width: int, dtype: torch.dtype = torch.float64) -> bool:
+    """Whether a chunk's float32 inputs (tokens x width) take fewer bytes than their Hessian
+    (width x width, of `dtype`): true for wide inputs and short chunks, e.g. a 5632-wide MLP input
+    over 1024 tokens (23 MB against 254 MB in float64), and ever more so at 70 B widths."""
+    return tokens * 4 < width * dtype.itemsize
 
 
 class StopLayer(Exception):
@@ -199,7 +214,7 @@ class LayerInputStats:
         if self.want_hessian and name in self.keep_inputs:  # a copy: the layer's forward must not change it
             self.inputs.setdefault(name, []).append(x.clone(memory_format=torch.contiguous_format))
         elif self.want_hessian:
-            self.hessians[name] = add_gram(self.hessians.get(name), x)
+            self.hessians[name] = add_gram(self.hessians.get(name), x, dtype=hessian_dtype(self.linears[name].weight.dtype))
 
     def result(self) -> InputStats:
         return InputStats(dict(self.source), dict(self.sq_norms), dict(self.hessians), dict(self.sums),

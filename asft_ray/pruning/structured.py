@@ -163,21 +163,22 @@ REFIT_BLOCK = 512  # kept columns (and weight rows) of refit_system's right-hand
 
 def refit_system(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, damp: float = 0.01,
                  consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """refit_columns' linear system in float64: (H[keep, keep] dampened, W H[:, keep]); `keep` ascending.
+    """refit_columns' linear system in the Hessian's dtype (float64; float32 for a 16-bit linear,
+    stats.hessian_dtype): (H[keep, keep] dampened, W H[:, keep]); `keep` ascending.
 
-    Built without a float64 copy of W or of H[:, keep] (for a 1.57 B model's down_proj: 92 and
-    127 MB beside its 254 MB Hessian): the right-hand side a block of REFIT_BLOCK x REFIT_BLOCK
-    at a time, each entry the same whole-length product as in one matrix product. `consume`: the
-    caller no longer needs a float64 `hessian`, so H[keep, keep] is written into its own memory
-    instead of a new matrix (the same values)."""
-    h = hessian.double()
+    Built without a wide copy of W or of H[:, keep] (for a 1.57 B model's down_proj: 92 and
+    127 MB beside its 254 MB float64 Hessian): the right-hand side a block of REFIT_BLOCK x
+    REFIT_BLOCK at a time, each entry the same whole-length product as in one matrix product.
+    `consume`: the caller no longer needs `hessian`, so H[keep, keep] is written into its own
+    memory instead of a new matrix (the same values)."""
+    h = hessian if hessian.dtype in (torch.float32, torch.float64) else hessian.double()
     keep = keep.to(h.device)
     w = weight.detach()
-    rhs = torch.empty(w.shape[0], len(keep), dtype=torch.float64, device=h.device)
+    rhs = torch.empty(w.shape[0], len(keep), dtype=h.dtype, device=h.device)
     for start in range(0, len(keep), REFIT_BLOCK):
         columns = h[:, keep[start : start + REFIT_BLOCK]]
         for row in range(0, w.shape[0], REFIT_BLOCK):
-            rhs[row : row + REFIT_BLOCK, start : start + REFIT_BLOCK] = w[row : row + REFIT_BLOCK].double() @ columns
+            rhs[row : row + REFIT_BLOCK, start : start + REFIT_BLOCK] = w[row : row + REFIT_BLOCK].to(h.dtype) @ columns
     in_place = consume and h is hessian and h.is_contiguous() and bool((keep[1:] > keep[:-1]).all())
     h_kept = _kept_in_place(h, keep) if in_place else h[keep.unsqueeze(1), keep]
     h_kept.diagonal().add_(damp * h_kept.diagonal().mean().clamp_min(1e-12))

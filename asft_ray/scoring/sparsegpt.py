@@ -20,16 +20,18 @@ from asft_ray.pruning.masks import prune_lowest
 def inverse_hessian_cholesky(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float,
                               consume: bool = False) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp*I)^-1; zeroes weight columns whose input is always zero.
-    `consume`: the caller no longer needs `hessian`, so a float64 one is factored in its own memory
-    instead of a copy (the same bits: the copy would be factored the same way)."""
-    H = hessian if consume and hessian.dtype == torch.float64 else hessian.double().clone()
+    Factored in float64, or in float32 for a float32 Hessian (a 16-bit linear's: stats.hessian_dtype).
+    `consume`: the caller no longer needs `hessian`, so it is factored in its own memory instead of
+    a copy (the same bits: the copy would be factored the same way)."""
+    dtype = torch.float32 if hessian.dtype == torch.float32 else torch.float64
+    H = hessian if consume and hessian.dtype == dtype else hessian.to(dtype, copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     weight[:, dead] = 0
     H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
     if H.device.type == "cpu" and torch.equal(H, H.mT):  # (checked bit-identical on CPU LAPACK only)
         return _factor_in_place(H)
-    # one step at a time, so that at most two cols x cols float64 matrices are alive
+    # one step at a time, so that at most two cols x cols matrices are alive
     H = torch.linalg.cholesky(H)
     H = torch.cholesky_inverse(H)
     return torch.linalg.cholesky(H, upper=True)
@@ -37,7 +39,7 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, weight: torch.Tensor, percda
 
 def _factor_in_place(H: torch.Tensor) -> torch.Tensor:
     """cholesky(cholesky_inverse(cholesky(H)), upper=True) in H's own memory: one cols x cols
-    float64 matrix instead of two (4 x 5632^2 bytes less for a 5632-wide input).
+    matrix instead of two (8 x 5632^2 bytes less for a 5632-wide float64 input).
 
     LAPACK works on column-major matrices, so torch copies a row-major H into a column-major
     buffer for each of the three steps. A symmetric H read column-major (H.mT, a view) is the very
@@ -53,7 +55,7 @@ def _factor_in_place(H: torch.Tensor) -> torch.Tensor:
     torch.linalg.cholesky_ex(view, upper=True, out=(view, info))
     if info.item():
         raise torch.linalg.LinAlgError(f"the inverse Hessian is not positive definite (leading minor {info.item()})")
-    return view  # column-major: callers copy it into their float32 working matrix
+    return view  # column-major, as the out-of-place steps return it
 
 
 def _narrow_in_place(factor: torch.Tensor, rows: int = 256) -> torch.Tensor:
@@ -86,10 +88,12 @@ def prune(
     W = weight.detach().to(torch.float32, copy=True)  # one float32 copy, whatever the weight's dtype
     rows, cols = W.shape
     Hinv = inverse_hessian_cholesky(hessian, W, percdamp, consume_hessian)
-    if consume_hessian and Hinv.dtype == torch.float64 and Hinv.stride() == (1, cols):  # the caller's H, factored in place
-        Hinv = _narrow_in_place(Hinv)
-    else:  # row-major float32; the float64 factor is freed here
-        Hinv = torch.empty(Hinv.shape, dtype=W.dtype, device=W.device).copy_(Hinv)
+    if Hinv.dtype == torch.float64:  # into a row-major float32 working matrix
+        if consume_hessian and Hinv.stride() == (1, cols):  # the caller's H, factored in place
+            Hinv = _narrow_in_place(Hinv)
+        else:  # the float64 factor is freed here
+            Hinv = torch.empty(Hinv.shape, dtype=W.dtype, device=W.device).copy_(Hinv)
+    # a float32 factor (of a float32 Hessian) is used as LAPACK left it, column-major, in place or not
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
