@@ -285,8 +285,14 @@ def test_a_shipped_inputs_finished_hessian_never_enters_the_object_store(scoring
     captured = capture_layer0_inputs(tiny_model, calib)
     runner = ShardedRunner(scoring_pool.take(2), *captured, max_pending=2, ship_inputs=True)
     local = LocalRunner(*captured)
+    dense = {name: linear.weight.detach().clone() for name, linear in prunable_linears(layer).items()}
     stats, local_stats = runner.collect(layer, hessian=True), local.collect(layer, hessian=True)
     assert {s: (h.ref, len(h.chunks)) for s, h in stats.hessians.items()} == dict.fromkeys(stats.hessians, (None, 2))
+    in_store = ray.get(runner._collected[0]).arrays  # the layer the solves read
+    for name, linear in prunable_linears(layer).items():  # this process now reads the same copy: no private one
+        assert linear.weight.data_ptr() == in_store[f"{name}.weight"].ctypes.data, name
+        assert torch.equal(linear.weight, dense[name]), name
+    del in_store
 
     def jobs():
         return (LinearJob(name, linear.weight.data, 0.5) for name, linear in prunable_linears(layer).items())
