@@ -150,12 +150,15 @@ def test_a_consumed_hessian_gives_the_same_weights_and_only_its_last_reader_over
     assert not torch.equal(stats["hessian"], kept) or method == "sparsegpt+lsq"  # lsq only reads it
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("width, rows", [(300, 256), (300, 7), (5, 2), (128, 128)])
-def test_narrowing_the_factor_in_its_own_memory_gives_the_float32_copys_bits(width, rows):
-    """sparsegpt._narrow_in_place writes the float32 row-major factor over the float64 one it is
-    read from; every block reads its columns before they are written: the very bits of .float()."""
+def test_narrowing_the_factor_in_its_own_memory_gives_the_float32_copys_bits(width, rows, dtype):
+    """sparsegpt._narrow_in_place writes the float32 row-major factor over the column-major one
+    (float64, or float32: a transpose) it is read from; every block reads its columns before they
+    are written: the very bits of a row-major .float() copy."""
     x = correlated_inputs(2 * width, width, seed=width)
-    factor = sparsegpt.inverse_hessian_cholesky((x.T @ x).double(), torch.randn(2, width), 0.01)
+    factor = sparsegpt.inverse_hessian_cholesky((x.T @ x).to(dtype), torch.randn(2, width), 0.01)
+    assert factor.dtype == dtype and factor.stride() == (1, width)
     expected = torch.empty(factor.shape).copy_(factor)
     narrowed = sparsegpt._narrow_in_place(factor, rows)
     assert narrowed.data_ptr() == factor.data_ptr() and narrowed.is_contiguous()
@@ -223,8 +226,8 @@ def test_a_solve_holds_one_float32_copy_of_the_weight_beside_its_consumed_hessia
 @pytest.mark.parametrize("tokens,width", [(64, 16), (300, 257), (1000, 700)])
 def test_a_float32_hessian_is_factored_in_float32_in_place_with_the_out_of_place_bits(tokens, width):
     """A 16-bit linear's Hessian is summed in float32 (stats.hessian_dtype) and factored in float32:
-    consumed, in its own memory, with the bits of the three out-of-place steps, column-major as
-    they leave it, so SparseGPT's solve reads the same factor either way."""
+    consumed, in its own memory, with the bits of the three out-of-place steps; SparseGPT's solve
+    then gives the same weights whether it consumed the Hessian or copied it."""
     x = correlated_inputs(tokens, width)
     H = x.T @ x + x[: tokens // 2].T @ x[: tokens // 2]  # float32, a sum of grams
     w = torch.randn(4, width)
