@@ -417,6 +417,7 @@ def _prune_layerwise(
     runner = make_runner(*captured)
     # block reconstruction's targets: the dense model's hidden states, pushed through each dense layer
     dense = make_runner(*captured) if reconstruction else None
+    del captured  # the runners hold the activations (a ShardedRunner in the object store): no copy stays here
     if not prune_lm_head:
         layer_store.after_capture(model)
     layers = decoder_layers(model)
