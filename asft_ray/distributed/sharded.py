@@ -423,7 +423,6 @@ class ShardedRunner:
             return sum_in_order(ray.get(part) for part in parts)
         from asft_ray.models import prunable_linears
 
-        _read_from_store(layer, layer_ref, only)
         # the solves read the weights from this very copy, if the jobs are this layer's weights
         self._collected = (layer_ref, {name: (linear.weight.data_ptr(), tuple(linear.weight.shape))
                                        for name, linear in prunable_linears(layer).items()})
@@ -560,22 +559,6 @@ def _submit_solves(method: str, pattern: Pattern, group: list[LinearJob], in_lay
     layer = layer_ref if any(in_layer) else None
     return hessian.owner.solve.options(num_returns=len(group)).remote(method, pattern, jobs, layer, hessian.dtype,
                                                                       hessian.ref, *hessian.chunks)
-
-
-def _read_from_store(layer, layer_ref, only: list[str] | None) -> None:
-    """Point the (CPU) weights of the linears about to be solved (`only`, else all) at their copy in
-    the object store, `layer_ref`, and free their private copies: the same values, which the solves
-    read there anyway and whose pages this process touched when it put them. Until each pruned
-    weight replaces its dense one (the engine swaps weights, never writes into them), this process
-    holds no second copy of them (one bf16 layer: 98 MiB for the 1.57 B model, 0.38 GiB at 7 B
-    widths). A caller that collects a layer's statistics must then swap in the pruned weights, as
-    the engine does: a weight left pointing into the store would not outlive the Ray session."""
-    shared = ray.get(layer_ref)  # numpy views of the store's buffers: no copy
-    for name, linear in prunable_linears(layer).items():
-        if linear.weight.device.type == "cpu" and (only is None or name in only):
-            linear.weight.data = _tensor(shared.arrays[f"{name}.weight"])
-    del shared
-    return_free_memory()
 
 
 def _all_ready(refs: list) -> bool:
