@@ -258,7 +258,7 @@ def test_the_hessian_dtype_follows_the_weights_and_a_bf16_solve_stays_close_to_t
         linear = torch.nn.Linear(256, 64, bias=False).to(dtype)
         with LayerInputStats({"lin": linear}, hessian=True) as stats:
             stats.begin_sample()
-            linear(x.to(dtype).float().to(dtype))
+            linear(x.to(dtype))
         assert stats.result().hessians["lin"].dtype == expected
     w = torch.randn(128, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     h64 = (x.T @ x).double()
