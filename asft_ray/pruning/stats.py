@@ -63,14 +63,15 @@ GRAM_ROWS = 256  # rows of a Hessian computed at a time: 256 x 5632 float64 is 1
 
 
 def hessian_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a linear's Hessian is summed and factored in (SparseGPT, OBS), from its weights'.
+    """The dtype a linear's Hessian is summed in, from its weights'; the solves that factor it
+    (SparseGPT, OBS, structured refits) then work in the Hessian's dtype.
 
     float32 weights: float64, as they always were. 16-bit weights: float32, as the reference
     SparseGPT does for every model. Their pruned values are rounded to 8 (bf16) or 11 (fp16)
     mantissa bits, far coarser than float32's rounding of the sums and the factorisation, and the
     Hessian is the largest thing a solve holds (8 x 28672^2 = 6.6 GB for a 70 B Llama's down_proj
     input in float64, half that in float32; GPUs without fast float64 factor it many times slower).
-    The one rule: every path that sums or factors a Hessian reads its dtype from here."""
+    The one rule: every path that sums a Hessian reads its dtype from here."""
     return torch.float64 if weight_dtype.itemsize >= 4 else torch.float32
 
 
