@@ -339,8 +339,8 @@ def test_inputs_are_shipped_for_a_short_calibration_of_a_wide_layer_only():
         widths = {"self_attn.q_proj": hidden, "self_attn.o_proj": hidden, "mlp.gate_proj": hidden, "mlp.down_proj": mlp}
         return layer, InputStats(source=sources, sq_norms={s: torch.zeros(w) for s, w in widths.items()})
 
-    work, ship, per_call = plan_reduction(*probe(2048, 5632), 4 * 256, 8 * 256, max_pending=2)
-    assert ship == list(work) and per_call == 2
+    work, ship, per_call, dtypes = plan_reduction(*probe(2048, 5632), 4 * 256, 8 * 256, max_pending=2)
+    assert ship == list(work) and per_call == 2 and set(dtypes.values()) == {torch.float64}
     assert plan_reduction(*probe(576, 1536), 4 * 2048, 32 * 2048, max_pending=2)[1] == []
     assert plan_reduction(*probe(2048, 5632), 4 * 2048, 128 * 2048, max_pending=2)[1] == []
     forced = plan_reduction(*probe(576, 1536), 4 * 2048, 32 * 2048, max_pending=2, ship_inputs=True)

@@ -355,17 +355,11 @@ def solve_cost(layer, stats: InputStats, source: str) -> float:
                      for n, s in stats.source.items() if s == source))
 
 
-def source_hessian_dtypes(layer, stats: InputStats) -> dict[str, torch.dtype]:
-    """Per input (source): the dtype its Hessian is summed in, from the weights of the linear it is named after."""
-    linears = prunable_linears(_materialize(layer))
-    return {s: hessian_dtype(linears[s].weight.dtype) for s in stats.sq_norms}
-
-
 def plan_reduction(layer, probe: InputStats, chunk_tokens: int, total_tokens: int, max_pending: int,
-                   ship_inputs: bool | None = None) -> tuple[dict[str, float], list[str], int]:
+                   ship_inputs: bool | None = None) -> tuple[dict[str, float], list[str], int, dict[str, torch.dtype]]:
     """How a layer's Hessians are reduced: each input's work on its owner (flops), the inputs whose
-    owners get the chunks' inputs rather than Hessian partials, and how many chunks' inputs an owner
-    sums in one call.
+    owners get the chunks' inputs rather than Hessian partials, how many chunks' inputs an owner
+    sums in one call, and the dtype each input's Hessian is summed in (stats.hessian_dtype).
 
     Shipping an input pays when its inputs take fewer bytes than its Hessian (short chunks, wide
     inputs) and the owner's extra work, the grams of every chunk, is no more than the solve it does
@@ -373,7 +367,8 @@ def plan_reduction(layer, probe: InputStats, chunk_tokens: int, total_tokens: in
     `ship_inputs` True/False forces it. An owner sums as many chunks per call as fit in the bytes
     of one Hessian (so the store holds no more than the partials would), at most max_pending."""
     widths = {s: probe.sq_norms[s].numel() for s in probe.sq_norms}
-    dtypes = source_hessian_dtypes(layer, probe)
+    linears = prunable_linears(_materialize(layer))
+    dtypes = {s: hessian_dtype(linears[s].weight.dtype) for s in widths}  # a source is named after its first linear
     work, ship = {}, []
     for s, w in widths.items():
         solve, grams = solve_cost(layer, probe, s), 2.0 * total_tokens * w * w
@@ -383,7 +378,7 @@ def plan_reduction(layer, probe: InputStats, chunk_tokens: int, total_tokens: in
         work[s] = solve + grams * (s in ship)
     # float32 inputs of chunk_tokens x width against a width x width Hessian of dtypes[s]
     per_call = min([max_pending] + [max(1, dtypes[s].itemsize * widths[s] // (4 * chunk_tokens)) for s in ship])
-    return work, ship, per_call
+    return work, ship, per_call, dtypes
 
 
 class ShardedRunner:
@@ -438,11 +433,10 @@ class ShardedRunner:
     def _collect_hessians(self, layer, layer_ref, only) -> InputStats:
         probe = self._input_sources(layer_ref, only)
         sources = list(probe.sq_norms)
-        work, ship, per_call = plan_reduction(layer, probe, self.chunk_tokens, self.total_tokens,
-                                              self.max_pending, self.ship_inputs)
+        work, ship, per_call, dtypes = plan_reduction(layer, probe, self.chunk_tokens, self.total_tokens,
+                                                      self.max_pending, self.ship_inputs)
         self.shipped.update(ship)
         owners = assign_owners(work, len(self.workers))
-        dtypes = source_hessian_dtypes(layer, probe)
         totals = {s: None for s in sources}
         waiting = {s: [] for s in ship}  # shipped inputs of chunks not yet handed to their owner
         small_parts = []

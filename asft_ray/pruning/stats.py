@@ -129,7 +129,7 @@ def add_hessian_of(total: torch.Tensor, samples, rows: int = GRAM_ROWS) -> torch
     return total
 
 
-def inputs_are_smaller(tokens: int, width: int, dtype: torch.dtype = torch.float64) -> bool:
+def inputs_are_smaller(tokens: int, width: int, dtype: torch.dtype) -> bool:
     """Whether a chunk's float32 inputs (tokens x width) take fewer bytes than their Hessian
     (width x width, of `dtype`): true for wide inputs and short chunks, e.g. a 5632-wide MLP input
     over 1024 tokens (23 MB against 254 MB in float64), and ever more so at 70 B widths."""
