@@ -344,10 +344,10 @@ def assign_owners(costs: dict[str, float], n_workers: int) -> dict[str, int]:
 def solve_cost(layer, stats: InputStats, source: str) -> float:
     """SparseGPT's floating-point operations for the linears that read `source`, each solved on its
     own: the inverse-Hessian factor (two Cholesky factorisations and an inverse: about 4/3 cols^3,
-    counted at half for a float32 Hessian, which factors twice as fast as a float64 one: 0.36 s
-    against 0.72 s at width 2048 on one thread here) and the column-by-column update (about
-    2 rows cols^2, in float32 either way). The factor dominates a wide input (down_proj), so
-    leaving it out would give that input's owner more than its share."""
+    counted at half for a float32 Hessian, which factors about twice as fast as a float64 one: 0.29
+    against 0.66 s at width 2048 and 4.2 against 9.4 s at 5632 on one thread, BENCHMARKS.md) and
+    the column-by-column update (about 2 rows cols^2, in float32 either way). The factor dominates
+    a wide input (down_proj), so leaving it out would give that input's owner more than its share."""
     linears = prunable_linears(_materialize(layer))
     speed = hessian_dtype(linears[source].weight.dtype).itemsize / 8
     return float(sum(4 / 3 * speed * linears[n].in_features ** 3

@@ -89,7 +89,7 @@ def prune(
     rows, cols = W.shape
     Hinv = inverse_hessian_cholesky(hessian, W, percdamp, consume_hessian)
     # the loop reads rows of the factor: a row-major float32 working matrix (reading LAPACK's
-    # column-major result in place makes the loop 1.4-1.6 x slower)
+    # column-major float32 result in place made a solve 1.4-1.6 x slower: BENCHMARKS.md)
     if consume_hessian and Hinv.stride() == (1, cols):  # the caller's H, factored in place
         Hinv = _narrow_in_place(Hinv)
     else:  # a copy; the factor is freed here
