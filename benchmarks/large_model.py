@@ -71,10 +71,15 @@ def run_measured(label: str, args: list[str], weight_bytes: dict, record_file: P
     # where the CPU time went: with as many workers as cores, every CPU second outside them slows them
     cpu_s = {f"{rss.names.get(pid, '?')} [{pid}]": round(seconds, 1) for pid, seconds in
              sorted(rss.cpu_s.items(), key=lambda kv: -kv[1]) if pid != me and seconds >= 1.0}
+    # the kernel's peak RSS of each process (VmHWM): what a 0.2 s sampler can miss between two looks
+    hwm = {pid: value for pid, value in rss.hwm.items() if pid != me}
     row = {"label": label, "command": " ".join(args), "wall_s": wall, "peak_rss_bytes": top, "peak_parts_bytes": parts,
            "cpu_s": cpu_s,
            "max_peak_bytes": max(peaks.values()), "max_private_bytes": max(private.values()),
-           **{f"max_peak_fraction_of_{k}": max(peaks.values()) / v for k, v in weight_bytes.items()}}
+           **{f"max_peak_fraction_of_{k}": max(peaks.values()) / v for k, v in weight_bytes.items()},
+           "max_hwm_bytes": max(hwm.values()), "max_hwm_process": rss.names.get(max(hwm, key=hwm.get), "?"),
+           **{f"max_hwm_fraction_of_{k}": max(hwm.values()) / v for k, v in weight_bytes.items()},
+           "store_shmem_peak_bytes": rss.shmem_peak}
     for key in ("timings", "sparsity", "ppl", "seconds", "windows", "tokens", "window_nll", "streamed",
                 "file_ratio", "weights_file_bytes", "dense", "results", "final", "cost_plan", "parameter_ratio",
                 "trials", "completed", "best", "prepare_s", "sweep_s", "models", "pipeline_seconds", "recommended"):

@@ -27,22 +27,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.confte
 
 
 def _status_kb(pid: int) -> dict:
-    """RssAnon (private), RssFile (mapped files) and RssShmem (shared memory: Ray's object store) in kB."""
+    """RssAnon (private), RssFile (mapped files) and RssShmem (shared memory: Ray's object store) in kB,
+    and VmHWM: the kernel's own peak RSS of the process (no sampling interval can miss it)."""
     values = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, rest = line.partition(":")
-            if key.startswith("Rss"):
+            if key.startswith("Rss") or key == "VmHWM":
                 values[key] = int(rest.split()[0])
     return values
 
 
+def system_shmem_bytes() -> int:
+    """Shared memory in use on this machine (/proc/meminfo Shmem): Ray's object store pages, counted once."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class PeakRss:
-    """Polls this process and all its descendants; keeps each one's peak RSS, name and CPU seconds
-    (user + system, as last seen: up to one interval short for a process that ends)."""
+    """Polls this process and all its descendants; keeps each one's peak RSS (sampled, and the kernel's
+    VmHWM), name and CPU seconds (user + system, as last seen: up to one interval short for a process
+    that ends), and the machine's shared memory above its level at the start (`shmem_peak`: the
+    object store's pages, counted once)."""
 
     def __init__(self, interval_s: float = 0.2):
         self.interval_s, self.peaks, self.names, self.parts, self.cpu_s = interval_s, {}, {}, {}, {}
+        self.hwm: dict[int, int] = {}
+        self.shmem_start, self.shmem_peak = system_shmem_bytes(), 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -56,6 +70,7 @@ class PeakRss:
                     for part in ("RssAnon", "RssFile", "RssShmem"):
                         key = (proc.pid, part)
                         self.parts[key] = max(self.parts.get(key, 0), parts.get(part, 0) * 1024)
+                    self.hwm[proc.pid] = max(self.hwm.get(proc.pid, 0), parts.get("VmHWM", 0) * 1024)
                     self.names.setdefault(proc.pid, " ".join(proc.cmdline())[:80] or proc.name())
                     name = proc.name()
                     if name.startswith("ray::"):
@@ -65,6 +80,7 @@ class PeakRss:
                     self.cpu_s[proc.pid] = cpu.user + cpu.system
                 except psutil.Error:
                     pass
+            self.shmem_peak = max(self.shmem_peak, system_shmem_bytes() - self.shmem_start)
             time.sleep(self.interval_s)
 
     def __enter__(self):

@@ -41,6 +41,7 @@ import torch
 from asft_ray.config import Pattern
 from asft_ray.distributed.placement import require_placeable, resource_ask
 from asft_ray.errors import AsftError
+from asft_ray.memory import release_store_pages, return_free_memory
 from asft_ray.methods import resolve
 from asft_ray.models import prunable_linears
 from asft_ray.pruning.engine import (
@@ -65,7 +66,6 @@ from asft_ray.pruning.stats import (
     inputs_are_smaller,
     sum_in_order,
 )
-from asft_ray.pruning.streaming import return_free_memory
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,9 @@ def stats_to_cpu(stats: InputStats) -> InputStats:
 
 @ray.remote(max_restarts=3, max_task_retries=3)
 class ScoringWorker:
-    """Computes statistics, layer outputs and per-linear solves for what it is given (pure calls)."""
+    """Computes statistics, layer outputs and per-linear solves for what it is given (pure calls).
+    Each call first drops the object-store pages that earlier calls left mapped in this process
+    (memory.release_store_pages: its resident set then counts only the objects of the call at hand)."""
 
     def __init__(self, threads: int):
         torch.set_num_threads(max(1, threads))
@@ -182,6 +184,7 @@ class ScoringWorker:
         """The layer, the chunk and the captured args on this worker's device. The layer computes in
         float32, as in-process: 16-bit layers travel as 16-bit and are upcast a linear at a time
         (engine.computing_view), or, `trainable`, whole into float32 weights of their own."""
+        release_store_pages()
         args, kwargs = to_device(context, self.device)
         layer = _materialize(layer)
         layer = layer.to(device=self.device, dtype=torch.float32) if trainable else computing_view(layer.to(self.device))
@@ -206,6 +209,7 @@ class ScoringWorker:
 
     def add(self, total, part):
         """One step of an in-order sum: the total so far plus the next chunk's partial."""
+        release_store_pages()
         total = total + part
         return_free_memory()
         return total
@@ -225,6 +229,7 @@ class ScoringWorker:
 
     def add_inputs(self, dtype: torch.dtype, total, *chunks):
         """Steps of an in-order sum (in `dtype`) whose partials are computed here from the chunks' inputs."""
+        release_store_pages()
         total = self._summed(total, chunks, dtype).cpu().numpy()
         return_free_memory()
         return total
@@ -239,6 +244,7 @@ class ScoringWorker:
         the sum so far that those chunks' inputs complete: then this call does the sum's last step
         (as `add_inputs`, in `dtype`), so the finished Hessian never enters the object store, and the
         last solve factors it in place instead of copying it (prune_weight's `consume_hessian`)."""
+        release_store_pages()
         owned = bool(chunks)
         hessian = self._summed(hessian, chunks, dtype) if owned else _tensor(hessian).to(self.device)
         pruned = []
@@ -277,11 +283,13 @@ class ScoringWorker:
 
     def score_rows(self, final, chunk, score, targets) -> list:
         """engine.Runner.score_rows for one chunk: `score` of each sample's activations and target."""
+        release_store_pages()
         final = computing_view(_materialize(final).to(self.device))
         return [to_device(score(final, x.to(self.device), to_device(target, self.device)), "cpu")
                 for x, target in zip(chunk, targets, strict=True)]
 
     def gradients(self, model, ids: torch.Tensor, lm_head: bool) -> dict:
+        release_store_pages()
         sums = gradient_sums(model.to(self.device), ids.to(self.device), show_progress=False, lm_head=lm_head)
         return {key: (g.cpu(), g2.cpu()) for key, (g, g2) in sums.items()}
 
@@ -396,8 +404,8 @@ class ShardedRunner:
         self.n_samples = len(inputs)
         tokens = [sum(x.numel() // x.shape[-1] for x in chunk) for chunk in chunks]
         self.chunk_tokens, self.total_tokens = max(tokens), sum(tokens)
-        self.chunks = [ray.put([x.cpu() for x in chunk]) for chunk in chunks]
-        self.context = ray.put((to_device(args, "cpu"), to_device(kwargs, "cpu")))
+        self.chunks = [_put([x.cpu() for x in chunk]) for chunk in chunks]
+        self.context = _put((to_device(args, "cpu"), to_device(kwargs, "cpu")))
         self.max_pending = max_pending or len(workers)
         self.ship_inputs = ship_inputs
         self.peak_pending = 0  # the most chunks seen with partials not yet added (checked by the tests)
@@ -412,7 +420,7 @@ class ShardedRunner:
         return self.workers[k % len(self.workers)]
 
     def collect(self, layer, hessian: bool, only: list[str] | None = None) -> InputStats:
-        layer_ref = ray.put(SharedLayer(layer))
+        layer_ref = _put(SharedLayer(layer))
         if not hessian:  # small partials: fetched one at a time, in chunk order
             parts = [self._worker(k).stats.remote(layer_ref, c, self.context, False, only) for k, c in enumerate(self.chunks)]
             return sum_in_order(ray.get(part) for part in parts)
@@ -508,7 +516,7 @@ class ShardedRunner:
         """Push the activations through `layer` on the workers. Returns once the *previous* layer's
         outputs are computed: the caller reads the next layer from disk while this one runs, but
         never gets further ahead, so the object store holds at most two layers (not the whole model)."""
-        layer_ref = ray.put(SharedLayer(layer))
+        layer_ref = _put(SharedLayer(layer))
         inputs = self.chunks
         self.chunks = [self._worker(k).forward.remote(layer_ref, c, self.context) for k, c in enumerate(inputs)]
         self._submitted = [refs for refs in self._submitted + [self.chunks] if not _all_ready(refs)]
@@ -521,7 +529,7 @@ class ShardedRunner:
         time from the returned object in the store, so its private memory never holds the layer
         twice (a returned torch tensor would be deserialised whole into private copies first)."""
         weights, row = ray.get(self._worker(index).reconstruct.remote(
-            ray.put(SharedLayer(layer)), self.chunks, targets.chunks, self.chunk_size, self.n_samples, self.context,
+            _put(SharedLayer(layer)), self.chunks, targets.chunks, self.chunk_size, self.n_samples, self.context,
             reconstruction, index))
         for name, lin in prunable_linears(layer).items():
             lin.weight.data = _tensor(weights.pop(name)).to(lin.weight.dtype, copy=True)  # a private copy: writable
@@ -534,11 +542,19 @@ class ShardedRunner:
         # The last layer's forwards first: that layer then leaves the store before the final head
         # (as large as several layers) goes in, instead of both at once spilling to disk.
         ray.wait(self.chunks, num_returns=len(self.chunks), fetch_local=False)
-        final_ref = ray.put(SharedLayer(final))
+        final_ref = _put(SharedLayer(final))
         per_chunk = split_chunks(targets, self.chunk_size)
         parts = [self._worker(k).score_rows.remote(final_ref, c, score, t)
                  for k, (c, t) in enumerate(zip(self.chunks, per_chunk, strict=True))]
         return [result for part in parts for result in ray.get(part)]
+
+
+def _put(value) -> ray.ObjectRef:
+    """ray.put, then this process's mappings of the store pages it just wrote are dropped: the
+    object is the store's now (memory.release_store_pages)."""
+    ref = ray.put(value)
+    release_store_pages()
+    return ref
 
 
 def _submit_solves(method: str, pattern: Pattern, group: list[LinearJob], in_layer: list[bool], layer_ref,

@@ -154,7 +154,8 @@ def save_compressed_streamed(source: Path, out: Path, tokenizer=None) -> dict:
     from transformers import AutoConfig
 
     from asft_ray.models import model_skeleton
-    from asft_ray.pruning.streaming import SafetensorsReader, copy_generation_config, layers_prefix, return_free_memory
+    from asft_ray.memory import return_free_memory
+    from asft_ray.pruning.streaming import SafetensorsReader, copy_generation_config, layers_prefix
 
     source = Path(source)
     config = AutoConfig.from_pretrained(source, trust_remote_code=False)

@@ -29,13 +29,13 @@ from torch import nn
 from asft_ray.config import Pattern
 from asft_ray.errors import AsftError
 from asft_ray.eval.sparsity import linear_sparsity
+from asft_ray.memory import return_free_memory
 from asft_ray.methods import resolve
 from asft_ray.models import decoder_layers, prunable_linears
 from asft_ray.progress import progress
 from asft_ray.pruning.hooks import EngineHooks
 from asft_ray.pruning.masks import make_mask
 from asft_ray.pruning.stats import InputStats, LayerInputStats, StopLayer, input_groups, sum_in_order
-from asft_ray.pruning.streaming import return_free_memory
 
 
 def prune_weight(method: str, weight: torch.Tensor, pattern: Pattern, sparsity: float,

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from asft_ray.errors import AsftError
+from asft_ray.memory import return_free_memory
 from asft_ray.models import decoder_layers
 
 INDEX = "model.safetensors.index.json"
@@ -198,16 +199,6 @@ def copy_generation_config(source: Path, out: Path) -> None:
     generation = Path(source) / "generation_config.json"
     if generation.is_file():
         (Path(out) / "generation_config.json").write_bytes(generation.read_bytes())
-
-
-def return_free_memory() -> None:
-    """Ask glibc to give freed heap pages back to the OS, so the resident set shrinks after each layer."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class StreamedLayers:

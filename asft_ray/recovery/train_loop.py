@@ -311,7 +311,7 @@ def release_teacher(teacher) -> float | None:
     Dropping the engine is not enough: DeepSpeed 0.19 keeps a ZeRO-3 engine's module alive for the
     rest of the process (the autograd Function classes it defines per module close over it).
     Returns the MiB the teacher still holds (0 when freed), None without a teacher."""
-    from asft_ray.pruning.streaming import return_free_memory
+    from asft_ray.memory import return_free_memory
 
     if teacher is None:
         return None
