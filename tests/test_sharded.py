@@ -64,6 +64,19 @@ def test_more_workers_than_the_cluster_can_place_fails_with_the_missing_resource
         start_workers(3, WorkerResources(cpus=2), timeout_s=600)  # fails at once, not after the timeout
 
 
+def test_a_placed_worker_imports_the_layer_modules_before_its_first_layer(local_ray):
+    import sys
+
+    from asft_ray.distributed.sharded import WARM_IMPORTS
+
+    (worker,) = start_workers(1, WorkerResources(cpus=1))
+    try:  # the actor's calls run in order: this one runs after the warm-up start_workers queued
+        imported = ray.get(worker.__ray_call__.remote(lambda self: [m in sys.modules for m in WARM_IMPORTS]))
+        assert imported == [True] * len(WARM_IMPORTS)
+    finally:
+        ray.kill(worker)
+
+
 def test_a_worker_killed_mid_layer_is_restarted_and_the_result_is_unchanged(scoring_pool, tiny_model, calib8):
     import os
     import signal

@@ -160,6 +160,13 @@ def stats_to_cpu(stats: InputStats) -> InputStats:
     return InputStats(dict(stats.source), cpu(stats.sq_norms), cpu(stats.hessians), cpu(stats.sums), cpu(stats.tokens))
 
 
+# What the first layer a worker unpickles makes it import (transformers' model and mask utilities,
+# which import torch._dynamo and sympy): 2.2 s of one core here. Each worker imports them as soon as
+# it is placed, while the driver builds the skeleton and reads the first layer, instead of inside
+# the first layer's call, where the whole pass waits for it.
+WARM_IMPORTS = ("transformers.modeling_utils", "transformers.masking_utils")
+
+
 @ray.remote(max_restarts=3, max_task_retries=3)
 class ScoringWorker:
     """Computes statistics, layer outputs and per-linear solves for what it is given (pure calls).
@@ -173,6 +180,16 @@ class ScoringWorker:
 
     def ready(self) -> int:
         return os.getpid()
+
+    def warm_up(self) -> None:
+        """Import what unpickling a transformers decoder layer imports first (WARM_IMPORTS)."""
+        import importlib
+
+        for module in WARM_IMPORTS:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -323,6 +340,8 @@ def start_workers(n: int, resources: WorkerResources, timeout_s: float | None = 
             ray.kill(w)
         raise AsftError(f"only {len(ready)} of {n} scoring workers could be placed within {timeout_s:g}s: "
                         "the cluster has the resources, but not free now")
+    for w in workers:  # not waited for: runs while the caller reads the model; calls after it queue behind it
+        w.warm_up.remote()
     return workers
 
 
