@@ -44,7 +44,7 @@ def test_an_actors_store_pages_leave_its_resident_set_and_its_objects_read_the_s
     assert reread >= 8 * 1024  # reading maps the pages again
 
 
-def test_releasing_without_ray_changes_nothing():
-    kept = np.ones(2**20)
+def test_releasing_leaves_this_processs_private_memory_alone(local_ray):
+    kept = np.ones(2**20)  # private (anonymous) pages of this process, which also maps the store here
     release_store_pages()
     assert float(kept.sum()) == 2**20
