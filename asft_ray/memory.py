@@ -65,7 +65,7 @@ def return_free_memory() -> None:
     """Give the OS back what this process holds and no longer uses: freed heap pages (glibc keeps
     them otherwise) and its mappings of the object store's pages."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
+        _c_library().malloc_trim(0)
+    except (OSError, AttributeError):  # no C library to load, or not glibc's (no malloc_trim)
         pass
     release_store_pages()
